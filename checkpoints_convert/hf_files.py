@@ -1,0 +1,176 @@
+"""Reading and writing HuggingFace safetensors checkpoints, one tensor at a time.
+
+Reading: every shard named by ``model.safetensors.index.json`` (or the lone ``*.safetensors``
+files) is opened and its header checked before any conversion starts, so a missing, truncated or
+corrupt shard is reported by file name up front. Tensors are then read one at a time (mmap).
+
+Writing: ``StreamingSafetensorsWriter`` writes the safetensors header first (shapes and dtypes
+are known from the checkpoint metadata), then each tensor's bytes as they are produced, so peak
+memory is one tensor rather than one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from gspo_megatron.errors import GspoError
+
+INDEX_NAME = "model.safetensors.index.json"
+# Files copied alongside the weights so the converted model loads and tokenises as the source did.
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+             "chat_template.jinja", "chat_template.json")
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+
+
+class HFCheckpointReader:
+    """Maps HF tensor names to shard files; validates every shard before use."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        from safetensors import safe_open
+
+        self.hf_dir = Path(hf_dir)
+        index = self.hf_dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise GspoError(f"{index}: not a valid safetensors index ({err})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.hf_dir.glob("*.safetensors"))
+            if not files:
+                raise GspoError(f"{self.hf_dir}: no *.safetensors files and no {INDEX_NAME}")
+            weight_map = None
+        self._handles = {}
+        self.name_to_file: Dict[str, str] = {}
+        for name in files:
+            path = self.hf_dir / name
+            if not path.is_file():
+                raise GspoError(f"{path}: shard listed in {INDEX_NAME} is missing")
+            _check_safetensors_file(path)
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors raises its own error types
+                raise GspoError(f"{path}: corrupt safetensors shard ({err})") from None
+            self._handles[name] = handle
+            for key in handle.keys():
+                self.name_to_file[key] = name
+        if weight_map is not None:
+            for key, fname in weight_map.items():
+                if self.name_to_file.get(key) != fname:
+                    raise GspoError(f"{self.hf_dir / fname}: index lists tensor '{key}' "
+                                    f"but the shard does not contain it")
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._handles[self.name_to_file[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._handles[self.name_to_file[name]].get_slice(name).get_dtype()
+        return {v: k for k, v in _ST_DTYPES.items()}[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self.name_to_file[name]].get_tensor(name)
+
+    def check_tensors(self, expected: Sequence[Tuple[str, Tuple[int, ...]]]) -> None:
+        """Every expected tensor present with the expected shape, else a line naming it."""
+        for name, shape in expected:
+            if name not in self.name_to_file:
+                raise GspoError(f"{self.hf_dir}: tensor '{name}' is missing from the checkpoint "
+                                f"(is config.json for this model?)")
+            found = self.shape(name)
+            if found != tuple(shape):
+                raise GspoError(f"{self.hf_dir / self.name_to_file[name]}: tensor '{name}' has shape "
+                                f"{list(found)}, config.json implies {list(shape)}")
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Header parses and the data section is exactly as long as the header says."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header length exceeds file size")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise GspoError(f"{path}: corrupt safetensors shard ({err})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise GspoError(f"{path}: corrupt or truncated safetensors shard "
+                        f"(expected {8 + header_len + end} bytes, found {size})")
+
+
+class StreamingSafetensorsWriter:
+    """Write one safetensors file whose tensor list is known in advance, tensor by tensor."""
+
+    def __init__(self, path: Path, entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]]) -> None:
+        self.path = Path(path)
+        header, offset = {}, 0
+        self._expected: List[Tuple[str, Tuple[int, ...], torch.dtype, int]] = []
+        for name, shape, dtype in entries:
+            nbytes = tensor_nbytes(shape, dtype)
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, tuple(shape), dtype, nbytes))
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+        self.total_bytes = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, shape, dtype, nbytes = self._expected[self._next]
+        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} "
+                               f"{tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+        assert len(data) == nbytes
+        self._file.write(data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} tensors not written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def plan_shards(entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+                max_shard_bytes: int) -> List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (a bigger tensor alone)."""
+    shards: List[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = tensor_nbytes(entry[1], entry[2])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> List[str]:
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]

@@ -1,0 +1,60 @@
+"""HF safetensors -> megatron-core torch_dist checkpoint, streamed tensor by tensor.
+
+The output loads under any TP/PP/EP/ETP layout (megatron reshards on load); the HF
+``config.json`` and tokenizer files travel inside it under ``hf/`` so the reverse conversion and
+the trainer know the model without a second input.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from gspo_megatron.errors import GspoError
+from gspo_megatron.fsutil import atomic_dir, check_output_dir
+from gspo_megatron.models.qwen3 import hf_mapping
+from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+from gspo_megatron.progress import progress_bar
+
+from checkpoints_convert.hf_files import AUX_FILES, HFCheckpointReader, tensor_nbytes
+from checkpoints_convert.mcore_files import write_dcp
+
+HF_SUBDIR = "hf"
+
+
+def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
+                        io_threads: int = 1, show_progress: bool = True) -> None:
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise_missing(hf_dir)
+    spec = spec_from_hf_dir(hf_dir)
+    check_output_dir(out, overwrite)
+    reader = HFCheckpointReader(hf_dir)
+    mappings = hf_mapping.tensor_mappings(spec)
+    reader.check_tensors([(n, s) for m in mappings for n, s in zip(m.hf_names, m.hf_shapes)])
+
+    shapes, producers = {}, {}
+    for m in mappings:
+        shapes[m.mcore_key] = (m.mcore_shape, reader.dtype(m.hf_names[0]))
+        producers[m.mcore_key] = _producer(spec, m, reader)
+
+    total_bytes = sum(tensor_nbytes(s, d) for s, d in shapes.values())
+    with atomic_dir(out, overwrite) as tmp:
+        with progress_bar(total=total_bytes, desc="hf-to-mcore", unit="B",
+                          enabled=show_progress) as bar:
+            write_dcp(tmp, shapes, producers, on_tensor=lambda k: bar.update(tensor_nbytes(*shapes[k])),
+                      io_threads=io_threads)
+        (tmp / HF_SUBDIR).mkdir()
+        for name in AUX_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / HF_SUBDIR / name)
+
+
+def _producer(spec, mapping, reader):
+    def produce():
+        return hf_mapping.to_mcore(spec, mapping, [reader.get(n) for n in mapping.hf_names]).contiguous()
+    return produce
+
+
+def raise_missing(path: Path):
+    raise GspoError(f"{path}: no such directory (expected a HF model directory with config.json)")

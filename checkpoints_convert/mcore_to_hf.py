@@ -1,0 +1,82 @@
+"""megatron-core torch_dist checkpoint -> HF sharded safetensors, streamed tensor by tensor.
+
+Writes ``config.json`` (the source's, byte for byte), the tokenizer files when the checkpoint
+carries them, the safetensors shards and, for more than one shard, the index. Shapes and dtypes
+come from the checkpoint metadata, so every shard's header is written before its tensors and
+each tensor is read, converted and written on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from gspo_megatron.errors import GspoError
+from gspo_megatron.fsutil import atomic_dir, check_output_dir
+from gspo_megatron.models.qwen3 import hf_mapping
+from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+from gspo_megatron.progress import progress_bar
+
+from checkpoints_convert.hf_files import (AUX_FILES, INDEX_NAME, StreamingSafetensorsWriter,
+                                          plan_shards, shard_file_names, tensor_nbytes)
+from checkpoints_convert.hf_to_mcore import HF_SUBDIR
+from checkpoints_convert.mcore_files import DcpTensorReader
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        show_progress: bool = True) -> None:
+    ckpt, out = Path(ckpt), Path(out)
+    if not ckpt.is_dir():
+        raise GspoError(f"{ckpt}: no such directory (expected a checkpoint written by gspo-convert "
+                        f"hf-to-mcore or gspo-train)")
+    if not (ckpt / HF_SUBDIR / "config.json").is_file():
+        raise GspoError(f"{ckpt / HF_SUBDIR / 'config.json'}: missing; the checkpoint does not say "
+                        f"which model it holds")
+    spec = spec_from_hf_dir(ckpt / HF_SUBDIR)
+    check_output_dir(out, overwrite)
+    reader = DcpTensorReader(ckpt)
+    mappings = hf_mapping.tensor_mappings(spec)
+    for m in mappings:
+        if m.mcore_key not in reader.tensors:
+            raise GspoError(f"{ckpt}: tensor '{m.mcore_key}' missing; the checkpoint is of another "
+                            f"model shape than {ckpt / HF_SUBDIR / 'config.json'}")
+        shape = reader.tensors[m.mcore_key][0]
+        if shape != m.mcore_shape:
+            raise GspoError(f"{ckpt}: tensor '{m.mcore_key}' has shape {list(shape)}, "
+                            f"config.json implies {list(m.mcore_shape)} (another model shape)")
+
+    entries, source = [], {}
+    for m in mappings:
+        dtype = reader.tensors[m.mcore_key][1]
+        for name, shape in zip(m.hf_names, m.hf_shapes):
+            entries.append((name, shape, dtype))
+            source[name] = m
+    shards = plan_shards(entries, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    total = sum(tensor_nbytes(s, d) for _, s, d in entries)
+
+    with atomic_dir(out, overwrite) as tmp, \
+            progress_bar(total=total, desc="mcore-to-hf", unit="B", enabled=show_progress) as bar:
+        pending = {}  # HF tensors produced but not yet written (q/k/v may straddle shards)
+        for shard, fname in zip(shards, names):
+            writer = StreamingSafetensorsWriter(tmp / fname, shard)
+            for name, shape, dtype in shard:
+                if name not in pending:
+                    m = source[name]
+                    t = reader.load([m.mcore_key])[m.mcore_key]
+                    pending.update(hf_mapping.to_hf(spec, m, t))
+                writer.write(name, pending.pop(name))
+                bar.update(tensor_nbytes(shape, dtype))
+            writer.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {name: fname for shard, fname in zip(shards, names)
+                                    for name, _, _ in shard}}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        for name in AUX_FILES:
+            if (ckpt / HF_SUBDIR / name).is_file():
+                shutil.copy2(ckpt / HF_SUBDIR / name, tmp / name)

@@ -1,0 +1,161 @@
+"""Build a megatron-core GPTModel that computes what HF Qwen3 / Qwen3-MoE computes.
+
+How each Qwen3 feature maps onto megatron-core:
+- GQA, per-head q/k RMSNorm, RoPE (non-interleaved, ``rotary_base = rope_theta``), SwiGLU:
+  ``num_query_groups``, ``qk_layernorm``, ``position_embedding_type="rope"``, ``gated_linear_unit``.
+- Router: HF takes softmax over all experts, then top-k, then (``norm_topk_prob``) renormalises.
+  Renormalised top-k of a softmax equals a softmax over the top-k logits, which is megatron's
+  default order; without renormalisation megatron must take the softmax first
+  (``moe_router_pre_softmax``).
+- ``mlp_only_layers`` / ``decoder_sparse_step`` become megatron's per-layer ``moe_layer_freq``.
+- Transformer Engine layer spec when TE imports; otherwise megatron's local spec with this
+  project's RMSNorm (which, unlike megatron's torch fallback, supports sequence parallelism).
+- Token dispatcher: alltoall on GPU, allgather on CPU (alltoall creates CUDA streams).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gspo_megatron.models.qwen3.norm import Qwen3RMSNorm
+from gspo_megatron.models.qwen3.spec import Qwen3Spec
+from gspo_megatron.parallel import ParallelLayout
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails at import
+        return False
+    return torch.cuda.is_available()
+
+
+def transformer_config(spec: Qwen3Spec, layout: ParallelLayout,
+                       params_dtype: torch.dtype = torch.float32,
+                       moe_aux_loss_coeff: float = 0.0):
+    """The megatron TransformerConfig for a Qwen3 spec under a parallel layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    moe = {}
+    if spec.is_moe:
+        moe_layers = [1 if m else 0 for m in spec.moe_layers]
+        moe = dict(
+            num_moe_experts=spec.num_experts,
+            moe_router_topk=spec.moe_top_k,
+            moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+            moe_router_pre_softmax=not spec.norm_topk_prob,
+            moe_router_load_balancing_type="aux_loss" if moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=moe_aux_loss_coeff,
+            moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+            moe_layer_freq=1 if all(moe_layers) else moe_layers,
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp,
+        )
+    pp_split = {}
+    if layout.pp_layers is not None and layout.pp > 1:
+        stages = []
+        for i, n in enumerate(layout.pp_layers):
+            stage = (["embedding"] if i == 0 else []) + ["decoder"] * n
+            stages.append(stage + (["loss"] if i == layout.pp - 1 else []))
+        pp_split = dict(pipeline_model_parallel_layout=stages)
+
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.head_dim,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        # megatron requires sequence parallelism for MoE with TP; it is also the memory-lean
+        # choice for dense models, so it is on whenever TP > 1.
+        sequence_parallel=layout.tp > 1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,  # weights always come from a checkpoint
+        attention_softmax_in_fp32=True,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # Every micro-batch of one schedule call is padded to one length (the allgather
+        # dispatcher used on CPU rejects variable lengths).
+        variable_seq_lengths=False,
+        **moe,
+        **pp_split,
+    )
+
+
+def _replace_norms(spec_obj, norm_cls) -> None:
+    """Swap every norm submodule of a local layer spec for ``norm_cls`` (in place)."""
+    subs = spec_obj.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        setattr(subs, name, norm_cls)
+    attn = subs.self_attention.submodules
+    attn.q_layernorm = norm_cls
+    attn.k_layernorm = norm_cls
+
+
+def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
+    """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                       normalization="RMSNorm", vp_stage=vp_stage)
+    if use_te:
+        return block
+    # The dense and MoE layer specs are shared objects: copy before editing.
+    block.layer_specs = [copy.deepcopy(s) for s in block.layer_specs]
+    for layer_spec in block.layer_specs:
+        _replace_norms(layer_spec, Qwen3RMSNorm)
+    block.layer_norm = Qwen3RMSNorm
+    return block
+
+
+def build_model(spec: Qwen3Spec, layout: ParallelLayout,
+                params_dtype: torch.dtype = torch.float32, moe_aux_loss_coeff: float = 0.0):
+    """Build this rank's part of the model. parallel_state must be initialised for ``layout``."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(spec, layout, params_dtype, moe_aux_loss_coeff)
+    use_te = have_transformer_engine()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_block_spec(config, use_te),
+        vocab_size=spec.padded_vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        rotary_percent=1.0,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,210 @@
+"""The shape of a Qwen3 / Qwen3-MoE model, read from a HuggingFace ``config.json``.
+
+``Qwen3Spec`` is the single description of a model that the Megatron builder, the checkpoint
+converters, the name mapping and the live weight sync all read. It accepts both spellings found
+in released configs and in transformers 5 (``num_experts`` / ``num_local_experts``,
+``rope_theta`` / ``rope_parameters``) and rejects, by name, what the Megatron model cannot
+reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gspo_megatron.errors import GspoError
+
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Vocabulary rows are padded to a multiple of this, independent of the parallel layout, so a
+# checkpoint never depends on the tensor-parallel size it was written for (Qwen3's 151,936 is
+# already a multiple of 128).
+DEFAULT_VOCAB_PAD_MULTIPLE = 128
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Qwen3Spec:
+    """Architecture hyper-parameters of a Qwen3 (dense) or Qwen3-MoE model."""
+
+    architecture: str
+    """HF architecture name, one of SUPPORTED_ARCHITECTURES."""
+    vocab_size: int
+    """Rows of the HF embedding (before padding)."""
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (GQA groups)."""
+    head_dim: int
+    ffn_hidden_size: int
+    """Intermediate size of dense MLP layers."""
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 for a dense model."""
+    moe_ffn_hidden_size: int = 0
+    moe_top_k: int = 0
+    norm_topk_prob: bool = False
+    """Renormalise the top-k router probabilities to sum to one."""
+    moe_layers: tuple = ()
+    """Per layer: True where the MLP is a routed MoE, False where it is dense."""
+    router_aux_loss_coef: float = 0.0
+    torch_dtype: str = "float32"
+    """The dtype the HF weights are stored in."""
+    vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.torch_dtype]
+
+    def shape_summary(self) -> dict:
+        """The fields that decide tensor shapes: two checkpoints are interchangeable iff equal."""
+        return {
+            "architecture": self.architecture, "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size, "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_query_groups, "head_dim": self.head_dim,
+            "ffn_hidden_size": self.ffn_hidden_size, "num_experts": self.num_experts,
+            "moe_ffn_hidden_size": self.moe_ffn_hidden_size, "moe_layers": list(self.moe_layers),
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+
+def _require(cfg: dict, key: str, where: str) -> Any:
+    if key not in cfg:
+        raise GspoError(f"{where}: missing required key '{key}'")
+    return cfg[key]
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", scaling.get("rope_type", "default")))
+    if rope_type not in ("default", None):
+        raise GspoError(f"{where}: rope type '{rope_type}' is not supported (supported: default)")
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    return 10000.0
+
+
+def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
+    """Validate a HF config dict and turn it into a Qwen3Spec. Raises GspoError naming the key."""
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else _MODEL_TYPES.get(cfg.get("model_type", ""))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        found = arch or cfg.get("model_type") or "none"
+        raise GspoError(f"{where}: unsupported architecture '{found}' "
+                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise GspoError(f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (supported: silu)")
+    if cfg.get("attention_bias", False):
+        raise GspoError(f"{where}: attention_bias=true is not supported (Qwen3 uses false)")
+    if cfg.get("use_sliding_window", False):
+        raise GspoError(f"{where}: use_sliding_window=true is not supported (supported: false)")
+
+    hidden = int(_require(cfg, "hidden_size", where))
+    heads = int(_require(cfg, "num_attention_heads", where))
+    num_layers = int(_require(cfg, "num_hidden_layers", where))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    if dtype not in _DTYPES:
+        raise GspoError(f"{where}: dtype '{dtype}' is not supported (supported: {', '.join(_DTYPES)})")
+
+    moe_kwargs: dict = {}
+    if arch == "Qwen3MoeForCausalLM":
+        num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+        if num_experts is None:
+            raise GspoError(f"{where}: missing 'num_experts' (or 'num_local_experts')")
+        num_experts = int(num_experts)
+        mlp_only = set(int(i) for i in cfg.get("mlp_only_layers") or [])
+        step = int(cfg.get("decoder_sparse_step", 1) or 1)
+        # Same rule as transformers' Qwen3MoeDecoderLayer.
+        moe_layers = tuple(
+            (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
+        )
+        moe_kwargs = dict(
+            num_experts=num_experts,
+            moe_ffn_hidden_size=int(_require(cfg, "moe_intermediate_size", where)),
+            moe_top_k=int(_require(cfg, "num_experts_per_tok", where)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            moe_layers=moe_layers,
+            router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
+        )
+        if num_experts and moe_kwargs["moe_top_k"] > num_experts:
+            raise GspoError(f"{where}: num_experts_per_tok={moe_kwargs['moe_top_k']} exceeds "
+                            f"num_experts={num_experts}")
+    else:
+        moe_kwargs = dict(moe_layers=tuple(False for _ in range(num_layers)))
+
+    return Qwen3Spec(
+        architecture=arch,
+        vocab_size=int(_require(cfg, "vocab_size", where)),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_attention_heads=heads,
+        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        ffn_hidden_size=int(_require(cfg, "intermediate_size", where)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg, where),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        torch_dtype=dtype,
+        **moe_kwargs,
+    )
+
+
+def load_hf_config(path: Path) -> dict:
+    """Read a config.json, with a one-line error for a missing or unreadable file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise GspoError(f"{path}: no such file (a HF model directory must contain config.json)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GspoError(f"{path}: not valid JSON ({err})") from None
+
+
+def spec_from_hf_dir(path: Path) -> Qwen3Spec:
+    path = Path(path)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    return spec_from_hf_config(load_hf_config(cfg_path), where=str(cfg_path))
+
+
+def check_same_shapes(expected: Qwen3Spec, found: Qwen3Spec, where: str) -> None:
+    """Raise a one-line error naming the first field where two model shapes differ."""
+    a, b = expected.shape_summary(), found.shape_summary()
+    for key in a:
+        if a[key] != b[key]:
+            raise GspoError(f"{where}: checkpoint is of another model shape: {key}={b[key]} "
+                            f"but the model expects {key}={a[key]}")
+
+
+def optional_int_list(text: Optional[str]) -> Optional[list]:
+    if not text:
+        return None
+    return [int(x) for x in text.split(",")]

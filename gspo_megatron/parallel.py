@@ -1,0 +1,153 @@
+"""Parallel layout: validation against a model, and start-up of torch.distributed + megatron.
+
+A ``ParallelLayout`` says how many ways each dimension is split. ``check_layout`` rejects a
+layout that does not divide the model (heads, query groups, experts, layers, vocabulary) or the
+world size, with one line naming the quantity and the divisor, before any process group or
+model exists. ``init_distributed`` then brings up torch.distributed (nccl on GPU, gloo on CPU)
+and megatron-core's ``parallel_state``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from gspo_megatron.errors import GspoError
+from gspo_megatron.models.qwen3.spec import Qwen3Spec
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the model and the batch are split over ranks (data parallel is what is left)."""
+
+    tp: int = 1
+    """Tensor parallel: attention heads, MLP columns and the vocabulary are split."""
+    pp: int = 1
+    """Pipeline parallel: layers are split into stages."""
+    ep: int = 1
+    """Expert parallel: routed experts are split."""
+    etp: int = 1
+    """Expert tensor parallel: each expert's weights are split."""
+    cp: int = 1
+    """Context parallel: each sequence is split."""
+    pp_layers: Optional[tuple] = None
+    """Decoder layers per pipeline stage, e.g. (3, 5); None splits evenly."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+    def describe(self) -> str:
+        parts = [f"{k.upper()}{v}" for k, v in
+                 (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.etp), ("cp", self.cp))
+                 if v > 1]
+        return "x".join(parts) or "single"
+
+
+def _divides(what: str, total: int, by: int, dim: str) -> None:
+    if total % by != 0:
+        raise GspoError(f"layout does not fit the model: {what}={total} is not divisible by "
+                        f"{dim}={by}")
+
+
+def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> None:
+    """Reject a layout that cannot run this model on this many ranks, naming the reason."""
+    for name in ("tp", "pp", "ep", "etp", "cp"):
+        value = getattr(layout, name)
+        if not isinstance(value, int) or value < 1:
+            raise GspoError(f"layout: {name}={value!r} must be a positive integer")
+    model_ranks = layout.tp * layout.pp * layout.cp
+    if world_size % model_ranks != 0:
+        raise GspoError(f"layout does not fit the world size: TP{layout.tp} x PP{layout.pp} x "
+                        f"CP{layout.cp} = {model_ranks} ranks do not divide world size {world_size}")
+    expert_ranks = layout.ep * layout.etp * layout.pp
+    if world_size % expert_ranks != 0:
+        raise GspoError(f"layout does not fit the world size: EP{layout.ep} x ETP{layout.etp} x "
+                        f"PP{layout.pp} = {expert_ranks} ranks do not divide world size {world_size}")
+    _divides("num_attention_heads", spec.num_attention_heads, layout.tp, "TP")
+    _divides("num_key_value_heads (query groups)", spec.num_query_groups, layout.tp, "TP")
+    _divides("padded vocabulary", spec.padded_vocab_size, layout.tp, "TP")
+    _divides("intermediate_size", spec.ffn_hidden_size, layout.tp, "TP")
+    if spec.is_moe:
+        _divides("num_experts", spec.num_experts, layout.ep, "EP")
+        _divides("moe_intermediate_size", spec.moe_ffn_hidden_size, layout.etp, "ETP")
+    elif layout.ep > 1 or layout.etp > 1:
+        raise GspoError(f"layout: EP{layout.ep}/ETP{layout.etp} needs a MoE model; "
+                        f"{spec.architecture} has no experts (use ep=1 etp=1)")
+    if layout.pp_layers is not None:
+        if len(layout.pp_layers) != layout.pp or any(n < 1 for n in layout.pp_layers):
+            raise GspoError(f"layout: pp_layers={list(layout.pp_layers)} must list {layout.pp} "
+                            f"positive layer counts, one per pipeline stage")
+        if sum(layout.pp_layers) != spec.num_layers:
+            raise GspoError(f"layout: pp_layers={list(layout.pp_layers)} sums to "
+                            f"{sum(layout.pp_layers)}, the model has {spec.num_layers} layers")
+    else:
+        _divides("num_hidden_layers", spec.num_layers, layout.pp, "PP")
+
+
+def parse_pp_layers(text: Optional[str]) -> Optional[tuple]:
+    """'3,5' -> (3, 5); empty -> None."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise GspoError(f"--pp-layers '{text}': expected comma-separated layer counts, e.g. 3,5") from None
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 600) -> None:
+    """Start torch.distributed from the torchrun environment and megatron's parallel_state.
+
+    Single-process runs without torchrun get a one-rank group on a free local port, so the same
+    code path serves `python -m` and `torchrun`.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from gspo_megatron import cpu_compat
+
+    use_cuda = torch.cuda.is_available()
+    cpu_compat.apply_if_needed()
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

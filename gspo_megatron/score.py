@@ -1,0 +1,172 @@
+"""Score responses with a megatron checkpoint: one log-prob per response token.
+
+    torchrun --nproc-per-node N -m gspo_megatron.score --ckpt DIR --input IN.jsonl \
+        --output OUT.jsonl [--tp T --pp P --ep E --etp X --pp-layers a,b]
+
+Each input line is ``{"prompt_ids": [...], "response_ids": [...]}``; the output has one line
+``{"logprobs": [...]}`` per input line, in the same order, with ``len(response_ids)`` values.
+Users check conversions and compute reference log-probs with it; it runs the same
+forward + vocab-parallel log-prob path as training.
+
+Rows are sorted by length and batched (``--micro-batch-size`` x ``--num-microbatches`` per
+data-parallel rank per step); every rank reads the whole input so all ranks agree on shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+
+from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.parallel import ParallelLayout, check_layout, parse_pp_layers, world_size_from_env
+
+
+def read_rows(path: Path, vocab_size: int, max_len: int) -> List[Tuple[List[int], List[int]]]:
+    """Parse and validate every line before any model is built."""
+    path = Path(path)
+    if not path.is_file():
+        raise GspoError(f"{path}: no such input file")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GspoError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise GspoError(f"{path}:{n}: expected an object with prompt_ids and response_ids")
+            ids = []
+            for field in ("prompt_ids", "response_ids"):
+                value = obj.get(field)
+                if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in value):
+                    raise GspoError(f"{path}:{n}: '{field}' must be a list of token ids")
+                bad = [t for t in value if not 0 <= t < vocab_size]
+                if bad:
+                    raise GspoError(f"{path}:{n}: '{field}' has token id {bad[0]} outside the "
+                                    f"vocabulary [0, {vocab_size})")
+                ids.append(value)
+            if not ids[0]:
+                raise GspoError(f"{path}:{n}: 'prompt_ids' is empty (the first response token needs "
+                                f"a preceding token)")
+            if len(ids[0]) + len(ids[1]) > max_len:
+                raise GspoError(f"{path}:{n}: {len(ids[0]) + len(ids[1])} tokens exceed the model's "
+                                f"max_position_embeddings={max_len}")
+            rows.append((ids[0], ids[1]))
+    if not rows:
+        raise GspoError(f"{path}: no rows")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gspo_megatron.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="megatron checkpoint directory")
+    p.add_argument("--input", required=True, help="JSONL with prompt_ids and response_ids")
+    p.add_argument("--output", required=True, help="JSONL to write (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    p.add_argument("--pp-layers", default=None, help="layers per pipeline stage, e.g. 3,5")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--num-microbatches", type=int, default=None,
+                   help="micro-batches per step (default: 2 x pp)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    return p
+
+
+def _dtype(name):
+    if name is None:
+        name = "bf16" if torch.cuda.is_available() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def score(args) -> None:
+    from gspo_megatron.checkpoint import checkpoint_spec
+
+    spec = checkpoint_spec(Path(args.ckpt))
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+                            pp_layers=parse_pp_layers(args.pp_layers))
+    world = world_size_from_env()
+    check_layout(layout, spec, world)
+    rows = read_rows(Path(args.input), spec.vocab_size, spec.max_position_embeddings)
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise GspoError(f"{out}: output file already exists (pass --overwrite to replace it)")
+    if args.micro_batch_size < 1:
+        raise GspoError(f"--micro-batch-size={args.micro_batch_size} must be >= 1")
+    results = run_scoring(spec, layout, Path(args.ckpt), rows, args.micro_batch_size,
+                          args.num_microbatches or 2 * layout.pp, _dtype(args.dtype))
+    if results is not None:
+        from gspo_megatron.fsutil import atomic_write_text
+
+        atomic_write_text(out, "".join(json.dumps({"logprobs": lp}) + "\n" for lp in results))
+
+
+def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
+    """Returns the per-row log-prob lists on global rank 0, None elsewhere."""
+    from megatron.core import parallel_state as ps
+
+    from gspo_megatron.checkpoint import load_model_checkpoint
+    from gspo_megatron.forward import forward_logprobs, make_microbatches, pad_to_multiple
+    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.parallel import init_distributed, shutdown
+    from gspo_megatron.progress import progress_bar
+
+    init_distributed(layout)
+    try:
+        model = build_model(spec, layout, params_dtype=dtype)
+        load_model_checkpoint(model, ckpt, spec)
+        model.eval()
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+        per_rank = mbs * nmb
+        mine = {}
+        steps = range(0, len(order), per_rank * dp)
+        with progress_bar(total=len(rows), desc="score", unit="seq") as bar:
+            for start in steps:
+                step_rows = order[start:start + per_rank * dp]
+                longest = max(len(rows[i][0]) + len(rows[i][1]) for i in step_rows)
+                seq_len = pad_to_multiple(longest, layout.tp)
+                local = step_rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+                seqs = [rows[i][0] + rows[i][1] for i in local]
+                mbatches = make_microbatches(seqs + [[]] * (per_rank - len(seqs)), mbs, seq_len)
+                lps = forward_logprobs(model, mbatches, spec.vocab_size)
+                if lps is not None:
+                    flat = torch.cat(lps, dim=0)
+                    for j, i in enumerate(local):
+                        p, r = rows[i]
+                        mine[i] = flat[j, len(p) - 1: len(p) - 1 + len(r)].tolist()
+                bar.update(len(step_rows))
+        keep = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_context_parallel_rank() == 0)
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine if keep else {})
+        if torch.distributed.get_rank() != 0:
+            return None
+        merged = {}
+        for part in gathered:
+            merged.update(part)
+        return [merged[i] for i in range(len(rows))]
+    finally:
+        shutdown()
+
+
+@exit_on_error
+def main() -> None:
+    args = build_parser().parse_args()
+    score(args)
+
+
+if __name__ == "__main__":
+    main()
