@@ -29,14 +29,18 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
               torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+_DTYPES_BY_CODE = {code: dtype for dtype, code in _ST_DTYPES.items()}
 
 
 class HFCheckpointReader:
-    """Maps HF tensor names to shard files; validates every shard before use."""
+    """Maps HF tensor names to shard files; validates every shard before use.
+
+    Tensors are read with plain file reads rather than mmap: mapped pages would stay resident
+    (and count in RSS) for as long as the shard is open, which for a 235B checkpoint is the
+    whole model.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
         self.hf_dir = Path(hf_dir)
         index = self.hf_dir / INDEX_NAME
         if index.is_file():
@@ -50,50 +54,60 @@ class HFCheckpointReader:
             if not files:
                 raise GspoError(f"{self.hf_dir}: no *.safetensors files and no {INDEX_NAME}")
             weight_map = None
-        self._handles = {}
-        self.name_to_file: Dict[str, str] = {}
+        # name -> (file, dtype, shape, absolute byte offset, nbytes)
+        self._entries: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...], int, int]] = {}
         for name in files:
             path = self.hf_dir / name
             if not path.is_file():
                 raise GspoError(f"{path}: shard listed in {INDEX_NAME} is missing")
-            _check_safetensors_file(path)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as err:  # safetensors raises its own error types
-                raise GspoError(f"{path}: corrupt safetensors shard ({err})") from None
-            self._handles[name] = handle
-            for key in handle.keys():
-                self.name_to_file[key] = name
+            header, data_start = _read_safetensors_header(path)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info.get("dtype") not in _DTYPES_BY_CODE:
+                    raise GspoError(f"{path}: tensor '{key}' has unsupported dtype {info.get('dtype')}")
+                begin, end = info["data_offsets"]
+                self._entries[key] = (name, _DTYPES_BY_CODE[info["dtype"]], tuple(info["shape"]),
+                                      data_start + begin, end - begin)
         if weight_map is not None:
             for key, fname in weight_map.items():
-                if self.name_to_file.get(key) != fname:
+                if key not in self._entries or self._entries[key][0] != fname:
                     raise GspoError(f"{self.hf_dir / fname}: index lists tensor '{key}' "
                                     f"but the shard does not contain it")
 
+    @property
+    def names(self):
+        return self._entries.keys()
+
     def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._handles[self.name_to_file[name]].get_slice(name).get_shape())
+        return self._entries[name][2]
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._handles[self.name_to_file[name]].get_slice(name).get_dtype()
-        return {v: k for k, v in _ST_DTYPES.items()}[code]
+        return self._entries[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.name_to_file[name]].get_tensor(name)
+        fname, dtype, shape, offset, nbytes = self._entries[name]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(self.hf_dir / fname, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf.numpy()) != nbytes:
+                raise GspoError(f"{self.hf_dir / fname}: truncated while reading '{name}'")
+        return buf.view(dtype).reshape(shape)
 
     def check_tensors(self, expected: Sequence[Tuple[str, Tuple[int, ...]]]) -> None:
         """Every expected tensor present with the expected shape, else a line naming it."""
         for name, shape in expected:
-            if name not in self.name_to_file:
+            if name not in self._entries:
                 raise GspoError(f"{self.hf_dir}: tensor '{name}' is missing from the checkpoint "
                                 f"(is config.json for this model?)")
             found = self.shape(name)
             if found != tuple(shape):
-                raise GspoError(f"{self.hf_dir / self.name_to_file[name]}: tensor '{name}' has shape "
+                raise GspoError(f"{self.hf_dir / self._entries[name][0]}: tensor '{name}' has shape "
                                 f"{list(found)}, config.json implies {list(shape)}")
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Header parses and the data section is exactly as long as the header says."""
+def _read_safetensors_header(path: Path) -> Tuple[dict, int]:
+    """Parse the header and check the data section is exactly as long as it says."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -101,12 +115,13 @@ def _check_safetensors_file(path: Path) -> None:
             if header_len > size - 8:
                 raise ValueError("header length exceeds file size")
             header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise GspoError(f"{path}: corrupt safetensors shard ({err})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         raise GspoError(f"{path}: corrupt or truncated safetensors shard "
                         f"(expected {8 + header_len + end} bytes, found {size})")
+    return header, 8 + header_len
 
 
 class StreamingSafetensorsWriter:

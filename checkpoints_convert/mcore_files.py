@@ -14,12 +14,14 @@ rank, the slices that rank owns. So a converter can write it from a single proce
 from __future__ import annotations
 
 import json
+import queue
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from gspo_megatron.errors import GspoError
@@ -36,24 +38,79 @@ class _LazySavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._producers = producers
         self._on_tensor = on_tensor
+        self.error: BaseException | None = None
 
     def resolve_data(self, write_item):
         fqn = write_item.index.fqn
         if fqn not in self._producers:
             return super().resolve_data(write_item)
-        tensor = self._producers[fqn]()
+        try:
+            tensor = self._producers[fqn]()
+        except BaseException as err:
+            # DCP's single-process error path loses the original exception (it fails on an
+            # internal assertion instead), so keep it here to re-raise.
+            self.error = err
+            raise
         self._on_tensor(fqn)
         return tensor
+
+
+class _BoundedFileWriter(FileSystemWriter):
+    """FileSystemWriter whose data files hold at most ``max_file_bytes`` each.
+
+    DCP's writer keeps every tensor of a data file referenced until that file is complete, so
+    the file size, not the tensor size, bounds memory. Stock DCP makes one file per thread
+    (for a 235B model, hundreds of GB); here files are cut at a few of the largest tensors.
+    """
+
+    def __init__(self, path: str, max_file_bytes: int, **kwargs) -> None:
+        super().__init__(path, single_file_per_rank=True, **kwargs)
+        self.max_file_bytes = max_file_bytes
+
+    def write_data(self, plan, planner):
+        buckets: list = [[]]
+        size = 0
+        for item in plan.items:
+            nbytes = _item_bytes(item)
+            if buckets[-1] and size + nbytes > self.max_file_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(item)
+            size += nbytes
+        file_queue: queue.Queue = queue.Queue()
+        for i, bucket in enumerate(buckets):
+            name = f"{plan.storage_data.prefix}{i}.distcp"
+            file_queue.put((self.fs.concat_path(self.path, name), name, bucket))
+        return self._write_data(planner, file_queue)
+
+
+def _item_bytes(item) -> int:
+    if item.tensor_data is None:
+        return 0
+    n = torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+    for s in item.tensor_data.chunk.sizes:
+        n *= s
+    return n
 
 
 def write_dcp(out_dir: Path, shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
               producers: Dict[str, Callable[[], torch.Tensor]],
               on_tensor: Callable[[str], None] = lambda key: None, io_threads: int = 1) -> None:
-    """Write a torch_dist checkpoint whose tensors come from ``producers`` one at a time."""
+    """Write a torch_dist checkpoint whose tensors come from ``producers`` one at a time.
+
+    Peak memory: about ``io_threads`` data files of max(2 x largest tensor, 16 MiB) each.
+    """
     placeholders = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()}
-    writer = FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=io_threads)
-    dcp.save(placeholders, storage_writer=writer, planner=_LazySavePlanner(producers, on_tensor),
-             no_dist=True)
+    largest = max((p.numel() * p.element_size() for p in placeholders.values()), default=0)
+    writer = _BoundedFileWriter(str(out_dir), max_file_bytes=max(2 * largest, 16 * 1024**2),
+                                thread_count=io_threads)
+    planner = _LazySavePlanner(producers, on_tensor)
+    try:
+        dcp.save(placeholders, storage_writer=writer, planner=planner, no_dist=True)
+    except BaseException:  # DCP's CheckpointException derives from BaseException
+        if planner.error is not None:
+            raise planner.error from None  # the real cause: a bad shard, a full disk
+        raise
     (Path(out_dir) / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
     torch.save({}, Path(out_dir) / "common.pt")
 
@@ -99,7 +156,7 @@ class DcpTensorReader:
         out = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
         try:
             dcp.load(out, storage_reader=self._reader, no_dist=True)
-        except Exception as err:
+        except (Exception, CheckpointException) as err:
             raise GspoError(f"{self.ckpt_dir}: failed to read tensors {sorted(out)[:3]} "
                             f"(corrupt data file?): {str(err).splitlines()[0][:200]}") from None
         return out

@@ -77,6 +77,10 @@ def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> No
     elif layout.ep > 1 or layout.etp > 1:
         raise GspoError(f"layout: EP{layout.ep}/ETP{layout.etp} needs a MoE model; "
                         f"{spec.architecture} has no experts (use ep=1 etp=1)")
+    if layout.cp > 1:
+        # The sequence split, its attention and the per-sequence log-ratio reduction over the
+        # CP group come with the GSPO loss; until then refuse rather than compute wrongly.
+        raise GspoError(f"layout: CP{layout.cp} is not supported yet (use cp=1)")
     if layout.pp_layers is not None:
         if len(layout.pp_layers) != layout.pp or any(n < 1 for n in layout.pp_layers):
             raise GspoError(f"layout: pp_layers={list(layout.pp_layers)} must list {layout.pp} "
@@ -115,14 +119,14 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 
     use_cuda = torch.cuda.is_available()
     cpu_compat.apply_if_needed()
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs = {}
+        if "RANK" not in os.environ:  # not under torchrun: a private one-rank group
+            kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         torch.distributed.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

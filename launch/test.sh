@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the CPU environment (if needed) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+export PYTHONWARNINGS=ignore
+exec .venv/bin/python -m pytest -q tests "$@"

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random HF models, their converted checkpoints, reference log-probs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import tiny_models as tm  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, nproc: int = 0, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m ...` (nproc=0) or `torchrun --nproc-per-node nproc -m ...`."""
+    # A test process that built a model in-process has torch.distributed state of its own;
+    # children must not inherit a rendezvous from it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONWARNINGS"] = "ignore"
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + list(args)
+    else:
+        cmd = [sys.executable] + list(args)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+class TinyModel:
+    def __init__(self, root: Path, config) -> None:
+        from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
+
+        self.root = root
+        self.hf_dir = root / "hf"
+        self.model = tm.make_hf_model(config, self.hf_dir)
+        tm.write_tokenizer(self.hf_dir)
+        self.rows = tm.random_rows(12, seed=1)
+        self.input = root / "rows.jsonl"
+        tm.write_rows(self.rows, self.input)
+        self.reference = tm.hf_logprobs(self.model, self.rows)
+        self.ckpt = root / "mcore"
+        convert_hf_to_mcore(self.hf_dir, self.ckpt, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> TinyModel:
+    return TinyModel(tmp_path_factory.mktemp("moe"), tm.moe_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory) -> TinyModel:
+    return TinyModel(tmp_path_factory.mktemp("dense"), tm.dense_config())

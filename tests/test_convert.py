@@ -1,0 +1,161 @@
+"""gspo-convert: HF -> mcore -> HF is bitwise, and bad input gets one line and no output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import tiny_models as tm
+from conftest import REPO, run_cli
+
+CONVERT = str(Path(sys.executable).parent / "gspo-convert")
+
+
+def _tensors(hf_dir: Path) -> dict:
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def _assert_bitwise(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
+
+
+def _leftovers(parent: Path) -> list:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_roundtrip_is_bitwise_with_config_and_tokenizer(tmp_path, dtype):
+    hf = tmp_path / "hf"
+    tm.make_hf_model(tm.moe_config(), hf, dtype=dtype)
+    tm.write_tokenizer(hf)
+    run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc")])
+    # A small shard limit forces several shards and an index, as for a real model.
+    run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back"),
+             "--max-shard-size", "100KB"])
+    back = tmp_path / "back"
+    assert len(list(back.glob("*.safetensors"))) > 1 and (back / "model.safetensors.index.json").is_file()
+    _assert_bitwise(_tensors(hf), _tensors(back))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (hf / name).read_bytes() == (back / name).read_bytes(), name
+    assert _leftovers(tmp_path) == []
+
+
+def test_converted_back_model_loads_in_transformers_with_same_outputs(tiny_moe, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(tiny_moe.ckpt), "--out", str(tmp_path / "back")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    assert tm.max_abs_diff(tm.hf_logprobs(model, tiny_moe.rows), tiny_moe.reference) == 0.0
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").eos_token == "<eos>"
+
+
+def _error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error: "), proc.stderr
+    return lines[-1]
+
+
+def test_unsupported_architecture(tmp_path):
+    hf = tmp_path / "hf"
+    tm.make_hf_model(tm.dense_config(), hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["architectures"] = ["MixtralForCausalLM"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False))
+    assert "unsupported architecture 'MixtralForCausalLM'" in line and "Qwen3MoeForCausalLM" in line
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def _sharded_hf(tmp_path) -> Path:
+    """A HF model saved in several shards with an index, as released checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tm.make_hf_model(tm.moe_config(), src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf, max_shard_size="100KB")
+    assert (hf / "model.safetensors.index.json").is_file()
+    return hf
+
+
+def test_missing_shard_is_named(tmp_path):
+    hf = _sharded_hf(tmp_path)
+    victim = sorted(hf.glob("*.safetensors"))[1]
+    victim.unlink()
+    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False))
+    assert victim.name in line and "missing" in line
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def test_truncated_shard_is_named(tmp_path):
+    hf = _sharded_hf(tmp_path)
+    victim = sorted(hf.glob("*.safetensors"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False))
+    assert victim.name in line and "corrupt" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_moe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(tiny_moe.hf_dir), "--out", str(out)], check=False))
+    assert "already exists" in line and "--overwrite" in line
+    assert (out / "keep.txt").read_text() == "user data"
+    run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(tiny_moe.hf_dir), "--out", str(out), "--overwrite"])
+    assert not (out / "keep.txt").exists() and (out / "metadata.json").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tiny_moe, tmp_path):
+    """A checkpoint whose hf/config.json disagrees with its tensors (or with the model)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_moe.ckpt, ckpt)
+    cfg = json.loads((ckpt / "hf" / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 48
+    (ckpt / "hf" / "config.json").write_text(json.dumps(cfg))
+    line = _error_line(run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")], check=False))
+    assert "another model shape" in line and "linear_fc1.weight_w" in line
+    assert not (tmp_path / "o").exists()
+    line = _error_line(run_cli(["-m", "gspo_megatron.score", "--ckpt", str(ckpt), "--input",
+                                str(tiny_moe.input), "--output", str(tmp_path / "s.jsonl")], check=False))
+    assert "another model shape" in line
+
+
+def test_failure_mid_write_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
+    """A conversion that dies after some tensors were written leaves no output that looks valid."""
+    from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
+    from gspo_megatron.models.qwen3 import hf_mapping
+
+    calls = {"n": 0}
+    real = hf_mapping.to_mcore
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise OSError("disk full (injected)")
+        return real(*args)
+
+    monkeypatch.setattr(hf_mapping, "to_mcore", failing)
+    with pytest.raises(OSError, match="disk full"):
+        convert_hf_to_mcore(tiny_moe.hf_dir, tmp_path / "o", show_progress=False)
+    assert calls["n"] == 10
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []

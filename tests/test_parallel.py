@@ -1,0 +1,47 @@
+"""Layouts that do not divide the model or the world are refused with a line naming why."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny_models as tm
+from gspo_megatron.errors import GspoError
+from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.parallel import ParallelLayout, check_layout
+
+
+def _moe_spec(**overrides):
+    cfg = tm.moe_config(**overrides).to_dict()
+    cfg["architectures"] = ["Qwen3MoeForCausalLM"]
+    return spec_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("layout,world,message", [
+    (ParallelLayout(tp=8), 8, "num_attention_heads=4 is not divisible by TP=8"),
+    (ParallelLayout(tp=4), 4, "num_key_value_heads (query groups)=2 is not divisible by TP=4"),
+    (ParallelLayout(ep=8), 8, "num_experts=4 is not divisible by EP=8"),
+    (ParallelLayout(pp=3), 3, "num_hidden_layers=4 is not divisible by PP=3"),
+    (ParallelLayout(tp=2), 3, "do not divide world size 3"),
+    (ParallelLayout(pp=2, pp_layers=(1, 2)), 2, "sums to 3, the model has 4 layers"),
+    (ParallelLayout(etp=3), 3, "moe_intermediate_size=32 is not divisible by ETP=3"),
+    (ParallelLayout(cp=2), 2, "CP2 is not supported yet"),
+])
+def test_bad_layouts_are_named(layout, world, message):
+    with pytest.raises(GspoError) as err:
+        check_layout(layout, _moe_spec(), world)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_vocabulary_divisibility_is_checked():
+    spec = _moe_spec(num_attention_heads=8, num_key_value_heads=8)
+    spec = spec.__class__(**{**spec.__dict__, "vocab_pad_multiple": 4})  # 252 rows
+    with pytest.raises(GspoError, match="padded vocabulary=252 is not divisible by TP=8"):
+        check_layout(ParallelLayout(tp=8), spec, 8)
+
+
+def test_good_layouts_pass():
+    spec = _moe_spec()
+    for layout, world in [(ParallelLayout(tp=2, pp=2), 4), (ParallelLayout(ep=2), 4),
+                          (ParallelLayout(pp=2, pp_layers=(1, 3)), 2)]:
+        check_layout(layout, spec, world)
