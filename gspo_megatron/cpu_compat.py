@@ -12,8 +12,10 @@ Each patch names the reason it exists; ``tests/test_cpu_compat.py`` checks each 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -44,6 +46,8 @@ _PROXIED_MODULES = {
     "megatron.core.distributed.param_and_grad_buffer": "grad buffers on cuda",
     "megatron.core.distributed.distributed_data_parallel": "grad buffers on cuda",
     "megatron.core.transformer.module": "fp16 wrapper moves modules to cuda",
+    # The CP slice of rotary embeddings builds a pinned index tensor and moves it to cuda.
+    "megatron.core.models.common.embeddings.rope_utils": "pinned cp index moved to cuda",
     # GlobalMemoryBuffer (attention's matmul scratch, SP all-gather buffers) allocates on cuda.
     "megatron.core.utils": "scratch buffers on current cuda device",
     "megatron.core.tensor_parallel.layers": "weights and buffers on current cuda device",
@@ -64,6 +68,8 @@ def _is_cuda_device(device: Any) -> bool:
 def _cpu_device_kwargs(kwargs: dict) -> dict:
     if _is_cuda_device(kwargs.get("device")):
         kwargs = dict(kwargs, device="cpu")
+    if kwargs.get("pin_memory"):
+        kwargs = dict(kwargs, pin_memory=False)  # pinning needs an accelerator
     return kwargs
 
 
@@ -192,6 +198,51 @@ def _patch_rng_helpers(rng: _CpuRngStandIn) -> None:
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: rng.set_rng_state(state)
 
 
+@contextlib.contextmanager
+def _cuda_type_names() -> Iterator[None]:
+    """While active, ``tensor.type()`` names CPU tensors as their CUDA counterparts.
+
+    megatron's optimizers sort parameters by ``param.type() == 'torch.cuda.FloatTensor'`` (and
+    the Half/BFloat16 variants) and assert it in gradient clipping. Scoped to those calls only.
+    """
+    real = torch.Tensor.type
+
+    def named_as_cuda(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") \
+                and not out.startswith("torch.cuda."):
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+    torch.Tensor.type = named_as_cuda  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real  # type: ignore[method-assign]
+
+
+def _scoped(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_optimizer_type_checks() -> None:
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.distrib_optimizer as distrib
+    import megatron.core.optimizer.optimizer as optimizer
+
+    distrib.DistributedOptimizer.__init__ = _scoped(distrib.DistributedOptimizer.__init__)
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _scoped(
+        optimizer.Float16OptimizerWithFloat16Params.__init__)
+    wrapped = _scoped(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = wrapped
+    optimizer.clip_grad_by_total_norm_fp32 = wrapped
+
+
 def _patch_missing_te_gemm() -> None:
     import megatron.core.transformer.moe.moe_utils as moe_utils
 
@@ -219,6 +270,7 @@ def apply() -> None:
             module.torch = proxy
     _patch_rng_helpers(rng)
     _patch_missing_te_gemm()
+    _patch_optimizer_type_checks()
     _patched_tensor_to()
     _APPLIED = True
 

@@ -1,76 +1,56 @@
-"""Batched forward passes through megatron-core's pipeline schedule, returning token log-probs.
+"""Forward passes through megatron-core's pipeline schedule that return token log-probs.
 
-Sequences (prompt + response token ids) are right-padded to one length per schedule call (a
-multiple of TP, which sequence parallelism splits). The log-prob of token t comes from the
-logits at position t-1, on the last pipeline stage, through ``vocab_parallel_logprobs``.
+Micro-batches come from ``gspo_megatron.batch`` (labels already shifted, already split for this
+CP rank). Log-probs of ``labels`` are computed on the last pipeline stage from the
+vocabulary-parallel logits (``gspo_megatron.logprobs``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
-from gspo_megatron.logprobs import vocab_parallel_logprobs
+from gspo_megatron.batch import MicroBatch
+from gspo_megatron.logprobs import tp_group, vocab_parallel_logprobs
 
 
-@dataclass
-class MicroBatch:
-    """One micro-batch, identical on every rank of a model-parallel group."""
-
-    tokens: torch.Tensor  # [b, S] int64, right-padded with 0
-    lengths: torch.Tensor  # [b] int64, real tokens per row
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def pad_to_multiple(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def make_microbatches(seqs: Sequence[Sequence[int]], micro_batch_size: int,
-                      seq_len: int) -> List[MicroBatch]:
-    """Split ``seqs`` into micro-batches padded to ``seq_len``; the last is padded with empty
-    rows (length 0) so every micro-batch has ``micro_batch_size`` rows."""
-    out = []
-    for start in range(0, len(seqs), micro_batch_size):
-        chunk = list(seqs[start:start + micro_batch_size])
-        chunk += [[]] * (micro_batch_size - len(chunk))
-        tokens = torch.zeros(micro_batch_size, seq_len, dtype=torch.long)
-        for i, s in enumerate(chunk):
-            tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        out.append(MicroBatch(tokens, torch.tensor([len(s) for s in chunk], dtype=torch.long)))
-    return out
-
-
-def causal_mask(seq_len: int, device) -> torch.Tensor:
+def causal_mask(seq_len: int, dev) -> torch.Tensor:
     # Passed explicitly: megatron's default mask is allocated on "cuda". True = masked.
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev), 1)[None, None]
 
 
 def model_forward(model, mb: MicroBatch) -> torch.Tensor:
-    """Run this stage of the model on one micro-batch (pipeline input comes via set_input_tensor)."""
-    dev = _device()
-    tokens = mb.tokens.to(dev)
-    b, s = tokens.shape
-    position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-    return model(tokens, position_ids, causal_mask(s, dev))
+    """This pipeline stage of the model on one micro-batch: logits [b, S, V/TP] on the last
+    stage, hidden states elsewhere (pipeline input arrives through set_input_tensor)."""
+    from megatron.core import parallel_state
+
+    dev = device()
+    cp = parallel_state.get_context_parallel_world_size()
+    # Under CP the attention builds its own zigzag causal mask.
+    mask = causal_mask(mb.tokens.shape[1], dev) if cp == 1 else None
+    return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)
 
 
-def token_logprobs(logits_bsv: torch.Tensor, mb: MicroBatch, vocab_size: int) -> torch.Tensor:
-    """[b, S-1] log p(tokens[:, 1:]) from logits at positions 0..S-2."""
-    targets = mb.tokens[:, 1:].to(logits_bsv.device)
-    return vocab_parallel_logprobs(logits_bsv[:, :-1], targets, vocab_size)
+def label_logprobs(logits: torch.Tensor, mb: MicroBatch, vocab_size: int,
+                   inplace_backward: bool = False):
+    """log p(labels) and entropy, [b, S] fp32 each."""
+    return vocab_parallel_logprobs(logits, mb.labels.to(logits.device), vocab_size,
+                                   group=tp_group(), inplace_backward=inplace_backward)
 
 
-def forward_logprobs(model, microbatches: List[MicroBatch],
-                     vocab_size: int) -> Optional[List[torch.Tensor]]:
-    """Forward-only pass over all micro-batches. On the last pipeline stage returns, per
-    micro-batch, [b, S-1] fp32 log-probs of tokens[:, 1:]; other stages return None."""
+def forward_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
+                     seq_len: int) -> Optional[List[torch.Tensor]]:
+    """Forward-only pass over all micro-batches (all of length ``seq_len``). On the last
+    pipeline stage returns, per micro-batch, [b, S] fp32 log-probs of its labels (CPU);
+    other stages return None."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -79,13 +59,11 @@ def forward_logprobs(model, microbatches: List[MicroBatch],
         output = model_forward(model_chunk, mb)
 
         def loss_func(mb_, logits):
-            lp = token_logprobs(logits, mb_, vocab_size).detach()
-            return torch.zeros((), device=lp.device), {"logprobs": lp}
+            logp, _ = label_logprobs(logits, mb_, vocab_size)
+            return torch.zeros((), device=logp.device), {"logprobs": logp.detach()}
 
         return output, partial(loss_func, mb)
 
-    seq_len = microbatches[0].tokens.shape[1]
-    mbs = microbatches[0].tokens.shape[0]
     with torch.no_grad():
         store = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -93,7 +71,7 @@ def forward_logprobs(model, microbatches: List[MicroBatch],
             model=[model],
             num_microbatches=len(microbatches),
             seq_length=seq_len,
-            micro_batch_size=mbs,
+            micro_batch_size=microbatches[0].tokens.shape[0],
             forward_only=True,
         )
     if not parallel_state.is_pipeline_last_stage():

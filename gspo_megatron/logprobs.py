@@ -1,40 +1,128 @@
-"""Log-probabilities of given tokens from vocabulary-parallel logits.
+"""Log-probabilities and entropy of sampled tokens from vocabulary-parallel logits.
 
-The output layer leaves each tensor-parallel rank with a slice of the vocabulary
-(``logits_bsv`` is [B, S, V/TP]). The log-softmax is computed across those slices with three
-TP all-reduces (max, sum of exp, the target's logit), never by gathering full-vocabulary logits.
-Rows added to pad the vocabulary (for divisibility) are excluded from the softmax, so the result
-equals HF's log_softmax over the real vocabulary.
+The output layer leaves each tensor-parallel rank with a slice of the (padded) vocabulary:
+``logits`` is [..., V/TP] in the model dtype. ``vocab_parallel_logprobs`` computes
+log p(target) and the entropy over the real vocabulary without ever forming full-vocabulary
+logits on a rank, and without an fp32 copy of the whole slice either:
+
+- Tokens are processed in chunks of ``chunk_size`` rows; only a chunk is ever upcast to fp32.
+- Across TP ranks, per chunk: one all-reduce (MAX) for the row maxima, one (SUM) carrying
+  sum(exp), sum(exp * logit) and the target's logit together.
+- Backward needs no communication: it recomputes each chunk's softmax from the saved logits and
+  the saved global log-normaliser. With ``inplace_backward`` the gradient is written into the
+  logits' own storage chunk by chunk (the logits are dead once their gradient exists), so the
+  backward pass allocates nothing of size [tokens, vocab].
+- Padding rows of the vocabulary (ids >= ``vocab_size``) are excluded from the softmax, so the
+  result equals log_softmax over the real vocabulary, as HF computes it.
+
+Shapes: N tokens (any leading dims, flattened), Vl = V_padded / TP.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_SIZE = 256
 
 
-def mask_padded_vocab(logits_bsv: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set logits of padding ids (>= vocab_size) on this TP rank's slice to -inf."""
+def _tp_group_info(group) -> Tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                chunk_size: int, group, inplace_backward: bool):
+        rank, world = _tp_group_info(group)
+        n, vl = logits.shape
+        vocab_start = rank * vl
+        real = max(0, min(vl, vocab_size - vocab_start))  # real (unpadded) columns on this rank
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for lo in range(0, n, chunk_size):
+            hi = min(n, lo + chunk_size)
+            x = logits[lo:hi, :real].to(torch.float32, copy=True)  # [c, real], a copy we may edit
+            if real > 0:
+                m = x.max(dim=1).values
+            else:
+                m = torch.full((hi - lo,), float("-inf"), device=logits.device)
+            if world > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            x -= m[:, None]
+            e = torch.exp(x)
+            local_t = targets[lo:hi] - vocab_start
+            here = (local_t >= 0) & (local_t < real)
+            t_logit = torch.zeros(hi - lo, device=logits.device)
+            if real > 0:
+                t_logit[here] = x[here.nonzero(as_tuple=True)[0], local_t[here]]
+            sums = torch.stack([e.sum(1), (e * x).sum(1), t_logit])  # [3, c]
+            if world > 1:
+                dist.all_reduce(sums, group=group)
+            sum_e, sum_ex, t_shifted = sums
+            log_z = torch.log(sum_e)
+            logp[lo:hi] = t_shifted - log_z
+            # H = log Z - E_p[x] (both relative to the max m)
+            entropy[lo:hi] = log_z - sum_ex / sum_e
+            lse[lo:hi] = log_z + m
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.meta = (vocab_start, real, chunk_size, inplace_backward)
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp: Optional[torch.Tensor], g_ent: Optional[torch.Tensor]):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        vocab_start, real, chunk_size, inplace = ctx.meta
+        n, vl = logits.shape
+        grad = logits if inplace else torch.empty_like(logits)
+        for lo in range(0, n, chunk_size):
+            hi = min(n, lo + chunk_size)
+            x = logits[lo:hi, :real].float()
+            logq = x - lse[lo:hi, None]  # log p over this rank's real columns
+            p = torch.exp(logq)
+            # d logp_t / dx_j = 1[j == t] - p_j ;  d H / dx_j = -p_j (log p_j + H)
+            g = torch.zeros_like(p)
+            if g_ent is not None:
+                g -= p * (logq + entropy[lo:hi, None]) * g_ent[lo:hi, None]
+            if g_logp is not None:
+                g -= p * g_logp[lo:hi, None]
+                local_t = targets[lo:hi] - vocab_start
+                here = (local_t >= 0) & (local_t < real)
+                rows = here.nonzero(as_tuple=True)[0]
+                g[rows, local_t[here]] += g_logp[lo:hi][here]
+            grad[lo:hi, :real] = g.to(grad.dtype)
+            grad[lo:hi, real:] = 0
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                            chunk_size: int = DEFAULT_CHUNK_SIZE, group=None,
+                            inplace_backward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and entropy per token, both fp32 with ``targets``' shape.
+
+    ``logits`` [..., Vl] is this rank's vocabulary slice (rank r holds ids [r*Vl, (r+1)*Vl)) over
+    the tensor-parallel ``group`` (None: the whole vocabulary is local). ``targets`` [...] are
+    global ids < ``vocab_size``, identical on every rank of the group. Differentiable in both
+    outputs w.r.t. ``logits``. ``inplace_backward`` overwrites ``logits`` with its gradient:
+    only for logits that nothing else reads after the backward pass.
+    """
+    lead = targets.shape
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, entropy = _VocabParallelLogProbs.apply(flat, targets.reshape(-1), vocab_size,
+                                                 chunk_size, group, inplace_backward)
+    return logp.view(lead), entropy.view(lead)
+
+
+def tp_group():
+    """megatron's tensor-parallel group, or None when model parallelism is not initialised."""
     from megatron.core import parallel_state
 
-    part = logits_bsv.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * part
-    first_pad = vocab_size - start
-    if first_pad >= part:
-        return logits_bsv
-    keep = torch.arange(part, device=logits_bsv.device) < first_pad
-    return logits_bsv.masked_fill(~keep, float("-inf"))
-
-
-def vocab_parallel_logprobs(logits_bsv: torch.Tensor, targets_bs: torch.Tensor,
-                            vocab_size: int) -> torch.Tensor:
-    """log p(target) per position, [B, S] fp32; differentiable w.r.t. ``logits_bsv``.
-
-    ``logits_bsv`` is sharded over the TP group along the (padded) vocabulary; ``targets_bs``
-    holds global token ids < ``vocab_size`` and is identical on every TP rank.
-    """
-    from megatron.core import tensor_parallel
-
-    logits = mask_padded_vocab(logits_bsv.float(), vocab_size).contiguous()
-    # megatron's vocab-parallel cross entropy is -log_softmax(logits)[target], computed in fp32
-    # with the max / sum-exp / target-logit all-reduces over the TP group.
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets_bs)
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_tensor_model_parallel_group()

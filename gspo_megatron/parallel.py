@@ -30,19 +30,24 @@ class ParallelLayout:
     """Pipeline parallel: layers are split into stages."""
     ep: int = 1
     """Expert parallel: routed experts are split."""
-    etp: int = 1
-    """Expert tensor parallel: each expert's weights are split."""
+    etp: Optional[int] = None
+    """Expert tensor parallel: each expert's weights are split; None means the same as tp
+    (megatron's default)."""
     cp: int = 1
     """Context parallel: each sequence is split."""
     pp_layers: Optional[tuple] = None
     """Decoder layers per pipeline stage, e.g. (3, 5); None splits evenly."""
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
 
     def describe(self) -> str:
         parts = [f"{k.upper()}{v}" for k, v in
-                 (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.etp), ("cp", self.cp))
+                 (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp), ("cp", self.cp))
                  if v > 1]
         return "x".join(parts) or "single"
 
@@ -56,16 +61,17 @@ def _divides(what: str, total: int, by: int, dim: str) -> None:
 def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> None:
     """Reject a layout that cannot run this model on this many ranks, naming the reason."""
     for name in ("tp", "pp", "ep", "etp", "cp"):
-        value = getattr(layout, name)
+        value = layout.expert_tp if name == "etp" else getattr(layout, name)
         if not isinstance(value, int) or value < 1:
             raise GspoError(f"layout: {name}={value!r} must be a positive integer")
     model_ranks = layout.tp * layout.pp * layout.cp
     if world_size % model_ranks != 0:
         raise GspoError(f"layout does not fit the world size: TP{layout.tp} x PP{layout.pp} x "
                         f"CP{layout.cp} = {model_ranks} ranks do not divide world size {world_size}")
-    expert_ranks = layout.ep * layout.etp * layout.pp
+    etp = layout.expert_tp
+    expert_ranks = layout.ep * etp * layout.pp
     if world_size % expert_ranks != 0:
-        raise GspoError(f"layout does not fit the world size: EP{layout.ep} x ETP{layout.etp} x "
+        raise GspoError(f"layout does not fit the world size: EP{layout.ep} x ETP{etp} x "
                         f"PP{layout.pp} = {expert_ranks} ranks do not divide world size {world_size}")
     _divides("num_attention_heads", spec.num_attention_heads, layout.tp, "TP")
     _divides("num_key_value_heads (query groups)", spec.num_query_groups, layout.tp, "TP")
@@ -73,14 +79,15 @@ def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> No
     _divides("intermediate_size", spec.ffn_hidden_size, layout.tp, "TP")
     if spec.is_moe:
         _divides("num_experts", spec.num_experts, layout.ep, "EP")
-        _divides("moe_intermediate_size", spec.moe_ffn_hidden_size, layout.etp, "ETP")
-    elif layout.ep > 1 or layout.etp > 1:
-        raise GspoError(f"layout: EP{layout.ep}/ETP{layout.etp} needs a MoE model; "
-                        f"{spec.architecture} has no experts (use ep=1 etp=1)")
-    if layout.cp > 1:
-        # The sequence split, its attention and the per-sequence log-ratio reduction over the
-        # CP group come with the GSPO loss; until then refuse rather than compute wrongly.
-        raise GspoError(f"layout: CP{layout.cp} is not supported yet (use cp=1)")
+        _divides("moe_intermediate_size", spec.moe_ffn_hidden_size, etp, "ETP")
+        if layout.ep == 1 and etp != layout.tp:
+            # With EP=1 megatron treats expert weights as dense parameters and reduces their
+            # gradients over data parallelism only; experts replicated over TP ranks that saw
+            # different tokens would then get partial gradients.
+            raise GspoError(f"layout: with ep=1, etp must equal tp (got etp={etp}, tp={layout.tp})")
+    elif layout.ep > 1 or (layout.etp is not None and layout.etp != layout.tp):
+        raise GspoError(f"layout: EP{layout.ep}/ETP{etp} needs a MoE model; "
+                        f"{spec.architecture} has no experts (use ep=1, etp unset)")
     if layout.pp_layers is not None:
         if len(layout.pp_layers) != layout.pp or any(n < 1 for n in layout.pp_layers):
             raise GspoError(f"layout: pp_layers={list(layout.pp_layers)} must list {layout.pp} "
@@ -135,7 +142,7 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
+        expert_tensor_parallel_size=layout.expert_tp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

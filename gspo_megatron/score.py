@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
     p.add_argument("--pp-layers", default=None, help="layers per pipeline stage, e.g. 3,5")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--num-microbatches", type=int, default=None,
@@ -117,8 +117,9 @@ def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
     """Returns the per-row log-prob lists on global rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
 
+    from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple
     from gspo_megatron.checkpoint import load_model_checkpoint
-    from gspo_megatron.forward import forward_logprobs, make_microbatches, pad_to_multiple
+    from gspo_megatron.forward import forward_logprobs
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.parallel import init_distributed, shutdown
     from gspo_megatron.progress import progress_bar
@@ -139,13 +140,15 @@ def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
                 longest = max(len(rows[i][0]) + len(rows[i][1]) for i in step_rows)
                 seq_len = pad_to_multiple(longest, layout.tp)
                 local = step_rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-                seqs = [rows[i][0] + rows[i][1] for i in local]
-                mbatches = make_microbatches(seqs + [[]] * (per_rank - len(seqs)), mbs, seq_len)
-                lps = forward_logprobs(model, mbatches, spec.vocab_size)
+                samples = [Sample(*rows[i]) for i in local] + [None] * (per_rank - len(local))
+                mbatches = [build_microbatch(samples[k:k + mbs], seq_len)
+                            for k in range(0, per_rank, mbs)]
+                lps = forward_logprobs(model, mbatches, spec.vocab_size, seq_len)
                 if lps is not None:
                     flat = torch.cat(lps, dim=0)
                     for j, i in enumerate(local):
                         p, r = rows[i]
+                        # Response token k is predicted at position len(p) - 1 + k.
                         mine[i] = flat[j, len(p) - 1: len(p) - 1 + len(r)].tolist()
                 bar.update(len(step_rows))
         keep = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0

@@ -23,8 +23,8 @@ def _moe_spec(**overrides):
     (ParallelLayout(pp=3), 3, "num_hidden_layers=4 is not divisible by PP=3"),
     (ParallelLayout(tp=2), 3, "do not divide world size 3"),
     (ParallelLayout(pp=2, pp_layers=(1, 2)), 2, "sums to 3, the model has 4 layers"),
-    (ParallelLayout(etp=3), 3, "moe_intermediate_size=32 is not divisible by ETP=3"),
-    (ParallelLayout(cp=2), 2, "CP2 is not supported yet"),
+    (ParallelLayout(etp=3, ep=1, tp=1), 3, "moe_intermediate_size=32 is not divisible by ETP=3"),
+    (ParallelLayout(tp=2, etp=1), 2, "with ep=1, etp must equal tp"),
 ])
 def test_bad_layouts_are_named(layout, world, message):
     with pytest.raises(GspoError) as err:

@@ -57,7 +57,7 @@ def transformer_config(spec: Qwen3Spec, layout: ParallelLayout,
             moe_permute_fusion=False,
             moe_router_fusion=False,
             expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp,
+            expert_tensor_parallel_size=layout.expert_tp,
         )
     pp_split = {}
     if layout.pp_layers is not None and layout.pp > 1:
@@ -94,7 +94,9 @@ def transformer_config(spec: Qwen3Spec, layout: ParallelLayout,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=False,  # weights always come from a checkpoint
+        # Weights come from a checkpoint, but megatron sets the tensor-parallel attributes of
+        # its linear layers (which gradient-norm and clipping rely on) only while initialising.
+        perform_initialization=True,
         attention_softmax_in_fp32=True,
         apply_rope_fusion=False,
         bias_activation_fusion=False,
@@ -121,7 +123,8 @@ def _replace_norms(spec_obj, norm_cls) -> None:
 
 
 def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
-    """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm."""
+    """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm (and,
+    for context parallelism, the all-gather CP attention that megatron's local spec lacks)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
@@ -132,6 +135,10 @@ def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     block.layer_specs = [copy.deepcopy(s) for s in block.layer_specs]
     for layer_spec in block.layer_specs:
         _replace_norms(layer_spec, Qwen3RMSNorm)
+        if config.context_parallel_size > 1:
+            from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
+
+            layer_spec.submodules.self_attention.submodules.core_attention = AllGatherCPAttention
     block.layer_norm = Qwen3RMSNorm
     return block
 

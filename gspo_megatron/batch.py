@@ -1,0 +1,111 @@
+"""Sequences -> micro-batches aligned for next-token log-probs, split for context parallelism.
+
+Position t of a micro-batch holds input ``tokens[t]`` and the token it predicts,
+``labels[t] = tokens[t+1]``. Everything the loss needs (``loss_mask``, ``old_logprobs``,
+``ref_logprobs``) is indexed like ``labels``, so splitting the sequence dimension over context
+parallel ranks keeps each label next to the logits that predict it: the shift happens before the
+split. The CP split is megatron's load-balanced "zigzag": the sequence is cut into 2*CP chunks and
+rank r keeps chunks r and 2*CP-1-r, so every rank gets the same share of causal-attention work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One sampled response and what the loss needs about it."""
+
+    prompt_ids: List[int]
+    response_ids: List[int]
+    advantage: float = 0.0
+    old_logprobs: Optional[List[float]] = None
+    """Per response token, from the rollout engine (optional; else the trainer computes them)."""
+    ref_logprobs: Optional[List[float]] = None
+
+
+@dataclass
+class MicroBatch:
+    """[b, S] tensors (S = this CP rank's share of the padded length) and [b] advantages."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+
+    @property
+    def num_sequences(self) -> int:
+        """Rows with at least one response token (needs the whole sequence: before CP split)."""
+        return int(self.loss_mask.any(dim=1).sum())
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sequence_multiple(tp: int, cp: int) -> int:
+    """Padded lengths must split into TP (sequence parallel) x 2*CP (zigzag) equal parts."""
+    return tp * (2 * cp if cp > 1 else 1)
+
+
+def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> MicroBatch:
+    """Pack samples (None = an empty filler row) into one un-split micro-batch of length seq_len."""
+    b = len(samples)
+    tokens = torch.zeros(b, seq_len, dtype=torch.long)
+    labels = torch.zeros(b, seq_len, dtype=torch.long)
+    mask = torch.zeros(b, seq_len, dtype=torch.bool)
+    adv = torch.zeros(b, dtype=torch.float32)
+    have_old = any(s is not None and s.old_logprobs is not None for s in samples)
+    have_ref = any(s is not None and s.ref_logprobs is not None for s in samples)
+    old = torch.zeros(b, seq_len) if have_old else None
+    ref = torch.zeros(b, seq_len) if have_ref else None
+    for i, s in enumerate(samples):
+        if s is None:
+            continue
+        ids = list(s.prompt_ids) + list(s.response_ids)
+        if len(ids) > seq_len:
+            raise ValueError(f"sample of {len(ids)} tokens does not fit seq_len={seq_len}")
+        n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
+        tokens[i, :n] = torch.as_tensor(ids)
+        labels[i, : n - 1] = tokens[i, 1:n]
+        # Response token j sits at p + j and is predicted at position p + j - 1.
+        mask[i, p - 1: p - 1 + r] = True
+        adv[i] = s.advantage
+        if old is not None and s.old_logprobs is not None:
+            old[i, p - 1: p - 1 + r] = torch.as_tensor(s.old_logprobs, dtype=torch.float32)
+        if ref is not None and s.ref_logprobs is not None:
+            ref[i, p - 1: p - 1 + r] = torch.as_tensor(s.ref_logprobs, dtype=torch.float32)
+    pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
+    return MicroBatch(tokens, labels, mask, pos, adv, old, ref)
+
+
+def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions held by ``cp_rank``: chunks r and 2*cp-1-r of 2*cp equal chunks."""
+    if cp_size == 1:
+        return torch.arange(seq_len)
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2*CP={2 * cp_size}")
+    c = seq_len // (2 * cp_size)
+    first, second = cp_rank, 2 * cp_size - 1 - cp_rank
+    return torch.cat([torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)])
+
+
+def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
+    """This CP rank's positions of every [b, S] field."""
+    if cp_size == 1:
+        return mb
+    idx = zigzag_indices(mb.tokens.shape[1], cp_size, cp_rank)
+
+    def take(t):
+        return None if t is None else t[:, idx].contiguous()
+
+    return replace(mb, tokens=take(mb.tokens), labels=take(mb.labels), loss_mask=take(mb.loss_mask),
+                   position_ids=take(mb.position_ids), old_logprobs=take(mb.old_logprobs),
+                   ref_logprobs=take(mb.ref_logprobs))

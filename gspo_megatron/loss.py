@@ -1,0 +1,178 @@
+"""GSPO, GSPO-token and GRPO policy losses, and group-normalised advantages.
+
+The formulas are those of ``shared/GSPO.md`` (Zheng et al. 2025). One term per sequence, every
+sequence weighing the same whatever its length:
+
+    log s_i = (1/|y_i|) sum_t (logp_t - old_t)                     (clamped to +-log_ratio_clamp)
+    gspo:       J_i = min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i)
+    gspo_token: J_i = (1/|y_i|) sum_t min(s_it A_i, clip(s_it) A_i),  s_it = sg[s_i] exp(logp_t - sg[logp_t])
+    grpo:       J_i = (1/|y_i|) sum_t min(w_it A_i, clip(w_it) A_i),  w_it = exp(logp_t - old_t)
+    loss = -(1/num_sequences) sum_i J_i   (+ kl_coef * k3 KL to a reference policy, off by default)
+
+Distribution: ``num_sequences`` is the global count of non-empty sequences (all micro-batches and
+data-parallel ranks), so per-micro-batch losses add up to the single-process full-batch loss.
+Under context parallelism pass ``cp_group``: the per-sequence sums of log-ratios, token terms and
+token counts are all-reduced over it before anything non-linear (the exp, the clip) is applied.
+A row with no response tokens contributes nothing (and never a NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+VARIANTS = ("gspo", "gspo_token", "grpo")
+
+# exp(20) ~ 4.9e8: finite in fp32 with room to spare; a larger ratio carries no information.
+LOG_RATIO_CLAMP = 20.0
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group; backward passes the gradient through (every rank computes the same
+    downstream objective, and each rank's own terms receive it)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
+                     scale_by_std: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean_group r) / (std_group r + eps); groups are consecutive runs of
+    ``group_size``. std is the sample standard deviation (0 for a group of one). A group whose
+    rewards are all equal gets 0 for every member. ``scale_by_std=False`` keeps r_i - mean."""
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.reshape(-1, group_size).to(torch.float64)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(rewards.shape).to(torch.float32)
+
+
+def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, low: float, high: float):
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - low, 1.0 + high) * adv
+    # The clip binds (removes the gradient) where the clipped term is the smaller one.
+    binds = clipped < unclipped
+    return torch.minimum(unclipped, clipped), binds
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, variant: str = "gspo", clip_low: float = 3e-4,
+                clip_high: float = 4e-4, ref_logprobs: Optional[torch.Tensor] = None,
+                kl_coef: float = 0.0, num_sequences: Optional[float] = None, cp_group=None,
+                log_ratio_clamp: float = LOG_RATIO_CLAMP) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Policy loss over a batch of B sequences.
+
+    logprobs, old_logprobs, response_mask (and ref_logprobs): [B, T]; advantages: [B].
+    Returns (loss, metrics). ``metrics`` holds detached tensors: the means below, plus ``*_sum``
+    and ``num_*`` entries that add up correctly across micro-batches and ranks:
+      clip_fraction   sequences clipped (gspo, gspo_token) or tokens clipped (grpo)
+      abs_log_ratio   mean |log s_i| (sequence log-ratio, all variants)
+      clamp_fraction  how often a log-ratio hit +-log_ratio_clamp
+      approx_kl       mean over sequences of (1/|y|) sum_t 0.5 (logp - old)^2, KL(pi_old || pi)
+      ref_kl          mean k3 KL to the reference policy (when ref_logprobs is given)
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant '{variant}' is not one of {', '.join(VARIANTS)}")
+    # Compute in the log-probs' dtype (fp32 in training; fp64 in the reference tests).
+    mask = response_mask.to(logprobs.dtype)
+    adv = advantages.to(logprobs.dtype)
+    n_tok = _sum_over_group(mask.sum(dim=1), cp_group)  # [B]
+    valid = n_tok > 0
+    denom = n_tok.clamp(min=1.0)
+    if num_sequences is None:
+        num_sequences = float(valid.sum().item())
+
+    def seq_mean(x_bt: torch.Tensor) -> torch.Tensor:
+        """(1/|y_i|) sum_t x_it over response tokens, across CP shards."""
+        return _sum_over_group((x_bt * mask).sum(dim=1), cp_group) / denom
+
+    token_delta = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    log_s = seq_mean(token_delta)
+    clamp_count = ((log_s.abs() > log_ratio_clamp) & valid).float().sum()
+    log_s = log_s.clamp(-log_ratio_clamp, log_ratio_clamp)
+
+    if variant == "gspo":
+        s = torch.exp(log_s)
+        objective, binds = _clipped_objective(s, adv, clip_low, clip_high)
+        clipped = (binds & valid).float().sum()
+        clip_den = valid.float().sum()
+    elif variant == "gspo_token":
+        s = torch.exp(log_s)
+        # Value s_i on every token; gradient of token t flows through its own logp_t.
+        s_tok = s.detach()[:, None] * torch.exp(logprobs - logprobs.detach())
+        term, binds = _clipped_objective(s_tok, adv[:, None], clip_low, clip_high)
+        objective = seq_mean(term)
+        # All tokens of a sequence share s_i, so the clip decision is per sequence.
+        clipped = (binds[:, 0] & valid).float().sum() if binds.shape[1] else torch.zeros(())
+        clip_den = valid.float().sum()
+    else:  # grpo: token-level ratios
+        tok_lr = token_delta.clamp(-log_ratio_clamp, log_ratio_clamp)
+        tok_clamped = (token_delta.abs() > log_ratio_clamp).float() * mask
+        clamp_count = _sum_over_group(tok_clamped.sum(), cp_group)
+        w = torch.exp(tok_lr)
+        term, binds = _clipped_objective(w, adv[:, None], clip_low, clip_high)
+        objective = seq_mean(term)
+        clipped = _sum_over_group((binds.float() * mask).sum(), cp_group)
+        clip_den = n_tok.sum()
+
+    if ref_logprobs is not None and kl_coef != 0.0:
+        d = (ref_logprobs - logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)
+        k3 = torch.where(mask > 0, torch.exp(d) - d - 1.0, torch.zeros_like(d))
+        ref_kl = seq_mean(k3)
+        objective = objective - kl_coef * ref_kl
+    else:
+        ref_kl = None
+
+    objective = torch.where(valid, objective, torch.zeros_like(objective))
+    loss = -objective.sum() / max(float(num_sequences), 1.0)
+
+    with torch.no_grad():
+        n_valid = valid.float().sum()
+        approx_kl = seq_mean(0.5 * token_delta.detach() ** 2)
+        clamp_den = n_valid if variant != "grpo" else n_tok.sum()
+        metrics = {
+            "num_sequences": n_valid,
+            "num_tokens": n_tok.sum(),
+            "clipped_sum": clipped.detach(),
+            "clip_denominator": clip_den.detach(),
+            "clamp_sum": clamp_count.detach(),
+            "clamp_denominator": clamp_den.detach(),
+            "abs_log_ratio_sum": (log_s.detach().abs() * valid).sum(),
+            "approx_kl_sum": (approx_kl * valid).sum(),
+        }
+        if ref_kl is not None:
+            metrics["ref_kl_sum"] = (ref_kl.detach() * valid).sum()
+        metrics.update(finalize_metrics(metrics))
+    return loss, metrics
+
+
+def finalize_metrics(sums: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Means from (possibly all-reduced) sums and counts."""
+    n = sums["num_sequences"].clamp(min=1.0)
+    out = {
+        "clip_fraction": sums["clipped_sum"] / sums["clip_denominator"].clamp(min=1.0),
+        "clamp_fraction": sums["clamp_sum"] / sums["clamp_denominator"].clamp(min=1.0),
+        "abs_log_ratio": sums["abs_log_ratio_sum"] / n,
+        "approx_kl": sums["approx_kl_sum"] / n,
+    }
+    if "ref_kl_sum" in sums:
+        out["ref_kl"] = sums["ref_kl_sum"] / n
+    return out

@@ -1,0 +1,208 @@
+"""Policy updates on megatron-core: old log-probs, then minibatch GSPO steps.
+
+The loss lives on the last pipeline stage, inside megatron's schedule (``loss_func`` below):
+log-probs come vocab-parallel from the logits, per-sequence sums are all-reduced over the CP
+group inside ``policy_loss``, and each micro-batch returns the *sum* of its sequences' objectives
+together with its sequence count. With ``calculate_per_token_loss`` megatron then sums gradients
+over data-parallel (and CP) ranks and divides by the global count (``finalize_model_grads``): the
+gradient is that of the single-process mean over every sequence of the minibatch, however the
+sequences are spread over micro-batches and ranks. Each CP rank reports its sequences only once
+(count 0 on CP ranks other than 0), since all CP ranks hold the same sequences.
+
+A rollout batch is split into ``num_minibatches`` minibatches, one optimizer step each (paper: 4),
+so the policy drifts from pi_old within the batch. pi_old's log-probs come from one trainer
+forward pass before the first step, or from the rollout engine (paper sec. 5.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from gspo_megatron.batch import (MicroBatch, Sample, build_microbatch, cp_shard, pad_to_multiple,
+                                 sequence_multiple)
+from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward
+from gspo_megatron.loss import VARIANTS, finalize_metrics, policy_loss
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The objective and how a rollout batch is consumed."""
+
+    variant: str = "gspo"
+    """gspo (sequence ratio), gspo_token (sequence ratio, per-token advantages), grpo (token ratios)."""
+    clip_low: float = 3e-4
+    """eps_low: the ratio is clipped below at 1 - clip_low (paper: 3e-4; GRPO: 0.2)."""
+    clip_high: float = 4e-4
+    """eps_high: the ratio is clipped above at 1 + clip_high (paper: 4e-4; GRPO: 0.27)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL penalty to the reference policy (paper: 0, off)."""
+    num_minibatches: int = 4
+    """Optimizer steps per rollout batch (paper: 4)."""
+    old_logprobs: str = "trainer"
+    """Where pi_old's log-probs come from: trainer (a forward pass before the first step) or
+    rollout (the engine's sampling log-probs)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+
+    def validate(self) -> None:
+        from gspo_megatron.errors import GspoError
+
+        if self.variant not in VARIANTS:
+            raise GspoError(f"loss.variant='{self.variant}' (allowed: {', '.join(VARIANTS)})")
+        if self.old_logprobs not in ("trainer", "rollout"):
+            raise GspoError(f"loss.old_logprobs='{self.old_logprobs}' (allowed: trainer, rollout)")
+        for name in ("clip_low", "clip_high"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise GspoError(f"loss.{name}={v} must be in [0, 1)")
+        if self.num_minibatches < 1 or self.micro_batch_size < 1:
+            raise GspoError("loss.num_minibatches and loss.micro_batch_size must be >= 1")
+
+
+def agreed_seq_len(samples: Sequence[Sample]) -> int:
+    """One padded length for all ranks (MoE dispatch and pipeline p2p need equal shapes)."""
+    from megatron.core import parallel_state as ps
+
+    longest = max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=1)
+    t = torch.tensor([longest], dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    multiple = sequence_multiple(ps.get_tensor_model_parallel_world_size(),
+                                 ps.get_context_parallel_world_size())
+    return pad_to_multiple(int(t.item()), multiple)
+
+
+def make_microbatches(samples: Sequence[Sample], micro_batch_size: int, seq_len: int,
+                      num_microbatches: Optional[int] = None) -> List[MicroBatch]:
+    """This rank's samples -> CP-sharded micro-batches, padded with empty rows/micro-batches
+    to ``num_microbatches`` (all data-parallel ranks must run the same count)."""
+    from megatron.core import parallel_state as ps
+
+    n = num_microbatches or max(1, -(-len(samples) // micro_batch_size))
+    rows: List[Optional[Sample]] = list(samples) + [None] * (n * micro_batch_size - len(samples))
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    return [cp_shard(build_microbatch(rows[k * micro_batch_size:(k + 1) * micro_batch_size], seq_len),
+                     cp, cp_rank) for k in range(n)]
+
+
+def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int) -> None:
+    """pi_old = the current weights: fill ``mb.old_logprobs`` (last stage only needs them)."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    was_training = unwrapped.training
+    unwrapped.eval()
+    lps = forward_logprobs(model, microbatches, vocab_size, seq_len)
+    if was_training:
+        unwrapped.train()
+    if lps is not None:
+        for mb, lp in zip(microbatches, lps):
+            mb.old_logprobs = lp
+
+
+def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
+    from megatron.core import parallel_state as ps
+
+    dev = logits.device
+    # The logits are read only here: their storage can take their gradient.
+    logp, entropy = label_logprobs(logits, mb, vocab_size, inplace_backward=True)
+    mask = mb.loss_mask.to(dev)
+    cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
+    loss_sum, m = policy_loss(
+        logp, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask, variant=cfg.variant,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
+        kl_coef=cfg.kl_coef, num_sequences=1.0, cp_group=cp_group)
+    count = m["num_sequences"] if ps.get_context_parallel_rank() == 0 else torch.zeros(())
+    sums = {k: v for k, v in m.items() if k.endswith("_sum") or k.startswith("num_") or k.endswith("_denominator")}
+    sums["loss_sum"] = loss_sum.detach()
+    ent = torch.stack([(entropy.detach() * mask).sum(), mask.float().sum()])
+    if cp_group is not None:  # tokens are spread over CP ranks; the metrics above are not
+        dist.all_reduce(ent, group=cp_group)
+    sums["entropy_sum"], sums["entropy_tokens"] = ent[0], ent[1]
+    return loss_sum, count.to(torch.int), sums
+
+
+def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLossConfig,
+               vocab_size: int, seq_len: int, step_optimizer: bool = True) -> Dict[str, float]:
+    """One forward/backward over ``microbatches`` (+ one optimizer step). Returns global metrics,
+    identical on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for mb in microbatches:
+        if mb.old_logprobs is None:
+            mb.old_logprobs = torch.zeros_like(mb.loss_mask, dtype=torch.float32)
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator)
+        return model_forward(model_chunk, mb), partial(_loss_func, cfg, vocab_size, mb)
+
+    model.zero_grad_buffer()
+    if optimizer is not None:
+        optimizer.zero_grad()
+    store = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=microbatches[0].tokens.shape[0],
+        forward_only=False,
+    )
+    out = reduce_metrics(store)
+    if optimizer is not None and step_optimizer:
+        ok, grad_norm, _ = optimizer.step()
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["update_successful"] = float(bool(ok))
+    return out
+
+
+def reduce_metrics(store: List[dict]) -> Dict[str, float]:
+    """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
+    receives the result (counted once per sequence: TP and CP duplicates contribute zero)."""
+    from megatron.core import parallel_state as ps
+
+    keys = ["loss_sum", "num_sequences", "num_tokens", "clipped_sum", "clip_denominator",
+            "clamp_sum", "clamp_denominator", "abs_log_ratio_sum", "approx_kl_sum",
+            "entropy_sum", "entropy_tokens"]
+    local = torch.zeros(len(keys), dtype=torch.float64)
+    owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+             and ps.get_context_parallel_rank() == 0)
+    if owner:
+        for d in store:
+            local += torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(local)
+    sums = {k: torch.tensor(v) for k, v in zip(keys, local.tolist())}
+    out = {k: float(v) for k, v in finalize_metrics(sums).items()}
+    n = max(float(sums["num_sequences"]), 1.0)
+    out["loss"] = float(sums["loss_sum"]) / n
+    out["entropy"] = float(sums["entropy_sum"]) / max(float(sums["entropy_tokens"]), 1.0)
+    out["num_sequences"] = float(sums["num_sequences"])
+    out["num_tokens"] = float(sums["num_tokens"])
+    return out
+
+
+def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,
+                  vocab_size: int) -> List[Dict[str, float]]:
+    """Consume this data-parallel rank's share of a rollout batch: old log-probs (unless taken
+    from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Returns the metrics
+    of each step. Every rank must pass the same number of samples."""
+    seq_len = agreed_seq_len(samples)
+    k = cfg.num_minibatches
+    if len(samples) % k:
+        from gspo_megatron.errors import GspoError
+
+        raise GspoError(f"{len(samples)} samples per data-parallel rank do not split into "
+                        f"loss.num_minibatches={k} minibatches")
+    per = len(samples) // k
+    n_mb = max(1, -(-per // cfg.micro_batch_size))
+    minibatches = [make_microbatches(samples[i * per:(i + 1) * per], cfg.micro_batch_size, seq_len, n_mb)
+                   for i in range(k)]
+    if cfg.old_logprobs == "trainer":
+        for mbs in minibatches:
+            compute_old_logprobs(model, mbs, vocab_size, seq_len)
+    return [train_step(model, optimizer, mbs, cfg, vocab_size, seq_len) for mbs in minibatches]
