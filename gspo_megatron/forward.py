@@ -46,13 +46,29 @@ def label_logprobs(logits: torch.Tensor, mb: MicroBatch, vocab_size: int,
                                    group=tp_group(), inplace_backward=inplace_backward)
 
 
+def run_schedule(model, forward_step, microbatches: List[MicroBatch], seq_len: int,
+                 forward_only: bool) -> list:
+    """megatron's pipeline schedule over ``microbatches`` (all of length ``seq_len``); returns
+    what each micro-batch's loss function reported (last pipeline stage; empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=microbatches[0].tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
 def forward_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
                      seq_len: int) -> Optional[List[torch.Tensor]]:
     """Forward-only pass over all micro-batches (all of length ``seq_len``). On the last
     pipeline stage returns, per micro-batch, [b, S] fp32 log-probs of its labels (CPU);
     other stages return None."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
@@ -65,15 +81,7 @@ def forward_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
         return output, partial(loss_func, mb)
 
     with torch.no_grad():
-        store = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=seq_len,
-            micro_batch_size=microbatches[0].tokens.shape[0],
-            forward_only=True,
-        )
+        store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
     return [d["logprobs"].cpu() for d in store]

@@ -5,7 +5,8 @@ The output layer leaves each tensor-parallel rank with a slice of the (padded) v
 log p(target) and the entropy over the real vocabulary without ever forming full-vocabulary
 logits on a rank, and without an fp32 copy of the whole slice either:
 
-- Tokens are processed in chunks of ``chunk_size`` rows; only a chunk is ever upcast to fp32.
+- Tokens are processed in chunks (``default_chunk_size``); only a chunk is ever upcast to fp32,
+  and each chunk needs two fp32 buffers.
 - Across TP ranks, per chunk: one all-reduce (MAX) for the row maxima, one (SUM) carrying
   sum(exp), sum(exp * logit) and the target's logit together.
 - Backward needs no communication: it recomputes each chunk's softmax from the saved logits and
@@ -24,8 +25,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-
-DEFAULT_CHUNK_SIZE = 256
 
 
 def _tp_group_info(group) -> Tuple[int, int]:
@@ -47,28 +46,30 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         lse = torch.empty_like(logp)
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
-            x = logits[lo:hi, :real].to(torch.float32, copy=True)  # [c, real], a copy we may edit
+            c = hi - lo
+            x = logits[lo:hi, :real].to(torch.float32, copy=True)  # [c, real], ours to edit
             if real > 0:
                 m = x.max(dim=1).values
             else:
-                m = torch.full((hi - lo,), float("-inf"), device=logits.device)
+                m = torch.full((c,), float("-inf"), device=logits.device)
             if world > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            x -= m[:, None]
+            x.sub_(m[:, None])
             e = torch.exp(x)
             local_t = targets[lo:hi] - vocab_start
             here = (local_t >= 0) & (local_t < real)
-            t_logit = torch.zeros(hi - lo, device=logits.device)
-            if real > 0:
-                t_logit[here] = x[here.nonzero(as_tuple=True)[0], local_t[here]]
-            sums = torch.stack([e.sum(1), (e * x).sum(1), t_logit])  # [3, c]
+            t_logit = torch.zeros(c, device=logits.device)
+            rows = here.nonzero(as_tuple=True)[0]
+            t_logit[rows] = x[rows, local_t[rows]]
+            # sum_j e_j x_j as a row-wise dot product: no [c, V] temporary.
+            sum_ex = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(c)
+            sums = torch.stack([e.sum(1), sum_ex, t_logit])  # [3, c]
             if world > 1:
                 dist.all_reduce(sums, group=group)
             sum_e, sum_ex, t_shifted = sums
             log_z = torch.log(sum_e)
             logp[lo:hi] = t_shifted - log_z
-            # H = log Z - E_p[x] (both relative to the max m)
-            entropy[lo:hi] = log_z - sum_ex / sum_e
+            entropy[lo:hi] = log_z - sum_ex / sum_e  # H = log Z - E_p[x], both relative to m
             lse[lo:hi] = log_z + m
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.meta = (vocab_start, real, chunk_size, inplace_backward)
@@ -83,26 +84,36 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         grad = logits if inplace else torch.empty_like(logits)
         for lo in range(0, n, chunk_size):
             hi = min(n, lo + chunk_size)
-            x = logits[lo:hi, :real].float()
-            logq = x - lse[lo:hi, None]  # log p over this rank's real columns
-            p = torch.exp(logq)
+            x = logits[lo:hi, :real].to(torch.float32, copy=True)
+            x.sub_(lse[lo:hi, None])  # log p over this rank's real columns
+            p = torch.exp(x)
             # d logp_t / dx_j = 1[j == t] - p_j ;  d H / dx_j = -p_j (log p_j + H)
-            g = torch.zeros_like(p)
             if g_ent is not None:
-                g -= p * (logq + entropy[lo:hi, None]) * g_ent[lo:hi, None]
+                g = x.add_(entropy[lo:hi, None]).mul_(p).mul_(-g_ent[lo:hi, None])
+                if g_logp is not None:
+                    g.sub_(p.mul_(g_logp[lo:hi, None]))
+            elif g_logp is not None:
+                g = p.mul_(-g_logp[lo:hi, None])
+            else:
+                g = x.zero_()
             if g_logp is not None:
-                g -= p * g_logp[lo:hi, None]
                 local_t = targets[lo:hi] - vocab_start
-                here = (local_t >= 0) & (local_t < real)
-                rows = here.nonzero(as_tuple=True)[0]
-                g[rows, local_t[here]] += g_logp[lo:hi][here]
-            grad[lo:hi, :real] = g.to(grad.dtype)
+                rows = ((local_t >= 0) & (local_t < real)).nonzero(as_tuple=True)[0]
+                g[rows, local_t[rows]] += g_logp[lo:hi][rows]
+            grad[lo:hi, :real] = g
             grad[lo:hi, real:] = 0
         return grad, None, None, None, None, None
 
 
+def default_chunk_size(vocab_per_rank: int, device: torch.device) -> int:
+    """Rows per chunk so one fp32 chunk buffer is ~16 MiB on CPU (small enough for malloc to
+    reuse instead of faulting in fresh pages each time) or ~256 MiB on GPU."""
+    budget = (256 if device.type == "cuda" else 16) * 1024**2
+    return max(1, budget // (4 * max(vocab_per_rank, 1)))
+
+
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                            chunk_size: int = DEFAULT_CHUNK_SIZE, group=None,
+                            chunk_size: Optional[int] = None, group=None,
                             inplace_backward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and entropy per token, both fp32 with ``targets``' shape.
 
@@ -114,6 +125,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_s
     """
     lead = targets.shape
     flat = logits.reshape(-1, logits.shape[-1])
+    if chunk_size is None:
+        chunk_size = default_chunk_size(flat.shape[-1], flat.device)
     logp, entropy = _VocabParallelLogProbs.apply(flat, targets.reshape(-1), vocab_size,
                                                  chunk_size, group, inplace_backward)
     return logp.view(lead), entropy.view(lead)

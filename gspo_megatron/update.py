@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from gspo_megatron.batch import (MicroBatch, Sample, build_microbatch, cp_shard, pad_to_multiple,
                                  sequence_multiple)
-from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward
+from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import VARIANTS, finalize_metrics, policy_loss
 
 
@@ -107,6 +107,11 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
     from megatron.core import parallel_state as ps
 
     dev = logits.device
+    if mb.old_logprobs is None:
+        if mb.loss_mask.any():
+            raise ValueError("micro-batch has no old log-probs: run compute_old_logprobs first, "
+                             "or pass the rollout engine's log-probs with the samples")
+        mb.old_logprobs = torch.zeros(mb.loss_mask.shape)  # a filler micro-batch: no tokens
     # The logits are read only here: their storage can take their gradient.
     logp, entropy = label_logprobs(logits, mb, vocab_size, inplace_backward=True)
     mask = mb.loss_mask.to(dev)
@@ -130,12 +135,6 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
                vocab_size: int, seq_len: int, step_optimizer: bool = True) -> Dict[str, float]:
     """One forward/backward over ``microbatches`` (+ one optimizer step). Returns global metrics,
     identical on every rank."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    for mb in microbatches:
-        if mb.old_logprobs is None:
-            mb.old_logprobs = torch.zeros_like(mb.loss_mask, dtype=torch.float32)
-
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         return model_forward(model_chunk, mb), partial(_loss_func, cfg, vocab_size, mb)
@@ -143,15 +142,7 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     model.zero_grad_buffer()
     if optimizer is not None:
         optimizer.zero_grad()
-    store = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=[model],
-        num_microbatches=len(microbatches),
-        seq_length=seq_len,
-        micro_batch_size=microbatches[0].tokens.shape[0],
-        forward_only=False,
-    )
+    store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=False)
     out = reduce_metrics(store)
     if optimizer is not None and step_optimizer:
         ok, grad_norm, _ = optimizer.step()
@@ -198,6 +189,13 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
 
         raise GspoError(f"{len(samples)} samples per data-parallel rank do not split into "
                         f"loss.num_minibatches={k} minibatches")
+    if cfg.old_logprobs == "rollout":
+        missing = [i for i, s in enumerate(samples) if s.old_logprobs is None]
+        if missing:
+            from gspo_megatron.errors import GspoError
+
+            raise GspoError(f"loss.old_logprobs=rollout but sample {missing[0]} has no rollout "
+                            f"log-probs (use loss.old_logprobs=trainer)")
     per = len(samples) // k
     n_mb = max(1, -(-per // cfg.micro_batch_size))
     minibatches = [make_microbatches(samples[i * per:(i + 1) * per], cfg.micro_batch_size, seq_len, n_mb)

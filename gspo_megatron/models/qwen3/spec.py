@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -202,9 +202,3 @@ def check_same_shapes(expected: Qwen3Spec, found: Qwen3Spec, where: str) -> None
         if a[key] != b[key]:
             raise GspoError(f"{where}: checkpoint is of another model shape: {key}={b[key]} "
                             f"but the model expects {key}={a[key]}")
-
-
-def optional_int_list(text: Optional[str]) -> Optional[list]:
-    if not text:
-        return None
-    return [int(x) for x in text.split(",")]
