@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from gspo_megatron.checkpoint import HF_SUBDIR
 from gspo_megatron.errors import GspoError
 from gspo_megatron.fsutil import atomic_dir, check_output_dir
 from gspo_megatron.models.qwen3 import hf_mapping
@@ -19,14 +20,12 @@ from gspo_megatron.progress import progress_bar
 from checkpoints_convert.hf_files import AUX_FILES, HFCheckpointReader, tensor_nbytes
 from checkpoints_convert.mcore_files import write_dcp
 
-HF_SUBDIR = "hf"
-
 
 def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
                         io_threads: int = 1, show_progress: bool = True) -> None:
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
-        raise_missing(hf_dir)
+        raise GspoError(f"{hf_dir}: no such directory (expected a HF model directory with config.json)")
     spec = spec_from_hf_dir(hf_dir)
     check_output_dir(out, overwrite)
     reader = HFCheckpointReader(hf_dir)
@@ -54,7 +53,3 @@ def _producer(spec, mapping, reader):
     def produce():
         return hf_mapping.to_mcore(spec, mapping, [reader.get(n) for n in mapping.hf_names]).contiguous()
     return produce
-
-
-def raise_missing(path: Path):
-    raise GspoError(f"{path}: no such directory (expected a HF model directory with config.json)")

@@ -12,15 +12,14 @@ import json
 import shutil
 from pathlib import Path
 
+from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
 from gspo_megatron.errors import GspoError
 from gspo_megatron.fsutil import atomic_dir, check_output_dir
 from gspo_megatron.models.qwen3 import hf_mapping
-from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
 from gspo_megatron.progress import progress_bar
 
 from checkpoints_convert.hf_files import (AUX_FILES, INDEX_NAME, StreamingSafetensorsWriter,
                                           plan_shards, shard_file_names, tensor_nbytes)
-from checkpoints_convert.hf_to_mcore import HF_SUBDIR
 from checkpoints_convert.mcore_files import DcpTensorReader
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -30,13 +29,7 @@ def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                         show_progress: bool = True) -> None:
     ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_dir():
-        raise GspoError(f"{ckpt}: no such directory (expected a checkpoint written by gspo-convert "
-                        f"hf-to-mcore or gspo-train)")
-    if not (ckpt / HF_SUBDIR / "config.json").is_file():
-        raise GspoError(f"{ckpt / HF_SUBDIR / 'config.json'}: missing; the checkpoint does not say "
-                        f"which model it holds")
-    spec = spec_from_hf_dir(ckpt / HF_SUBDIR)
+    spec = checkpoint_spec(ckpt)
     check_output_dir(out, overwrite)
     reader = DcpTensorReader(ckpt)
     mappings = hf_mapping.tensor_mappings(spec)

@@ -180,11 +180,11 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-def _patched_tensor_to():
-    """``Tensor.to(device=<cuda>)`` / ``Tensor.to(<int>)`` from megatron code become no-ops.
+def _patch_cuda_methods():
+    """``Tensor.cuda`` / ``Module.cuda`` become the identity (megatron calls them on buffers).
 
-    Only ``Tensor.cuda`` is replaced globally: on a machine without CUDA it can only raise, so
-    mapping it to the identity cannot change the meaning of any working program.
+    The only global replacement: on a machine without CUDA these can only raise, so mapping them
+    to the identity cannot change the meaning of any working program.
     """
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
@@ -271,7 +271,7 @@ def apply() -> None:
     _patch_rng_helpers(rng)
     _patch_missing_te_gemm()
     _patch_optimizer_type_checks()
-    _patched_tensor_to()
+    _patch_cuda_methods()
     _APPLIED = True
 
 
