@@ -40,11 +40,6 @@ class MicroBatch:
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
 
-    @property
-    def num_sequences(self) -> int:
-        """Rows with at least one response token (needs the whole sequence: before CP split)."""
-        return int(self.loss_mask.any(dim=1).sum())
-
 
 def pad_to_multiple(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

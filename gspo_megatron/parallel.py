@@ -42,15 +42,6 @@ class ParallelLayout:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tp * self.pp * self.cp)
-
-    def describe(self) -> str:
-        parts = [f"{k.upper()}{v}" for k, v in
-                 (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp), ("cp", self.cp))
-                 if v > 1]
-        return "x".join(parts) or "single"
-
 
 def _divides(what: str, total: int, by: int, dim: str) -> None:
     if total % by != 0:

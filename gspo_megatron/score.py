@@ -117,7 +117,7 @@ def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
     """Returns the per-row log-prob lists on global rank 0, None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple
+    from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
     from gspo_megatron.checkpoint import load_model_checkpoint
     from gspo_megatron.forward import forward_logprobs
     from gspo_megatron.models.qwen3.model import build_model
@@ -138,7 +138,7 @@ def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
             for start in steps:
                 step_rows = order[start:start + per_rank * dp]
                 longest = max(len(rows[i][0]) + len(rows[i][1]) for i in step_rows)
-                seq_len = pad_to_multiple(longest, layout.tp)
+                seq_len = pad_to_multiple(longest, sequence_multiple(layout.tp, layout.cp))
                 local = step_rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
                 samples = [Sample(*rows[i]) for i in local] + [None] * (per_rank - len(local))
                 mbatches = [build_microbatch(samples[k:k + mbs], seq_len)
