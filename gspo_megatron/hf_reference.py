@@ -54,3 +54,13 @@ def max_abs_diff(a, b) -> float:
             worst = max(worst, (torch.tensor(x, dtype=torch.float64)
                                 - torch.tensor(y, dtype=torch.float64)).abs().max().item())
     return worst
+
+
+def read_hf_tensors(hf_dir: Path) -> dict:
+    """Every tensor of an HF safetensors checkpoint directory, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

@@ -139,3 +139,27 @@ def tp_group():
     if not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, group=None) -> torch.Tensor:
+    """Greedy token ids from vocabulary-parallel logits [..., Vl]: the global argmax over the
+    real vocabulary (lowest id on ties, as torch.argmax), returned on every TP rank."""
+    rank, world = _tp_group_info(group)
+    vl = logits.shape[-1]
+    real = max(0, min(vl, vocab_size - rank * vl))
+    x = logits.reshape(-1, vl)[:, :real].float()
+    if real > 0:
+        best, idx = x.max(dim=1)
+    else:
+        best = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    ids = idx + rank * vl
+    if world > 1:
+        bests = [torch.empty_like(best) for _ in range(world)]
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(bests, best, group=group)
+        dist.all_gather(all_ids, ids, group=group)
+        b, i = torch.stack(bests), torch.stack(all_ids)  # [TP, N]; ranks in vocabulary order
+        winner = b.argmax(dim=0)  # first rank holding the maximum = the lowest id
+        ids = i.gather(0, winner[None]).squeeze(0)
+    return ids.reshape(logits.shape[:-1])

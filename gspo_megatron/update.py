@@ -90,17 +90,50 @@ def make_microbatches(samples: Sequence[Sample], micro_batch_size: int, seq_len:
                      cp, cp_rank) for k in range(n)]
 
 
-def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int) -> None:
-    """pi_old = the current weights: fill ``mb.old_logprobs`` (last stage only needs them)."""
+def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int,
+                         keep_rollout: bool = False) -> torch.Tensor:
+    """pi_old = the current weights: fill ``mb.old_logprobs`` (last stage only needs them).
+
+    Where a micro-batch already carries the rollout engine's log-probs, they are compared with
+    the trainer's first; returns this rank's [sum |diff|, max |diff|, tokens] (zeros on ranks
+    that do not own log-probs). ``keep_rollout`` keeps the engine's values as pi_old (the
+    comparison is then all this pass is for)."""
+    from megatron.core import parallel_state as ps
+
     unwrapped = model.module if hasattr(model, "module") else model
     was_training = unwrapped.training
     unwrapped.eval()
     lps = forward_logprobs(model, microbatches, vocab_size, seq_len)
     if was_training:
         unwrapped.train()
-    if lps is not None:
-        for mb, lp in zip(microbatches, lps):
+    diff = torch.zeros(3, dtype=torch.float64)
+    if lps is None:
+        return diff
+    owner = ps.get_tensor_model_parallel_rank() == 0  # TP ranks hold identical log-probs
+    for mb, lp in zip(microbatches, lps):
+        if mb.old_logprobs is not None and owner:
+            d = (lp - mb.old_logprobs).abs()[mb.loss_mask].double()
+            if d.numel():
+                diff[0] += d.sum()
+                diff[1] = torch.maximum(diff[1], d.max())
+                diff[2] += d.numel()
+        if not keep_rollout:
             mb.old_logprobs = lp
+    return diff
+
+
+def reduce_logprob_diff(parts: Sequence[torch.Tensor]) -> Dict[str, float]:
+    """Per-rank [sum, max, tokens] -> the global mean and max |engine - trainer| per token."""
+    total = torch.stack(list(parts)).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
+    worst = torch.stack([p[1] for p in parts]).max() if parts else torch.zeros((), dtype=torch.float64)
+    sums = torch.stack([total[0], total[2]])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    tokens = float(sums[1])
+    return {"rollout/logprob_abs_diff_mean": float(sums[0]) / tokens if tokens else float("nan"),
+            "rollout/logprob_abs_diff_max": float(worst) if tokens else float("nan"),
+            "rollout/logprob_diff_tokens": tokens}
 
 
 def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
@@ -177,30 +210,61 @@ def reduce_metrics(store: List[dict]) -> Dict[str, float]:
     return out
 
 
+@dataclass
+class UpdateResult:
+    steps: List[Dict[str, float]]
+    """Metrics of each minibatch optimizer step (global, identical on every rank)."""
+    rollout: Dict[str, float]
+    """|engine - trainer| log-prob per response token under pi_old (empty when the samples
+    carry no engine log-probs)."""
+
+
 def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,
-                  vocab_size: int) -> List[Dict[str, float]]:
+                  vocab_size: int, measure_rollout_diff: bool = True) -> UpdateResult:
     """Consume this data-parallel rank's share of a rollout batch: old log-probs (unless taken
-    from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Returns the metrics
-    of each step. Every rank must pass the same number of samples."""
+    from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Every rank must pass
+    the same number of samples.
+
+    Samples that carry the engine's log-probs (``Sample.old_logprobs``) are compared with the
+    trainer's before any step: free when the trainer computes pi_old, one extra forward pass
+    when pi_old comes from the engine (``measure_rollout_diff=False`` skips it)."""
+    from gspo_megatron.errors import GspoError
+
     seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
     if len(samples) % k:
-        from gspo_megatron.errors import GspoError
-
         raise GspoError(f"{len(samples)} samples per data-parallel rank do not split into "
                         f"loss.num_minibatches={k} minibatches")
     if cfg.old_logprobs == "rollout":
         missing = [i for i, s in enumerate(samples) if s.old_logprobs is None]
         if missing:
-            from gspo_megatron.errors import GspoError
-
             raise GspoError(f"loss.old_logprobs=rollout but sample {missing[0]} has no rollout "
                             f"log-probs (use loss.old_logprobs=trainer)")
     per = len(samples) // k
     n_mb = max(1, -(-per // cfg.micro_batch_size))
     minibatches = [make_microbatches(samples[i * per:(i + 1) * per], cfg.micro_batch_size, seq_len, n_mb)
                    for i in range(k)]
-    if cfg.old_logprobs == "trainer":
-        for mbs in minibatches:
-            compute_old_logprobs(model, mbs, vocab_size, seq_len)
-    return [train_step(model, optimizer, mbs, cfg, vocab_size, seq_len) for mbs in minibatches]
+    have_engine = torch.tensor([float(any(s.old_logprobs is not None for s in samples))])
+    if dist.is_initialized():
+        dist.all_reduce(have_engine, op=dist.ReduceOp.MAX)
+    rollout: Dict[str, float] = {}
+    if cfg.old_logprobs == "trainer" or (measure_rollout_diff and have_engine.item()):
+        keep = cfg.old_logprobs == "rollout"
+        diffs = [compute_old_logprobs(model, mbs, vocab_size, seq_len, keep_rollout=keep)
+                 for mbs in minibatches]
+        if have_engine.item():
+            rollout = reduce_logprob_diff(diffs)
+    steps = [train_step(model, optimizer, mbs, cfg, vocab_size, seq_len) for mbs in minibatches]
+    return UpdateResult(steps, rollout)
+
+
+def rollout_logprob_diff(model, samples: Sequence[Sample], vocab_size: int,
+                         micro_batch_size: int = 1) -> Dict[str, float]:
+    """|engine - trainer| log-prob per response token for this rank's ``samples`` (each carrying
+    the engine's log-probs in ``old_logprobs``), reduced over all ranks."""
+    seq_len = agreed_seq_len(samples)
+    n_mb = torch.tensor([-(-len(samples) // micro_batch_size)])
+    if dist.is_initialized():
+        dist.all_reduce(n_mb, op=dist.ReduceOp.MAX)
+    mbs = make_microbatches(samples, micro_batch_size, seq_len, max(1, int(n_mb.item())))
+    return reduce_logprob_diff([compute_old_logprobs(model, mbs, vocab_size, seq_len)])

@@ -74,7 +74,7 @@ def main() -> None:
         result = {"metrics": metrics, "tensors": tensors}
     else:
         optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0))
-        steps = policy_update(ddp, optimizer, mine, cfg, spec.vocab_size)
+        steps = policy_update(ddp, optimizer, mine, cfg, spec.vocab_size).steps
         result = {"metrics": steps, "tensors": gather_full_tensors(ddp)}
     if dist.get_rank() == 0:
         torch.save(result, args.out)

@@ -1,0 +1,70 @@
+"""What the rollout engine samples and how it is placed (the ``rollout:`` section of a config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gspo_megatron.errors import GspoError
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """vLLM sampling and placement. One engine per ``engine_tp`` consecutive training ranks."""
+
+    group_size: int = 8
+    """G: responses sampled per prompt; advantages are normalised within each group."""
+    temperature: float = 1.0
+    """Sampling temperature. The trainer scores the untempered policy, so keep 1.0 unless you
+    accept that pi_old (and the logprob diff metric) then differ from what was sampled."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1.0 = off."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 = off."""
+    max_prompt_tokens: int = 512
+    """Longer prompts are skipped and counted (rollout/skipped_overlong), never sent to vLLM."""
+    max_new_tokens: int = 1024
+    """Response budget; generation also stops at the tokenizer's EOS."""
+    engine_tp: int = 1
+    """Tensor-parallel size of each vLLM engine; the world size must be a multiple of it."""
+    gpu_memory_utilization: float = 0.5
+    """GPU only: fraction of GPU memory vLLM may hold (weights + KV cache) while awake."""
+    kv_cache_gib: float = 1.0
+    """CPU only: KV cache size in GiB (vLLM's CPU backend reserves it from host memory)."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs (always eager on CPU)."""
+    enable_prefix_caching: bool = True
+    """Share the prompt's KV cache across the G samples; reset after every weight sync."""
+    sleep_during_training: bool = True
+    """GPU only: free vLLM's weights and KV cache while the trainer runs, take them back for
+    rollouts (vLLM sleep mode level 2; the weights come back through the weight sync)."""
+    sync_bucket_mb: int = 512
+    """Weight sync moves tensors in all-gather buckets of at most this many MiB."""
+    seed: int = 0
+    """Base of the per-prompt sampling seeds (a seed depends on step and prompt index only, so a
+    rollout does not depend on which engine served it)."""
+
+    def validate(self, world_size: int) -> None:
+        def bad(field: str, why: str) -> GspoError:
+            return GspoError(f"rollout.{field}={getattr(self, field)!r}: {why}")
+
+        if self.group_size < 1:
+            raise bad("group_size", "must be >= 1 (GSPO needs >= 2 to have advantages)")
+        if not self.temperature >= 0:
+            raise bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", "must be >= 0 (0 = off)")
+        for name in ("max_prompt_tokens", "max_new_tokens", "sync_bucket_mb"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.engine_tp < 1 or world_size % self.engine_tp:
+            raise bad("engine_tp", f"must divide the world size {world_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if not self.kv_cache_gib > 0:
+            raise bad("kv_cache_gib", "must be > 0")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.max_prompt_tokens + self.max_new_tokens

