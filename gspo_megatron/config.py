@@ -1,0 +1,121 @@
+"""The trainer's configuration: one typed section per component, loaded from YAML with dotted
+overrides (``gspo_megatron.config_io``) and validated once at start-up, before anything heavy.
+
+Sections owned elsewhere are reused as they are: ``rollout`` (RolloutConfig), ``loss``
+(PolicyLossConfig), ``optim`` (OptimConfig), ``data`` (DataConfig), ``rewards`` (RewardConfig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from gspo_megatron.data import DataConfig
+from gspo_megatron.errors import GspoError
+from gspo_megatron.optim import OptimConfig
+from gspo_megatron.parallel import ParallelLayout
+from gspo_megatron.rewards.runner import RewardConfig
+from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.update import PolicyLossConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy to train."""
+
+    ckpt: str = ""
+    """megatron-core checkpoint to start from (``gspo-convert hf-to-mcore`` output)."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE load-balancing loss weight (0 = off, as in the paper's RL phase)."""
+
+    def validate(self) -> None:
+        if not self.ckpt:
+            raise GspoError("model.ckpt is empty: give a megatron checkpoint (gspo-convert hf-to-mcore)")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise GspoError(f"model.dtype='{self.dtype}' (allowed: auto, bf16, fp32)")
+        if self.moe_aux_loss_coeff < 0:
+            raise GspoError(f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the training ranks split the model (the world size gives data parallelism)."""
+
+    tp: int = 1
+    """Tensor parallel (with sequence parallelism)."""
+    pp: int = 1
+    """Pipeline stages."""
+    ep: int = 1
+    """Expert parallel."""
+    etp: Optional[int] = None
+    """Expert tensor parallel (default: tp)."""
+    cp: int = 1
+    """Context parallel."""
+    pp_layers: Optional[tuple] = None
+    """Layers per pipeline stage, e.g. [3, 5] (default: even split)."""
+
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, cp=self.cp,
+                              pp_layers=self.pp_layers)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: how many steps, how big, where outputs go."""
+
+    steps: int = 100
+    """RL steps (rollout -> update -> sync)."""
+    prompts_per_step: int = 32
+    """Prompts per step; each gets rollout.group_size responses."""
+    output_dir: str = "outputs/run"
+    """Checkpoints, TensorBoard events and the resolved config go here."""
+    save_every: int = 50
+    """Checkpoint every K steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted after a new one is complete)."""
+    seed: int = 1234
+
+    def validate(self) -> None:
+        for name in ("steps", "prompts_per_step"):
+            if getattr(self, name) < 1:
+                raise GspoError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise GspoError("train.save_every must be >= 0 and train.keep_checkpoints >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Every section's own checks, then the ones that span sections."""
+        self.model.validate()
+        self.data.validate()
+        self.rewards.validate()
+        self.rollout.validate(world_size)
+        self.loss.validate()
+        self.train.validate()
+        if not Path(self.model.ckpt).is_dir():
+            raise GspoError(f"model.ckpt={self.model.ckpt}: no such checkpoint directory")
+        if not Path(self.data.path).is_file():
+            raise GspoError(f"data.path={self.data.path}: no such data file")
+        samples = self.train.prompts_per_step * self.rollout.group_size
+        if samples % self.loss.num_minibatches:
+            raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
+                            f"split into loss.num_minibatches={self.loss.num_minibatches}")
+
+
+def load_config(path: Optional[Path], overrides: Sequence[str] = ()) -> Config:
+    from gspo_megatron.config_io import load
+
+    return load(Config, path, overrides)
