@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes, spec_from_hf_dir

@@ -1,8 +1,9 @@
 """The trainer's configuration: one typed section per component, loaded from YAML with dotted
 overrides (``gspo_megatron.config_io``) and validated once at start-up, before anything heavy.
 
-Sections owned elsewhere are reused as they are: ``rollout`` (RolloutConfig), ``loss``
-(PolicyLossConfig), ``optim`` (OptimConfig), ``data`` (DataConfig), ``rewards`` (RewardConfig).
+Sections owned elsewhere are reused as they are: ``parallel`` (ParallelLayout), ``rollout``
+(RolloutConfig), ``loss`` (PolicyLossConfig), ``optim`` (OptimConfig), ``data`` (DataConfig),
+``rewards`` (RewardConfig).
 """
 
 from __future__ import annotations
@@ -41,28 +42,6 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """How the training ranks split the model (the world size gives data parallelism)."""
-
-    tp: int = 1
-    """Tensor parallel (with sequence parallelism)."""
-    pp: int = 1
-    """Pipeline stages."""
-    ep: int = 1
-    """Expert parallel."""
-    etp: Optional[int] = None
-    """Expert tensor parallel (default: tp)."""
-    cp: int = 1
-    """Context parallel."""
-    pp_layers: Optional[tuple] = None
-    """Layers per pipeline stage, e.g. [3, 5] (default: even split)."""
-
-    def layout(self) -> ParallelLayout:
-        return ParallelLayout(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, cp=self.cp,
-                              pp_layers=self.pp_layers)
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     """The loop: how many steps, how big, where outputs go."""
 
@@ -89,7 +68,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

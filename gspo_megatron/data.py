@@ -14,13 +14,13 @@ data set is prepared and counted (``data/skipped_overlong``), so the rollout nev
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.jsonl import iter_objects
 
 
 @dataclass(frozen=True)
@@ -104,18 +104,9 @@ def read_rows(cfg: DataConfig) -> List[dict]:
     fmt = _format(cfg, path)
     if fmt == "jsonl":
         rows = []
-        with path.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise GspoError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise GspoError(f"{path}:{n}: expected a JSON object per line")
-                row["__line__"] = n
-                rows.append(row)
+        for n, row in iter_objects(path):
+            row["__line__"] = n
+            rows.append(row)
     else:
         try:
             import pyarrow.parquet as pq

@@ -15,12 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-def _is_primary(replica_id) -> bool:
-    if isinstance(replica_id, int):
-        return replica_id == 0
-    return all(r == 0 for r in replica_id)
-
-
 @contextlib.contextmanager
 def grads_as_data(model) -> Iterator[None]:
     """Temporarily swap each parameter's data with its accumulated gradient (main_grad)."""
@@ -42,18 +36,10 @@ def grads_as_data(model) -> Iterator[None]:
 
 def gather_full_tensors(model) -> Optional[Dict[str, torch.Tensor]]:
     """Full tensors of ``model`` (a GPTModel or a DDP wrapper) on global rank 0, else None."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from gspo_megatron.rollout.weight_sync import local_shards
 
-    from gspo_megatron.checkpoint import model_sharded_state_dict
-
-    module = model.module if hasattr(model, "module") else model
-    pieces = []
-    for value in model_sharded_state_dict(module).values():
-        items = value.build() if isinstance(value, ShardedTensorFactory) else [value]
-        for sh in items:
-            if isinstance(sh, ShardedTensor) and _is_primary(sh.replica_id):
-                pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset),
-                               sh.data.detach().float().cpu().clone()))
+    pieces = [(key, shape, offset, data.detach().float().cpu().clone())
+              for key, (shape, offset, data, primary) in local_shards(model).items() if primary]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, pieces)
     if dist.get_rank() != 0:

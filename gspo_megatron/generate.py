@@ -8,7 +8,6 @@ context parallelism is not supported here (decoding is not a CP workload).
 
 from __future__ import annotations
 
-from functools import partial
 from typing import List, Optional, Sequence
 
 import torch

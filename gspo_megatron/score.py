@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import List, Tuple
 
 import torch
 
 from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.jsonl import iter_objects
 from gspo_megatron.parallel import ParallelLayout, check_layout, parse_pp_layers, world_size_from_env
 
 
@@ -32,34 +32,25 @@ def read_rows(path: Path, vocab_size: int, max_len: int) -> List[Tuple[List[int]
     if not path.is_file():
         raise GspoError(f"{path}: no such input file")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GspoError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise GspoError(f"{path}:{n}: expected an object with prompt_ids and response_ids")
-            ids = []
-            for field in ("prompt_ids", "response_ids"):
-                value = obj.get(field)
-                if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                          for t in value):
-                    raise GspoError(f"{path}:{n}: '{field}' must be a list of token ids")
-                bad = [t for t in value if not 0 <= t < vocab_size]
-                if bad:
-                    raise GspoError(f"{path}:{n}: '{field}' has token id {bad[0]} outside the "
-                                    f"vocabulary [0, {vocab_size})")
-                ids.append(value)
-            if not ids[0]:
-                raise GspoError(f"{path}:{n}: 'prompt_ids' is empty (the first response token needs "
-                                f"a preceding token)")
-            if len(ids[0]) + len(ids[1]) > max_len:
-                raise GspoError(f"{path}:{n}: {len(ids[0]) + len(ids[1])} tokens exceed the model's "
-                                f"max_position_embeddings={max_len}")
-            rows.append((ids[0], ids[1]))
+    for n, obj in iter_objects(path, "an object with prompt_ids and response_ids"):
+        ids = []
+        for field in ("prompt_ids", "response_ids"):
+            value = obj.get(field)
+            if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                      for t in value):
+                raise GspoError(f"{path}:{n}: '{field}' must be a list of token ids")
+            bad = [t for t in value if not 0 <= t < vocab_size]
+            if bad:
+                raise GspoError(f"{path}:{n}: '{field}' has token id {bad[0]} outside the "
+                                f"vocabulary [0, {vocab_size})")
+            ids.append(value)
+        if not ids[0]:
+            raise GspoError(f"{path}:{n}: 'prompt_ids' is empty (the first response token needs "
+                            f"a preceding token)")
+        if len(ids[0]) + len(ids[1]) > max_len:
+            raise GspoError(f"{path}:{n}: {len(ids[0]) + len(ids[1])} tokens exceed the model's "
+                            f"max_position_embeddings={max_len}")
+        rows.append((ids[0], ids[1]))
     if not rows:
         raise GspoError(f"{path}: no rows")
     return rows

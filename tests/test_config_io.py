@@ -80,7 +80,7 @@ def test_trainer_config_sections_are_checked(tmp_path):
     cfg = load_config(None, ["rollout.group_size=16", "parallel.pp_layers=[3, 5]", "optim.lr=1e-6",
                              "rewards.functions=[{name: format, weight: 0.2}, {name: math}]"])
     assert isinstance(cfg, Config)
-    assert cfg.rollout.group_size == 16 and cfg.parallel.layout().pp_layers == (3, 5)
+    assert cfg.rollout.group_size == 16 and cfg.parallel.pp_layers == (3, 5)
     assert [(f.name, f.weight) for f in cfg.rewards.functions] == [("format", 0.2), ("math", 1.0)]
     with pytest.raises(GspoError, match="unknown config key 'rollout.grup_size'"):
         load_config(None, ["rollout.grup_size=4"])

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -78,7 +77,6 @@ def best_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    from gspo_megatron.checkpoint import HF_SUBDIR  # noqa: F401  (imports the package early)
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
@@ -109,7 +107,7 @@ def main() -> None:
     gather_s = best_seconds(lambda: sum(1 for _ in gatherer), args.repeats)
     held = [(n, t.clone()) for n, t in gatherer]
     load_s = best_seconds(lambda: engine.load_weights(iter(held)), args.repeats)
-    del held
+    held.clear()
     src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
     dst = torch.empty_like(src)
     copy_s = best_seconds(lambda: dst.copy_(src), args.repeats)

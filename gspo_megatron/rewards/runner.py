@@ -100,6 +100,7 @@ class RewardRunner:
         self._proc = None
         self._conn = None
         self.last_errors: List[str] = []
+        self._warm = False  # the first call also waits for the worker's imports
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -133,8 +134,7 @@ class RewardRunner:
             for k in range(len(self.names)):
                 if self._proc is None or not self._proc.is_alive():
                     self._start()
-                # The first call also waits for the worker's imports.
-                budget = self.cfg.timeout_s + (30.0 if not getattr(self, "_warm", False) else 0.0)
+                budget = self.cfg.timeout_s + (0.0 if self._warm else 30.0)
                 self._conn.send((i, k, prompt, response, answer))
                 if not self._conn.poll(budget):
                     self._kill()

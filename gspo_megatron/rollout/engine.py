@@ -193,12 +193,8 @@ class RolloutEngine:
             for i, out in zip(mine, outs):
                 local[i] = [Completion(list(c.token_ids), _sampled_logprobs(c), c.finish_reason or "")
                             for c in out.outputs]
-        # TP ranks of one engine hold the same results: its first rank publishes them.
-        shared = [None] * dist.get_world_size()
-        dist.all_gather_object(shared, local if self.rank % cfg.engine_tp == 0 else {})
-        for part in shared:
-            for i, comps in part.items():
-                groups[i] = comps
+        for i, comps in self._share(local).items():
+            groups[i] = comps
         batch = RolloutBatch(groups, skipped_overlong=overlong, skipped_empty=empty,
                              seconds=time.perf_counter() - t0)
         batch.stats = {"rollout/tokens": float(batch.num_tokens),
@@ -221,12 +217,18 @@ class RolloutEngine:
             for i, out in zip(mine, outs):
                 toks = sequences[i]
                 local[i] = [d[toks[j]].logprob for j, d in enumerate(out.prompt_logprobs) if j > 0]
+        result = self._share(local)
+        return [result[i] for i in range(len(sequences))]
+
+    def _share(self, local: Dict[int, object]) -> Dict[int, object]:
+        """Every engine's {prompt index: result}, merged, on every rank. TP ranks of one engine
+        hold the same results: its first rank publishes them."""
         shared = [None] * dist.get_world_size()
         dist.all_gather_object(shared, local if self.rank % self.cfg.engine_tp == 0 else {})
-        result = {}
+        merged: Dict[int, object] = {}
         for part in shared:
-            result.update(part)
-        return [result[i] for i in range(len(sequences))]
+            merged.update(part)
+        return merged
 
     # -- weights and memory ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ ranks must consume it to the end, in the same order (they do: the order is the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -45,10 +45,6 @@ class SyncPlan:
     world: int
     signature: Tuple
 
-    @property
-    def gathered_keys(self) -> int:
-        return sum(len(b) for b in self.buckets)
-
 
 @dataclass
 class SyncStats:
@@ -57,7 +53,6 @@ class SyncStats:
     bytes_communicated: int = 0  # bytes this rank received through all-gathers
     buckets: int = 0
     tensors: int = 0
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 def _unwrap(model):
@@ -93,9 +88,8 @@ def local_shards(model) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], tor
     return out
 
 
-def build_plan(model, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -> SyncPlan:
-    """Collective: every rank must call it."""
-    shards = local_shards(model)
+def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -> SyncPlan:
+    """From every rank's ``local_shards``. Collective: every rank must call it."""
     meta = {k: (shape, off, tuple(t.shape), primary) for k, (shape, off, t, primary) in shards.items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     everyone = [None] * world
@@ -170,7 +164,7 @@ class WeightGatherer:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(changed, op=dist.ReduceOp.MAX)
         if changed.item():
-            self._plan = build_plan(self.model, self.spec, self.bucket_bytes, self.dtype)
+            self._plan = build_plan(shards, self.spec, self.bucket_bytes, self.dtype)
         return self._plan
 
     def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
