@@ -56,6 +56,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted after a new one is complete)."""
     seed: int = 1234
+    """Seed of the model-parallel RNG and of anything else random in the trainer."""
+    export_hf: bool = False
+    """At the end, also write the final policy as an HF model to <output_dir>/hf."""
 
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step"):
@@ -67,6 +70,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run; see the README's config reference."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     data: DataConfig = field(default_factory=DataConfig)
@@ -83,6 +88,7 @@ class Config:
         self.rewards.validate()
         self.rollout.validate(world_size)
         self.loss.validate()
+        self.optim.validate()
         self.train.validate()
         if not Path(self.model.ckpt).is_dir():
             raise GspoError(f"model.ckpt={self.model.ckpt}: no such checkpoint directory")

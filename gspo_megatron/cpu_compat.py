@@ -52,6 +52,13 @@ _PROXIED_MODULES = {
     "megatron.core.utils": "scratch buffers on current cuda device",
     "megatron.core.tensor_parallel.layers": "weights and buffers on current cuda device",
     "megatron.core.tensor_parallel.mappings": "collective buffers on current cuda device",
+    # Checkpoint saving stages tensors with non-blocking copies, then torch.cuda.synchronize().
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint staging syncs cuda",
+    # The save's finalisation all-reduces its failure flag as a tensor on the current cuda device.
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save-failure flag on cuda",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "save-liveness flag on cuda",
+    # Tensors exchanged between ranks on load are staged on cuda.
+    "megatron.core.dist_checkpointing.exchange_utils": "load exchange buffers on cuda",
 }
 
 

@@ -42,6 +42,7 @@ class DataConfig:
     shuffle: bool = True
     """A new permutation of the rows every epoch (seeded)."""
     seed: int = 0
+    """Seed of the epoch permutations."""
 
     def validate(self) -> None:
         if not self.path:

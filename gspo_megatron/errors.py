@@ -17,12 +17,12 @@ class GspoError(Exception):
     """Bad input, described in one line."""
 
 
-def exit_on_error(main: Callable[[], T]) -> Callable[[], T]:
+def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
     """Decorator for CLI entry points: a GspoError becomes one line on stderr and exit code 2."""
 
-    def wrapped() -> T:
+    def wrapped(*args, **kwargs) -> T:
         try:
-            return main()
+            return main(*args, **kwargs)
         except GspoError as err:
             _die(str(err))
 

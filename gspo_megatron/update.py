@@ -16,6 +16,7 @@ forward pass before the first step, or from the rollout engine (paper sec. 5.4).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional, Sequence
@@ -40,7 +41,8 @@ class PolicyLossConfig:
     clip_high: float = 4e-4
     """eps_high: the ratio is clipped above at 1 + clip_high (paper: 4e-4; GRPO: 0.27)."""
     kl_coef: float = 0.0
-    """Weight of the k3 KL penalty to the reference policy (paper: 0, off)."""
+    """Weight of the k3 KL penalty to the reference policy (paper: 0, off; gspo-train keeps no
+    reference model and requires 0)."""
     num_minibatches: int = 4
     """Optimizer steps per rollout batch (paper: 4)."""
     old_logprobs: str = "trainer"
@@ -164,10 +166,35 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
     return loss_sum, count.to(torch.int), sums
 
 
+def scale_moe_aux_loss(model, coeff: float, micro_batch_size: int) -> None:
+    """Set the router's load-balancing coefficient so that ``coeff`` means what it means in
+    megatron's pre-training: coeff x the mean over micro-batches of the aux loss.
+
+    Under ``calculate_per_token_loss`` the schedule gives the aux loss of every micro-batch a
+    gradient scale of 1, and ``finalize_model_grads`` divides all gradients by our count, the
+    number of *sequences* in the batch: left alone, the aux loss would weigh coeff /
+    micro_batch_size. (megatron's router can instead multiply by the micro-batch's token count,
+    expecting a token-count divisor; it decides that from a flag it copies from the config when
+    it is built, so it is set here explicitly rather than left to build order.)"""
+    from megatron.core.transformer.moe.router import Router
+
+    unwrapped = model.module if hasattr(model, "module") else model
+    config = unwrapped.config
+    if not coeff or not getattr(config, "num_moe_experts", None):
+        return
+    for module in unwrapped.modules():
+        if isinstance(module, Router):
+            module.calculate_per_token_loss = False
+    config.moe_aux_loss_coeff = coeff * micro_batch_size
+
+
 def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLossConfig,
-               vocab_size: int, seq_len: int, step_optimizer: bool = True) -> Dict[str, float]:
+               vocab_size: int, seq_len: int, step_optimizer: bool = True,
+               scheduler=None) -> Dict[str, float]:
     """One forward/backward over ``microbatches`` (+ one optimizer step). Returns global metrics,
-    identical on every rank."""
+    identical on every rank. ``scheduler`` (megatron's OptimizerParamScheduler) is advanced
+    before the step, so optimizer step k uses the schedule's value at k (warmup never spends
+    a step at lr 0)."""
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         return model_forward(model_chunk, mb), partial(_loss_func, cfg, vocab_size, mb)
@@ -178,6 +205,9 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=False)
     out = reduce_metrics(store)
     if optimizer is not None and step_optimizer:
+        if scheduler is not None:
+            scheduler.step(increment=1)
+            out["lr"] = float(optimizer.param_groups[0]["lr"])
         ok, grad_norm, _ = optimizer.step()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["update_successful"] = float(bool(ok))
@@ -217,10 +247,13 @@ class UpdateResult:
     rollout: Dict[str, float]
     """|engine - trainer| log-prob per response token under pi_old (empty when the samples
     carry no engine log-probs)."""
+    seconds: Dict[str, float] = None
+    """Wall time of the pi_old forward passes and of the minibatch steps."""
 
 
 def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,
-                  vocab_size: int, measure_rollout_diff: bool = True) -> UpdateResult:
+                  vocab_size: int, measure_rollout_diff: bool = True, scheduler=None,
+                  moe_aux_loss_coeff: float = 0.0) -> UpdateResult:
     """Consume this data-parallel rank's share of a rollout batch: old log-probs (unless taken
     from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Every rank must pass
     the same number of samples.
@@ -248,14 +281,19 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
     if dist.is_initialized():
         dist.all_reduce(have_engine, op=dist.ReduceOp.MAX)
     rollout: Dict[str, float] = {}
+    t0 = time.perf_counter()
     if cfg.old_logprobs == "trainer" or (measure_rollout_diff and have_engine.item()):
         keep = cfg.old_logprobs == "rollout"
         diffs = [compute_old_logprobs(model, mbs, vocab_size, seq_len, keep_rollout=keep)
                  for mbs in minibatches]
         if have_engine.item():
             rollout = reduce_logprob_diff(diffs)
-    steps = [train_step(model, optimizer, mbs, cfg, vocab_size, seq_len) for mbs in minibatches]
-    return UpdateResult(steps, rollout)
+    scale_moe_aux_loss(model, moe_aux_loss_coeff, cfg.micro_batch_size)
+    t1 = time.perf_counter()
+    steps = [train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler)
+             for mbs in minibatches]
+    return UpdateResult(steps, rollout, {"perf/old_logprob_seconds": t1 - t0,
+                                         "perf/train_seconds": time.perf_counter() - t1})
 
 
 def rollout_logprob_diff(model, samples: Sequence[Sample], vocab_size: int,

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# Set up the CPU environment and run the main job on a small built-in default.
-# Until the GSPO trainer lands, the main job is: make a tiny random Qwen3-MoE, convert it to a
-# megatron-core checkpoint, and show Megatron's log-probs equal HF transformers' under several
-# parallel layouts (torchrun on CPU/gloo).
+# Set up the CPU environment and run the demo: a tiny Qwen3-MoE learns a copy task with GSPO,
+# on CPU, two processes (torchrun, gloo), vLLM rollouts in-process, in a few minutes.
+#   1. gspo_megatron.demo writes the task data, a random tiny model after a short supervised
+#      warm start (answer shape only; see README) and its megatron checkpoint;
+#   2. gspo-train trains it with launch/configs/tiny_cpu.yaml;
+#   3. tools/plot_metrics.py draws the reward and clip-fraction curves.
+# Output: outputs/quickstart/ (run/tensorboard, run/checkpoints, run/metrics.jsonl, curves.png).
+# Extra arguments are config overrides for the run, e.g. train.steps=40.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export PYTHONWARNINGS=ignore
 OUT=outputs/quickstart
-mkdir -p "$OUT"
-[ -f "$OUT/hf/config.json" ] || .venv/bin/python tools/make_tiny_model.py --out "$OUT/hf"
-.venv/bin/python tools/check_parity.py --hf-dir "$OUT/hf" --work "$OUT" \
-  --layouts "1;2:--tp 2;2:--pp 2;2:--ep 2;4:--tp 2 --ep 2"
+PY=.venv/bin/python
+START=$(date +%s)
+if [ ! -f "$OUT/init/mcore/metadata.json" ]; then
+  $PY -m gspo_megatron.demo --out "$OUT/init"
+fi
+# A fresh run each time (the demo is about watching it learn); use --resume by hand to continue.
+rm -rf "$OUT/run"
+NPROC_PER_NODE=2 bash launch/train.sh launch/configs/tiny_cpu.yaml "$@"
+$PY tools/plot_metrics.py --run "$OUT/run" --out "$OUT/curves.png"
+echo "quickstart: done in $(( $(date +%s) - START )) s; TensorBoard: .venv/bin/tensorboard --logdir $OUT/run/tensorboard"

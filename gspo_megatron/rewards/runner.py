@@ -31,6 +31,7 @@ class RewardFn:
     name: str = "math"
     """A built-in (math, format, exact_match) or an import path 'package.module:function'."""
     weight: float = 1.0
+    """Multiplies this term in the total reward."""
 
 
 @dataclass(frozen=True)

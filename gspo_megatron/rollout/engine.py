@@ -114,7 +114,11 @@ def check_model_fits(hf_dir: Path, cfg: RolloutConfig) -> None:
 class RolloutEngine:
     """A vLLM engine on this rank's engine group; every rank constructs one (collectively)."""
 
-    def __init__(self, hf_dir: Path, cfg: RolloutConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, hf_dir: Path, cfg: RolloutConfig, dtype: torch.dtype = torch.float32,
+                 dummy_weights: bool = False):
+        """``dummy_weights``: start from random weights without reading any from ``hf_dir``
+        (which then needs only config and tokenizer); the trainer syncs its own in before the
+        first rollout."""
         hf_dir = Path(hf_dir)
         if not (hf_dir / "config.json").is_file():
             raise GspoError(f"{hf_dir}: no config.json; the rollout engine needs an HF model "
@@ -142,6 +146,8 @@ class RolloutEngine:
             seed=cfg.seed, logprobs_mode="raw_logprobs", max_logprobs=1,
             enforce_eager=cfg.enforce_eager or not self.on_gpu,
         )
+        if dummy_weights:
+            kwargs["load_format"] = "dummy"
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
                           enable_sleep_mode=cfg.sleep_during_training)

@@ -1,0 +1,319 @@
+"""gspo-train: GSPO reinforcement learning of a Qwen3(-MoE) policy on megatron-core.
+
+    gspo-train --config launch/configs/tiny_cpu.yaml [--resume] [section.key=value ...]
+    torchrun --nproc-per-node 8 -m gspo_megatron.train --config ... [overrides]
+
+Each step: the step's prompts -> G responses each from the colocated vLLM engines -> rewards ->
+group-normalised advantages -> pi_old log-probs -> ``loss.num_minibatches`` GSPO optimizer steps
+-> weight sync into vLLM -> metrics -> a checkpoint every ``train.save_every`` steps.
+
+Everything that can be wrong with the input (config keys and types, files, data fields, reward
+functions, the layout against the model and the world size, an output directory holding another
+run) is checked first, in every process, before torch.distributed or any model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from gspo_megatron.config import Config, load_config
+from gspo_megatron.errors import GspoError, exit_on_error
+
+CHECKPOINTS = "checkpoints"
+
+_UPDATE_TAGS = {"loss": "gspo/loss", "clip_fraction": "gspo/clip_fraction",
+                "clamp_fraction": "gspo/clamp_fraction", "abs_log_ratio": "gspo/abs_log_ratio",
+                "approx_kl": "gspo/approx_kl", "ref_kl": "gspo/ref_kl",
+                "entropy": "train/entropy", "grad_norm": "train/grad_norm", "lr": "train/lr",
+                "update_successful": "train/update_successful"}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="gspo-train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", type=Path, required=True, help="YAML config (launch/configs/*.yaml)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from train.output_dir's latest complete checkpoint (a fresh "
+                         "start if there is none)")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="config overrides, values parsed as YAML (e.g. train.steps=20)")
+    return ap.parse_args(argv)
+
+
+@dataclass
+class Plan:
+    """What the pre-flight checks established."""
+
+    cfg: Config
+    spec: object
+    prompts: object  # data.PromptSet
+    tokenizer: object
+    resume_from: Optional[Path]
+    dp: int
+
+
+def preflight(cfg: Config, world_size: int, resume: bool) -> Plan:
+    """Every input check, cheap and local: runs before any process group or model exists."""
+    from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
+    from gspo_megatron.data import load_prompts
+    from gspo_megatron.parallel import check_layout
+    from gspo_megatron.train_state import latest_checkpoint
+
+    cfg.validate(world_size)
+    if cfg.loss.kl_coef:
+        raise GspoError(f"loss.kl_coef={cfg.loss.kl_coef}: gspo-train keeps no reference model "
+                        f"(the paper trains without a KL term); use 0")
+    spec = checkpoint_spec(Path(cfg.model.ckpt))
+    check_layout(cfg.parallel, spec, world_size)
+    layout = cfg.parallel
+    dp = world_size // (layout.tp * layout.pp * layout.cp)
+    samples = cfg.train.prompts_per_step * cfg.rollout.group_size
+    if samples % (dp * cfg.loss.num_minibatches):
+        raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
+                        f"split over {dp} data-parallel ranks x loss.num_minibatches="
+                        f"{cfg.loss.num_minibatches}")
+    tokenizer = _tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_tokens)
+    root = Path(cfg.train.output_dir) / CHECKPOINTS
+    latest = latest_checkpoint(root)
+    if latest is not None and not resume:
+        raise GspoError(f"train.output_dir={cfg.train.output_dir} already holds a run "
+                        f"({latest.name}): pass --resume to continue it, or choose another "
+                        f"train.output_dir")
+    if latest is not None:
+        checkpoint_spec(latest)  # readable, and says which model it holds
+    return Plan(cfg, spec, prompts, tokenizer, latest, dp)
+
+
+def _tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(hf_dir))
+    except Exception as err:
+        raise GspoError(f"{hf_dir}: no usable tokenizer in the checkpoint's hf/ directory "
+                        f"(convert from an HF directory that has one) [{err}]") from None
+
+
+def _dtype(cfg: Config):
+    import torch
+
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
+
+
+class Trainer:
+    """The heavy half: process groups, model, optimizer, engine; then the loop."""
+
+    def __init__(self, plan: Plan):
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from gspo_megatron.checkpoint import HF_SUBDIR, load_model_checkpoint
+        from gspo_megatron.metrics import MetricsLogger
+        from gspo_megatron.models.qwen3.model import build_model
+        from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
+        from gspo_megatron.parallel import init_distributed
+        from gspo_megatron.rewards.runner import RewardRunner
+        from gspo_megatron.rollout.engine import RolloutEngine
+        from gspo_megatron.rollout.weight_sync import WeightGatherer
+        from gspo_megatron.train_state import TrainState, load_checkpoint
+
+        cfg = self.cfg = plan.cfg
+        self.plan, self.spec = plan, plan.spec
+        self.out = Path(cfg.train.output_dir)
+        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        dtype = _dtype(cfg)
+        model = build_model(plan.spec, cfg.parallel, dtype, cfg.model.moe_aux_loss_coeff)
+        load_model_checkpoint(model, Path(cfg.model.ckpt), plan.spec)
+        self.model = wrap_for_training(model, cfg.optim.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim,
+                                         cfg.train.steps * cfg.loss.num_minibatches)
+        self.hf_dir = Path(cfg.model.ckpt) / HF_SUBDIR
+        # The engine starts from random weights and receives the trainer's: no second read of
+        # the checkpoint, and a resumed run's engine gets the resumed weights the same way.
+        self.engine = RolloutEngine(self.hf_dir, cfg.rollout, dtype, dummy_weights=True)
+        self.state = TrainState()
+        if plan.resume_from is not None:
+            # After the engine start: vLLM reseeds the global generators, the checkpoint's RNG
+            # state must win.
+            self.state = load_checkpoint(plan.resume_from, self.model, self.optimizer, self.scheduler)
+            self._say(f"resumed from {plan.resume_from} (step {self.state.step})")
+        else:
+            torch.manual_seed(cfg.train.seed + self.rank)
+        self.gatherer = WeightGatherer(self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype)
+        self.engine.sync_from(self.gatherer)
+        self.engine.sleep()
+        self.rewards = RewardRunner(cfg.rewards)
+        self.metrics = MetricsLogger(self.out, self.state.step)
+        if self.rank == 0:
+            import yaml
+
+            from gspo_megatron.config_io import to_dict
+            from gspo_megatron.fsutil import atomic_write_text
+
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self, step: int) -> Dict[str, float]:
+        import torch
+
+        from gspo_megatron.batch import Sample
+        from gspo_megatron.loss import group_advantages
+        from gspo_megatron.update import policy_update
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        prompts = self.plan.prompts.batch(step, cfg.train.prompts_per_step, cfg.data.seed,
+                                          cfg.data.shuffle)
+        self.engine.wake_weights()
+        self.engine.wake_kv_cache()
+        batch = self.engine.generate([p.ids for p in prompts], step=step)
+        self.engine.sleep()
+        groups = [(p, g) for p, g in zip(prompts, batch.groups) if g is not None]
+        if not groups:
+            raise GspoError(f"step {step}: every prompt was skipped by the rollout engine")
+        g_size = cfg.rollout.group_size
+        texts = [(p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
+                 for p, g in groups for c in g]
+        rewards, reward_stats = self._score(texts)
+        r = torch.tensor(rewards, dtype=torch.float32)
+        adv = group_advantages(r, g_size)
+        comps = [c for _, g in groups for c in g]
+        samples = [Sample(p.ids, c.token_ids, float(a), c.logprobs)
+                   for (p, g), k in zip(groups, range(len(groups))) for c, a in
+                   zip(g, adv[k * g_size:(k + 1) * g_size].tolist())]
+        t_rollout = time.perf_counter()
+        update = policy_update(self.model, self.optimizer, samples[self.dp_rank::self.dp], cfg.loss,
+                               self.spec.vocab_size, scheduler=self.scheduler,
+                               moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
+        sync = self.engine.sync_from(self.gatherer)
+        self.engine.sleep()
+        from gspo_megatron.metrics import summarise
+
+        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
+        by_group = r.reshape(-1, g_size)
+        out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+               "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean()) if g_size > 1 else 1.0,
+               **reward_stats,
+               "rollout/response_length_mean": float(lengths.mean()),
+               "rollout/response_length_max": float(lengths.max()),
+               "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps) / len(comps),
+               **{k: v for k, v in batch.stats.items() if k != "rollout/seconds"},
+               **update.rollout,
+               **summarise(update.steps, _UPDATE_TAGS),
+               "perf/rollout_seconds": batch.seconds, **update.seconds,
+               "perf/sync_seconds": sync.seconds, "perf/sync_gb": sync.bytes / 1e9}
+        for k in ("num_sequences", "num_tokens"):
+            out.pop(k, None)
+        seconds = time.perf_counter() - t0
+        out["perf/step_seconds"] = seconds
+        out["perf/tokens_per_second"] = float(lengths.sum()) / seconds
+        out["perf/rollout_share"] = (t_rollout - t0) / seconds
+        return out
+
+    def _score(self, items):
+        """Rewards, scored in parallel: rank k scores items k, k+world, ...; all ranks get all."""
+        import torch.distributed as dist
+
+        mine = items[self.rank::self.world]
+        totals, stats = self.rewards.score(mine)
+        parts: List[object] = [None] * self.world
+        dist.all_gather_object(parts, (totals, stats, len(mine)))
+        rewards = [0.0] * len(items)
+        for r, (t, _, _) in enumerate(parts):
+            rewards[r::self.world] = t
+        n = sum(p[2] for p in parts) or 1
+        merged: Dict[str, float] = {}
+        for key in stats:
+            if key in ("reward/errors", "reward/timeouts"):
+                merged[key] = sum(p[1][key] for p in parts)
+            elif key.startswith("perf/"):
+                merged[key] = max(p[1][key] for p in parts)
+            else:
+                merged[key] = sum(p[1][key] * p[2] for p in parts) / n
+        return rewards, merged
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from gspo_megatron.progress import progress_bar
+        from gspo_megatron.train_state import save_checkpoint
+
+        cfg = self.cfg
+        root = self.out / CHECKPOINTS
+        with progress_bar(total=cfg.train.steps, desc="gspo", unit="step") as bar:
+            bar.update(self.state.step)
+            for step in range(self.state.step, cfg.train.steps):
+                metrics = self.step(step)
+                self.state.step = step + 1
+                self.metrics.log(self.state.step, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                clip=f"{metrics.get('gspo/clip_fraction', 0):.3f}")
+                bar.update(1)
+                last = self.state.step == cfg.train.steps
+                if last or (cfg.train.save_every and self.state.step % cfg.train.save_every == 0):
+                    save_checkpoint(root, self.model, self.optimizer, self.scheduler, self.state,
+                                    self.hf_dir, cfg.train.keep_checkpoints)
+        if cfg.train.export_hf:
+            self._export(root)
+
+    def _export(self, root: Path) -> None:
+        import torch.distributed as dist
+
+        from gspo_megatron.train_state import latest_checkpoint
+
+        if self.rank == 0:
+            from checkpoints_convert.mcore_to_hf import convert_mcore_to_hf
+
+            convert_mcore_to_hf(latest_checkpoint(root), self.out / "hf", overwrite=True,
+                                show_progress=False)
+            self._say(f"exported the final policy to {self.out / 'hf'}")
+        dist.barrier()
+
+    def close(self) -> None:
+        for part in ("rewards", "metrics"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.close()
+        # vLLM's teardown destroys the shared process groups: last.
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+
+
+@exit_on_error
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import os
+
+    from gspo_megatron.parallel import world_size_from_env
+
+    # vLLM's per-step warnings (thread binding, rotary "weights" on every sync) drown the
+    # progress bar; errors still show.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    plan = preflight(cfg, world_size_from_env(), args.resume)
+    trainer = None
+    try:
+        trainer = Trainer(plan)
+        trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The shipped configs and the parts of the trainer config that need no model: every shipped
+YAML parses into typed sections and, for the large models, fits the real model's shape and the
+world it is written for; the LR schedule follows its formula; the README's config reference is
+the one generated from the code."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from gspo_megatron.config import load_config
+from gspo_megatron.parallel import check_layout
+
+# Shapes of the released models (their config.json), the facts the layouts are built on.
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, max_position_embeddings=40960)
+QWEN3_235B_A22B = dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=94,
+                       num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+                       intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
+                       num_experts_per_tok=8, max_position_embeddings=40960)
+
+
+def _spec(shape: dict):
+    from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+
+    return spec_from_hf_config(dict(shape, architectures=["Qwen3MoeForCausalLM"],
+                                    model_type="qwen3_moe", rms_norm_eps=1e-6,
+                                    rope_theta=1000000.0, norm_topk_prob=True,
+                                    torch_dtype="bfloat16"), "test")
+
+
+@pytest.mark.parametrize("name,shape,world", [("qwen3_30b_a3b", QWEN3_30B_A3B, 8),
+                                              ("qwen3_235b_a22b", QWEN3_235B_A22B, 128)])
+def test_large_configs_fit_their_model_and_cluster(name, shape, world):
+    cfg = load_config(REPO / "launch/configs" / f"{name}.yaml")
+    spec = _spec(shape)
+    check_layout(cfg.parallel, spec, world)
+    cfg.rollout.validate(world)
+    cfg.loss.validate()
+    cfg.optim.validate()
+    # The paper's GSPO settings.
+    assert (cfg.loss.variant, cfg.loss.clip_low, cfg.loss.clip_high) == ("gspo", 3e-4, 4e-4)
+    assert cfg.loss.num_minibatches == 4 and cfg.loss.kl_coef == 0
+    p = cfg.parallel
+    dp = world // (p.tp * p.pp * p.cp)
+    assert (cfg.train.prompts_per_step * cfg.rollout.group_size) % (dp * cfg.loss.num_minibatches) == 0
+    assert cfg.rollout.max_model_len <= spec.max_position_embeddings
+
+
+def test_tiny_config_parses():
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
+    assert cfg.model.dtype == "fp32" and cfg.rewards.functions[0].name == "gspo_megatron.demo:copy_reward"
+    assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.num_minibatches) == (3e-4, 4e-4, 4)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    import torch
+
+    from gspo_megatron.optim import OptimConfig, build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, decay_style="cosine")
+    sched = build_scheduler(opt, cfg, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        sched.step(1)  # as train_step does, before each optimizer step
+        lrs.append(opt.param_groups[0]["lr"])
+    for k, lr in enumerate(lrs, 1):
+        if k <= 4:
+            want = 1e-3 * k / 4
+        else:
+            frac = (k - 4) / (20 - 4)
+            want = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * frac))
+        assert lr == pytest.approx(want, rel=1e-9), (k, lr, want)
+
+
+def test_readme_config_reference_is_generated_from_the_code():
+    from gspo_megatron.config_doc import END, START, reference
+
+    text = (REPO / "README.md").read_text()
+    block = text.split(START, 1)[1].split(END, 1)[0].strip()
+    assert block == reference().strip(), "run: python -m gspo_megatron.config_doc --update README.md"
+
+
+def test_moe_aux_loss_weight_means_coeff_times_mean_aux_loss(tiny_moe):
+    """Through the GSPO update path (per-sequence normalisation) the load-balancing gradient is
+    coeff x the mean over micro-batches, as in megatron's pre-training, for any micro-batch size
+    and padding; without the coefficient scaling it would be off by the micro-batch size."""
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli(["tests/workers/aux_loss_worker.py", str(tiny_moe.ckpt)])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("mbs1_pad0", "mbs2_pad0", "mbs2_pad16"):
+        assert out[key] < 1e-5, out
+    assert out["unscaled_ratio_mbs1"] == pytest.approx(1.0, rel=1e-4)
+    assert out["unscaled_ratio_mbs2"] == pytest.approx(0.5, rel=1e-4)
