@@ -150,6 +150,9 @@ class Trainer:
             self._say(f"resumed from {plan.resume_from} (step {self.state.step})")
         else:
             torch.manual_seed(cfg.train.seed + self.rank)
+        from gspo_megatron.routing import RouteChangeMeter
+
+        self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
         self.gatherer = WeightGatherer(self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype)
         self.engine.sync_from(self.gatherer)
         self.engine.sleep()
@@ -199,7 +202,8 @@ class Trainer:
         t_rollout = time.perf_counter()
         update = policy_update(self.model, self.optimizer, samples[self.dp_rank::self.dp], cfg.loss,
                                self.spec.vocab_size, scheduler=self.scheduler,
-                               moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
+                               moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+                               route_meter=self.route_meter)
         sync = self.engine.sync_from(self.gatherer)
         self.engine.sleep()
         from gspo_megatron.metrics import summarise
@@ -213,7 +217,7 @@ class Trainer:
                "rollout/response_length_max": float(lengths.max()),
                "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps) / len(comps),
                **{k: v for k, v in batch.stats.items() if k != "rollout/seconds"},
-               **update.rollout,
+               **update.rollout, **(update.routes or {}),
                **summarise(update.steps, _UPDATE_TAGS),
                "perf/rollout_seconds": batch.seconds, **update.seconds,
                "perf/sync_seconds": sync.seconds, "perf/sync_gb": sync.bytes / 1e9}

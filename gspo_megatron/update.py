@@ -249,11 +249,14 @@ class UpdateResult:
     carry no engine log-probs)."""
     seconds: Dict[str, float] = None
     """Wall time of the pi_old forward passes and of the minibatch steps."""
+    routes: Dict[str, float] = None
+    """MoE expert choices changed between pi_old and the last minibatch step's policy
+    (``gspo_megatron.routing``); empty without a meter or a pi_old forward."""
 
 
 def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,
                   vocab_size: int, measure_rollout_diff: bool = True, scheduler=None,
-                  moe_aux_loss_coeff: float = 0.0) -> UpdateResult:
+                  moe_aux_loss_coeff: float = 0.0, route_meter=None) -> UpdateResult:
     """Consume this data-parallel rank's share of a rollout batch: old log-probs (unless taken
     from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Every rank must pass
     the same number of samples.
@@ -282,18 +285,32 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
         dist.all_reduce(have_engine, op=dist.ReduceOp.MAX)
     rollout: Dict[str, float] = {}
     t0 = time.perf_counter()
+    watch = route_meter is not None
+    recorded = False
     if cfg.old_logprobs == "trainer" or (measure_rollout_diff and have_engine.item()):
         keep = cfg.old_logprobs == "rollout"
-        diffs = [compute_old_logprobs(model, mbs, vocab_size, seq_len, keep_rollout=keep)
-                 for mbs in minibatches]
+        diffs = []
+        for i, mbs in enumerate(minibatches):
+            if watch and i == k - 1:  # pi_old's routes for the last minibatch's first micro-batch
+                route_meter.start("record", mbs[0].loss_mask)
+                recorded = True
+            diffs.append(compute_old_logprobs(model, mbs, vocab_size, seq_len, keep_rollout=keep))
+            if watch:
+                route_meter.stop()
         if have_engine.item():
             rollout = reduce_logprob_diff(diffs)
     scale_moe_aux_loss(model, moe_aux_loss_coeff, cfg.micro_batch_size)
     t1 = time.perf_counter()
-    steps = [train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler)
-             for mbs in minibatches]
+    steps = []
+    for i, mbs in enumerate(minibatches):
+        if recorded and i == k - 1:  # ... against pi_theta's after k - 1 optimizer steps
+            route_meter.start("compare", mbs[0].loss_mask)
+        steps.append(train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler))
+        if watch:
+            route_meter.stop()
+    routes = route_meter.result() if watch else {}
     return UpdateResult(steps, rollout, {"perf/old_logprob_seconds": t1 - t0,
-                                         "perf/train_seconds": time.perf_counter() - t1})
+                                         "perf/train_seconds": time.perf_counter() - t1}, routes)
 
 
 def rollout_logprob_diff(model, samples: Sequence[Sample], vocab_size: int,

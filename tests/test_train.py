@@ -107,7 +107,7 @@ def multinode_run(demo_init, tmp_path_factory) -> Path:
         logs.append(log)
         procs.append(subprocess.Popen(
             ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
-            + _overrides(demo_init, out), cwd=REPO, env=env, stdout=open(log, "w"),
+            + _overrides(demo_init, out) + ["train.export_hf=true"], cwd=REPO, env=env, stdout=open(log, "w"),
             stderr=subprocess.STDOUT))
     for proc, log in zip(procs, logs):
         _wait(proc, log)
@@ -123,6 +123,7 @@ def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
         # The engine samples with exactly the trainer's weights after every sync.
         assert r["rollout/logprob_abs_diff_mean"] < 1e-4
         assert 0.0 <= r["reward/mean"] <= 1.0
+        assert 0.0 <= r["train/moe_route_change"] <= 1.0
         for tag in ("gspo/clip_fraction", "train/lr", "train/grad_norm", "perf/sync_seconds"):
             assert tag in r
     assert (multinode_run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:06d}"
@@ -134,6 +135,24 @@ def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
     tags = set(acc.Tags()["scalars"])
     assert {"reward/mean", "rollout/logprob_abs_diff_mean", "gspo/clip_fraction"} <= tags
     assert [e.step for e in acc.Scalars("reward/mean")] == list(range(1, STEPS + 1))
+
+
+def test_export_hf_holds_the_final_policy(multinode_run, demo_init):
+    """train.export_hf=true: the final checkpoint as an HF model that transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from gspo_megatron.hf_reference import read_hf_tensors
+
+    exported = read_hf_tensors(multinode_run / "hf")
+    initial = read_hf_tensors(demo_init / "hf")
+    assert set(exported) == set(initial)
+    assert not torch.equal(exported["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    final = _checkpoint_tensors(multinode_run / "checkpoints" / f"step_{STEPS:06d}")
+    emb = exported["model.embed_tokens.weight"]
+    # megatron pads the vocabulary (250 -> 256 rows); the export drops the padding.
+    assert torch.equal(emb, final["embedding.word_embeddings.weight"][: emb.shape[0]])
+    model = AutoModelForCausalLM.from_pretrained(multinode_run / "hf")
+    assert torch.equal(model.lm_head.weight.detach(), exported["lm_head.weight"])
 
 
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, demo_init, tmp_path):

@@ -1,0 +1,58 @@
+"""torchrun worker: the MoE route-change metric of a policy update. With one minibatch the
+compared policy is pi_old itself (0 changes, and the metric must say exactly 0); with four and
+a large step size routes do change. Also reports how many choices were compared, which must be
+the response positions x MoE layers x top-k of the sampled micro-batch. Prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def main() -> None:
+    ckpt, tp = Path(sys.argv[1]), int(sys.argv[2])
+    from gspo_megatron.batch import Sample
+    from gspo_megatron.checkpoint import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
+    from gspo_megatron.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.routing import RouteChangeMeter
+    from gspo_megatron.update import PolicyLossConfig, policy_update
+
+    spec = checkpoint_spec(ckpt)
+    layout = ParallelLayout(tp=tp)
+    init_distributed(layout)
+    rng = random.Random(0)
+    samples = [Sample([rng.randrange(200) for _ in range(rng.randint(3, 8))],
+                      [rng.randrange(200) for _ in range(rng.randint(2, 9))], rng.uniform(-1, 1), None)
+               for _ in range(8)]
+    out = {}
+    for k in (1, 4):
+        model = build_model(spec, layout)
+        load_model_checkpoint(model, ckpt, spec)
+        ddp = wrap_for_training(model)
+        opt = build_optimizer(ddp, OptimConfig(lr=3e-2))
+        meter = RouteChangeMeter(ddp)
+        totals = []
+        meter.result = (lambda orig: lambda: (totals.append(meter.changed.clone()), orig())[1])(meter.result)
+        cfg = PolicyLossConfig(num_minibatches=k, micro_batch_size=2, clip_low=0.2, clip_high=0.27)
+        res = policy_update(ddp, opt, samples, cfg, spec.vocab_size, route_meter=meter)
+        out[f"k{k}"] = res.routes.get("train/moe_route_change")
+        total = totals[0]
+        dist.all_reduce(total)
+        out[f"k{k}_choices"] = float(total[1])
+        # Expected: response positions of the last minibatch's first micro-batch (2 samples).
+        last = samples[(k - 1) * (8 // k):(k - 1) * (8 // k) + 2]
+        moe_layers = sum(spec.moe_layers)
+        out[f"k{k}_expected"] = float(sum(len(s.response_ids) for s in last) * moe_layers * spec.moe_top_k)
+        meter.close()
+    if dist.get_rank() == 0:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
