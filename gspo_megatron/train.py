@@ -3,9 +3,11 @@
     gspo-train --config launch/configs/tiny_cpu.yaml [--resume] [section.key=value ...]
     torchrun --nproc-per-node 8 -m gspo_megatron.train --config ... [overrides]
 
-Each step: the step's prompts -> G responses each from the colocated vLLM engines -> rewards ->
-group-normalised advantages -> pi_old log-probs -> ``loss.num_minibatches`` GSPO optimizer steps
--> weight sync into vLLM -> metrics -> a checkpoint every ``train.save_every`` steps.
+Each step: weight sync into vLLM -> the step's prompts -> G responses each from the colocated
+vLLM engines -> rewards -> group-normalised advantages -> pi_old log-probs ->
+``loss.num_minibatches`` GSPO optimizer steps -> metrics -> a checkpoint every
+``train.save_every`` steps. (The sync of step k+1 carries step k's update; doing it just before
+sampling lets the engine sleep with its memory freed while the trainer works.)
 
 Everything that can be wrong with the input (config keys and types, files, data fields, reward
 functions, the layout against the model and the world size, an output directory holding another
@@ -154,7 +156,7 @@ class Trainer:
 
         self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
         self.gatherer = WeightGatherer(self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype)
-        self.engine.sync_from(self.gatherer)
+        # GPU: free the engine's memory until the first step's sync brings the weights in.
         self.engine.sleep()
         self.rewards = RewardRunner(cfg.rewards)
         self.metrics = MetricsLogger(self.out, self.state.step)
@@ -177,13 +179,16 @@ class Trainer:
 
         from gspo_megatron.batch import Sample
         from gspo_megatron.loss import group_advantages
+        from gspo_megatron.metrics import summarise
         from gspo_megatron.update import policy_update
 
         cfg, t0 = self.cfg, time.perf_counter()
         prompts = self.plan.prompts.batch(step, cfg.train.prompts_per_step, cfg.data.seed,
                                           cfg.data.shuffle)
-        self.engine.wake_weights()
-        self.engine.wake_kv_cache()
+        # The sync comes right before sampling: on GPU the engine slept through the update with
+        # its weights freed (sleep level 2), the sync re-allocates them, fills them with the
+        # current policy and wakes the KV cache.
+        sync = self.engine.sync_from(self.gatherer)
         batch = self.engine.generate([p.ids for p in prompts], step=step)
         self.engine.sleep()
         groups = [(p, g) for p, g in zip(prompts, batch.groups) if g is not None]
@@ -199,14 +204,16 @@ class Trainer:
         samples = [Sample(p.ids, c.token_ids, float(a), c.logprobs)
                    for (p, g), k in zip(groups, range(len(groups))) for c, a in
                    zip(g, adv[k * g_size:(k + 1) * g_size].tolist())]
+        # Every data-parallel rank must get the same number of samples, splitting into the
+        # minibatches; only a prompt the engine skipped could break that (the data set already
+        # drops overlong prompts), and then the remainder is dropped and counted.
+        dropped = len(samples) % (self.dp * cfg.loss.num_minibatches)
+        samples = samples[:len(samples) - dropped]
         t_rollout = time.perf_counter()
         update = policy_update(self.model, self.optimizer, samples[self.dp_rank::self.dp], cfg.loss,
                                self.spec.vocab_size, scheduler=self.scheduler,
                                moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
                                route_meter=self.route_meter)
-        sync = self.engine.sync_from(self.gatherer)
-        self.engine.sleep()
-        from gspo_megatron.metrics import summarise
 
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
         by_group = r.reshape(-1, g_size)
@@ -216,6 +223,7 @@ class Trainer:
                "rollout/response_length_mean": float(lengths.mean()),
                "rollout/response_length_max": float(lengths.max()),
                "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps) / len(comps),
+               "rollout/dropped_samples": float(dropped),
                **{k: v for k, v in batch.stats.items() if k != "rollout/seconds"},
                **update.rollout, **(update.routes or {}),
                **summarise(update.steps, _UPDATE_TAGS),
