@@ -17,6 +17,7 @@ from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, seque
 from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import device, model_forward, run_schedule
 from gspo_megatron.logprobs import tp_group, vocab_parallel_argmax
+from gspo_megatron.optim import unwrap
 
 
 def _next_tokens(model, sequences: List[List[int]], vocab_size: int) -> List[int]:
@@ -59,7 +60,7 @@ def greedy_continuation(model, prompts: Sequence[Sequence[int]], max_new_tokens:
 
     if ps.get_context_parallel_world_size() > 1:
         raise GspoError("greedy_continuation: context parallelism is not supported (use cp=1)")
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     was_training = unwrapped.training
     unwrapped.eval()
     seqs = [list(p) for p in prompts]

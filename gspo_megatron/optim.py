@@ -76,6 +76,11 @@ def wrap_for_training(model, use_distributed_optimizer: bool = True):
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
+def unwrap(model):
+    """The megatron model inside ``wrap_for_training``'s DDP (or ``model`` itself, unwrapped)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def build_optimizer(ddp_model, cfg: OptimConfig):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

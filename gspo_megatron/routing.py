@@ -14,17 +14,19 @@ sequence-parallel chunk of it), so the micro-batch's loss mask is laid out the s
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+
+from gspo_megatron.optim import unwrap
 
 
 class RouteChangeMeter:
     def __init__(self, model):
         from megatron.core.transformer.moe.router import Router
 
-        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped = unwrap(model)
         self.config = unwrapped.config
         self.routers = [m for m in unwrapped.modules() if isinstance(m, Router)]
         self.topk = getattr(self.config, "moe_router_topk", 1)

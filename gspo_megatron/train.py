@@ -124,6 +124,7 @@ class Trainer:
         from gspo_megatron.parallel import init_distributed
         from gspo_megatron.rewards.runner import RewardRunner
         from gspo_megatron.rollout.engine import RolloutEngine
+        from gspo_megatron.routing import RouteChangeMeter
         from gspo_megatron.rollout.weight_sync import WeightGatherer
         from gspo_megatron.train_state import TrainState, load_checkpoint
 
@@ -152,8 +153,6 @@ class Trainer:
             self._say(f"resumed from {plan.resume_from} (step {self.state.step})")
         else:
             torch.manual_seed(cfg.train.seed + self.rank)
-        from gspo_megatron.routing import RouteChangeMeter
-
         self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
         self.gatherer = WeightGatherer(self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype)
         # GPU: free the engine's memory until the first step's sync brings the weights in.
@@ -195,15 +194,15 @@ class Trainer:
         if not groups:
             raise GspoError(f"step {step}: every prompt was skipped by the rollout engine")
         g_size = cfg.rollout.group_size
+        # (prompt, completion) in group order: rewards, advantages and samples all follow it.
+        pairs = [(p, c) for p, g in groups for c in g]
+        comps = [c for _, c in pairs]
         texts = [(p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
-                 for p, g in groups for c in g]
+                 for p, c in pairs]
         rewards, reward_stats = self._score(texts)
         r = torch.tensor(rewards, dtype=torch.float32)
         adv = group_advantages(r, g_size)
-        comps = [c for _, g in groups for c in g]
-        samples = [Sample(p.ids, c.token_ids, float(a), c.logprobs)
-                   for (p, g), k in zip(groups, range(len(groups))) for c, a in
-                   zip(g, adv[k * g_size:(k + 1) * g_size].tolist())]
+        samples = [Sample(p.ids, c.token_ids, a, c.logprobs) for (p, c), a in zip(pairs, adv.tolist())]
         # Every data-parallel rank must get the same number of samples, splitting into the
         # minibatches; only a prompt the engine skipped could break that (the data set already
         # drops overlong prompts), and then the remainder is dropped and counted.

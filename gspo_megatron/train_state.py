@@ -36,6 +36,7 @@ import torch.distributed as dist
 from gspo_megatron.checkpoint import HF_SUBDIR, model_sharded_state_dict
 from gspo_megatron.errors import GspoError
 from gspo_megatron.fsutil import atomic_write_text
+from gspo_megatron.optim import unwrap
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -69,6 +70,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -97,9 +102,9 @@ def _set_rng_state(state: dict) -> None:
 def _sharded_state(model, optimizer, scheduler, state: TrainState, is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     model_sd = model_sharded_state_dict(unwrapped)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -196,7 +201,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_world = int(common.get("train_state", {}).get("world_size", -1))
     _materialise_optimizer_state(optimizer)
@@ -204,7 +209,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     if saved_world != world:
         sharded.pop("rng")  # per-rank generators only mean something for the same ranks
     loaded = dist_checkpointing.load(sharded, str(path))
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     missing, unexpected = unwrapped.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -28,6 +28,7 @@ from gspo_megatron.batch import (MicroBatch, Sample, build_microbatch, cp_shard,
                                  sequence_multiple)
 from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import VARIANTS, finalize_metrics, policy_loss
+from gspo_megatron.optim import unwrap
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
     comparison is then all this pass is for)."""
     from megatron.core import parallel_state as ps
 
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     was_training = unwrapped.training
     unwrapped.eval()
     lps = forward_logprobs(model, microbatches, vocab_size, seq_len)
@@ -178,7 +179,7 @@ def scale_moe_aux_loss(model, coeff: float, micro_batch_size: int) -> None:
     it is built, so it is set here explicitly rather than left to build order.)"""
     from megatron.core.transformer.moe.router import Router
 
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = unwrap(model)
     config = unwrapped.config
     if not coeff or not getattr(config, "num_moe_experts", None):
         return

@@ -20,11 +20,7 @@ NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
 : "${NODE_RANK:?set NODE_RANK (this node, 0..NNODES-1)}"
 : "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
 MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  [ "${NPROC_PER_NODE:-0}" -gt 0 ] || NPROC_PER_NODE=1
-fi
+source launch/torchrun_env.sh
 echo "node $NODE_RANK/$NNODES: $NPROC_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
+from gspo_megatron.optim import unwrap
 
 Piece = Tuple[int, Tuple[int, ...], Tuple[int, ...]]  # (rank, global offset, local shape)
 
@@ -55,10 +56,6 @@ class SyncStats:
     tensors: int = 0
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 def _is_primary(replica_id) -> bool:
     if isinstance(replica_id, int):
         return replica_id == 0
@@ -72,7 +69,7 @@ def local_shards(model) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], tor
     from gspo_megatron.checkpoint import model_sharded_state_dict
 
     out = {}
-    for value in model_sharded_state_dict(_unwrap(model)).values():
+    for value in model_sharded_state_dict(unwrap(model)).values():
         items = value.build() if isinstance(value, ShardedTensorFactory) else [value]
         if isinstance(items, dict):
             items = list(items.values())
@@ -152,7 +149,7 @@ class WeightGatherer:
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
         self.model, self.spec, self.bucket_bytes = model, spec, bucket_bytes
-        self.dtype = dtype or next(_unwrap(model).parameters()).dtype
+        self.dtype = dtype or next(unwrap(model).parameters()).dtype
         self.mappings = {m.mcore_key: m for m in hf_mapping.tensor_mappings(spec)}
         self._plan: Optional[SyncPlan] = None
         self.stats = SyncStats()
