@@ -1,36 +1,106 @@
-"""The one exception type users see for bad input.
+"""The one exception type users see for bad input, and how command-line entry points end.
 
 Every check that rejects a file, a config key, a layout or a data row raises ``GspoError`` with a
 single line that names the offending thing and what would be valid. CLIs print that line and
-exit with status 2 instead of a traceback.
+exit with status 2 instead of a traceback. ``TrainingStopped`` is the same for a run that had to
+stop on its own (exit 1): too many skipped steps, a collective that timed out. Ctrl-C is one line
+and exit status 130 (the shell's convention for SIGINT).
+
+Under torchrun the entry points also tie each worker's life to its launcher (Linux
+``PR_SET_PDEATHSIG``): when torchrun itself is killed, with SIGKILL as a scheduler or the OOM
+killer does, its workers get SIGKILL too instead of training on to the end unobserved.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Callable, NoReturn, TypeVar
 
 T = TypeVar("T")
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 1
+EXIT_INTERRUPTED = 130
 
 
 class GspoError(Exception):
     """Bad input, described in one line."""
 
 
+class TrainingStopped(Exception):
+    """A run that cannot go on (not the input's fault), described in one line."""
+
+
 def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Decorator for CLI entry points: a GspoError becomes one line on stderr and exit code 2."""
+    """Decorator for CLI entry points: a GspoError becomes one line on stderr and exit code 2,
+    TrainingStopped one line and exit 1, Ctrl-C one line and exit 130."""
 
     def wrapped(*args, **kwargs) -> T:
+        die_with_launcher()
         try:
             return main(*args, **kwargs)
         except GspoError as err:
-            _die(str(err))
+            _die(str(err), EXIT_BAD_INPUT)
+        except TrainingStopped as err:
+            _die(str(err), EXIT_STOPPED, prefix="stopped")
+        except KeyboardInterrupt:
+            _die("SIGINT (Ctrl-C); no partial output was left looking complete", EXIT_INTERRUPTED,
+                 prefix="interrupted")
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
     return wrapped
 
 
-def _die(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _quiet_rank() -> bool:
+    """Under torchrun every rank runs the same pre-flight on the same inputs and fails alike:
+    rank 0 speaks for them. Once process groups exist a failure may be one rank's own, so
+    every rank reports it."""
+    return os.environ.get("RANK", "0") != "0" and not _distributed()
+
+
+def _die(message: str, code: int, prefix: str = "error") -> NoReturn:
+    if not _quiet_rank():
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}: {where}{message}", file=sys.stderr, flush=True)
+    if _distributed():
+        # Process groups exist: megatron, vLLM and DCP leave threads and groups behind whose
+        # teardown can block on peers that are already gone. Everything worth keeping was
+        # written atomically before this point.
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _distributed() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+    except Exception:
+        return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """Under torchrun: ask the kernel for SIGKILL when the parent (torchrun's agent) dies.
+
+    No-op outside torchrun (a process started from a shell keeps the shell's semantics) and on
+    systems without prctl."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(EXIT_STOPPED)
