@@ -10,8 +10,10 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
 from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.fsutil import write_error
 
 
 def _size(text: str) -> int:
@@ -45,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     start = time.time()
+    try:
+        _convert(args)
+    except OSError as err:  # a full disk, a file size limit, an I/O error: one line
+        raise write_error(Path(args.out), err) from None
+    print(f"{args.command}: wrote {args.out} in {time.time() - start:.1f}s", file=sys.stderr)
+
+
+def _convert(args: argparse.Namespace) -> None:
     if args.command == "hf-to-mcore":
         from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
 
@@ -56,7 +66,6 @@ def main() -> None:
         convert_mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite,
                             max_shard_bytes=_size(args.max_shard_size),
                             show_progress=not args.no_progress)
-    print(f"{args.command}: wrote {args.out} in {time.time() - start:.1f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":

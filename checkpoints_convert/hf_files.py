@@ -11,6 +11,7 @@ memory is one tensor rather than one shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -26,6 +27,11 @@ INDEX_NAME = "model.safetensors.index.json"
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
              "chat_template.jinja", "chat_template.json")
+
+# Bytes per tensor on top of its data, for the up-front space check: torch.save's zip framing in
+# a DCP data file (about 1.6 KiB) plus the tensor's .metadata entry, or its safetensors header
+# and index entries; rounded up (a 235B MoE has ~40k HF tensors: 160 MiB next to 470 GB).
+PER_TENSOR_OVERHEAD = 4096
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
               torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
@@ -141,9 +147,22 @@ class StreamingSafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
         self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
         self.total_bytes = offset
+        try:
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, shape, dtype, nbytes = self._expected[self._next]
@@ -161,6 +180,13 @@ class StreamingSafetensorsWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+    def abort(self) -> None:
+        """Close after a failure. A failed write leaves bytes in the buffer whose flush fails
+        again; closed here, that second error is dropped rather than printed at exit as
+        'Exception ignored' (the file is being removed anyway)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -189,3 +215,11 @@ def shard_file_names(num_shards: int) -> List[str]:
     if num_shards == 1:
         return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def estimated_output_bytes(tensor_bytes: int, num_tensors: int, aux_dir: Path) -> int:
+    """Disk space a conversion's output takes: the tensors, their framing and the AUX_FILES
+    found in ``aux_dir`` (copied along)."""
+    aux = sum((Path(aux_dir) / name).stat().st_size for name in AUX_FILES
+              if (Path(aux_dir) / name).is_file())
+    return tensor_bytes + num_tensors * PER_TENSOR_OVERHEAD + aux

@@ -17,7 +17,8 @@ from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
 from gspo_megatron.progress import progress_bar
 
-from checkpoints_convert.hf_files import AUX_FILES, HFCheckpointReader, tensor_nbytes
+from checkpoints_convert.hf_files import (AUX_FILES, HFCheckpointReader, estimated_output_bytes,
+                                          tensor_nbytes)
 from checkpoints_convert.mcore_files import write_dcp
 
 
@@ -38,7 +39,8 @@ def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
         producers[m.mcore_key] = _producer(spec, m, reader)
 
     total_bytes = sum(tensor_nbytes(s, d) for s, d in shapes.values())
-    with atomic_dir(out, overwrite) as tmp:
+    needed = estimated_output_bytes(total_bytes, len(shapes), hf_dir)
+    with atomic_dir(out, overwrite, needed_bytes=needed, what="conversion") as tmp:
         with progress_bar(total=total_bytes, desc="hf-to-mcore", unit="B",
                           enabled=show_progress) as bar:
             write_dcp(tmp, shapes, producers, on_tensor=lambda k: bar.update(tensor_nbytes(*shapes[k])),

@@ -9,12 +9,21 @@ rank, the slices that rank owns. So a converter can write it from a single proce
   ``resolve_data`` produces each real tensor only when the writer asks for it, so at most a few
   tensors are in memory at once.
 - ``DcpTensorReader`` loads a chosen set of keys per call with cached metadata.
+
+Failures: DCP reports any error, Ctrl-C included, as a ``CheckpointException`` (a
+BaseException) wrapping the original, and ``torch.save`` into a stream turns a failed write
+(ENOSPC, EFBIG) into an unrelated RuntimeError. Both are unwrapped here so that a caller sees
+the OSError or the KeyboardInterrupt itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import queue
+import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Tuple
 
@@ -23,6 +32,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystem, _write_files_from_queue
+from torch.futures import Future
 
 from gspo_megatron.errors import GspoError
 
@@ -55,6 +66,52 @@ class _LazySavePlanner(DefaultSavePlanner):
         return tensor
 
 
+class _Stopped(Exception):
+    """Raised in a writer thread once another thread has failed."""
+
+
+class _RecordingStream:
+    """A file whose write errors are kept: torch.save reports them only as 'unexpected pos'."""
+
+    def __init__(self, stream, errors: list) -> None:
+        self._stream = stream
+        self._errors = errors
+
+    def write(self, data) -> int:
+        try:
+            return self._stream.write(data)
+        except BaseException as err:
+            self._errors.append(err)
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _RecordingFileSystem(FileSystem):
+    def __init__(self, errors: list) -> None:
+        super().__init__()
+        self._errors = errors
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield _RecordingStream(stream, self._errors)
+
+
+class _StoppablePlanner:
+    """The planner as DCP's writer loop sees it: refuses more tensors once ``stop`` is set."""
+
+    def __init__(self, planner, stop: threading.Event) -> None:
+        self._planner = planner
+        self._stop = stop
+
+    def resolve_data(self, write_item):
+        if self._stop.is_set():
+            raise _Stopped()
+        return self._planner.resolve_data(write_item)
+
+
 class _BoundedFileWriter(FileSystemWriter):
     """FileSystemWriter whose data files hold at most ``max_file_bytes`` each.
 
@@ -66,6 +123,8 @@ class _BoundedFileWriter(FileSystemWriter):
     def __init__(self, path: str, max_file_bytes: int, **kwargs) -> None:
         super().__init__(path, single_file_per_rank=True, **kwargs)
         self.max_file_bytes = max_file_bytes
+        self.write_errors: list = []  # OSError / KeyboardInterrupt raised by a file write
+        self.fs = _RecordingFileSystem(self.write_errors)
 
     def write_data(self, plan, planner):
         buckets: list = [[]]
@@ -82,6 +141,75 @@ class _BoundedFileWriter(FileSystemWriter):
             name = f"{plan.storage_data.prefix}{i}.distcp"
             file_queue.put((self.fs.concat_path(self.path, name), name, bucket))
         return self._write_data(planner, file_queue)
+
+    def _write_data(self, planner, file_queue: queue.Queue) -> Future:
+        """DCP's thread pool, except that the first failure (a full disk in any thread, Ctrl-C
+        in the main one) stops the other threads at their next tensor and is raised here once
+        they have ended. Stock DCP lets them write on into a directory that is being removed,
+        prints their errors as thread tracebacks and drops a failed thread's files from the
+        metadata without an error."""
+        results: queue.Queue = queue.Queue()
+        failures: list = []
+        stop = threading.Event()
+        guarded = _StoppablePlanner(planner, stop)
+
+        def work() -> None:
+            try:
+                _write_files_from_queue(self.fs.create_stream, file_queue, results, guarded,
+                                        self.transforms, self.per_thread_copy_ahead,
+                                        self.sync_files, self.thread_count,
+                                        self.serialization_format)
+            except BaseException as err:
+                failures.append(err)
+                stop.set()
+
+        # Daemon threads: a second Ctrl-C must not leave the process waiting on them.
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(1, self.thread_count)]
+        try:
+            for t in threads:
+                t.start()
+            work()
+            for t in threads:
+                t.join()
+        except BaseException as err:  # Ctrl-C outside a write (starting, waiting)
+            failures.append(err)
+            stop.set()
+            for t in threads:
+                if t.ident is not None:
+                    t.join()
+        if failures:
+            raise _first_cause(failures)
+        written = []
+        while not results.empty():
+            written += results.get_nowait()
+        future: Future = Future()
+        future.set_result(written)
+        return future
+
+
+def _first_cause(errors: list) -> BaseException:
+    """Ctrl-C wins (the user asked to stop); else the first real error, not its echoes."""
+    errors = [e for e in errors if e is not None and not isinstance(e, _Stopped)]
+    for err in errors:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+    return errors[0] if errors else RuntimeError("checkpoint writer stopped without a cause")
+
+
+@contextlib.contextmanager
+def _single_process():
+    """DCP warns on every call without a process group that it assumes one process, which is
+    the point here: two lines of noise per conversion."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception DCP wrapped in a CheckpointException (for each rank; one rank here)."""
+    while isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    return err
 
 
 def _item_bytes(item) -> int:
@@ -106,13 +234,15 @@ def write_dcp(out_dir: Path, shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtyp
                                 thread_count=io_threads)
     planner = _LazySavePlanner(producers, on_tensor)
     try:
-        dcp.save(placeholders, storage_writer=writer, planner=planner, no_dist=True)
-    except BaseException:  # DCP's CheckpointException derives from BaseException
-        if planner.error is not None:
-            raise planner.error from None  # the real cause: a bad shard, a full disk
-        raise
+        with _single_process():
+            dcp.save(placeholders, storage_writer=writer, planner=planner, no_dist=True)
+    except BaseException as err:  # DCP's CheckpointException derives from BaseException
+        # The real cause: a full disk (hidden by torch.save), Ctrl-C, a bad source shard.
+        raise _first_cause([*writer.write_errors, planner.error, root_cause(err)]) from None
     (Path(out_dir) / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
-    torch.save({}, Path(out_dir) / "common.pt")
+    common = io.BytesIO()  # torch.save straight to a file would hide a write error's errno
+    torch.save({}, common)
+    (Path(out_dir) / "common.pt").write_bytes(common.getvalue())
 
 
 class _CachedReader(FileSystemReader):
@@ -155,8 +285,12 @@ class DcpTensorReader:
     def load(self, keys: Iterable[str]) -> Dict[str, torch.Tensor]:
         out = {k: torch.empty(self.tensors[k][0], dtype=self.tensors[k][1]) for k in keys}
         try:
-            dcp.load(out, storage_reader=self._reader, no_dist=True)
-        except (Exception, CheckpointException) as err:
+            with _single_process():
+                dcp.load(out, storage_reader=self._reader, no_dist=True)
+        except BaseException as err:
+            cause = root_cause(err)
+            if not isinstance(cause, Exception):  # Ctrl-C stays Ctrl-C, not a corrupt file
+                raise cause from None
             raise GspoError(f"{self.ckpt_dir}: failed to read tensors {sorted(out)[:3]} "
-                            f"(corrupt data file?): {str(err).splitlines()[0][:200]}") from None
+                            f"(corrupt data file?): {str(cause).splitlines()[0][:200]}") from None
         return out

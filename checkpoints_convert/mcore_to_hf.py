@@ -19,7 +19,8 @@ from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.progress import progress_bar
 
 from checkpoints_convert.hf_files import (AUX_FILES, INDEX_NAME, StreamingSafetensorsWriter,
-                                          plan_shards, shard_file_names, tensor_nbytes)
+                                          estimated_output_bytes, plan_shards, shard_file_names,
+                                          tensor_nbytes)
 from checkpoints_convert.mcore_files import DcpTensorReader
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -51,20 +52,20 @@ def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
     shards = plan_shards(entries, max_shard_bytes)
     names = shard_file_names(len(shards))
     total = sum(tensor_nbytes(s, d) for _, s, d in entries)
+    needed = estimated_output_bytes(total, len(entries), ckpt / HF_SUBDIR)
 
-    with atomic_dir(out, overwrite) as tmp, \
+    with atomic_dir(out, overwrite, needed_bytes=needed, what="conversion") as tmp, \
             progress_bar(total=total, desc="mcore-to-hf", unit="B", enabled=show_progress) as bar:
         pending = {}  # HF tensors produced but not yet written (q/k/v may straddle shards)
         for shard, fname in zip(shards, names):
-            writer = StreamingSafetensorsWriter(tmp / fname, shard)
-            for name, shape, dtype in shard:
-                if name not in pending:
-                    m = source[name]
-                    t = reader.load([m.mcore_key])[m.mcore_key]
-                    pending.update(hf_mapping.to_hf(spec, m, t))
-                writer.write(name, pending.pop(name))
-                bar.update(tensor_nbytes(shape, dtype))
-            writer.close()
+            with StreamingSafetensorsWriter(tmp / fname, shard) as writer:
+                for name, shape, dtype in shard:
+                    if name not in pending:
+                        m = source[name]
+                        t = reader.load([m.mcore_key])[m.mcore_key]
+                        pending.update(hf_mapping.to_hf(spec, m, t))
+                    writer.write(name, pending.pop(name))
+                    bar.update(tensor_nbytes(shape, dtype))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: fname for shard, fname in zip(shards, names)

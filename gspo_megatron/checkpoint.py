@@ -27,7 +27,43 @@ def checkpoint_spec(ckpt_dir: Path) -> Qwen3Spec:
     if not (ckpt_dir / HF_SUBDIR / "config.json").is_file():
         raise GspoError(f"{ckpt_dir / HF_SUBDIR / 'config.json'}: missing; the checkpoint does not "
                         f"say which model it holds")
+    check_checkpoint_files(ckpt_dir)
     return spec_from_hf_dir(ckpt_dir / HF_SUBDIR)
+
+
+def check_checkpoint_files(ckpt_dir: Path) -> None:
+    """Every file the checkpoint's metadata points into is there and long enough, metadata.json
+    parses and common.pt is a whole zip: checked from sizes and file ends before any model is
+    built, so a copy cut short names its file instead of failing mid-load inside DCP."""
+    import json
+    import zipfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / ".metadata").is_file():
+        raise GspoError(f"{ckpt_dir / '.metadata'}: missing; not a complete torch_dist checkpoint")
+    try:
+        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as err:
+        raise GspoError(f"{ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})") from None
+    needed: dict = {}  # data file -> bytes the metadata says it holds
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise GspoError(f"{path}: data file missing (the checkpoint's metadata refers to it)")
+        size = path.stat().st_size
+        if size < end:
+            raise GspoError(f"{path}: truncated: {size} bytes, the checkpoint's metadata needs {end}")
+    try:
+        json.loads((ckpt_dir / "metadata.json").read_text())
+    except (OSError, ValueError) as err:
+        raise GspoError(f"{ckpt_dir / 'metadata.json'}: not valid JSON ({err})") from None
+    if not zipfile.is_zipfile(ckpt_dir / "common.pt"):
+        raise GspoError(f"{ckpt_dir / 'common.pt'}: missing, truncated or not a torch.save file")
 
 
 def model_sharded_state_dict(model) -> dict:
@@ -52,6 +88,10 @@ def load_model_checkpoint(model, ckpt_dir: Path, expected: Qwen3Spec) -> None:
     sharded = model_sharded_state_dict(model)
     _check_tensor_shapes(ckpt_dir, sharded)
     state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    # megatron merges the checkpoint's common (non-sharded) state into what it returns: in a
+    # training checkpoint that is the optimizer's, the scheduler's and the step, none of which
+    # a model has. Only the model's own keys are model state.
+    state = {k: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -59,13 +59,20 @@ class TrainConfig:
     """Seed of the model-parallel RNG and of anything else random in the trainer."""
     export_hf: bool = False
     """At the end, also write the final policy as an HF model to <output_dir>/hf."""
+    max_skipped_steps: int = 3
+    """Optimizer steps skipped in a row (non-finite loss or gradient norm) that stop the run."""
+    collective_timeout_s: float = 1800.0
+    """A collective that waits longer (a hung or dead rank) ends the run; it must exceed the
+    longest legitimate wait (the slowest engine's rollout, a checkpoint write)."""
 
     def validate(self) -> None:
-        for name in ("steps", "prompts_per_step"):
+        for name in ("steps", "prompts_per_step", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise GspoError(f"train.{name}={getattr(self, name)} must be >= 1")
-        if self.save_every < 0 or self.keep_checkpoints < 1:
-            raise GspoError("train.save_every must be >= 0 and train.keep_checkpoints >= 1")
+        if self.save_every < 0:
+            raise GspoError(f"train.save_every={self.save_every} must be >= 0 (0 = only at the end)")
+        if not self.collective_timeout_s > 0:
+            raise GspoError(f"train.collective_timeout_s={self.collective_timeout_s} must be > 0")
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,17 @@ class Config:
             raise GspoError(f"model.ckpt={self.model.ckpt}: no such checkpoint directory")
         if not Path(self.data.path).is_file():
             raise GspoError(f"data.path={self.data.path}: no such data file")
+        # Settings that run but cannot learn: every group's advantages would be 0.
+        if self.rollout.group_size < 2:
+            raise GspoError(f"rollout.group_size={self.rollout.group_size}: advantages are "
+                            f"normalised within a group, so a group of 1 has advantage 0 and "
+                            f"nothing is learned; use >= 2 (paper-style runs: 8-16)")
+        if self.rollout.temperature == 0:
+            raise GspoError("rollout.temperature=0 is greedy decoding: the group's responses are "
+                            "identical and every advantage is 0; use a temperature > 0 (1.0)")
+        if not any(f.weight for f in self.rewards.functions):
+            raise GspoError("rewards.functions: every weight is 0, so every reward and advantage "
+                            "is 0; give at least one function a non-zero weight")
         samples = self.train.prompts_per_step * self.rollout.group_size
         if samples % self.loss.num_minibatches:
             raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "

@@ -10,6 +10,7 @@ nothing heavy has run by then. Each section's own ``validate()`` then checks val
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
@@ -119,14 +120,21 @@ def _convert(tp, value, key: str):
             return value
         raise GspoError(f"config {key}={_show(value)}: expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise GspoError(f"config {key}={_show(value)}: expected a number")
+        if number is None:
+            raise GspoError(f"config {key}={_show(value)}: expected a number")
+        # Every float knob is a finite quantity (rates, clips, weights, timeouts): .nan, .inf
+        # or '1e999' would pass range checks written as comparisons and poison the run later.
+        if not math.isfinite(number):
+            raise GspoError(f"config {key}={_show(value)}: expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -148,11 +148,23 @@ def render(tokenizer, cfg: DataConfig, text: str) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int) -> PromptSet:
+def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int,
+                 vocab_size: Optional[int] = None) -> PromptSet:
+    """Every row tokenised and checked. ``vocab_size`` (the model's) refuses prompts whose ids
+    the embedding has no row for: a tokenizer that does not belong to the model."""
     rows = read_rows(cfg)
     prompts, overlong = [], 0
     for i, row in enumerate(rows):
         ids = render(tokenizer, cfg, row[cfg.prompt_field])
+        where = f"{cfg.path}:{row['__line__']}"
+        if not ids:
+            raise GspoError(f"{where}: field '{cfg.prompt_field}' encodes to no tokens with the "
+                            f"model's tokenizer (nothing for the policy to condition on)")
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in ids):
+            bad = next(t for t in ids if not 0 <= t < vocab_size)
+            raise GspoError(f"{where}: the tokenizer gives token id {bad}, outside the model's "
+                            f"vocabulary [0, {vocab_size}): the tokenizer does not belong to "
+                            f"this model")
         if len(ids) > max_prompt_tokens:
             overlong += 1
             continue

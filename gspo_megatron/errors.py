@@ -14,7 +14,6 @@ killer does, its workers get SIGKILL too instead of training on to the end unobs
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Callable, NoReturn, TypeVar
 
@@ -46,8 +45,9 @@ def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
         except TrainingStopped as err:
             _die(str(err), EXIT_STOPPED, prefix="stopped")
         except KeyboardInterrupt:
+            # Ctrl-C reaches every rank at once: rank 0 speaks for all of them.
             _die("SIGINT (Ctrl-C); no partial output was left looking complete", EXIT_INTERRUPTED,
-                 prefix="interrupted")
+                 prefix="interrupted", quiet=os.environ.get("RANK", "0") != "0")
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
@@ -61,16 +61,20 @@ def _quiet_rank() -> bool:
     return os.environ.get("RANK", "0") != "0" and not _distributed()
 
 
-def _die(message: str, code: int, prefix: str = "error") -> NoReturn:
-    if not _quiet_rank():
+def _die(message: str, code: int, prefix: str = "error", quiet: bool = False) -> NoReturn:
+    if not (quiet or _quiet_rank()):
         rank = os.environ.get("RANK")
         where = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}: {where}{message}", file=sys.stderr, flush=True)
     if _distributed():
         # Process groups exist: megatron, vLLM and DCP leave threads and groups behind whose
         # teardown can block on peers that are already gone. Everything worth keeping was
-        # written atomically before this point.
+        # written atomically before this point; children are ended here, as the exit hooks
+        # os._exit skips would have.
+        from gspo_megatron.procutil import kill_children
+
         sys.stdout.flush()
+        kill_children()
         os._exit(code)
     sys.exit(code)
 
@@ -84,23 +88,10 @@ def _distributed() -> bool:
         return False
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 def die_with_launcher() -> None:
-    """Under torchrun: ask the kernel for SIGKILL when the parent (torchrun's agent) dies.
+    """Under torchrun: SIGKILL this worker when torchrun's agent (its parent) dies. No-op outside
+    torchrun: a process started from a shell keeps the shell's semantics."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from gspo_megatron.procutil import die_with_parent
 
-    No-op outside torchrun (a process started from a shell keeps the shell's semantics) and on
-    systems without prctl."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os._exit(EXIT_STOPPED)
+        die_with_parent(os.getppid())

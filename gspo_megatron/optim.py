@@ -57,6 +57,12 @@ class OptimConfig:
             raise GspoError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in [0, 1]")
         if self.clip_grad < 0 or self.weight_decay < 0:
             raise GspoError("optim.clip_grad and optim.weight_decay must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise GspoError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise GspoError(f"optim.adam_eps={self.adam_eps} must be > 0 (it keeps Adam's "
+                            f"denominator away from 0)")
 
 
 DECAY_STYLES = ("constant", "linear", "cosine")

@@ -105,11 +105,13 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 600) -> None:
+def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float = 1800.0) -> None:
     """Start torch.distributed from the torchrun environment and megatron's parallel_state.
 
     Single-process runs without torchrun get a one-rank group on a free local port, so the same
-    code path serves `python -m` and `torchrun`.
+    code path serves `python -m` and `torchrun`. ``timeout_s`` bounds every collective, in the
+    world group and in megatron's groups alike (megatron would otherwise give its own groups
+    30 minutes): a hung or dead rank ends the run after that long.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -135,6 +137,7 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: int = 
         context_parallel_size=layout.cp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
+        distributed_timeout_minutes=timeout_s / 60.0,
     )
     # As megatron's trainers do: the default generators get the same seed on every rank of a
     # pipeline stage, so weights created outside the model-parallel RNG tracker (replicated

@@ -11,7 +11,11 @@ sampling lets the engine sleep with its memory freed while the trainer works.)
 
 Everything that can be wrong with the input (config keys and types, files, data fields, reward
 functions, the layout against the model and the world size, an output directory holding another
-run) is checked first, in every process, before torch.distributed or any model exists.
+run) is checked first, in every process, before torch.distributed or any model exists
+(``gspo_megatron.preflight``; ``--check`` runs only that). During the run nothing non-finite
+reaches the weights: rewards are finite by construction (``rewards.runner``), an optimizer step
+with a non-finite loss or gradient is skipped (``update.train_step``), and
+``train.max_skipped_steps`` of them in a row stop the run with the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -19,14 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from gspo_megatron.config import Config, load_config
-from gspo_megatron.errors import GspoError, exit_on_error
-
-CHECKPOINTS = "checkpoints"
+from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
+from gspo_megatron.preflight import Plan, preflight
+from gspo_megatron.train_state import CHECKPOINTS, last_complete_note
 
 _UPDATE_TAGS = {"loss": "gspo/loss", "clip_fraction": "gspo/clip_fraction",
                 "clamp_fraction": "gspo/clamp_fraction", "abs_log_ratio": "gspo/abs_log_ratio",
@@ -39,66 +42,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gspo-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, required=True, help="YAML config (launch/configs/*.yaml)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue from train.output_dir's latest complete checkpoint (a fresh "
+                    help="continue from train.output_dir's newest complete checkpoint (a fresh "
                          "start if there is none)")
+    ap.add_argument("--resume-from", type=Path, default=None, metavar="DIR",
+                    help="continue from this checkpoint (e.g. an older one when the newest is "
+                         "damaged); newer checkpoints of the run are renamed *.abandoned")
+    ap.add_argument("--check", action="store_true",
+                    help="run the pre-flight checks only (config, files, data, layout for "
+                         "WORLD_SIZE ranks, output directory) and exit")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value",
                     help="config overrides, values parsed as YAML (e.g. train.steps=20)")
     return ap.parse_args(argv)
 
 
-@dataclass
-class Plan:
-    """What the pre-flight checks established."""
+class SkipGuard:
+    """Counts optimizer steps skipped in a row (non-finite loss or gradient norm) and stops the
+    run at ``limit``: a run that keeps producing NaN must end, not spin on unchanged weights."""
 
-    cfg: Config
-    spec: object
-    prompts: object  # data.PromptSet
-    tokenizer: object
-    resume_from: Optional[Path]
-    dp: int
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
 
-
-def preflight(cfg: Config, world_size: int, resume: bool) -> Plan:
-    """Every input check, cheap and local: runs before any process group or model exists."""
-    from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
-    from gspo_megatron.data import load_prompts
-    from gspo_megatron.parallel import check_layout
-    from gspo_megatron.train_state import latest_checkpoint
-
-    cfg.validate(world_size)
-    if cfg.loss.kl_coef:
-        raise GspoError(f"loss.kl_coef={cfg.loss.kl_coef}: gspo-train keeps no reference model "
-                        f"(the paper trains without a KL term); use 0")
-    spec = checkpoint_spec(Path(cfg.model.ckpt))
-    check_layout(cfg.parallel, spec, world_size)
-    layout = cfg.parallel
-    dp = world_size // (layout.tp * layout.pp * layout.cp)
-    samples = cfg.train.prompts_per_step * cfg.rollout.group_size
-    if samples % (dp * cfg.loss.num_minibatches):
-        raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
-                        f"split over {dp} data-parallel ranks x loss.num_minibatches="
-                        f"{cfg.loss.num_minibatches}")
-    tokenizer = _tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_tokens)
-    root = Path(cfg.train.output_dir) / CHECKPOINTS
-    latest = latest_checkpoint(root)
-    if latest is not None and not resume:
-        raise GspoError(f"train.output_dir={cfg.train.output_dir} already holds a run "
-                        f"({latest.name}): pass --resume to continue it, or choose another "
-                        f"train.output_dir")
-    if latest is not None:
-        checkpoint_spec(latest)  # readable, and says which model it holds
-    return Plan(cfg, spec, prompts, tokenizer, latest, dp)
-
-
-def _tokenizer(hf_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(hf_dir))
-    except Exception as err:
-        raise GspoError(f"{hf_dir}: no usable tokenizer in the checkpoint's hf/ directory "
-                        f"(convert from an HF directory that has one) [{err}]") from None
+    def update(self, skipped: Sequence[bool], step: int, last_checkpoint: str) -> None:
+        for s in skipped:
+            self.in_a_row = self.in_a_row + 1 if s else 0
+            if self.in_a_row >= self.limit:
+                raise TrainingStopped(
+                    f"{self.in_a_row} optimizer steps in a row were skipped for a non-finite loss "
+                    f"or gradient norm (last in step {step}); {last_checkpoint}. Lower optim.lr, "
+                    f"check rewards and data, or raise train.max_skipped_steps")
 
 
 def _dtype(cfg: Config):
@@ -126,12 +97,12 @@ class Trainer:
         from gspo_megatron.rollout.engine import RolloutEngine
         from gspo_megatron.routing import RouteChangeMeter
         from gspo_megatron.rollout.weight_sync import WeightGatherer
-        from gspo_megatron.train_state import TrainState, load_checkpoint
+        from gspo_megatron.train_state import TrainState, load_checkpoint, set_aside_newer
 
         cfg = self.cfg = plan.cfg
         self.plan, self.spec = plan, plan.spec
         self.out = Path(cfg.train.output_dir)
-        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        init_distributed(cfg.parallel, seed=cfg.train.seed, timeout_s=cfg.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         dtype = _dtype(cfg)
@@ -146,6 +117,9 @@ class Trainer:
         # the checkpoint, and a resumed run's engine gets the resumed weights the same way.
         self.engine = RolloutEngine(self.hf_dir, cfg.rollout, dtype, dummy_weights=True)
         self.state = TrainState()
+        if plan.resume_from is not None and self.rank == 0:
+            for path in set_aside_newer(self.out / CHECKPOINTS, plan.resume_from):
+                self._say(f"set aside {path} (newer than the checkpoint resumed from)")
         if plan.resume_from is not None:
             # After the engine start: vLLM reseeds the global generators, the checkpoint's RNG
             # state must win.
@@ -158,6 +132,8 @@ class Trainer:
         # GPU: free the engine's memory until the first step's sync brings the weights in.
         self.engine.sleep()
         self.rewards = RewardRunner(cfg.rewards)
+        self.reward_error_shown = False
+        self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
         if self.rank == 0:
             import yaml
@@ -173,7 +149,8 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def step(self, step: int) -> Dict[str, float]:
+    def step(self, step: int) -> Tuple[Dict[str, float], List[bool]]:
+        """One RL step; returns its metrics and, per optimizer step, whether it was skipped."""
         import torch
 
         from gspo_megatron.batch import Sample
@@ -200,7 +177,8 @@ class Trainer:
         texts = [(p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
                  for p, c in pairs]
         rewards, reward_stats = self._score(texts)
-        r = torch.tensor(rewards, dtype=torch.float32)
+        # float64: large finite rewards stay finite through the group mean and std.
+        r = torch.tensor(rewards, dtype=torch.float64)
         adv = group_advantages(r, g_size)
         samples = [Sample(p.ids, c.token_ids, a, c.logprobs) for (p, c), a in zip(pairs, adv.tolist())]
         # Every data-parallel rank must get the same number of samples, splitting into the
@@ -226,15 +204,16 @@ class Trainer:
                **{k: v for k, v in batch.stats.items() if k != "rollout/seconds"},
                **update.rollout, **(update.routes or {}),
                **summarise(update.steps, _UPDATE_TAGS),
+               "train/skipped_steps": float(sum(s.get("skipped", 0.0) for s in update.steps)),
                "perf/rollout_seconds": batch.seconds, **update.seconds,
                "perf/sync_seconds": sync.seconds, "perf/sync_gb": sync.bytes / 1e9}
-        for k in ("num_sequences", "num_tokens"):
+        for k in ("num_sequences", "num_tokens", "skipped"):
             out.pop(k, None)
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
         out["perf/tokens_per_second"] = float(lengths.sum()) / seconds
         out["perf/rollout_share"] = (t_rollout - t0) / seconds
-        return out
+        return out, [bool(s.get("skipped")) for s in update.steps]
 
     def _score(self, items):
         """Rewards, scored in parallel: rank k scores items k, k+world, ...; all ranks get all."""
@@ -243,10 +222,17 @@ class Trainer:
         mine = items[self.rank::self.world]
         totals, stats = self.rewards.score(mine)
         parts: List[object] = [None] * self.world
-        dist.all_gather_object(parts, (totals, stats, len(mine)))
+        dist.all_gather_object(parts, (totals, stats, len(mine), self.rewards.last_errors[:1]))
         rewards = [0.0] * len(items)
-        for r, (t, _, _) in enumerate(parts):
+        for r, (t, _, _, _) in enumerate(parts):
             rewards[r::self.world] = t
+        first = next((p[3][0] for p in parts if p[3]), None)
+        if first is not None and not self.reward_error_shown:
+            # Once per run: reward/errors counts them all; a broken reward function must not
+            # drown the progress bar.
+            self.reward_error_shown = True
+            self._say(f"reward function error (scored 0, counted in reward/errors; shown once): "
+                      f"{first}")
         n = sum(p[2] for p in parts) or 1
         merged: Dict[str, float] = {}
         for key in stats:
@@ -269,16 +255,18 @@ class Trainer:
         with progress_bar(total=cfg.train.steps, desc="gspo", unit="step") as bar:
             bar.update(self.state.step)
             for step in range(self.state.step, cfg.train.steps):
-                metrics = self.step(step)
+                metrics, skipped = self.step(step)
                 self.state.step = step + 1
                 self.metrics.log(self.state.step, metrics)
+                self.skips.update(skipped, self.state.step, last_complete_note(root))
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                                 clip=f"{metrics.get('gspo/clip_fraction', 0):.3f}")
                 bar.update(1)
                 last = self.state.step == cfg.train.steps
                 if last or (cfg.train.save_every and self.state.step % cfg.train.save_every == 0):
                     save_checkpoint(root, self.model, self.optimizer, self.scheduler, self.state,
-                                    self.hf_dir, cfg.train.keep_checkpoints)
+                                    self.hf_dir, cfg.train.keep_checkpoints,
+                                    needed_bytes=self.plan.checkpoint_bytes)
         if cfg.train.export_hf:
             self._export(root)
 
@@ -295,13 +283,13 @@ class Trainer:
             self._say(f"exported the final policy to {self.out / 'hf'}")
         dist.barrier()
 
-    def close(self) -> None:
+    def close(self, engine: bool = True) -> None:
         for part in ("rewards", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.close()
         # vLLM's teardown destroys the shared process groups: last.
-        if getattr(self, "engine", None) is not None:
+        if engine and getattr(self, "engine", None) is not None:
             self.engine.close()
 
 
@@ -316,14 +304,45 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    plan = preflight(cfg, world_size_from_env(), args.resume)
+    plan = preflight(cfg, world_size_from_env(), args.resume, args.resume_from)
+    if args.check:
+        start = f"resume from {plan.resume_from}" if plan.resume_from else "a fresh start"
+        print(f"gspo-train --check: {args.config} is ready for {world_size_from_env()} rank(s) "
+              f"({len(plan.prompts.prompts)} prompts, {start})", file=sys.stderr)
+        return
     trainer = None
     try:
         trainer = Trainer(plan)
         trainer.run()
-    finally:
+    except Exception as err:
         if trainer is not None:
-            trainer.close()
+            trainer.close(engine=False)  # the engine's teardown may wait on ranks that are gone
+        why = collective_failure(err, cfg.train.collective_timeout_s)
+        if why is None:
+            raise
+        raise TrainingStopped(f"{why}; {last_complete_note(Path(cfg.train.output_dir) / CHECKPOINTS)}") from None
+    except BaseException:  # Ctrl-C: every rank is stopping at once
+        if trainer is not None:
+            trainer.close(engine=False)
+        raise
+    trainer.close()
+
+
+def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
+    """One line for a collective that failed because of another rank (gloo and NCCL report
+    these as RuntimeErrors carrying the transport's text), else None."""
+    import torch.distributed as dist
+
+    if not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    if "Timed out" in text or "timeout" in text.lower():
+        return (f"a collective waited longer than train.collective_timeout_s={timeout_s:g} s: "
+                f"another rank hung (or is much slower; raise the timeout if that is expected)")
+    if isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text:
+        return (f"a collective failed because another rank died or lost its connection (its own "
+                f"output says why): {text.strip().splitlines()[0][:200]}")
+    return None
 
 
 if __name__ == "__main__":

@@ -11,9 +11,13 @@ Layout under ``<output_dir>/checkpoints``::
     latest                the name of the newest complete checkpoint
 
 A save writes into ``step_N.partial`` (every rank its shards), then rank 0 renames it to
-``step_N`` and rewrites ``latest`` through a temporary file and a rename. A resume reads
-``latest`` and only ever names complete directories; a ``.partial`` left by a killed run is
-ignored and removed by the next save.
+``step_N`` and rewrites ``latest`` through a temporary file and a rename. Only a directory named
+exactly ``step_N`` is a checkpoint; a ``.partial`` left by a killed run is never loaded and is
+removed by the next save. A resume continues from the newest complete checkpoint (``latest``
+names it; a run killed between the rename and the pointer update leaves a newer one, which
+wins), after checking its files against its metadata; a corrupt one is refused with the newest
+intact older one named, for ``--resume-from``. Pruning keeps the ``keep`` newest checkpoints up
+to the one just written and never that one.
 
 The optimizer state uses megatron's ``dp_reshardable`` layout for the distributed optimizer
 (fully parallel save and load, no gather on one rank). RNG states are per rank and restored
@@ -23,23 +27,31 @@ when the world size is unchanged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-from gspo_megatron.checkpoint import HF_SUBDIR, model_sharded_state_dict
-from gspo_megatron.errors import GspoError
-from gspo_megatron.fsutil import atomic_write_text
+from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec, model_sharded_state_dict
+from gspo_megatron.errors import GspoError, TrainingStopped
+from gspo_megatron.fsutil import TMP_MARK, atomic_write_text, check_free_space, tree_bytes
 from gspo_megatron.optim import unwrap
 
+CHECKPOINTS = "checkpoints"
+"""Subdirectory of train.output_dir holding the checkpoints."""
 LATEST = "latest"
 PARTIAL = ".partial"
+ABANDONED = ".abandoned"
+"""Suffix of checkpoints set aside by ``--resume-from`` an older one (kept, never loaded)."""
+_STEP_DIR = re.compile(r"step_(\d+)")
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -53,17 +65,121 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def checkpoint_step(path: Path) -> Optional[int]:
+    """N for a directory named ``step_N`` (a complete checkpoint's name), else None."""
+    m = _STEP_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """The complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir()
+             and (p / "metadata.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The newest complete checkpoint under ``root`` (None if there is none)."""
     root = Path(root)
+    done = complete_checkpoints(root)
     pointer = root / LATEST
     if not pointer.is_file():
-        return None
+        return done[-1] if done else None  # killed before the first pointer was written
     name = pointer.read_text().strip()
     path = root / name
-    if not name.startswith("step_") or PARTIAL in name or not (path / "metadata.json").is_file():
-        raise GspoError(f"{pointer} names '{name}', which is not a complete checkpoint under {root}")
-    return path
+    if checkpoint_step(path) is None or path not in done:
+        hint = (f" (complete checkpoints here: {', '.join(p.name for p in done)}; pass "
+                f"--resume-from DIR to choose one)" if done else "")
+        raise GspoError(f"{pointer} names '{name}', which is not a complete checkpoint under "
+                        f"{root}{hint}")
+    # A run killed between renaming step_N into place and rewriting the pointer.
+    return done[-1] if checkpoint_step(done[-1]) > checkpoint_step(path) else path
+
+
+def resume_point(root: Path, resume: bool, resume_from: Optional[Path],
+                 output_dir: str) -> Optional[Path]:
+    """The checkpoint a run continues from, checked on disk (pre-flight: reads metadata only).
+
+    Without ``resume`` an output directory that holds any checkpoint is refused: a fresh run
+    there would prune the old run's checkpoints. ``resume_from`` chooses a checkpoint
+    explicitly: one under ``root``, or any checkpoint when ``root`` holds none (a new run
+    continuing another's state)."""
+    root = Path(root)
+    done = complete_checkpoints(root)
+    if not resume:
+        if done or (root / LATEST).exists():
+            names = ", ".join(p.name for p in done) or (root / LATEST).name
+            raise GspoError(f"train.output_dir={output_dir} already holds a run ({names}): pass "
+                            f"--resume to continue it (or --resume-from DIR for a chosen "
+                            f"checkpoint), or choose another train.output_dir")
+        return None
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        if done and resume_from.resolve().parent != root.resolve():
+            raise GspoError(f"--resume-from {resume_from}: train.output_dir={output_dir} holds "
+                            f"another run's checkpoints ({done[-1].name}); choose one of them or "
+                            f"another train.output_dir")
+        checkpoint_spec(resume_from)  # a complete checkpoint: every file its metadata names
+        if not (resume_from / TRAINER_STATE).is_file():
+            raise GspoError(f"--resume-from {resume_from}: not a training checkpoint (no "
+                            f"{TRAINER_STATE}; a model checkpoint goes in model.ckpt)")
+        return resume_from
+    target = latest_checkpoint(root)
+    if target is None:
+        return None
+    try:
+        checkpoint_spec(target)
+    except GspoError as err:
+        older = next((p for p in reversed(done) if checkpoint_step(p) < checkpoint_step(target)
+                      and _intact(p)), None)
+        hint = (f"; the newest intact older checkpoint is {older}: pass --resume-from {older} "
+                f"to continue from it" if older else "; no older complete checkpoint exists")
+        raise GspoError(f"cannot resume from {target.name}: {err}{hint}") from None
+    return target
+
+
+def _intact(path: Path) -> bool:
+    try:
+        checkpoint_spec(path)
+        return True
+    except GspoError:
+        return False
+
+
+def set_aside_newer(root: Path, resumed: Path) -> List[Path]:
+    """After ``--resume-from`` an older checkpoint of this run: rename the newer ones to
+    ``step_N.abandoned`` (kept for the user, never loaded or pruned) and point ``latest`` at
+    the one resumed, so that a later ``--resume`` continues this run's line. Rank 0 only."""
+    root = Path(root)
+    if Path(resumed).resolve().parent != root.resolve():
+        return []
+    step = checkpoint_step(resumed)
+    moved = []
+    for path in complete_checkpoints(root):
+        if checkpoint_step(path) > step:
+            dest = path.with_name(path.name + ABANDONED)
+            n = 1
+            while dest.exists():
+                dest, n = path.with_name(f"{path.name}{ABANDONED}{n}"), n + 1
+            os.replace(path, dest)
+            moved.append(dest)
+    atomic_write_text(root / LATEST, Path(resumed).name + "\n")
+    return moved
+
+
+def estimate_checkpoint_bytes(spec, dtype: str, hf_dir: Path) -> int:
+    """Bytes of one training checkpoint: the weights in the parameter dtype plus the optimizer's
+    fp32 master weights and two Adam moments (12 bytes per parameter), the copy of ``hf_dir``
+    (config, tokenizer) and 1 MiB of metadata. (The tiny demo model: 10.8 MB written, 11.6 MB
+    estimated.)"""
+    from gspo_megatron.models.qwen3 import hf_mapping
+
+    numel = sum(math.prod(m.mcore_shape) for m in hf_mapping.tensor_mappings(spec))
+    param_bytes = 2 if dtype == "bf16" else 4  # "auto" is bf16 on GPU: 4 is the safe side
+    return numel * (param_bytes + 12) + tree_bytes(hf_dir) + (1 << 20)
 
 
 def _rank() -> int:
@@ -118,36 +234,97 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, is_loading: b
 
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, hf_source: Path,
-                    keep: int) -> Path:
+                    keep: int, needed_bytes: int = 0) -> Path:
     """Write ``root/step_N`` atomically (collective) and point ``latest`` at it; keep the newest
-    ``keep`` complete checkpoints. Returns the checkpoint directory."""
+    ``keep`` complete checkpoints. Returns the checkpoint directory.
+
+    ``needed_bytes``: the space a checkpoint takes (the previous one's size when there is one):
+    checked before anything is written. A save that cannot be completed (no space, a write
+    error) stops the run with one line, the partial directory removed and the last complete
+    checkpoint untouched."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     final = root / step_dir_name(state.step)
     partial = root / (final.name + PARTIAL)
+    problem = None
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-save
-        partial.mkdir()
-    _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, state, is_loading=False),
-                            str(partial))
-    _barrier()
+        _remove_leftovers(root)
+        done = complete_checkpoints(root)
+        try:
+            check_free_space(root, max(needed_bytes, tree_bytes(done[-1]) if done else 0),
+                             f"checkpoint {final.name}")
+            partial.mkdir()
+        except (GspoError, OSError) as err:
+            problem = str(err)
+    problem = _agree(problem)
+    if problem is not None:
+        raise TrainingStopped(f"{problem}; {last_complete_note(root)}")
+    try:
+        dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, state, is_loading=False),
+                                str(partial))
+        _barrier()
+        if _rank() == 0:
+            (partial / HF_SUBDIR).mkdir(exist_ok=True)
+            for f in Path(hf_source).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, partial / HF_SUBDIR / f.name)
+            (partial / TRAINER_STATE).write_text(json.dumps({"step": state.step}) + "\n")
+            _fsync_tree(partial)
+    except BaseException as err:
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "CheckpointException":
+            raise TrainingStopped(f"writing checkpoint {final} failed ({_first_line(err)}); "
+                                  f"{last_complete_note(root)}") from None
+        raise
     if _rank() == 0:
-        (partial / HF_SUBDIR).mkdir(exist_ok=True)
-        for f in Path(hf_source).iterdir():
-            if f.is_file():
-                shutil.copy2(f, partial / HF_SUBDIR / f.name)
-        (partial / "trainer_state.json").write_text(json.dumps({"step": state.step}) + "\n")
-        _fsync_tree(partial)
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(partial, final)
         atomic_write_text(root / LATEST, final.name + "\n")
-        _prune(root, keep)
+        _prune(root, keep, final)
     _barrier()
     return final
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """Rank 0's verdict, on every rank (a save is collective: all go ahead or none)."""
+    if not dist.is_initialized():
+        return problem
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def last_complete_note(root: Path) -> str:
+    """'the last complete checkpoint is ...', for messages of a run that has to stop."""
+    try:
+        last = latest_checkpoint(root)
+    except GspoError:
+        last = None
+    return (f"the last complete checkpoint is {last}" if last is not None
+            else "no complete checkpoint was written yet")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+def _remove_leftovers(root: Path) -> None:
+    """A killed run's ``.partial`` directories and half-written pointer files: never loaded,
+    only taking space."""
+    for path in root.iterdir():
+        if path.name.endswith(PARTIAL) and path.is_dir():
+            print(f"checkpoints: removing {path} (left by an interrupted save)", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
+        elif TMP_MARK in path.name and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -159,9 +336,11 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and PARTIAL not in p.name)
-    for old in done[:-keep]:
+def _prune(root: Path, keep: int, current: Path) -> None:
+    """Keep ``current`` (just written) and the ``keep - 1`` newest checkpoints before it. Only
+    older checkpoints are ever removed, whatever the directory holds."""
+    older = [p for p in complete_checkpoints(root) if checkpoint_step(p) < checkpoint_step(current)]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

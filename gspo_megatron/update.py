@@ -16,6 +16,7 @@ forward pass before the first step, or from the rollout engine (paper sec. 5.4).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -65,6 +66,8 @@ class PolicyLossConfig:
                 raise GspoError(f"loss.{name}={v} must be in [0, 1)")
         if self.num_minibatches < 1 or self.micro_batch_size < 1:
             raise GspoError("loss.num_minibatches and loss.micro_batch_size must be >= 1")
+        if self.kl_coef < 0:
+            raise GspoError(f"loss.kl_coef={self.kl_coef} must be >= 0")
 
 
 def agreed_seq_len(samples: Sequence[Sample]) -> int:
@@ -206,13 +209,39 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=False)
     out = reduce_metrics(store)
     if optimizer is not None and step_optimizer:
+        # A non-finite loss or gradient must never reach the weights. megatron's optimizer only
+        # looks for inf/NaN when it has a loss scaler (fp16, or an explicit loss_scale), not in
+        # bf16 or fp32, and never at the loss: the step is skipped here instead, with the
+        # scheduler left where it was (as megatron's trainer does for an unsuccessful update).
+        if not (math.isfinite(out["loss"]) and grads_finite(model)):
+            out.update(update_successful=0.0, skipped=1.0, grad_norm=float("nan"))
+            return out
         if scheduler is not None:
             scheduler.step(increment=1)
             out["lr"] = float(optimizer.param_groups[0]["lr"])
         ok, grad_norm, _ = optimizer.step()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["update_successful"] = float(bool(ok))
+        out["skipped"] = float(not ok)
     return out
+
+
+def grads_finite(model) -> bool:
+    """Whether every gradient in the DDP buffers of every rank is finite (one all-reduce).
+
+    After the data-parallel reduction a rank's buffer holds reduced gradients for the part its
+    optimizer owns and its own local gradients elsewhere: a non-finite value anywhere in the
+    reduced gradient is therefore non-finite in some rank's buffer, and the global norm is
+    finite exactly when this is true (up to overflow of the squared sum, which clipping turns
+    into a zero update, not a NaN)."""
+    buffers = list(model.buffers) + list(model.expert_parallel_buffers)
+    device = buffers[0].grad_data.device if buffers else torch.device("cpu")
+    bad = torch.zeros(1, device=device)
+    for buf in buffers:
+        bad += (~torch.isfinite(buf.grad_data)).any()
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def reduce_metrics(store: List[dict]) -> Dict[str, float]:

@@ -64,3 +64,57 @@ def tiny_moe(tmp_path_factory) -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_dense(tmp_path_factory) -> TinyModel:
     return TinyModel(tmp_path_factory.mktemp("dense"), tm.dense_config())
+
+
+# -- gspo-train runs shared by several test modules -------------------------------------------
+
+@pytest.fixture(scope="session")
+def demo_init(tmp_path_factory) -> Path:
+    from gspo_megatron.demo import prepare
+
+    out = tmp_path_factory.mktemp("demo") / "init"
+    prepare(out, rows=256, alphabet=16, length=4, warm_start_steps=10, warm_start_lr=3e-3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def multinode_run(demo_init, tmp_path_factory) -> Path:
+    """The reference: two 'nodes' of one process each, launched by launch/multinode.sh."""
+    import train_runs as tr
+
+    out = tmp_path_factory.mktemp("multinode") / "run"
+    port = str(free_port())
+    procs, logs = [], []
+    for node in (0, 1):
+        env = dict(tr.env(), NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, NPROC_PER_NODE="1", PYTHON=sys.executable)
+        log = out.parent / f"node{node}.log"
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
+            + tr.overrides(demo_init, out) + ["train.export_hf=true"], cwd=REPO, env=env, stdout=open(log, "w"),
+            stderr=subprocess.STDOUT))
+    for proc, log in zip(procs, logs):
+        tr.wait(proc, log)
+    return out
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """``make(size_mib)`` -> a directory on a tmpfs of that size (a disk that fills up for
+    real). Needs the right to mount (root, as on the project's CI machines); skipped otherwise."""
+    mounted = []
+
+    def make(size_mib: int) -> Path:
+        path = tmp_path / f"small_fs{len(mounted)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a {size_mib} MiB tmpfs here (needs root): {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -1,6 +1,12 @@
 """User reward functions for tests/test_rewards.py (imported by path, in the reward worker)."""
 
+import os
+import signal
+import sys
 import time
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
 
 
 def length_bonus(prompt, response, answer):
@@ -15,3 +21,43 @@ def hangs(prompt, response, answer):
     if "hang" in response:
         time.sleep(60)
     return 1.0
+
+
+def returns(prompt, response, answer):
+    """The value that `response` spells in Python, e.g. "float('nan')" or "np.float32(0.5)"."""
+    import numpy as np
+
+    torch = __import__("torch") if "torch" in response else None  # only the cases that need it
+    return eval(response, {"np": np, "torch": torch, "Decimal": Decimal, "Fraction": Fraction})
+
+
+class CustomStop(BaseException):
+    pass
+
+
+def misbehaves(prompt, response, answer):
+    """Ends its call the way `response` names (as buggy user code does), else returns 1."""
+    if response == "sys.exit":
+        sys.exit(3)
+    if response == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    if response == "BaseException":
+        raise CustomStop("stop everything")
+    if response == "os._exit":
+        os._exit(3)
+    if response == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 1.0
+
+
+def hangs_after_writing_pid(prompt, response, answer):
+    """Writes the worker's pid to the file named by `prompt`, then hangs for a minute."""
+    Path(prompt).write_text(str(os.getpid()))
+    time.sleep(60)
+    return 1.0
+
+
+def ignores_sigterm_and_hangs(prompt, response, answer):
+    """Ignores SIGTERM (as code with its own handler for it can), then hangs as above."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return hangs_after_writing_pid(prompt, response, answer)

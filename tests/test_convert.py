@@ -159,3 +159,54 @@ def test_failure_mid_write_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
         convert_hf_to_mcore(tiny_moe.hf_dir, tmp_path / "o", show_progress=False)
     assert calls["n"] == 10
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+
+
+def _copy_ckpt(tiny_moe, tmp_path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_moe.ckpt, ckpt)
+    return ckpt
+
+
+def _refused_up_front(tiny_moe, ckpt: Path, tmp_path) -> str:
+    """mcore-to-hf and the score tool both refuse with the same line before reading a tensor."""
+    line = _error_line(run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")], check=False))
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+    score = _error_line(run_cli(["-m", "gspo_megatron.score", "--ckpt", str(ckpt), "--input",
+                                 str(tiny_moe.input), "--output", str(tmp_path / "s.jsonl")], check=False))
+    assert score == line and not (tmp_path / "s.jsonl").exists()
+    return line
+
+
+def test_truncated_data_file_is_refused_up_front(tiny_moe, tmp_path):
+    ckpt = _copy_ckpt(tiny_moe, tmp_path)
+    victim = sorted(ckpt.glob("*.distcp"))[0]
+    full = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.truncate(full // 2)  # as a copy cut short by a full disk leaves it
+    line = _refused_up_front(tiny_moe, ckpt, tmp_path)
+    assert line == (f"error: {victim}: truncated: {full // 2} bytes, the checkpoint's metadata "
+                    f"needs {full}")
+
+
+def test_missing_data_file_is_refused_up_front(tiny_moe, tmp_path):
+    ckpt = _copy_ckpt(tiny_moe, tmp_path)
+    victim = sorted(ckpt.glob("*.distcp"))[0]
+    victim.unlink()
+    line = _refused_up_front(tiny_moe, ckpt, tmp_path)
+    assert line.startswith(f"error: {victim}: data file missing"), line
+
+
+def test_broken_common_files_are_named(tiny_moe, tmp_path):
+    from gspo_megatron.checkpoint import check_checkpoint_files
+    from gspo_megatron.errors import GspoError
+
+    ckpt = _copy_ckpt(tiny_moe, tmp_path)
+    check_checkpoint_files(ckpt)
+    data = (ckpt / "common.pt").read_bytes()
+    (ckpt / "common.pt").write_bytes(data[: len(data) - 30])
+    with pytest.raises(GspoError, match=r"common.pt: missing, truncated or not a torch.save file"):
+        check_checkpoint_files(ckpt)
+    (ckpt / "common.pt").write_bytes(data)
+    (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_di')
+    with pytest.raises(GspoError, match=r"metadata.json: not valid JSON"):
+        check_checkpoint_files(ckpt)

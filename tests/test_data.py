@@ -72,3 +72,23 @@ def test_bad_data_is_one_line(tmp_path, tokenizer, content, cfg, message):
     with pytest.raises(GspoError) as err:
         load_prompts(DataConfig(path=str(path), **cfg), tokenizer, 8)
     assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_prompts_the_model_cannot_read_are_refused(tmp_path, tokenizer):
+    """A prompt that the tokenizer turns into no tokens, or into ids past the model's
+    vocabulary (a tokenizer that is not the model's), is one line naming the row."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={"w1": 0, "w2": 1, "<unk>": 2}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(Regex("[?!]"), "")  # punctuation is dropped...
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    dropping = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "w1 w2"}, {"prompt": "?! ?!"}])  # ...all of it
+    with pytest.raises(GspoError, match=r"d.jsonl:2: field 'prompt' encodes to no tokens"):
+        load_prompts(DataConfig(path=str(path), answer_field=""), dropping, 8)
+    path = _jsonl(tmp_path / "v.jsonl", [{"prompt": "w1 w2"}, {"prompt": "w1 w200"}])
+    with pytest.raises(GspoError, match=r"v.jsonl:2: the tokenizer gives token id 200, outside the "
+                                        r"model's vocabulary \[0, 100\)"):
+        load_prompts(DataConfig(path=str(path), answer_field=""), tokenizer, 8, vocab_size=100)
+    assert len(load_prompts(DataConfig(path=str(path), answer_field=""), tokenizer, 8).prompts) == 2

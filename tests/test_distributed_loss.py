@@ -112,3 +112,27 @@ def test_minibatch_updates_match_single_process(tiny_moe, samples_file, tmp_path
         # Adam divides by sqrt(v): fp32 reduction-order noise in tiny gradients shows up in the
         # update, so compare to the step size (lr 1e-3) rather than to the weights.
         assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+
+
+def test_nonfinite_minibatch_is_skipped_and_leaves_no_trace(tiny_moe, tmp_path):
+    """A minibatch whose loss is NaN (here: a NaN advantage) skips its optimizer step on every
+    rank: the weights after [NaN minibatch, good minibatch] equal, bit for bit, those of an
+    update that only ever saw the good minibatch (same Adam step count, same LR schedule)."""
+    rows = sorted(tm.random_rows(8, seed=5), key=lambda r: len(r[0]) + len(r[1]))
+    rng = random.Random(1)
+    # The longest row is in the good (second) minibatch, so both runs pad to the same length.
+    samples = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1)} for p, r in rows]
+    samples[1]["advantage"] = float("nan")
+    both, good = tmp_path / "both.json", tmp_path / "good.json"
+    both.write_text(json.dumps(samples))
+    good.write_text(json.dumps(samples[4:]))
+    flags = ["--mode", "update", "--trainer-old-logprobs"]
+    got = _run(tiny_moe, both, tmp_path, 2, flags + ["--num-minibatches", "2"], "both.pt")
+    ref = _run(tiny_moe, good, tmp_path, 2, flags + ["--num-minibatches", "1"], "good.pt")
+    skipped, stepped = got["metrics"]
+    assert skipped["skipped"] == 1 and skipped["update_successful"] == 0
+    assert stepped["skipped"] == 0 and stepped["update_successful"] == 1
+    assert stepped["loss"] == ref["metrics"][0]["loss"]
+    for key, w in ref["tensors"].items():
+        assert torch.isfinite(got["tensors"][key]).all(), key
+        assert torch.equal(got["tensors"][key], w), key

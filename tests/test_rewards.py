@@ -3,13 +3,20 @@ and a function that raises or hangs scoring 0 without stopping the run."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.rewards.builtin import final_answer, format_reward, math_reward
 from gspo_megatron.rewards.runner import RewardConfig, RewardFn, RewardRunner
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize("response,answer,expected", [
@@ -61,3 +68,261 @@ def test_runner_weights_errors_and_timeouts():
 def test_bad_reward_names_fail_before_any_work(name, message):
     with pytest.raises(GspoError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         RewardConfig(functions=[RewardFn(name)]).validate()
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (RewardConfig(functions=[RewardFn("format", float("nan"))]), "rewards.functions[0].weight=nan: must be a finite number"),
+    (RewardConfig(timeout_s=float("inf")), "rewards.timeout_s=inf must be a finite number"),
+])
+def test_weights_and_timeout_must_be_finite(cfg, message):
+    # The YAML loader rejects these already; a config built in code must not get past either.
+    with pytest.raises(GspoError) as err:
+        cfg.validate()
+    assert str(err.value) == message
+
+
+# -- a faulty reward function costs one call, never the run ----------------------------------
+
+def _runner(*names: str, timeout_s: float = 30.0) -> RewardRunner:
+    return RewardRunner(RewardConfig(functions=[RewardFn(n) for n in names], timeout_s=timeout_s))
+
+
+_MUST = "a reward must be a finite number"
+
+
+def test_only_finite_real_numbers_become_rewards():
+    good = [("1", 1.0), ("0.25", 0.25), ("True", 1.0), ("False", 0.0), ("Fraction(1, 4)", 0.25),
+            ("np.float32(0.5)", 0.5), ("np.int64(1)", 1.0), ("np.bool_(True)", 1.0),
+            ("np.array(0.75)", 0.75), ("torch.tensor(0.5)", 0.5), ("torch.tensor(True)", 1.0)]
+    bad = [("float('nan')", "nan (float)"), ("float('inf')", "inf (float)"),
+           ("-float('inf')", "-inf (float)"), ("'nan'", "'nan' (str)"), ("'0.5'", "'0.5' (str)"),
+           ("None", "None (NoneType)"), ("[1.0]", "[1.0] (list)"), ("1 + 0j", "(1+0j) (complex)"),
+           ("10 ** 400", "(int)"), ("Decimal('0.5')", "Decimal('0.5') (Decimal)"),
+           ("np.float64('nan')", "(float64)"), ("np.array([0.5])", "(ndarray)"),
+           ("torch.tensor(float('nan'))", "tensor(nan) (Tensor)"),
+           ("torch.tensor([0.5])", "tensor([0.5000]) (Tensor)")]
+    runner = _runner("reward_fns:returns")  # one worker for all cases: spawns cost seconds
+    try:
+        for expr, value in good:
+            totals, stats = runner.score([("p", expr, None)])
+            assert (totals, stats["reward/errors"], runner.last_errors) == ([value], 0, []), expr
+        for expr, shown in bad:
+            totals, stats = runner.score([("p", expr, None)])
+            assert totals == [0.0] and stats["reward/errors"] == 1, expr
+            assert runner.last_errors[0].startswith("reward_fns:returns: returned "), expr
+            assert runner.last_errors[0].endswith(f"{shown}; {_MUST}"), runner.last_errors[0]
+        totals, stats = runner.score([("p", "float('nan')", None), ("p", "1", None), ("p", "'0.5'", None),
+                                      ("p", "True", None)])
+    finally:
+        runner.close()
+    assert totals == [0.0, 1.0, 0.0, 1.0]
+    assert stats["reward/returns"] == 0.5 and stats["reward/errors"] == 2
+    assert runner.last_errors == [f"reward_fns:returns: returned nan (float); {_MUST}",
+                                  f"reward_fns:returns: returned '0.5' (str); {_MUST}"]
+
+
+def test_exits_interrupts_and_killed_workers_are_errors_and_the_run_goes_on():
+    # misbehaves is the last call of each item: a death at the end of a score() too.
+    runner = _runner("reward_fns:length_bonus", "reward_fns:misbehaves", timeout_s=10.0)
+    faults = ["sys.exit", "KeyboardInterrupt", "BaseException", "os._exit", "SIGKILL"]
+    try:
+        first = runner.score([("p", r, None) for r in ["ok"] + faults[:4] + ["ok"] + faults[4:]])
+        second = runner.score([("p", "ok", None), ("p", "os._exit", None), ("p", "ok", None)])
+    finally:
+        runner.close()
+    # length_bonus of a one-word response is 0.1; misbehaves gives 1 when it behaves.
+    assert first[0] == pytest.approx([1.1, 0.1, 0.1, 0.1, 0.1, 1.1, 0.1])
+    assert (first[1]["reward/errors"], first[1]["reward/timeouts"]) == (5, 0)
+    assert first[1]["reward/length_bonus"] == pytest.approx(0.1)
+    assert second[0] == pytest.approx([1.1, 0.1, 1.1])
+    assert (second[1]["reward/errors"], second[1]["reward/timeouts"]) == (1, 0)
+    assert runner.last_errors == ["reward_fns:misbehaves: worker exited with status 3"]
+
+
+def test_exit_messages_name_the_function_and_what_happened():
+    runner = _runner("reward_fns:misbehaves", timeout_s=10.0)
+    faults = ["sys.exit", "KeyboardInterrupt", "BaseException", "os._exit", "SIGKILL"]
+    try:
+        totals, stats = runner.score([("p", r, None) for r in faults])
+    finally:
+        runner.close()
+    assert totals == [0.0] * 5 and stats["reward/errors"] == 5
+    assert runner.last_errors == ["reward_fns:misbehaves: raised SystemExit: 3",
+                                  "reward_fns:misbehaves: raised KeyboardInterrupt",
+                                  "reward_fns:misbehaves: raised CustomStop: stop everything",
+                                  "reward_fns:misbehaves: worker exited with status 3",
+                                  "reward_fns:misbehaves: worker killed by signal 9 (SIGKILL)"]
+
+
+_SLOW_START = """
+import multiprocessing, time
+from reward_fns import hangs
+if multiprocessing.parent_process() is not None:  # in the reward worker only
+    time.sleep(0.8)  # as a heavy import (sympy, a tokenizer) does; longer than timeout_s
+"""
+
+
+def test_one_hang_costs_one_timeout_and_restarts_do_not_eat_call_time(tmp_path, monkeypatch):
+    (tmp_path / "slow_start_rewards.py").write_text(_SLOW_START)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    timeout_s = 0.5
+    runner = _runner("slow_start_rewards:hangs", timeout_s=timeout_s)
+    items = [("p", "hang", None)] + [("p", "ok", None)] * 15
+    try:
+        # The first score() starts on a fresh worker; the second on the one started after the
+        # first hang. Each hang must cost one timeout, and the calls after it nothing.
+        for _ in range(2):
+            t0 = time.perf_counter()
+            totals, stats = runner.score(items)
+            took = time.perf_counter() - t0
+            assert (totals, stats["reward/timeouts"], stats["reward/errors"]) == ([0.0] + [1.0] * 15, 1, 0)
+            assert took < len(items) * timeout_s / 2  # one timeout and a start-up or two
+    finally:
+        runner.close()
+    assert runner.last_errors == ["slow_start_rewards:hangs: no result within timeout_s=0.5 s; worker killed"]
+
+
+@pytest.mark.parametrize("module,source,message", [
+    ("m_syntax", "import os\n\ndef f(p, r, a) return 1\n", "SyntaxError: expected ':' (m_syntax.py, line 3)"),
+    ("m_name", "x = undefined_name\n", "NameError: name 'undefined_name' is not defined"),
+    ("m_zero", "x = 1 / 0\n", "ZeroDivisionError: division by zero"),
+    ("m_runtime", "raise RuntimeError('no GPU\\nhere')\n", "RuntimeError: no GPU here"),
+    ("m_exit", "import sys\nsys.exit(2)\n", "SystemExit: 2"),
+    ("m_dep", "import no_such_dependency_xyz\n",
+     "ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
+])
+def test_a_module_that_fails_at_import_is_one_line_naming_it(tmp_path, monkeypatch, module, source, message):
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(GspoError) as err:
+        RewardConfig(functions=[RewardFn(f"{module}:f")]).validate()
+    assert str(err.value) == (f"rewards.functions[0].name='{module}:f': importing module '{module}' "
+                              f"failed: {message}")
+
+
+_PARENT_ONLY = """
+import multiprocessing, time
+if multiprocessing.parent_process() is not None:  # imports in the trainer, fails in the worker
+    {}
+def f(prompt, response, answer):
+    return 1.0
+"""
+
+
+def test_a_worker_that_cannot_start_scores_errors_and_is_retried(tmp_path, monkeypatch):
+    from gspo_megatron.rewards import worker as worker_mod
+
+    (tmp_path / "fails_in_worker.py").write_text(_PARENT_ONLY.format("raise RuntimeError('no data dir')"))
+    (tmp_path / "hangs_in_worker.py").write_text(_PARENT_ONLY.format("time.sleep(60)"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = _runner("fails_in_worker:f", "reward_fns:length_bonus")
+    try:
+        for _ in range(2):  # the next score() tries a new worker, and fails the same way
+            totals, stats = runner.score([("p", "a b", None), ("p", "c", None)])
+            assert totals == [0.0, 0.0] and stats["reward/errors"] == 4
+            assert runner.last_errors[0] == (
+                "fails_in_worker:f: reward worker failed to start: rewards.functions[0].name="
+                "'fails_in_worker:f': importing module 'fails_in_worker' failed: RuntimeError: no data dir")
+    finally:
+        runner.close()
+    monkeypatch.setattr(worker_mod, "STARTUP_TIMEOUT_S", 1.0)
+    runner = _runner("hangs_in_worker:f")
+    try:
+        t0 = time.perf_counter()
+        totals, stats = runner.score([("p", "a", None)] * 3)
+        assert time.perf_counter() - t0 < 10  # one start-up budget, not one per call
+    finally:
+        runner.close()
+    assert totals == [0.0] * 3 and (stats["reward/errors"], stats["reward/timeouts"]) == (3, 0)
+    assert runner.last_errors[0] == "hangs_in_worker:f: reward worker not ready after 1 s"
+
+
+def test_no_process_to_be_had_scores_errors_not_a_crash(monkeypatch):
+    from multiprocessing.context import SpawnProcess
+
+    def cannot_fork(self):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(SpawnProcess, "start", cannot_fork)
+    runner = _runner("reward_fns:length_bonus")
+    try:
+        totals, stats = runner.score([("p", "a", None)] * 2)
+        assert totals == [0.0, 0.0] and stats["reward/errors"] == 2
+        assert runner.last_errors[0] == ("reward_fns:length_bonus: reward worker could not be spawned: "
+                                         "BlockingIOError: [Errno 11] Resource temporarily unavailable")
+        monkeypatch.undo()
+        assert runner.score([("p", "a", None)])[0] == [0.1]  # the next score() tries again
+    finally:
+        runner.close()
+
+
+_TRAINER = """
+import sys
+from gspo_megatron.rewards.runner import RewardConfig, RewardFn, RewardRunner
+runner = RewardRunner(RewardConfig(functions=[RewardFn("reward_fns:" + sys.argv[2])], timeout_s=60))
+runner.score([(sys.argv[1], "r", None)])
+"""
+
+
+def _start_trainer(tmp_path, function: str):
+    """A process that scores one item with `function` (which writes the worker's pid to a file,
+    then hangs); returned once the worker is in the call, with the worker's psutil.Process."""
+    import psutil
+
+    pid_file = tmp_path / "worker.pid"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(pid_file), function], env=env,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        if trainer.poll() is not None or time.monotonic() > deadline:
+            trainer.kill()
+            raise AssertionError("the reward worker never started")
+        time.sleep(0.05)
+    return trainer, psutil.Process(int(pid_file.read_text()))
+
+
+def _gone_within(proc, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _running(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _running(proc)
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, waiting to be reaped
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_the_worker_dies_with_a_killed_trainer(tmp_path):
+    trainer, worker = _start_trainer(tmp_path, "hangs_after_writing_pid")
+    try:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        assert _gone_within(worker, 5), "the reward worker outlived its killed trainer"
+    finally:
+        trainer.kill()
+        if _running(worker):
+            worker.kill()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_ctrl_c_ends_the_trainer_even_if_the_function_ignores_sigterm(tmp_path):
+    # At exit multiprocessing SIGTERMs a daemon worker and then waits for it without a limit.
+    trainer, worker = _start_trainer(tmp_path, "ignores_sigterm_and_hangs")
+    try:
+        trainer.send_signal(signal.SIGINT)
+        try:
+            trainer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the trainer is still waiting for its reward worker") from None
+        assert _gone_within(worker, 5)
+    finally:
+        trainer.kill()
+        if _running(worker):
+            worker.kill()

@@ -6,7 +6,6 @@ the one generated from the code."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 

@@ -1,27 +1,48 @@
 """Weighted reward functions, run in a guarded worker process.
 
 Functions are named in the config: a built-in (``math``, ``format``, ``exact_match``) or
-``package.module:function``. They are imported once at start-up, so a typo is one line before
-any model is built. Scoring happens in a separate process (spawned, so it shares no locks or
-threads with the trainer): each call gets ``timeout_s``; a call that raises scores 0 and counts
-as an error, a call that hangs is cut off by killing the worker (which is restarted), scores 0
-and counts as a timeout. The run goes on either way.
+``package.module:function``. They are imported once at start-up, so a typo, a missing module or
+a module that fails at import (any exception, SyntaxError and SystemExit included) is one line
+that names it, before any model is built.
+
+Scoring happens in one separate process (``rewards.worker``; spawned, so it shares no locks or
+threads with the trainer). What a faulty function can do to a run is bounded:
+
+- a call that raises anything (SystemExit and KeyboardInterrupt included), or returns anything
+  but a finite real number (NaN, inf, a string, None, a list...), scores 0 and counts in
+  ``reward/errors``: one bad value must not become a reward, a NaN one would end up in the weights;
+- a call that kills the worker (``os._exit``, a signal) scores 0 and counts as an error; a call
+  still running after ``timeout_s`` has the worker killed, scores 0 and counts in
+  ``reward/timeouts``. Either way a fresh worker is started at once and the run goes on;
+- a worker reports ready once it has imported the functions, and a call's ``timeout_s`` runs from
+  when the call is sent, so a restart's start-up (its own ``STARTUP_TIMEOUT_S``) never eats into
+  the next call's time. A worker that cannot start scores every call of that ``score()`` as an
+  error, with the reason; the next ``score()`` tries again;
+- the worker never outlives the trainer: a trainer that exits (an exception, Ctrl-C, which the
+  worker ignores and leaves to the trainer) SIGKILLs it first, where multiprocessing's own exit
+  hook would SIGTERM it and wait without a limit; one killed with SIGKILL takes it along (Linux
+  ``PR_SET_PDEATHSIG``) instead of leaving it hung in a user's function.
 
 The total reward of a response is sum_k weight_k * fn_k(prompt, response, answer). Per-function
 means and the error / timeout counts are reported as ``reward/<name>``, ``reward/errors``,
-``reward/timeouts``.
+``reward/timeouts``; ``RewardRunner.last_errors`` keeps the first few "<name>: <what happened>".
 """
 
 from __future__ import annotations
 
-import importlib
+import atexit
+import math
 import multiprocessing as mp
 import time
-import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.rewards.registry import resolve
+from gspo_megatron.rewards.worker import Job, Reply, Worker
+
+MAX_LAST_ERRORS = 5
+"""Problems kept per score() in RewardRunner.last_errors; the counts cover all of them."""
 
 
 @dataclass(frozen=True)
@@ -41,113 +62,63 @@ class RewardConfig:
     functions: List[RewardFn] = field(default_factory=lambda: [RewardFn("math", 1.0)])
     """Terms summed with their weights (paper-style math RL: math 1.0)."""
     timeout_s: float = 10.0
-    """Per call; a call past it is killed and scores 0."""
+    """Per call, from when it is sent to the worker; a call past it is killed and scores 0."""
 
     def validate(self) -> None:
         if not self.functions:
             raise GspoError("rewards.functions is empty: name at least one reward function")
         if not self.timeout_s > 0:
             raise GspoError(f"rewards.timeout_s={self.timeout_s} must be > 0")
+        if not math.isfinite(self.timeout_s):
+            raise GspoError(f"rewards.timeout_s={self.timeout_s} must be a finite number")
         for i, f in enumerate(self.functions):
+            if not math.isfinite(f.weight):
+                raise GspoError(f"rewards.functions[{i}].weight={f.weight}: must be a finite number")
             resolve(f.name, f"rewards.functions[{i}].name")
 
 
-def resolve(name: str, where: str = "reward") -> Callable:
-    from gspo_megatron.rewards.builtin import BUILTIN
-
-    if name in BUILTIN:
-        return BUILTIN[name]
-    if ":" not in name:
-        raise GspoError(f"{where}='{name}': not a built-in ({', '.join(BUILTIN)}) nor an import "
-                        f"path 'package.module:function'")
-    module, attr = name.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except ImportError as err:
-        raise GspoError(f"{where}='{name}': cannot import module '{module}' ({err})") from None
-    except AttributeError:
-        raise GspoError(f"{where}='{name}': module '{module}' has no '{attr}'") from None
-    if not callable(fn):
-        raise GspoError(f"{where}='{name}': not callable")
-    return fn
-
-
-Job = Tuple[int, int, str, str, Optional[str]]  # (item, function index, prompt, response, answer)
-
-
-def _worker(conn, names: Sequence[str]) -> None:
-    fns = [resolve(n) for n in names]
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        item, k, prompt, response, answer = job
-        try:
-            value, err = float(fns[k](prompt, response, answer)), None
-        except Exception:
-            value, err = 0.0, traceback.format_exc(limit=2).strip().splitlines()[-1]
-        conn.send((item, k, value, err))
-
-
 class RewardRunner:
-    """Scores (prompt, response, answer) items; one worker process, restarted after a hang."""
+    """Scores (prompt, response, answer) items with the configured functions in one guarded
+    worker process, replaced whenever a call kills it or runs past the timeout."""
 
     def __init__(self, cfg: RewardConfig):
         cfg.validate()
         self.cfg = cfg
         self.names = [f.name for f in cfg.functions]
         self.weights = [f.weight for f in cfg.functions]
-        self._ctx = mp.get_context("spawn")
-        self._proc = None
-        self._conn = None
         self.last_errors: List[str] = []
-        self._warm = False  # the first call also waits for the worker's imports
-
-    def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_worker, args=(child, self.names), daemon=True)
-        self._proc.start()
-        child.close()
-        self._conn = parent
-
-    def _kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.join()
-        self._proc = self._conn = None
+        """The first few problems of the last score(), each "<function name>: <what happened>"."""
+        self._ctx = mp.get_context("spawn")
+        # Spawned now, so that its imports overlap the trainer's own start-up.
+        self._worker: Optional[Worker] = Worker(self._ctx, self.names)
+        self._cannot_start: Optional[str] = None
+        # Before multiprocessing's exit hook, which would SIGTERM the worker and wait for it.
+        atexit.register(self.close)
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send(None)
-                self._proc.join(timeout=5)
-            except (BrokenPipeError, OSError):
-                pass
-        self._kill()
+        if self._worker is not None:
+            self._worker.kill()
+        self._worker = None
+        atexit.unregister(self.close)
 
     def score(self, items: Sequence[Tuple[str, str, Optional[str]]]) -> Tuple[List[float], Dict[str, float]]:
         """Total reward per item, and metrics (per-function means, errors, timeouts)."""
         values = [[0.0] * len(self.names) for _ in items]
         errors = timeouts = 0
         self.last_errors = []
+        self._cannot_start = None  # a worker that could not start gets one new try per score()
         t0 = time.perf_counter()
         for i, (prompt, response, answer) in enumerate(items):
-            for k in range(len(self.names)):
-                if self._proc is None or not self._proc.is_alive():
-                    self._start()
-                budget = self.cfg.timeout_s + (0.0 if self._warm else 30.0)
-                self._conn.send((i, k, prompt, response, answer))
-                if not self._conn.poll(budget):
-                    self._kill()
-                    timeouts += 1
+            for k, name in enumerate(self.names):
+                (values[i][k], err), timed_out = self._score_one((k, prompt, response, answer))
+                if err is None:
                     continue
-                self._warm = True
-                _, _, value, err = self._conn.recv()
-                if err is not None:
+                if timed_out:
+                    timeouts += 1
+                else:
                     errors += 1
-                    if len(self.last_errors) < 5:
-                        self.last_errors.append(f"{self.names[k]}: {err}")
-                values[i][k] = value
+                if len(self.last_errors) < MAX_LAST_ERRORS:
+                    self.last_errors.append(f"{name}: {err}")
         totals = [sum(w * v for w, v in zip(self.weights, row)) for row in values]
         n = max(len(items), 1)
         stats = {f"reward/{_tag(name)}": sum(row[k] for row in values) / n
@@ -155,6 +126,27 @@ class RewardRunner:
         stats.update({"reward/errors": float(errors), "reward/timeouts": float(timeouts),
                       "perf/reward_seconds": time.perf_counter() - t0})
         return totals, stats
+
+    def _score_one(self, job: Job) -> Tuple[Reply, bool]:
+        """One call's Reply, and whether it timed out."""
+        if self._cannot_start is None and (self._worker is None or not self._worker.alive()):
+            self._replace_worker()  # first use after close(), or it died between calls
+        if self._cannot_start is None:
+            self._cannot_start = self._worker.wait_ready()
+        if self._cannot_start is not None:
+            return (0.0, self._cannot_start), False
+        reply, outcome = self._worker.call(job, self.cfg.timeout_s)
+        if outcome != "ok":
+            # Replace it at once: the new worker imports while this call is recorded (or, after
+            # the last call of a score(), while the trainer trains); the next call's time only
+            # starts once it is ready.
+            self._replace_worker()
+        return reply, outcome == "timeout"
+
+    def _replace_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+        self._worker = Worker(self._ctx, self.names)
 
 
 def _tag(name: str) -> str:

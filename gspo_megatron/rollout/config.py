@@ -12,7 +12,8 @@ class RolloutConfig:
     """vLLM sampling and placement. One engine per ``engine_tp`` consecutive training ranks."""
 
     group_size: int = 8
-    """G: responses sampled per prompt; advantages are normalised within each group."""
+    """G: responses sampled per prompt; advantages are normalised within each group (so
+    training needs >= 2)."""
     temperature: float = 1.0
     """Sampling temperature. The trainer scores the untempered policy, so keep 1.0 unless you
     accept that pi_old (and the logprob diff metric) then differ from what was sampled."""

@@ -1,0 +1,89 @@
+"""gspo-train's pre-flight: every check on the run's inputs, before any heavy work.
+
+Runs in every process (and once per node in the launch scripts, before torchrun starts), with no
+process group, model or engine in existence: config keys and values, the model checkpoint
+(complete on disk, as its metadata says), the layout against the model and the world size, batch
+sizes, the tokenizer, every prompt row, the output directory (writable, room for a checkpoint,
+not already holding a run unless resuming) and the checkpoint a resume would continue from. Each
+problem is one ``GspoError`` line; gspo-train turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
+from gspo_megatron.config import Config
+from gspo_megatron.errors import GspoError
+from gspo_megatron.fsutil import check_free_space, check_writable_dir
+from gspo_megatron.parallel import check_layout
+from gspo_megatron.train_state import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
+
+
+@dataclass
+class Plan:
+    """What the pre-flight established, for the Trainer."""
+
+    cfg: Config
+    spec: object  # models.qwen3.spec.Qwen3Spec
+    prompts: object  # data.PromptSet
+    tokenizer: object
+    resume_from: Optional[Path]
+    """The checkpoint to continue from (None: a fresh start)."""
+    dp: int
+    """Data-parallel ranks."""
+    checkpoint_bytes: int
+    """Estimated size of one training checkpoint (checked against free space before saves)."""
+
+
+def preflight(cfg: Config, world_size: int, resume: bool = False,
+              resume_from: Optional[Path] = None) -> Plan:
+    from gspo_megatron.data import load_prompts
+
+    cfg.validate(world_size)
+    if cfg.loss.kl_coef:
+        raise GspoError(f"loss.kl_coef={cfg.loss.kl_coef}: gspo-train keeps no reference model "
+                        f"(the paper trains without a KL term); use 0")
+    spec = checkpoint_spec(Path(cfg.model.ckpt))
+    check_layout(cfg.parallel, spec, world_size)
+    layout = cfg.parallel
+    dp = world_size // (layout.tp * layout.pp * layout.cp)
+    samples = cfg.train.prompts_per_step * cfg.rollout.group_size
+    if samples % (dp * cfg.loss.num_minibatches):
+        raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
+                        f"split over {dp} data-parallel ranks x loss.num_minibatches="
+                        f"{cfg.loss.num_minibatches}")
+    if cfg.rollout.max_model_len > spec.max_position_embeddings:
+        raise GspoError(f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
+                        f"{cfg.rollout.max_model_len} exceeds the model's max_position_embeddings="
+                        f"{spec.max_position_embeddings}")
+    tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_tokens, spec.vocab_size)
+    out = Path(cfg.train.output_dir)
+    check_writable_dir(out, "train.output_dir")
+    start = resume_point(out / CHECKPOINTS, resume or resume_from is not None, resume_from,
+                         cfg.train.output_dir)
+    checkpoint_bytes = estimate_checkpoint_bytes(spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR)
+    check_free_space(out, checkpoint_bytes, "a training checkpoint (model + optimizer state)")
+    return Plan(cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes)
+
+
+def load_tokenizer(hf_dir: Path):
+    """The checkpoint's tokenizer, refused when it cannot be what the model was trained with."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    except Exception as err:
+        raise GspoError(f"{hf_dir}: no usable tokenizer in the checkpoint's hf/ directory "
+                        f"(convert from an HF directory that has one) [{err}]") from None
+    # transformers builds an empty tokenizer (a vocabulary of one token) from a config.json
+    # alone instead of failing: every prompt would then encode to nothing.
+    if len(tokenizer) < 2:
+        raise GspoError(f"{hf_dir}: no usable tokenizer (a vocabulary of {len(tokenizer)} token; "
+                        f"tokenizer.json or vocab.json + merges.txt are missing): convert from an "
+                        f"HF directory that has its tokenizer files, or copy them into {hf_dir}")
+    return tokenizer
+

@@ -1,0 +1,45 @@
+"""Process lifetimes: children that must not outlive the process that started them.
+
+A trainer rank is started by torchrun and starts a reward worker and (inside megatron's
+checkpoint writer) multiprocessing helpers. When a parent is SIGKILLed (a scheduler, the OOM
+killer, a user) nothing in Python runs, so the kernel has to end the children:
+``die_with_parent`` asks Linux for SIGKILL when the parent dies. When a process ends itself with
+``os._exit`` (after a failure with peers gone, see ``errors``), ``kill_children`` ends the
+multiprocessing children first, which multiprocessing's exit hooks would otherwise have done.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux; a no-op elsewhere). The kernel sends it
+    when the parent *thread* that started this process exits, so start children from the main
+    thread. Exits at once if the parent is already gone (``parent_pid`` is the pid it had)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def kill_children() -> None:
+    """SIGKILL every live multiprocessing child of this process (reward worker, the managers
+    megatron's checkpoint writer starts)."""
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+            child.join(timeout=5)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,196 @@
+"""The reward worker: one spawned process that imports the reward functions and answers calls,
+and the trainer's handle on it.
+
+The process shares no locks or threads with the trainer (spawned). It reports ready once the
+functions are imported, so that a call's timeout runs from when the call is sent and never pays
+for a start-up. Inside, every call is guarded: anything a function raises (SystemExit and
+KeyboardInterrupt included) or returns other than a finite real number becomes an error reply.
+It ignores Ctrl-C (the trainer decides what that means) and dies with the trainer (Linux
+``PR_SET_PDEATHSIG``), so that it is never left hung in a user's function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import os
+import reprlib
+import signal
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Callable, Optional, Sequence, Tuple
+
+from gspo_megatron.errors import GspoError
+from gspo_megatron.procutil import die_with_parent
+from gspo_megatron.rewards.registry import describe, resolve
+
+STARTUP_TIMEOUT_S = 120.0
+"""How long a fresh worker may take to start and import the functions (not part of any call)."""
+
+Job = Tuple[int, str, str, Optional[str]]  # (function index, prompt, response, answer)
+Reply = Tuple[float, Optional[str]]  # (value, None) or (0.0, what went wrong)
+
+def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
+    """Worker main: import the functions, send None (ready) or why it cannot start, then answer
+    each Job with a Reply until the trainer kills it or goes away."""
+    die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the trainer decides what it means and stops this
+    # worker, which must not report it as a fault of whatever function it was running.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        fns = [resolve(n, f"rewards.functions[{k}].name") for k, n in enumerate(names)]
+        _import_lazy_dependencies(names)
+    except BaseException as exc:  # SystemExit at import is a failed start too
+        conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
+        return
+    conn.send(None)
+    try:
+        while True:
+            k, prompt, response, answer = conn.recv()
+            conn.send(_run_one(fns[k], prompt, response, answer))
+    except (EOFError, OSError):  # the trainer is gone: nobody to answer
+        return
+
+
+def _run_one(fn: Callable, prompt: str, response: str, answer: Optional[str]) -> Reply:
+    # BaseException: sys.exit() or KeyboardInterrupt in a reward function is that call's
+    # fault, no reason to stop this worker.
+    try:
+        raw = fn(prompt, response, answer)
+        value = _finite_real(raw)
+    except BaseException as exc:
+        return 0.0, f"raised {describe(exc)}"
+    if value is None:
+        return 0.0, f"returned {_show(raw)} ({type(raw).__name__}); a reward must be a finite number"
+    return value, None
+
+
+def _finite_real(raw: object) -> Optional[float]:
+    """raw as a float if it is a finite real number (bool as 1/0: `return got == answer` is
+    common), including numpy scalars and 0-d numpy arrays / torch tensors; else None."""
+    real = isinstance(raw, numbers.Real)  # int, float, bool, numpy integer / floating scalars
+    # A numpy or torch value means its module is imported already: nothing to import here.
+    np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    if np is not None and isinstance(raw, (np.bool_, np.ndarray)):
+        real = raw.ndim == 0 and raw.dtype.kind in "biuf"
+    if torch is not None and isinstance(raw, torch.Tensor):
+        real = raw.ndim == 0 and not raw.is_complex()
+    if not real:
+        return None
+    try:
+        value = float(raw)
+    except (OverflowError, ValueError):  # an int past float's range
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _import_lazy_dependencies(names: Sequence[str]) -> None:
+    from gspo_megatron.rewards.builtin import WORKER_IMPORTS
+
+    for name in names:
+        for module in WORKER_IMPORTS.get(name, ()):
+            importlib.import_module(module)
+
+
+_NO_ANSWER = object()
+
+
+@dataclass(frozen=True)
+class _Died:
+    reason: str
+
+
+class Worker:
+    """One worker process and its pipe. Spawned at once; `wait_ready` waits for its imports."""
+
+    def __init__(self, ctx, names: Sequence[str]):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, list(names), os.getpid()), daemon=True)
+        self.ready = False
+        self.failed: Optional[str] = None
+        """Why this worker cannot score (it is gone then)."""
+        try:
+            self.proc.start()
+        except OSError as err:  # no process to be had (EAGAIN, ENOMEM): errors, not a crash
+            self.failed = f"reward worker could not be spawned: {describe(err)}"
+        child.close()  # else the worker's death would not show as EOF on our end
+
+    def alive(self) -> bool:
+        return self.failed is None and self.proc.is_alive()
+
+    def wait_ready(self) -> Optional[str]:
+        """None once the worker has imported the functions, else why it cannot score."""
+        if self.failed is None and not self.ready:
+            got = self._receive(STARTUP_TIMEOUT_S)
+            self.ready = got is None
+            if got is _NO_ANSWER:
+                self.failed = f"reward worker not ready after {STARTUP_TIMEOUT_S:g} s"
+            elif not self.ready:
+                why = got.reason if isinstance(got, _Died) else got
+                self.failed = f"reward worker failed to start: {why}"
+            if self.failed is not None:
+                self.kill()
+        return self.failed
+
+    def call(self, job: Job, timeout_s: float) -> Tuple[Reply, str]:
+        """The worker's Reply and "ok"; else (0, why) and "timeout" (killed here after
+        timeout_s) or "died" (it exited in the call). Either way it is gone: replace it."""
+        try:
+            self.conn.send(job)
+        except OSError:  # it died between calls: _receive sees that
+            pass
+        got = self._receive(timeout_s)  # the call's time runs from here, start-up excluded
+        if got is _NO_ANSWER:
+            self.kill()
+            return (0.0, f"no result within timeout_s={timeout_s:g} s; worker killed"), "timeout"
+        if isinstance(got, _Died):
+            return (0.0, got.reason), "died"
+        return got, "ok"
+
+    def _receive(self, timeout_s: float) -> object:
+        """The next message, _NO_ANSWER after timeout_s, or _Died when the worker exited."""
+        ready = wait([self.conn, self.proc.sentinel], timeout_s)
+        if not ready:
+            return _NO_ANSWER
+        if self.conn in ready:
+            try:
+                return self.conn.recv()
+            except (EOFError, OSError):
+                pass
+        self.proc.join(timeout=5)  # its pipes close a moment before it can be reaped
+        code = self.proc.exitcode
+        self.kill()
+        return _Died(_exit_reason(code))
+
+    def kill(self) -> None:
+        """SIGKILL: the worker holds nothing to flush, and a handler that a user's function set
+        for SIGTERM must not keep it (and the trainer waiting on it) alive."""
+        if self.proc.pid is not None:  # it was spawned
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def _exit_reason(code: Optional[int]) -> str:
+    if code is None:
+        return "worker closed its pipe and did not exit"
+    if code < 0:
+        try:
+            return f"worker killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"worker killed by signal {-code}"
+    return f"worker exited with status {code}"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _show(raw: object) -> str:
+    try:
+        return _REPR.repr(raw)
+    except Exception:  # a broken __repr__ is the function's problem, not the runner's
+        return f"<unprintable {type(raw).__name__}>"

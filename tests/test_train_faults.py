@@ -1,0 +1,157 @@
+"""gspo-train under faults, end to end on CPU with the real trainer, engine and reward worker:
+non-finite rewards never reach the weights, a full disk stops the run with its last checkpoint
+intact, a training checkpoint is a model checkpoint, a hung rank ends the run within
+train.collective_timeout_s, and workers die with their launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+import tiny_models as tm
+import train_runs as tr
+from conftest import REPO
+
+
+def _train(argv, log: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    """gspo-train in one process; tests/ on the path for the reward functions of these tests."""
+    env = dict(tr.env(), PYTHONPATH=str(REPO / "tests"))
+    cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd + [str(a) for a in argv], cwd=REPO, env=env, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), "")
+
+
+def _reward(name: str) -> str:
+    return f"rewards.functions=[{{name: 'fault_rewards:{name}', weight: 1.0}}]"
+
+
+def test_nan_rewards_never_reach_the_weights(multinode_run, demo_init, tmp_path):
+    """A reward function returning NaN, inf, 'nan' or None on some samples trains exactly like
+    one raising on those samples (each scored 0 and counted), and the weights stay finite.
+    Starting point: a training checkpoint as model.ckpt (it is also a model checkpoint)."""
+    start = multinode_run / "checkpoints" / "step_000005"
+    runs = {}
+    for name in ("copy_or_nan", "copy_or_raise"):
+        out = tmp_path / name
+        argv = tr.overrides(demo_init, out, **{"model.ckpt": start, "train.steps": 2,
+                                               "train.keep_checkpoints": 1}) + [_reward(name)]
+        proc = _train(argv, tmp_path / f"{name}.log")
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        assert proc.stdout.count("reward function error") == 1, proc.stdout[-3000:]  # once a run
+        runs[name] = out
+    for out in runs.values():  # keep_checkpoints=1: the final one, and latest naming it
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002"]
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    nan, raised = (tr.checkpoint_tensors(runs[n] / "checkpoints" / "step_000002") for n in runs)
+    tensors = [k for k, v in raised.items() if isinstance(v, torch.Tensor)]
+    assert len(tensors) > 20
+    for k in tensors:
+        assert torch.isfinite(nan[k].float()).all(), k
+        assert torch.equal(nan[k], raised[k]), k
+    rows = [[json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in runs]
+    assert [r["reward/errors"] for r in rows[0]] == [r["reward/errors"] for r in rows[1]]
+    assert all(r["reward/errors"] > 0 for r in rows[0])
+
+
+def test_full_disk_stops_the_run_with_the_last_checkpoint_intact(demo_init, small_fs, tmp_path):
+    """An 18 MiB disk holds one checkpoint of the demo model (10.8 MB) but not a second: the
+    second save is refused before anything is written, the run stops with one line and exit 1,
+    and the first checkpoint is complete and still named by `latest`."""
+    from gspo_megatron.checkpoint import checkpoint_spec
+
+    out = small_fs(18) / "run"
+    proc = _train(tr.overrides(demo_init, out, **{"train.steps": 3}), tmp_path / "log")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    ckpts = out / "checkpoints"
+    assert last.startswith("stopped: no space left on ") and "checkpoint step_000002 needs" in last, last
+    assert last.endswith(f"the last complete checkpoint is {ckpts / 'step_000001'}"), last
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001"]
+    assert (ckpts / "latest").read_text().strip() == "step_000001"
+    checkpoint_spec(ckpts / "step_000001")  # every data file as long as its metadata says
+
+
+def test_training_checkpoint_scores_like_its_hf_export(multinode_run, tmp_path):
+    """score --ckpt takes a training checkpoint (model + optimizer + scheduler) as it takes a
+    converted one; its log-probs equal transformers' on the run's HF export of it."""
+    from transformers import AutoModelForCausalLM
+
+    rows = tm.random_rows(6, seed=7)
+    tm.write_rows(rows, tmp_path / "rows.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "gspo_megatron.score", "--ckpt",
+                           str(multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}"), "--input",
+                           str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+                          cwd=REPO, env=tr.env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = tm.read_logprobs(tmp_path / "out.jsonl")
+    want = tm.hf_logprobs(AutoModelForCausalLM.from_pretrained(multinode_run / "hf"), rows)
+    assert tm.max_abs_diff(got, want) <= 1e-4
+
+
+def _workers(launcher: subprocess.Popen) -> list:
+    return psutil.Process(launcher.pid).children(recursive=True)
+
+
+def _wait_for_first_step(out: Path, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None, f"run ended early:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+def test_hung_rank_ends_the_run_within_the_collective_timeout(demo_init, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = tr.torchrun(log, tr.overrides(demo_init, out, **{
+        "train.steps": 200, "train.save_every": 0, "train.collective_timeout_s": 10}))
+    try:
+        _wait_for_first_step(out, proc, log)
+        rank1 = [p for p in _workers(proc) if p.environ().get("RANK") == "1"
+                 and p.environ().get("LOCAL_RANK") == "1"]
+        assert rank1, "no rank-1 worker found"
+        stopped_at = time.time()
+        for p in rank1:
+            p.send_signal(signal.SIGSTOP)  # alive, holding its sockets, never answering
+        rc = proc.wait(timeout=150)
+        took = time.time() - stopped_at
+    finally:
+        tr.kill_tree(proc)
+    text = log.read_text()
+    assert rc != 0
+    # 10 s for rank 0's collective to time out, then torchrun's grace period for the stopped
+    # rank (SIGTERM waits while a process is stopped; torchrun SIGKILLs it after 30 s).
+    assert took < 10 + 60, took
+    assert ("stopped: a collective waited longer than train.collective_timeout_s=10 s" in text), text[-3000:]
+
+
+def test_workers_die_with_their_launcher(demo_init, tmp_path):
+    """SIGKILL of torchrun (as a scheduler or the OOM killer does) takes its workers along
+    instead of leaving them training unobserved."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = tr.torchrun(log, tr.overrides(demo_init, out, **{"train.steps": 200, "train.save_every": 0}))
+    workers = []
+    try:
+        _wait_for_first_step(out, proc, log)
+        workers = _workers(proc)
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        tr.kill_tree(proc)
+        for p in workers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass

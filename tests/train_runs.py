@@ -1,0 +1,75 @@
+"""gspo-train runs for the tests: the tiny demo's overrides, torchrun launches, SIGKILL of a
+whole process tree, and reading a distributed checkpoint back in one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import REPO, free_port
+
+STEPS = 5
+
+
+def overrides(init: Path, out: Path, **extra) -> list:
+    base = {"model.ckpt": init / "mcore", "data.path": init / "train.jsonl",
+            "train.output_dir": out, "train.steps": STEPS, "train.save_every": 1,
+            "train.keep_checkpoints": 2, "train.prompts_per_step": 8,
+            "loss.micro_batch_size": 4}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONWARNINGS"] = "ignore"
+    # torchrun sets 1 thread per process only when a node runs several; the two-node launch
+    # (1 process per node) would otherwise reduce in a different order than the one-node run.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(out_log: Path, overrides, resume: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
+    cmd += (["--resume"] if resume else []) + list(overrides)
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=open(out_log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker it started (as a crashed node would lose them)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"gspo-train failed ({rc}):\n{log.read_text()[-4000:]}"
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """Every tensor and object of a megatron distributed checkpoint, read in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = path.parent / (path.name + ".pt")
+    dcp_to_torch_save(str(path), str(flat))
+    return torch.load(flat, weights_only=False)
