@@ -21,7 +21,20 @@ def _size(text: str) -> int:
     if not m:
         raise GspoError(f"--max-shard-size '{text}': expected a size such as 5GB, 500MB or 1048576")
     scale = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[(m.group(2) or "").upper()]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise GspoError(f"--max-shard-size '{text}': must be at least 1 byte (e.g. 5GB)")
+    return size
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise GspoError(f"--io-threads '{text}': expected a number of threads >= 1")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
     a.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    a.add_argument("--io-threads", type=int, default=1, help="parallel writer threads (files)")
+    a.add_argument("--io-threads", default="1", help="parallel writer threads (files; default 1)")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     b = sub.add_parser("mcore-to-hf", help="megatron torch_dist checkpoint -> HF safetensors")
     b.add_argument("--ckpt", required=True, help="checkpoint directory")
@@ -59,7 +72,7 @@ def _convert(args: argparse.Namespace) -> None:
         from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
 
         convert_hf_to_mcore(args.hf_dir, args.out, overwrite=args.overwrite,
-                            io_threads=args.io_threads, show_progress=not args.no_progress)
+                            io_threads=_threads(args.io_threads), show_progress=not args.no_progress)
     else:
         from checkpoints_convert.mcore_to_hf import convert_mcore_to_hf
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gspo_megatron.checkpoint import HF_SUBDIR
 from gspo_megatron.errors import GspoError
-from gspo_megatron.fsutil import atomic_dir, check_output_dir
+from gspo_megatron.fsutil import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
 from gspo_megatron.progress import progress_bar
@@ -28,6 +28,7 @@ def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
     if not hf_dir.is_dir():
         raise GspoError(f"{hf_dir}: no such directory (expected a HF model directory with config.json)")
     spec = spec_from_hf_dir(hf_dir)
+    check_not_replacing_input(out, hf_dir, "--hf-dir")
     check_output_dir(out, overwrite)
     reader = HFCheckpointReader(hf_dir)
     mappings = hf_mapping.tensor_mappings(spec)

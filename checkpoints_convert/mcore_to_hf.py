@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
 from gspo_megatron.errors import GspoError
-from gspo_megatron.fsutil import atomic_dir, check_output_dir
+from gspo_megatron.fsutil import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.progress import progress_bar
 
@@ -31,6 +31,7 @@ def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
                         show_progress: bool = True) -> None:
     ckpt, out = Path(ckpt), Path(out)
     spec = checkpoint_spec(ckpt)
+    check_not_replacing_input(out, ckpt, "--ckpt")
     check_output_dir(out, overwrite)
     reader = DcpTensorReader(ckpt)
     mappings = hf_mapping.tensor_mappings(spec)

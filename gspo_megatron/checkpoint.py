@@ -23,6 +23,10 @@ def checkpoint_spec(ckpt_dir: Path) -> Qwen3Spec:
     if not ckpt_dir.is_dir():
         raise GspoError(f"{ckpt_dir}: no such checkpoint directory")
     if not (ckpt_dir / "metadata.json").is_file():
+        if (ckpt_dir / "config.json").is_file():
+            raise GspoError(f"{ckpt_dir}: an HF model directory, not a megatron checkpoint: "
+                            f"convert it first (gspo-convert hf-to-mcore --hf-dir {ckpt_dir} "
+                            f"--out DIR)")
         raise GspoError(f"{ckpt_dir}: not a megatron distributed checkpoint (metadata.json missing)")
     if not (ckpt_dir / HF_SUBDIR / "config.json").is_file():
         raise GspoError(f"{ckpt_dir / HF_SUBDIR / 'config.json'}: missing; the checkpoint does not "

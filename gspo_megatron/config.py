@@ -69,6 +69,8 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "keep_checkpoints", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise GspoError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if not self.output_dir.strip():
+            raise GspoError("train.output_dir is empty: name a directory for checkpoints and logs")
         if self.save_every < 0:
             raise GspoError(f"train.save_every={self.save_every} must be >= 0 (0 = only at the end)")
         if not self.collective_timeout_s > 0:

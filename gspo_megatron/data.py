@@ -149,9 +149,10 @@ def render(tokenizer, cfg: DataConfig, text: str) -> List[int]:
 
 
 def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int,
-                 vocab_size: Optional[int] = None) -> PromptSet:
+                 vocab_size: Optional[int] = None, require_answers: str = "") -> PromptSet:
     """Every row tokenised and checked. ``vocab_size`` (the model's) refuses prompts whose ids
-    the embedding has no row for: a tokenizer that does not belong to the model."""
+    the embedding has no row for: a tokenizer that does not belong to the model.
+    ``require_answers`` names a reward that compares with the answer: every row needs one."""
     rows = read_rows(cfg)
     prompts, overlong = [], 0
     for i, row in enumerate(rows):
@@ -169,6 +170,9 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int,
             overlong += 1
             continue
         answer = row.get(cfg.answer_field) if cfg.answer_field else None
+        if require_answers and answer is None:
+            raise GspoError(f"{where}: field '{cfg.answer_field}' is null, and the "
+                            f"{require_answers} reward compares with it (data.answer_field)")
         prompts.append(Prompt(row[cfg.prompt_field], ids, None if answer is None else str(answer), i))
     if not prompts:
         raise GspoError(f"{cfg.path}: all {len(rows)} prompts are longer than "

@@ -3,8 +3,9 @@
 Every check that rejects a file, a config key, a layout or a data row raises ``GspoError`` with a
 single line that names the offending thing and what would be valid. CLIs print that line and
 exit with status 2 instead of a traceback. ``TrainingStopped`` is the same for a run that had to
-stop on its own (exit 1): too many skipped steps, a collective that timed out. Ctrl-C is one line
-and exit status 130 (the shell's convention for SIGINT).
+stop on its own (exit 1): too many skipped steps, a collective that timed out. Ctrl-C and SIGTERM
+are one line and exit status 130 / 143 (the shell's convention), after the same cleanup as any
+other exception (temporary outputs removed).
 
 Under torchrun the entry points also tie each worker's life to its launcher (Linux
 ``PR_SET_PDEATHSIG``): when torchrun itself is killed, with SIGKILL as a scheduler or the OOM
@@ -14,7 +15,9 @@ killer does, its workers get SIGKILL too instead of training on to the end unobs
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Callable, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -22,6 +25,7 @@ T = TypeVar("T")
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class GspoError(Exception):
@@ -32,26 +36,44 @@ class TrainingStopped(Exception):
     """A run that cannot go on (not the input's fault), described in one line."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, torchrun tearing a run down), raised like Ctrl-C so
+    that the same cleanup runs."""
+
+
 def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
     """Decorator for CLI entry points: a GspoError becomes one line on stderr and exit code 2,
-    TrainingStopped one line and exit 1, Ctrl-C one line and exit 130."""
+    TrainingStopped one line and exit 1, Ctrl-C one line and exit 130, SIGTERM one line and
+    exit 143."""
 
     def wrapped(*args, **kwargs) -> T:
         die_with_launcher()
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
         try:
             return main(*args, **kwargs)
         except GspoError as err:
             _die(str(err), EXIT_BAD_INPUT)
         except TrainingStopped as err:
             _die(str(err), EXIT_STOPPED, prefix="stopped")
+        except Terminated:
+            _die("SIGTERM; no partial output was left looking complete", EXIT_TERMINATED,
+                 prefix="terminated", quiet=os.environ.get("RANK", "0") != "0")
         except KeyboardInterrupt:
             # Ctrl-C reaches every rank at once: rank 0 speaks for all of them.
             _die("SIGINT (Ctrl-C); no partial output was left looking complete", EXIT_INTERRUPTED,
                  prefix="interrupted", quiet=os.environ.get("RANK", "0") != "0")
+        finally:
+            if previous is not None:  # a caller in the same process (a test) gets its own back
+                signal.signal(signal.SIGTERM, previous)
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
     return wrapped
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def _quiet_rank() -> bool:
@@ -66,11 +88,12 @@ def _die(message: str, code: int, prefix: str = "error", quiet: bool = False) ->
         rank = os.environ.get("RANK")
         where = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}: {where}{message}", file=sys.stderr, flush=True)
-    if _distributed():
-        # Process groups exist: megatron, vLLM and DCP leave threads and groups behind whose
-        # teardown can block on peers that are already gone. Everything worth keeping was
-        # written atomically before this point; children are ended here, as the exit hooks
-        # os._exit skips would have.
+    if "TORCHELASTIC_RUN_ID" in os.environ and _distributed():
+        # A torchrun worker with process groups: megatron, vLLM and DCP leave threads and
+        # groups behind whose teardown can block on peers that are already gone. Everything
+        # worth keeping was written atomically before this point; children are ended here, as
+        # the exit hooks os._exit skips would have. (A single process, or a caller in the same
+        # process such as a test, gets a normal SystemExit.)
         from gspo_megatron.procutil import kill_children
 
         sys.stdout.flush()

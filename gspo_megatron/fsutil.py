@@ -81,6 +81,15 @@ def check_writable_dir(path: Path, setting: str) -> None:
         raise GspoError(f"{setting}={path}: cannot write under {probe} ({err.strerror})") from None
 
 
+def check_not_replacing_input(out: Path, source: Path, option: str) -> None:
+    """Refuse an output that is, or contains, its own input: replacing it (``--overwrite``)
+    would delete the input the moment the output is complete."""
+    out_r, src_r = Path(out).resolve(), Path(source).resolve()
+    if src_r == out_r or out_r in src_r.parents:
+        raise GspoError(f"{out}: the output would replace its own input {option} {source}; "
+                        f"choose another output path")
+
+
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse an existing output directory unless overwrite is set (checked before heavy work)."""
     out = Path(out)

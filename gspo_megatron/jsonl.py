@@ -12,8 +12,13 @@ from gspo_megatron.errors import GspoError
 def iter_objects(path: Path, expected: str = "a JSON object per line") -> Iterator[Tuple[int, dict]]:
     """(1-based line number, object) for every non-blank line; a line that is not valid JSON or
     not an object is one GspoError naming ``path:line`` (``expected`` says what a line holds)."""
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise GspoError(f"{path}:{n}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                f"{err.start + 1}); JSON lines must be UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -16,8 +16,10 @@ from typing import Optional
 
 from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
 from gspo_megatron.config import Config
+from gspo_megatron.data import load_prompts
 from gspo_megatron.errors import GspoError
 from gspo_megatron.fsutil import check_free_space, check_writable_dir
+from gspo_megatron.models.qwen3.spec import check_same_shapes
 from gspo_megatron.parallel import check_layout
 from gspo_megatron.train_state import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
 
@@ -40,8 +42,6 @@ class Plan:
 
 def preflight(cfg: Config, world_size: int, resume: bool = False,
               resume_from: Optional[Path] = None) -> Plan:
-    from gspo_megatron.data import load_prompts
-
     cfg.validate(world_size)
     if cfg.loss.kl_coef:
         raise GspoError(f"loss.kl_coef={cfg.loss.kl_coef}: gspo-train keeps no reference model "
@@ -59,12 +59,17 @@ def preflight(cfg: Config, world_size: int, resume: bool = False,
         raise GspoError(f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
                         f"{cfg.rollout.max_model_len} exceeds the model's max_position_embeddings="
                         f"{spec.max_position_embeddings}")
+    check_kv_cache_fits(cfg)
     tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_tokens, spec.vocab_size)
+    needs_answer = reward_needing_answers(cfg)
+    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_tokens, spec.vocab_size,
+                           require_answers=needs_answer)
     out = Path(cfg.train.output_dir)
     check_writable_dir(out, "train.output_dir")
     start = resume_point(out / CHECKPOINTS, resume or resume_from is not None, resume_from,
                          cfg.train.output_dir)
+    if start is not None:  # the run's weights must fit the model being built
+        check_same_shapes(spec, checkpoint_spec(start), f"{start} (vs model.ckpt={cfg.model.ckpt})")
     checkpoint_bytes = estimate_checkpoint_bytes(spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR)
     check_free_space(out, checkpoint_bytes, "a training checkpoint (model + optimizer state)")
     return Plan(cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes)
@@ -87,3 +92,30 @@ def load_tokenizer(hf_dir: Path):
                         f"HF directory that has its tokenizer files, or copy them into {hf_dir}")
     return tokenizer
 
+
+
+def reward_needing_answers(cfg: Config) -> str:
+    """The first built-in reward that compares with the reference answer ('' if none): every
+    call would fail without one."""
+    from gspo_megatron.rewards.builtin import NEEDS_ANSWER
+
+    needing = [f.name for f in cfg.rewards.functions if f.name in NEEDS_ANSWER and f.weight]
+    if needing and not cfg.data.answer_field:
+        raise GspoError(f"rewards.functions: {needing[0]} compares with a reference answer but "
+                        f"data.answer_field is empty; name the answer column")
+    return needing[0] if needing else ""
+
+
+def check_kv_cache_fits(cfg: Config) -> None:
+    """On CPU vLLM reserves the KV cache from host memory at start-up: more than the machine has
+    free would end in the kernel's OOM killer, not in an error."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    free = psutil.virtual_memory().available
+    if cfg.rollout.kv_cache_gib * (1 << 30) > free:
+        raise GspoError(f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} is more than this "
+                        f"machine's free memory ({free / (1 << 30):.1f} GiB) for one engine's KV "
+                        f"cache; lower it (the tiny demo uses 0.05)")

@@ -22,6 +22,7 @@ from typing import List, Tuple
 import torch
 
 from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.fsutil import atomic_write_text, check_not_replacing_input, check_writable_dir
 from gspo_megatron.jsonl import iter_objects
 from gspo_megatron.parallel import ParallelLayout, check_layout, parse_pp_layers, world_size_from_env
 
@@ -94,13 +95,18 @@ def score(args) -> None:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise GspoError(f"{out}: output file already exists (pass --overwrite to replace it)")
-    if args.micro_batch_size < 1:
-        raise GspoError(f"--micro-batch-size={args.micro_batch_size} must be >= 1")
+    if out.is_dir():
+        raise GspoError(f"--output {out}: is a directory; give a file name")
+    check_not_replacing_input(out, Path(args.input), "--input")
+    check_writable_dir(out.parent, "--output's directory")  # before the work, not after it
+    for name in ("micro_batch_size", "num_microbatches"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise GspoError(f"--{name.replace('_', '-')}={value} must be >= 1")
     results = run_scoring(spec, layout, Path(args.ckpt), rows, args.micro_batch_size,
                           args.num_microbatches or 2 * layout.pp, _dtype(args.dtype))
     if results is not None:
-        from gspo_megatron.fsutil import atomic_write_text
-
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, "".join(json.dumps({"logprobs": lp}) + "\n" for lp in results))
 
 

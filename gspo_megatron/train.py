@@ -231,8 +231,8 @@ class Trainer:
             # Once per run: reward/errors counts them all; a broken reward function must not
             # drown the progress bar.
             self.reward_error_shown = True
-            self._say(f"reward function error (scored 0, counted in reward/errors; shown once): "
-                      f"{first}")
+            self._say(f"reward function failed (scored 0 and counted in reward/errors or "
+                      f"reward/timeouts; only the first failure is shown): {first}")
         n = sum(p[2] for p in parts) or 1
         merged: Dict[str, float] = {}
         for key in stats:
@@ -271,17 +271,23 @@ class Trainer:
             self._export(root)
 
     def _export(self, root: Path) -> None:
+        import datetime
+
         import torch.distributed as dist
 
         from gspo_megatron.train_state import latest_checkpoint
 
+        # Rank 0 converts alone, which for a large model takes longer than any collective
+        # should (train.collective_timeout_s): the others wait on a group of their own. If rank
+        # 0 fails, its closed connection ends their wait at once.
+        wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         if self.rank == 0:
             from checkpoints_convert.mcore_to_hf import convert_mcore_to_hf
 
             convert_mcore_to_hf(latest_checkpoint(root), self.out / "hf", overwrite=True,
                                 show_progress=False)
             self._say(f"exported the final policy to {self.out / 'hf'}")
-        dist.barrier()
+        dist.barrier(group=wait_group)
 
     def close(self, engine: bool = True) -> None:
         for part in ("rewards", "metrics"):
@@ -320,8 +326,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         why = collective_failure(err, cfg.train.collective_timeout_s)
         if why is None:
             raise
-        raise TrainingStopped(f"{why}; {last_complete_note(Path(cfg.train.output_dir) / CHECKPOINTS)}") from None
-    except BaseException:  # Ctrl-C: every rank is stopping at once
+        last = last_complete_note(Path(cfg.train.output_dir) / CHECKPOINTS)
+        raise TrainingStopped(f"{why}; {last}") from None
+    except BaseException:  # Ctrl-C or SIGTERM: every rank is stopping at once
         if trainer is not None:
             trainer.close(engine=False)
         raise

@@ -51,6 +51,8 @@ LATEST = "latest"
 PARTIAL = ".partial"
 ABANDONED = ".abandoned"
 """Suffix of checkpoints set aside by ``--resume-from`` an older one (kept, never loaded)."""
+TRAINER_STATE = "trainer_state.json"
+"""The step, for people; its presence marks a training (not a model) checkpoint."""
 _STEP_DIR = re.compile(r"step_(\d+)")
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -118,10 +120,14 @@ def resume_point(root: Path, resume: bool, resume_from: Optional[Path],
         return None
     if resume_from is not None:
         resume_from = Path(resume_from)
-        if done and resume_from.resolve().parent != root.resolve():
+        inside = resume_from.resolve().parent == root.resolve()
+        if done and not inside:
             raise GspoError(f"--resume-from {resume_from}: train.output_dir={output_dir} holds "
                             f"another run's checkpoints ({done[-1].name}); choose one of them or "
                             f"another train.output_dir")
+        if inside and checkpoint_step(resume_from) is None:
+            raise GspoError(f"--resume-from {resume_from}: not one of the run's checkpoints "
+                            f"(step_N directories; a .partial or .abandoned one is not loaded)")
         checkpoint_spec(resume_from)  # a complete checkpoint: every file its metadata names
         if not (resume_from / TRAINER_STATE).is_file():
             raise GspoError(f"--resume-from {resume_from}: not a training checkpoint (no "
@@ -235,8 +241,8 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, is_loading: b
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, hf_source: Path,
                     keep: int, needed_bytes: int = 0) -> Path:
-    """Write ``root/step_N`` atomically (collective) and point ``latest`` at it; keep the newest
-    ``keep`` complete checkpoints. Returns the checkpoint directory.
+    """Write ``root/step_N`` atomically (collective) and point ``latest`` at it; keep it and the
+    ``keep - 1`` newest complete checkpoints before it. Returns the checkpoint directory.
 
     ``needed_bytes``: the space a checkpoint takes (the previous one's size when there is one):
     checked before anything is written. A save that cannot be completed (no space, a write
@@ -287,9 +293,6 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, 
         _prune(root, keep, final)
     _barrier()
     return final
-
-
-TRAINER_STATE = "trainer_state.json"
 
 
 def _agree(problem: Optional[str]) -> Optional[str]:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import tiny_models as tm
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 CONVERT = str(Path(sys.executable).parent / "gspo-convert")
 

@@ -178,8 +178,11 @@ def test_write_failing_in_a_writer_thread_stops_all_threads(big_moe, tmp_path):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("direction", ["hf-to-mcore", "mcore-to-hf"])
-def test_ctrl_c_mid_write_exits_130_and_leaves_nothing(big_moe, tmp_path, direction):
+@pytest.mark.parametrize("direction,sig", [("hf-to-mcore", signal.SIGINT), ("mcore-to-hf", signal.SIGINT),
+                                           ("hf-to-mcore", signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_mid_write_is_one_line_and_leaves_nothing(big_moe, tmp_path, direction, sig):
+    """Ctrl-C (and SIGTERM, a scheduler's preemption) mid-write: one line, the shell's exit
+    status for the signal, nothing left."""
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     if direction == "hf-to-mcore":  # several writer threads, several data files
         args, data = ["hf-to-mcore", "--hf-dir", big_moe / "hf", "--io-threads", "2"], "*.distcp"
@@ -187,12 +190,27 @@ def test_ctrl_c_mid_write_exits_130_and_leaves_nothing(big_moe, tmp_path, direct
         args, data = ["mcore-to-hf", "--ckpt", big_moe / "mcore", "--max-shard-size", "4MB"], "*.safetensors"
     proc = _start([*args, "--out", out], log)
     _wait_for_write(proc, out, data, log)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130, log.read_text()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 128 + sig, log.read_text()
     stderr = log.read_text()
     assert "Traceback" not in stderr and "Exception" not in stderr, stderr
-    assert _lines(stderr)[-1].startswith("interrupted: "), stderr
+    word = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert _lines(stderr)[-1].startswith(f"{word}: "), stderr
     assert not out.exists() and _leftovers(tmp_path) == [], _leftovers(tmp_path)
+
+
+def test_output_that_would_replace_its_input_is_refused(tiny_moe, tmp_path):
+    """--out naming the input (or a directory holding it) with --overwrite would delete the
+    input once the output is complete."""
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_moe.ckpt, src)
+    for out in (src, tmp_path):
+        line = _error_line(_convert(["mcore-to-hf", "--ckpt", src, "--out", out, "--overwrite"]))
+        assert line == f"error: {out}: the output would replace its own input --ckpt {src}; " \
+                       f"choose another output path"
+    assert (src / "metadata.json").is_file()
 
 
 def test_sigkill_leftovers_are_reported_and_removed_by_the_next_run(big_moe, tmp_path):
@@ -284,3 +302,15 @@ def test_killed_between_the_renames_of_an_overwrite_finishes_them(tmp_path, caps
     assert (out / "f").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert "completed an interrupted conversion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["mcore-to-hf", "--max-shard-size", "0"], "--max-shard-size '0': must be at least 1 byte (e.g. 5GB)"),
+    (["hf-to-mcore", "--io-threads", "0"], "--io-threads '0': expected a number of threads >= 1"),
+    (["hf-to-mcore", "--io-threads", "two"], "--io-threads 'two': expected a number of threads >= 1"),
+])
+def test_nonsense_sizes_and_thread_counts(tiny_moe, tmp_path, args, message):
+    src = ["--ckpt", tiny_moe.ckpt] if args[0] == "mcore-to-hf" else ["--hf-dir", tiny_moe.hf_dir]
+    proc = _convert([args[0], *src, "--out", tmp_path / "o", *args[1:]])
+    assert _error_line(proc) == f"error: {message}"
+    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []

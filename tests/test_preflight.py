@@ -233,3 +233,44 @@ def test_output_dir_without_room_for_a_checkpoint(good, small_fs, monkeypatch, c
     err = _main(good + [f"train.output_dir={out}"], monkeypatch, capsys)
     assert f"no space left on {out.parent} for {out}: a training checkpoint (model + optimizer " \
            f"state) needs 11.04 MiB, 2.00 MiB free" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rewards.functions=[{name: exact_match, weight: 1}]", None),  # the data has answers: fine
+    ("data.answer_field=''", "exact_match compares with a reference answer but data.answer_field is empty"),
+    ("train.output_dir=''", "train.output_dir is empty"),
+    ("rollout.kv_cache_gib=100000", "rollout.kv_cache_gib=100000 is more than this machine's free memory"),
+])
+def test_settings_that_would_fail_every_call_or_the_machine(good, monkeypatch, capsys, override, message):
+    argv = good + ["rewards.functions=[{name: exact_match, weight: 1}]", override]
+    if message is None:
+        assert _plan_of(argv, monkeypatch).prompts.prompts
+    else:
+        assert message in _main(argv, monkeypatch, capsys)
+
+
+def test_data_the_rewards_or_the_reader_cannot_use(good, monkeypatch, capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "w3 w0", "answer": "w3"}\n{"prompt": "w4 w0", "answer": null}\n')
+    err = _main(good + [f"data.path={data}", "rewards.functions=[{name: exact_match, weight: 1}]"],
+                monkeypatch, capsys)
+    assert f"{data}:2: field 'answer' is null, and the exact_match reward compares with it" in err
+    data.write_bytes(b'{"prompt": "w3 w0", "answer": "w3"}\n{"prompt": "w4 \xff w0", "answer": "w4"}\n')
+    err = _main(good + [f"data.path={data}"], monkeypatch, capsys)
+    assert f"{data}:2: not UTF-8 text (byte 0xff at column 16)" in err
+
+
+def test_hf_directory_as_model_checkpoint(good, demo_init, monkeypatch, capsys):
+    err = _main(good + [f"model.ckpt={demo_init / 'hf'}"], monkeypatch, capsys)
+    assert f"{demo_init / 'hf'}: an HF model directory, not a megatron checkpoint: convert it " \
+           f"first (gspo-convert hf-to-mcore" in err
+
+
+def test_resuming_a_run_of_another_model(multinode_run, demo_init, tiny_moe, monkeypatch, capsys, tmp_path):
+    """model.ckpt changed between the run and its resume: refused before megatron meets
+    mismatched shapes deep in the checkpoint loader."""
+    out = _run_copy(multinode_run, tmp_path)
+    argv = (["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(demo_init, out)
+            + [f"model.ckpt={tiny_moe.ckpt}", "rollout.max_new_tokens=4", "rollout.max_prompt_tokens=12"])
+    err = _main(argv + ["--resume"], monkeypatch, capsys)
+    assert "step_000005 (vs model.ckpt=" in err and "checkpoint is of another model shape" in err

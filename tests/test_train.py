@@ -106,3 +106,22 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, d
     assert [r["step"] for r in rows] == list(range(1, tr.STEPS + 1))  # each step logged once
     assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in ref]
     assert not list(ckpts.glob("*.partial"))
+
+
+def test_skip_guard_stops_after_the_limit_in_a_row():
+    """Skipped optimizer steps are counted in a row across RL steps; a good step resets the
+    count; the limit stops the run with one line naming the last checkpoint."""
+    import pytest
+
+    from gspo_megatron.errors import TrainingStopped
+    from gspo_megatron.train import SkipGuard
+
+    guard = SkipGuard(limit=3)
+    guard.update([False, True, True], step=1, last_checkpoint="ckpt A")
+    guard.update([False, True], step=2, last_checkpoint="ckpt A")  # reset by the good one
+    guard.update([True], step=3, last_checkpoint="ckpt A")
+    with pytest.raises(TrainingStopped) as stop:
+        guard.update([True, False], step=4, last_checkpoint="the last complete checkpoint is B")
+    assert str(stop.value).startswith("3 optimizer steps in a row were skipped for a non-finite "
+                                      "loss or gradient norm (last in step 4); the last complete "
+                                      "checkpoint is B.")

@@ -47,7 +47,7 @@ def test_nan_rewards_never_reach_the_weights(multinode_run, demo_init, tmp_path)
                                                "train.keep_checkpoints": 1}) + [_reward(name)]
         proc = _train(argv, tmp_path / f"{name}.log")
         assert proc.returncode == 0, proc.stdout[-3000:]
-        assert proc.stdout.count("reward function error") == 1, proc.stdout[-3000:]  # once a run
+        assert proc.stdout.count("reward function failed") == 1, proc.stdout[-3000:]  # once a run
         runs[name] = out
     for out in runs.values():  # keep_checkpoints=1: the final one, and latest naming it
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002"]

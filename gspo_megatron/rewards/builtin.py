@@ -67,6 +67,9 @@ def exact_match_reward(prompt: str, response: str, answer: Optional[str]) -> flo
 
 BUILTIN = {"math": math_reward, "format": format_reward, "exact_match": exact_match_reward}
 
+NEEDS_ANSWER = ("math", "exact_match")
+"""Built-ins that compare with the row's reference answer: without one every call would fail."""
+
 WORKER_IMPORTS = {"math": ("math_verify",)}
 """What a built-in imports on its first call: not at start-up, so that the trainer process never
 loads it (math-verify brings sympy); the reward worker imports it before it reports ready, so
