@@ -207,13 +207,16 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     if optimizer is not None:
         optimizer.zero_grad()
     store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=False)
-    out = reduce_metrics(store)
-    if optimizer is not None and step_optimizer:
+    stepping = optimizer is not None and step_optimizer
+    # The gradient check rides on the metrics' all-reduce: no collective of its own.
+    out = reduce_metrics(store, nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0)
+    nonfinite_grads = out.pop("nonfinite_grads")
+    if stepping:
         # A non-finite loss or gradient must never reach the weights. megatron's optimizer only
         # looks for inf/NaN when it has a loss scaler (fp16, or an explicit loss_scale), not in
         # bf16 or fp32, and never at the loss: the step is skipped here instead, with the
         # scheduler left where it was (as megatron's trainer does for an unsuccessful update).
-        if not (math.isfinite(out["loss"]) and grads_finite(model)):
+        if nonfinite_grads or not math.isfinite(out["loss"]):
             out.update(update_successful=0.0, skipped=1.0, grad_norm=float("nan"))
             return out
         if scheduler is not None:
@@ -226,38 +229,38 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     return out
 
 
-def grads_finite(model) -> bool:
-    """Whether every gradient in the DDP buffers of every rank is finite (one all-reduce).
+def local_nonfinite_grads(model) -> float:
+    """1.0 if this rank's DDP gradient buffers hold a non-finite value, else 0.0 (no collective).
 
     After the data-parallel reduction a rank's buffer holds reduced gradients for the part its
     optimizer owns and its own local gradients elsewhere: a non-finite value anywhere in the
-    reduced gradient is therefore non-finite in some rank's buffer, and the global norm is
-    finite exactly when this is true (up to overflow of the squared sum, which clipping turns
-    into a zero update, not a NaN)."""
+    reduced gradient is non-finite in some rank's buffer, so the sum of these flags over all
+    ranks is 0 exactly when the global gradient norm is finite. A buffer's plain sum serves as
+    the test (NaN and inf propagate through it, and it allocates nothing): it can only overflow
+    where the squared norm would overflow too."""
     buffers = list(model.buffers) + list(model.expert_parallel_buffers)
-    device = buffers[0].grad_data.device if buffers else torch.device("cpu")
-    bad = torch.zeros(1, device=device)
-    for buf in buffers:
-        bad += (~torch.isfinite(buf.grad_data)).any()
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
+    if not buffers:
+        return 0.0
+    sums = torch.stack([buf.grad_data.sum(dtype=torch.float32) for buf in buffers])
+    return float(not bool(torch.isfinite(sums).all()))
 
 
-def reduce_metrics(store: List[dict]) -> Dict[str, float]:
+def reduce_metrics(store: List[dict], nonfinite_grads: float = 0.0) -> Dict[str, float]:
     """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
-    receives the result (counted once per sequence: TP and CP duplicates contribute zero)."""
+    receives the result (counted once per sequence: TP and CP duplicates contribute zero).
+    ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks."""
     from megatron.core import parallel_state as ps
 
     keys = ["loss_sum", "num_sequences", "num_tokens", "clipped_sum", "clip_denominator",
             "clamp_sum", "clamp_denominator", "abs_log_ratio_sum", "approx_kl_sum",
             "entropy_sum", "entropy_tokens"]
-    local = torch.zeros(len(keys), dtype=torch.float64)
+    local = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    local[-1] = nonfinite_grads
     owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
              and ps.get_context_parallel_rank() == 0)
     if owner:
         for d in store:
-            local += torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
+            local[:-1] += torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(local)
     sums = {k: torch.tensor(v) for k, v in zip(keys, local.tolist())}
@@ -267,6 +270,7 @@ def reduce_metrics(store: List[dict]) -> Dict[str, float]:
     out["entropy"] = float(sums["entropy_sum"]) / max(float(sums["entropy_tokens"]), 1.0)
     out["num_sequences"] = float(sums["num_sequences"])
     out["num_tokens"] = float(sums["num_tokens"])
+    out["nonfinite_grads"] = float(local[-1])
     return out
 
 
