@@ -83,7 +83,7 @@ def prepare(out: Path, rows: int, alphabet: int, length: int, warm_start_steps: 
     """Write data, the warm-started HF model and its megatron checkpoint (atomically)."""
     from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
     from gspo_megatron.fsutil import atomic_dir
-    from gspo_megatron.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
+    from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 
     from transformers import AutoTokenizer
 

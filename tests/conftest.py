@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from gspo_megatron.testing.hf_reference import hf_logprobs, write_rows
+from gspo_megatron.testing.tiny_model import (make_hf_model, random_rows, tiny_dense_config,
+                                              tiny_moe_config, write_tokenizer)
 
-import tiny_models as tm  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+# Test helpers (train_runs, reward functions imported by path) live beside the tests.
+sys.path.insert(0, str(REPO / "tests"))
 
 
 def free_port() -> int:
@@ -46,24 +49,24 @@ class TinyModel:
 
         self.root = root
         self.hf_dir = root / "hf"
-        self.model = tm.make_hf_model(config, self.hf_dir)
-        tm.write_tokenizer(self.hf_dir)
-        self.rows = tm.random_rows(12, seed=1)
+        self.model = make_hf_model(config, self.hf_dir)
+        write_tokenizer(self.hf_dir)
+        self.rows = random_rows(12, seed=1)
         self.input = root / "rows.jsonl"
-        tm.write_rows(self.rows, self.input)
-        self.reference = tm.hf_logprobs(self.model, self.rows)
+        write_rows(self.rows, self.input)
+        self.reference = hf_logprobs(self.model, self.rows)
         self.ckpt = root / "mcore"
         convert_hf_to_mcore(self.hf_dir, self.ckpt, show_progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_moe(tmp_path_factory) -> TinyModel:
-    return TinyModel(tmp_path_factory.mktemp("moe"), tm.moe_config())
+    return TinyModel(tmp_path_factory.mktemp("moe"), tiny_moe_config())
 
 
 @pytest.fixture(scope="session")
 def tiny_dense(tmp_path_factory) -> TinyModel:
-    return TinyModel(tmp_path_factory.mktemp("dense"), tm.dense_config())
+    return TinyModel(tmp_path_factory.mktemp("dense"), tiny_dense_config())
 
 
 # -- gspo-train runs shared by several test modules -------------------------------------------

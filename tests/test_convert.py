@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import tiny_models as tm
+from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff
+from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config, write_tokenizer
 from conftest import run_cli
 
 CONVERT = str(Path(sys.executable).parent / "gspo-convert")
@@ -40,8 +41,8 @@ def _leftovers(parent: Path) -> list:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_roundtrip_is_bitwise_with_config_and_tokenizer(tmp_path, dtype):
     hf = tmp_path / "hf"
-    tm.make_hf_model(tm.moe_config(), hf, dtype=dtype)
-    tm.write_tokenizer(hf)
+    make_hf_model(tiny_moe_config(), hf, dtype=dtype)
+    write_tokenizer(hf)
     run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc")])
     # A small shard limit forces several shards and an index, as for a real model.
     run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back"),
@@ -59,7 +60,7 @@ def test_converted_back_model_loads_in_transformers_with_same_outputs(tiny_moe, 
 
     run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(tiny_moe.ckpt), "--out", str(tmp_path / "back")])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
-    assert tm.max_abs_diff(tm.hf_logprobs(model, tiny_moe.rows), tiny_moe.reference) == 0.0
+    assert max_abs_diff(hf_logprobs(model, tiny_moe.rows), tiny_moe.reference) == 0.0
     assert AutoTokenizer.from_pretrained(tmp_path / "back").eos_token == "<eos>"
 
 
@@ -72,7 +73,7 @@ def _error_line(proc) -> str:
 
 def test_unsupported_architecture(tmp_path):
     hf = tmp_path / "hf"
-    tm.make_hf_model(tm.dense_config(), hf)
+    make_hf_model(tiny_dense_config(), hf)
     cfg = json.loads((hf / "config.json").read_text())
     cfg["architectures"] = ["MixtralForCausalLM"]
     (hf / "config.json").write_text(json.dumps(cfg))
@@ -86,7 +87,7 @@ def _sharded_hf(tmp_path) -> Path:
     from transformers import AutoModelForCausalLM
 
     src = tmp_path / "src"
-    tm.make_hf_model(tm.moe_config(), src)
+    make_hf_model(tiny_moe_config(), src)
     model = AutoModelForCausalLM.from_pretrained(src)
     hf = tmp_path / "hf"
     model.save_pretrained(hf, max_shard_size="100KB")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models as tm
+from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 from conftest import REPO
 
 CONVERT = str(Path(sys.executable).parent / "gspo-convert")
@@ -81,10 +81,10 @@ def _wait_for_write(proc: subprocess.Popen, out: Path, data_glob: str, log: Path
 def big_moe(tmp_path_factory):
     """A ~50 MB MoE (HF and converted): long enough to write (~0.2 s) to be hit mid-write."""
     root = tmp_path_factory.mktemp("big")
-    config = tm.moe_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+    config = tiny_moe_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
                            num_hidden_layers=8, num_local_experts=8, mlp_only_layers=[])
-    tm.make_hf_model(config, root / "hf")
-    tm.write_tokenizer(root / "hf")
+    make_hf_model(config, root / "hf")
+    write_tokenizer(root / "hf")
     proc = _convert(["hf-to-mcore", "--hf-dir", root / "hf", "--out", root / "mcore", "--no-progress"])
     assert proc.returncode == 0, proc.stderr
     return root

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import tiny_models as tm
+from gspo_megatron.testing.tiny_model import write_tokenizer
 from gspo_megatron.data import DataConfig, load_prompts
 from gspo_megatron.errors import GspoError
 
@@ -17,7 +17,7 @@ def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("tok")
-    tm.write_tokenizer(d)
+    write_tokenizer(d)
     return AutoTokenizer.from_pretrained(d)
 
 

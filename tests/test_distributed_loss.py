@@ -20,7 +20,8 @@ import random
 import pytest
 import torch
 
-import tiny_models as tm
+from gspo_megatron.testing.hf_reference import hf_logprobs
+from gspo_megatron.testing.tiny_model import random_rows
 from conftest import REPO, run_cli
 
 WORKER = str(REPO / "tests" / "workers" / "grad_worker.py")
@@ -42,8 +43,8 @@ LAYOUTS = [
 def samples_file(tiny_moe, tmp_path_factory):
     """Samples whose pi_old log-probs are HF's plus noise (the rollout-engine path), so ratios
     differ from 1 and some sequences are clipped."""
-    rows = tm.random_rows(8, seed=3)
-    ref = tm.hf_logprobs(tiny_moe.model, rows)
+    rows = random_rows(8, seed=3)
+    ref = hf_logprobs(tiny_moe.model, rows)
     rng = random.Random(0)
     out = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1),
             "old_logprobs": [x + rng.gauss(0, 0.003) for x in lp]} for (p, r), lp in zip(rows, ref)]
@@ -118,7 +119,7 @@ def test_nonfinite_minibatch_is_skipped_and_leaves_no_trace(tiny_moe, tmp_path):
     """A minibatch whose loss is NaN (here: a NaN advantage) skips its optimizer step on every
     rank: the weights after [NaN minibatch, good minibatch] equal, bit for bit, those of an
     update that only ever saw the good minibatch (same Adam step count, same LR schedule)."""
-    rows = sorted(tm.random_rows(8, seed=5), key=lambda r: len(r[0]) + len(r[1]))
+    rows = sorted(random_rows(8, seed=5), key=lambda r: len(r[0]) + len(r[1]))
     rng = random.Random(1)
     # The longest row is in the good (second) minibatch, so both runs pad to the same length.
     samples = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1)} for p, r in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_models as tm
+from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 
@@ -36,8 +36,8 @@ def _megatron_checkpoint_keys(spec):
     return keys
 
 
-@pytest.mark.parametrize("config", [tm.moe_config(), tm.moe_config(mlp_only_layers=[]),
-                                    tm.dense_config(), tm.dense_config(tie_word_embeddings=False)],
+@pytest.mark.parametrize("config", [tiny_moe_config(), tiny_moe_config(mlp_only_layers=[]),
+                                    tiny_dense_config(), tiny_dense_config(tie_word_embeddings=False)],
                          ids=["moe-mixed", "moe-all", "dense-tied", "dense-untied"])
 def test_mapping_keys_equal_megatron_sharded_keys(config):
     spec = _spec(config)
@@ -46,10 +46,10 @@ def test_mapping_keys_equal_megatron_sharded_keys(config):
 
 
 def test_mapping_covers_every_hf_tensor_exactly_once(tmp_path):
-    for config in (tm.moe_config(), tm.dense_config(tie_word_embeddings=False)):
+    for config in (tiny_moe_config(), tiny_dense_config(tie_word_embeddings=False)):
         # Compared with the file, not model.state_dict(): transformers 5 fuses the experts of
         # a MoE layer into one tensor in memory, while checkpoints (and vLLM) use per-expert names.
-        tm.make_hf_model(config, tmp_path / config.model_type)
+        make_hf_model(config, tmp_path / config.model_type)
         ours = {}
         for m in hf_mapping.tensor_mappings(_spec(config)):
             for name, shape in zip(m.hf_names, m.hf_shapes):
@@ -63,7 +63,7 @@ def test_mapping_covers_every_hf_tensor_exactly_once(tmp_path):
 
 
 def test_qkv_interleave_is_per_query_group_and_inverts():
-    spec = _spec(tm.moe_config())
+    spec = _spec(tiny_moe_config())
     m = next(m for m in hf_mapping.tensor_mappings(spec) if m.kind == hf_mapping.QKV)
     D, H = spec.head_dim, spec.hidden_size
     q = torch.randn(spec.num_attention_heads * D, H)
@@ -80,7 +80,7 @@ def test_qkv_interleave_is_per_query_group_and_inverts():
 
 
 def test_vocab_rows_are_padded_with_zeros_and_unpadded():
-    spec = _spec(tm.dense_config())
+    spec = _spec(tiny_dense_config())
     m = hf_mapping.tensor_mappings(spec)[0]
     w = torch.randn(spec.vocab_size, spec.hidden_size)
     padded = hf_mapping.to_mcore(spec, m, [w])

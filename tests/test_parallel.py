@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-import tiny_models as tm
+from gspo_megatron.testing.tiny_model import tiny_moe_config
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 from gspo_megatron.parallel import ParallelLayout, check_layout
 
 
 def _moe_spec(**overrides):
-    cfg = tm.moe_config(**overrides).to_dict()
+    cfg = tiny_moe_config(**overrides).to_dict()
     cfg["architectures"] = ["Qwen3MoeForCausalLM"]
     return spec_from_hf_config(cfg)
 

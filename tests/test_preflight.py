@@ -125,10 +125,10 @@ def test_checkpoint_without_tokenizer_files(good, demo_init, monkeypatch, capsys
 
 
 def test_tokenizer_that_does_not_belong_to_the_model(good, demo_init, monkeypatch, capsys, tmp_path):
-    import tiny_models as tm
+    from gspo_megatron.testing.tiny_model import write_tokenizer
 
     ckpt = _model_copy(demo_init, tmp_path)
-    tm.write_tokenizer(ckpt / "hf", vocab_size=300)  # the model's embedding has 250 rows
+    write_tokenizer(ckpt / "hf", vocab_size=300)  # the model's embedding has 250 rows
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "w3 w1 w0", "answer": "w3 w1"}\n{"prompt": "w280 w0", "answer": "w280"}\n')
     err = _main(good + [f"model.ckpt={ckpt}", f"data.path={data}"], monkeypatch, capsys)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import REPO, TinyModel, run_cli
-import tiny_models as tm
+from gspo_megatron.testing.tiny_model import tiny_moe_config
 
 
 @pytest.fixture(scope="session")
 def vllm_moe(tmp_path_factory) -> TinyModel:
     # head_dim 64: vLLM's CPU attention rejects the default tiny model's 16.
-    return TinyModel(tmp_path_factory.mktemp("vllm_moe"), tm.moe_config(head_dim=64, hidden_size=128))
+    return TinyModel(tmp_path_factory.mktemp("vllm_moe"), tiny_moe_config(head_dim=64, hidden_size=128))
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]], ids=["tp2", "ep2", "pp2"])

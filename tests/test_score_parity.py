@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import tiny_models as tm
+from gspo_megatron.testing.hf_reference import max_abs_diff, read_logprobs
 from conftest import run_cli
 
 TOL = 1e-4
@@ -39,19 +39,19 @@ def _score(model, tmp_path, nproc, layout_args):
     out = tmp_path / "out.jsonl"
     run_cli(["-m", "gspo_megatron.score", "--ckpt", str(model.ckpt), "--input", str(model.input),
              "--output", str(out), "--micro-batch-size", "2"] + layout_args, nproc=nproc)
-    return tm.read_logprobs(out)
+    return read_logprobs(out)
 
 
 @pytest.mark.parametrize("name,nproc,layout_args", MOE_LAYOUTS, ids=[l[0] for l in MOE_LAYOUTS])
 def test_moe_logprobs_match_hf(tiny_moe, tmp_path, name, nproc, layout_args):
     got = _score(tiny_moe, tmp_path, nproc, layout_args)
-    assert tm.max_abs_diff(got, tiny_moe.reference) <= TOL
+    assert max_abs_diff(got, tiny_moe.reference) <= TOL
 
 
 @pytest.mark.parametrize("name,nproc,layout_args", DENSE_LAYOUTS, ids=[l[0] for l in DENSE_LAYOUTS])
 def test_dense_logprobs_match_hf(tiny_dense, tmp_path, name, nproc, layout_args):
     got = _score(tiny_dense, tmp_path, nproc, layout_args)
-    assert tm.max_abs_diff(got, tiny_dense.reference) <= TOL
+    assert max_abs_diff(got, tiny_dense.reference) <= TOL
 
 
 def test_score_output_rows_in_input_order(tiny_moe, tmp_path):

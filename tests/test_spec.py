@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import tiny_models as tm
+from gspo_megatron.testing.tiny_model import tiny_dense_config, tiny_moe_config
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import SUPPORTED_ARCHITECTURES, spec_from_hf_config
 
@@ -18,7 +18,7 @@ def _released_style(cfg: dict) -> dict:
 
 
 def test_both_spellings_give_the_same_spec():
-    cfg = tm.moe_config().to_dict()
+    cfg = tiny_moe_config().to_dict()
     cfg["architectures"] = ["Qwen3MoeForCausalLM"]
     assert spec_from_hf_config(cfg) == spec_from_hf_config(_released_style(cfg))
 
@@ -29,7 +29,7 @@ def test_moe_layer_pattern_matches_transformers(overrides):
     from transformers import Qwen3MoeForCausalLM
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    config = tm.moe_config(**overrides)
+    config = tiny_moe_config(**overrides)
     model = Qwen3MoeForCausalLM(config)
     hf_pattern = tuple(isinstance(layer.mlp, Qwen3MoeSparseMoeBlock) for layer in model.model.layers)
     cfg = config.to_dict()
@@ -46,7 +46,7 @@ def test_unsupported_architecture_lists_supported():
 
 
 def test_unsupported_rope_scaling_is_named():
-    cfg = tm.dense_config().to_dict()
+    cfg = tiny_dense_config().to_dict()
     cfg["architectures"] = ["Qwen3ForCausalLM"]
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
     with pytest.raises(GspoError, match="rope type 'yarn' is not supported"):
@@ -54,7 +54,7 @@ def test_unsupported_rope_scaling_is_named():
 
 
 def test_vocab_padding_is_layout_independent():
-    cfg = tm.dense_config().to_dict()
+    cfg = tiny_dense_config().to_dict()
     cfg["architectures"] = ["Qwen3ForCausalLM"]
     spec = spec_from_hf_config(cfg)
     assert spec.vocab_size == 250 and spec.padded_vocab_size == 256

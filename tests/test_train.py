@@ -46,7 +46,7 @@ def test_export_hf_holds_the_final_policy(multinode_run, demo_init):
     """train.export_hf=true: the final checkpoint as an HF model that transformers loads."""
     from transformers import AutoModelForCausalLM
 
-    from gspo_megatron.hf_reference import read_hf_tensors
+    from gspo_megatron.testing.hf_reference import read_hf_tensors
 
     exported = read_hf_tensors(multinode_run / "hf")
     initial = read_hf_tensors(demo_init / "hf")

@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import torch
 
-import tiny_models as tm
+from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
+from gspo_megatron.testing.tiny_model import random_rows
 import train_runs as tr
 from conftest import REPO
 
@@ -86,16 +87,16 @@ def test_training_checkpoint_scores_like_its_hf_export(multinode_run, tmp_path):
     converted one; its log-probs equal transformers' on the run's HF export of it."""
     from transformers import AutoModelForCausalLM
 
-    rows = tm.random_rows(6, seed=7)
-    tm.write_rows(rows, tmp_path / "rows.jsonl")
+    rows = random_rows(6, seed=7)
+    write_rows(rows, tmp_path / "rows.jsonl")
     proc = subprocess.run([sys.executable, "-m", "gspo_megatron.score", "--ckpt",
                            str(multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}"), "--input",
                            str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "out.jsonl")],
                           cwd=REPO, env=tr.env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = tm.read_logprobs(tmp_path / "out.jsonl")
-    want = tm.hf_logprobs(AutoModelForCausalLM.from_pretrained(multinode_run / "hf"), rows)
-    assert tm.max_abs_diff(got, want) <= 1e-4
+    got = read_logprobs(tmp_path / "out.jsonl")
+    want = hf_logprobs(AutoModelForCausalLM.from_pretrained(multinode_run / "hf"), rows)
+    assert max_abs_diff(got, want) <= 1e-4
 
 
 def _workers(launcher: subprocess.Popen) -> list:

@@ -49,7 +49,7 @@ def parse_args():
 
 
 def make_model_dir(args, out: Path) -> None:
-    from gspo_megatron.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
+    from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 
     if (out / "config.json").is_file():
         return

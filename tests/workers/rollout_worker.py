@@ -28,8 +28,8 @@ def main() -> None:
 
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint import checkpoint_spec, load_model_checkpoint
-    from gspo_megatron.generate import greedy_continuation
-    from gspo_megatron.hf_reference import read_hf_tensors
+    from gspo_megatron.testing.generate import greedy_continuation
+    from gspo_megatron.testing.hf_reference import read_hf_tensors
     from gspo_megatron.loss import group_advantages
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training

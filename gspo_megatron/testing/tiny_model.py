@@ -70,7 +70,7 @@ def write_tokenizer(out: Path, vocab_size: int = TINY_VOCAB) -> None:
                             eos_token="<eos>").save_pretrained(out)
 
 
-def random_rows(n: int, vocab_size: int, seed: int = 0, max_prompt: int = 12,
+def random_rows(n: int, vocab_size: int = TINY_VOCAB, seed: int = 0, max_prompt: int = 12,
                 max_response: int = 14):
     """``n`` random (prompt_ids, response_ids) pairs for scoring checks."""
     import random
