@@ -81,8 +81,8 @@ def warm_start(model, tokenizer, rows: List[dict], steps: int, lr: float, batch:
 def prepare(out: Path, rows: int, alphabet: int, length: int, warm_start_steps: int,
             warm_start_lr: float, seed: int) -> None:
     """Write data, the warm-started HF model and its megatron checkpoint (atomically)."""
-    from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
-    from gspo_megatron.fsutil import atomic_dir
+    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+    from gspo_megatron.checkpoint.atomic import atomic_dir
     from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 
     from transformers import AutoTokenizer

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import torch.distributed as dist
 
-from gspo_megatron.fsutil import atomic_write_text
+from gspo_megatron.checkpoint.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from gspo_megatron.checkpoint import HF_SUBDIR, checkpoint_spec
+from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
 from gspo_megatron.config import Config
 from gspo_megatron.data import load_prompts
 from gspo_megatron.errors import GspoError
-from gspo_megatron.fsutil import check_free_space, check_writable_dir
+from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
 from gspo_megatron.models.qwen3.spec import check_same_shapes
 from gspo_megatron.parallel import check_layout
-from gspo_megatron.train_state import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
+from gspo_megatron.checkpoint.training import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
 
 
 @dataclass

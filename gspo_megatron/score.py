@@ -22,7 +22,7 @@ from typing import List, Tuple
 import torch
 
 from gspo_megatron.errors import GspoError, exit_on_error
-from gspo_megatron.fsutil import atomic_write_text, check_not_replacing_input, check_writable_dir
+from gspo_megatron.checkpoint.atomic import atomic_write_text, check_not_replacing_input, check_writable_dir
 from gspo_megatron.jsonl import iter_objects
 from gspo_megatron.parallel import ParallelLayout, check_layout, parse_pp_layers, world_size_from_env
 
@@ -84,7 +84,7 @@ def _dtype(name):
 
 
 def score(args) -> None:
-    from gspo_megatron.checkpoint import checkpoint_spec
+    from gspo_megatron.checkpoint.model import checkpoint_spec
 
     spec = checkpoint_spec(Path(args.ckpt))
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
@@ -115,7 +115,7 @@ def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
     from megatron.core import parallel_state as ps
 
     from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
-    from gspo_megatron.checkpoint import load_model_checkpoint
+    from gspo_megatron.checkpoint.model import load_model_checkpoint
     from gspo_megatron.forward import forward_logprobs
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.parallel import init_distributed, shutdown

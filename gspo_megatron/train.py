@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from gspo_megatron.config import Config, load_config
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
 from gspo_megatron.preflight import Plan, preflight
-from gspo_megatron.train_state import CHECKPOINTS, last_complete_note
+from gspo_megatron.checkpoint.training import CHECKPOINTS, last_complete_note
 
 _UPDATE_TAGS = {"loss": "gspo/loss", "clip_fraction": "gspo/clip_fraction",
                 "clamp_fraction": "gspo/clamp_fraction", "abs_log_ratio": "gspo/abs_log_ratio",
@@ -88,7 +88,7 @@ class Trainer:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from gspo_megatron.checkpoint import HF_SUBDIR, load_model_checkpoint
+        from gspo_megatron.checkpoint.model import HF_SUBDIR, load_model_checkpoint
         from gspo_megatron.metrics import MetricsLogger
         from gspo_megatron.models.qwen3.model import build_model
         from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
@@ -97,7 +97,7 @@ class Trainer:
         from gspo_megatron.rollout.engine import RolloutEngine
         from gspo_megatron.routing import RouteChangeMeter
         from gspo_megatron.rollout.weight_sync import WeightGatherer
-        from gspo_megatron.train_state import TrainState, load_checkpoint, set_aside_newer
+        from gspo_megatron.checkpoint.training import TrainState, load_checkpoint, set_aside_newer
 
         cfg = self.cfg = plan.cfg
         self.plan, self.spec = plan, plan.spec
@@ -139,7 +139,7 @@ class Trainer:
             import yaml
 
             from gspo_megatron.config_io import to_dict
-            from gspo_megatron.fsutil import atomic_write_text
+            from gspo_megatron.checkpoint.atomic import atomic_write_text
 
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -248,7 +248,7 @@ class Trainer:
 
     def run(self) -> None:
         from gspo_megatron.progress import progress_bar
-        from gspo_megatron.train_state import save_checkpoint
+        from gspo_megatron.checkpoint.training import save_checkpoint
 
         cfg = self.cfg
         root = self.out / CHECKPOINTS
@@ -275,14 +275,14 @@ class Trainer:
 
         import torch.distributed as dist
 
-        from gspo_megatron.train_state import latest_checkpoint
+        from gspo_megatron.checkpoint.training import latest_checkpoint
 
         # Rank 0 converts alone, which for a large model takes longer than any collective
         # should (train.collective_timeout_s): the others wait on a group of their own. If rank
         # 0 fails, its closed connection ends their wait at once.
         wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         if self.rank == 0:
-            from checkpoints_convert.mcore_to_hf import convert_mcore_to_hf
+            from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
 
             convert_mcore_to_hf(latest_checkpoint(root), self.out / "hf", overwrite=True,
                                 show_progress=False)

@@ -45,7 +45,7 @@ def run_cli(args, nproc: int = 0, timeout: int = 600, check: bool = True) -> sub
 
 class TinyModel:
     def __init__(self, root: Path, config) -> None:
-        from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
+        from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
 
         self.root = root
         self.hf_dir = root / "hf"

@@ -143,7 +143,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_moe, tmp_path):
 
 def test_failure_mid_write_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
     """A conversion that dies after some tensors were written leaves no output that looks valid."""
-    from checkpoints_convert.hf_to_mcore import convert_hf_to_mcore
+    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
     from gspo_megatron.models.qwen3 import hf_mapping
 
     calls = {"n": 0}
@@ -198,7 +198,7 @@ def test_missing_data_file_is_refused_up_front(tiny_moe, tmp_path):
 
 
 def test_broken_common_files_are_named(tiny_moe, tmp_path):
-    from gspo_megatron.checkpoint import check_checkpoint_files
+    from gspo_megatron.checkpoint.model import check_checkpoint_files
     from gspo_megatron.errors import GspoError
 
     ckpt = _copy_ckpt(tiny_moe, tmp_path)

@@ -255,7 +255,7 @@ def test_leftovers_of_a_reused_pid_or_without_owner_are_removed(tmp_path, capsys
     import psutil
 
     from gspo_megatron.errors import GspoError
-    from gspo_megatron.fsutil import atomic_dir
+    from gspo_megatron.checkpoint.atomic import atomic_dir
 
     out = tmp_path / "out"
     reused = tmp_path / "out.tmp-0123abcd"
@@ -289,7 +289,7 @@ def test_killed_between_the_renames_of_an_overwrite_finishes_them(tmp_path, caps
     """A writer killed after moving the old output aside and before renaming the new (complete)
     one into place left out.old-T and out.tmp-T and no out: the next write puts the new output
     in place instead of deleting both."""
-    from gspo_megatron.fsutil import remove_leftovers
+    from gspo_megatron.checkpoint.atomic import remove_leftovers
 
     out = tmp_path / "out"
     (tmp_path / "out.old-0badc0de").mkdir()

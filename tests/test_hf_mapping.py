@@ -20,7 +20,7 @@ def _megatron_checkpoint_keys(spec):
     """Keys and global shapes megatron itself would save for this model on one rank."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from gspo_megatron.checkpoint import model_sharded_state_dict
+    from gspo_megatron.checkpoint.model import model_sharded_state_dict
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.parallel import ParallelLayout, init_distributed
 

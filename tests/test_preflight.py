@@ -75,7 +75,7 @@ def test_existing_run_needs_resume(multinode_run, demo_init, monkeypatch, capsys
 
 def test_torn_latest_pointer_is_refused(tmp_path):
     from gspo_megatron.errors import GspoError
-    from gspo_megatron.train_state import latest_checkpoint
+    from gspo_megatron.checkpoint.training import latest_checkpoint
 
     (tmp_path / "step_000003.partial").mkdir()
     (tmp_path / "latest").write_text("step_000003.partial\n")

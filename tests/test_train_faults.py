@@ -68,7 +68,7 @@ def test_full_disk_stops_the_run_with_the_last_checkpoint_intact(demo_init, smal
     """An 18 MiB disk holds one checkpoint of the demo model (10.8 MB) but not a second: the
     second save is refused before anything is written, the run stops with one line and exit 1,
     and the first checkpoint is complete and still named by `latest`."""
-    from gspo_megatron.checkpoint import checkpoint_spec
+    from gspo_megatron.checkpoint.model import checkpoint_spec
 
     out = small_fs(18) / "run"
     proc = _train(tr.overrides(demo_init, out, **{"train.steps": 3}), tmp_path / "log")

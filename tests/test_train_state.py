@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.train_state import (ABANDONED, LATEST, _prune, complete_checkpoints,
+from gspo_megatron.checkpoint.training import (ABANDONED, LATEST, _prune, complete_checkpoints,
                                        latest_checkpoint, set_aside_newer)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from checkpoints_convert.hf_files import StreamingSafetensorsWriter, plan_shards, shard_file_names, tensor_nbytes
+from gspo_megatron.checkpoint.safetensors_io import StreamingSafetensorsWriter, plan_shards, shard_file_names, tensor_nbytes
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 
@@ -112,7 +112,7 @@ def main() -> None:
 
     py = sys.executable
     base = peak_memory([py, "-W", "ignore", "-c", "import checkpoints_convert.cli, "
-                        "checkpoints_convert.hf_to_mcore, checkpoints_convert.mcore_to_hf"])
+                        "gspo_megatron.checkpoint.hf_to_mcore, gspo_megatron.checkpoint.mcore_to_hf"])
     print(f"machine: {platform.node()} {platform.machine()} {psutil.cpu_count()} cpus, "
           f"{psutil.virtual_memory().total / 1024**3:.0f} GiB; {time.strftime('%Y-%m-%d')}; "
           f"{args.experts} experts, hidden {args.hidden}, {args.dtype}")

@@ -66,7 +66,7 @@ def local_shards(model) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], tor
     """key -> (global shape, global offset, live tensor slice, primary) for this rank."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from gspo_megatron.checkpoint import model_sharded_state_dict
+    from gspo_megatron.checkpoint.model import model_sharded_state_dict
 
     out = {}
     for value in model_sharded_state_dict(unwrap(model)).values():

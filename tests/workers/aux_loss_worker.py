@@ -34,7 +34,7 @@ def main() -> None:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from gspo_megatron.batch import Sample
-    from gspo_megatron.checkpoint import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.forward import model_forward
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import wrap_for_training

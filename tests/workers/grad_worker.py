@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from gspo_megatron.batch import Sample
-from gspo_megatron.checkpoint import checkpoint_spec, load_model_checkpoint
+from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
 from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
 from gspo_megatron.models.qwen3.model import build_model
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training

@@ -27,7 +27,7 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from gspo_megatron.batch import Sample
-    from gspo_megatron.checkpoint import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.testing.generate import greedy_continuation
     from gspo_megatron.testing.hf_reference import read_hf_tensors
     from gspo_megatron.loss import group_advantages

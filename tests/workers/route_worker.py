@@ -16,7 +16,7 @@ import torch.distributed as dist
 def main() -> None:
     ckpt, tp = Path(sys.argv[1]), int(sys.argv[2])
     from gspo_megatron.batch import Sample
-    from gspo_megatron.checkpoint import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
