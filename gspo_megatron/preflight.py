@@ -12,16 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
 from gspo_megatron.config import Config
-from gspo_megatron.data import load_prompts
+from gspo_megatron.data import PromptSet, load_prompts
 from gspo_megatron.errors import GspoError
 from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
-from gspo_megatron.models.qwen3.spec import check_same_shapes
+from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes
 from gspo_megatron.parallel import check_layout
 from gspo_megatron.checkpoint.training import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
+
+if TYPE_CHECKING:  # transformers stays out of the import until the tokenizer is loaded
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -29,9 +32,12 @@ class Plan:
     """What the pre-flight established, for the Trainer."""
 
     cfg: Config
-    spec: object  # models.qwen3.spec.Qwen3Spec
-    prompts: object  # data.PromptSet
-    tokenizer: object
+    spec: Qwen3Spec
+    """The model, from model.ckpt's hf/config.json."""
+    prompts: PromptSet
+    """Every prompt row, tokenised and checked."""
+    tokenizer: "PreTrainedTokenizerBase"
+    """The checkpoint's tokenizer (decodes responses for the rewards)."""
     resume_from: Optional[Path]
     """The checkpoint to continue from (None: a fresh start)."""
     dp: int

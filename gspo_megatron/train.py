@@ -95,7 +95,7 @@ class Trainer:
         from gspo_megatron.parallel import init_distributed
         from gspo_megatron.rewards.runner import RewardRunner
         from gspo_megatron.rollout.engine import RolloutEngine
-        from gspo_megatron.routing import RouteChangeMeter
+        from gspo_megatron.route_change import RouteChangeMeter
         from gspo_megatron.rollout.weight_sync import WeightGatherer
         from gspo_megatron.checkpoint.training import TrainState, load_checkpoint, set_aside_newer
 

@@ -285,7 +285,7 @@ class UpdateResult:
     """Wall time of the pi_old forward passes and of the minibatch steps."""
     routes: Dict[str, float] = None
     """MoE expert choices changed between pi_old and the last minibatch step's policy
-    (``gspo_megatron.routing``); empty without a meter or a pi_old forward."""
+    (``gspo_megatron.route_change``); empty without a meter or a pi_old forward."""
 
 
 def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,

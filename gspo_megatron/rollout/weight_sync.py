@@ -19,7 +19,7 @@ ranks must consume it to the end, in the same order (they do: the order is the p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,13 +28,39 @@ from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.optim import unwrap
 
-Piece = Tuple[int, Tuple[int, ...], Tuple[int, ...]]  # (rank, global offset, local shape)
+Shape = Tuple[int, ...]
+
+
+class LocalShard(NamedTuple):
+    """This rank's slice of one checkpoint key."""
+
+    shape: Shape  # global
+    offset: Shape  # of the slice, in the global tensor
+    data: torch.Tensor  # the live slice
+    primary: bool  # this rank holds the primary replica
+
+
+class ShardMeta(NamedTuple):
+    """A LocalShard without its data: what ranks tell each other to plan."""
+
+    shape: Shape
+    offset: Shape
+    local_shape: Shape
+    primary: bool
+
+
+class Piece(NamedTuple):
+    """A primary slice in the plan: which rank sends it and where it goes."""
+
+    rank: int
+    offset: Shape
+    shape: Shape
 
 
 @dataclass(frozen=True)
 class KeyPlan:
     key: str
-    shape: Tuple[int, ...]
+    shape: Shape
     pieces: Tuple[Piece, ...]  # primary slices, which together tile the tensor
     local_everywhere: bool  # every rank holds the whole tensor: no communication
 
@@ -62,8 +88,8 @@ def _is_primary(replica_id) -> bool:
     return all(r == 0 for r in replica_id)
 
 
-def local_shards(model) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], torch.Tensor, bool]]:
-    """key -> (global shape, global offset, live tensor slice, primary) for this rank."""
+def local_shards(model) -> Dict[str, LocalShard]:
+    """key -> this rank's slice of it (the primary replica's where this rank holds several)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from gspo_megatron.checkpoint.model import model_sharded_state_dict
@@ -80,14 +106,16 @@ def local_shards(model) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...], tor
                 raise ValueError(f"{sh.key}: flattened shards are optimizer state, not weights")
             prev = out.get(sh.key)
             primary = _is_primary(sh.replica_id)
-            if prev is None or (primary and not prev[3]):
-                out[sh.key] = (tuple(sh.global_shape), tuple(sh.global_offset), sh.data, primary)
+            if prev is None or (primary and not prev.primary):
+                out[sh.key] = LocalShard(tuple(sh.global_shape), tuple(sh.global_offset), sh.data,
+                                         primary)
     return out
 
 
 def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -> SyncPlan:
     """From every rank's ``local_shards``. Collective: every rank must call it."""
-    meta = {k: (shape, off, tuple(t.shape), primary) for k, (shape, off, t, primary) in shards.items()}
+    meta = {k: ShardMeta(sh.shape, sh.offset, tuple(sh.data.shape), sh.primary)
+            for k, sh in shards.items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     everyone = [None] * world
     if world > 1:
@@ -101,16 +129,16 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
         holders = [(r, m[key]) for r, m in enumerate(everyone) if key in m]
         if not holders:
             raise ValueError(f"weight sync: no rank holds '{key}' (model and spec disagree)")
-        shape = holders[0][1][0]
+        shape = holders[0][1].shape
         if shape != tuple(mapping.mcore_shape):
             raise ValueError(f"weight sync: '{key}' has shape {list(shape)}, the spec says "
                              f"{list(mapping.mcore_shape)}")
-        pieces = tuple((r, off, lshape) for r, (_, off, lshape, primary) in holders if primary)
-        covered = sum(_numel(p[2]) for p in pieces)
+        pieces = tuple(Piece(r, m.offset, m.local_shape) for r, m in holders if m.primary)
+        covered = sum(_numel(p.shape) for p in pieces)
         if covered != _numel(shape):
             raise ValueError(f"weight sync: primary slices of '{key}' cover {covered} of "
                              f"{_numel(shape)} elements")
-        whole = {r for r, (_, _, lshape, _) in holders if lshape == shape}
+        whole = {r for r, m in holders if m.local_shape == shape}
         keys.append(KeyPlan(key, shape, pieces, local_everywhere=len(whole) == world))
     buckets: List[List[int]] = []
     size = 0
@@ -127,7 +155,7 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
 
 
 def _signature(shards) -> Tuple:
-    return tuple(sorted((k, tuple(v[2].shape), v[3]) for k, v in shards.items()))
+    return tuple(sorted((k, tuple(sh.data.shape), sh.primary) for k, sh in shards.items()))
 
 
 def _numel(shape) -> int:
@@ -174,7 +202,7 @@ class WeightGatherer:
         with torch.no_grad():
             for i, kp in enumerate(plan.keys):
                 if kp.local_everywhere:
-                    full = shards[kp.key][2]
+                    full = shards[kp.key].data
                 else:
                     b = bucket_of[i]
                     if b != current:
@@ -189,7 +217,7 @@ class WeightGatherer:
 
     def _gather_bucket(self, plan: SyncPlan, idx: List[int], shards) -> Dict[int, torch.Tensor]:
         rank = dist.get_rank()
-        device = next(iter(shards.values()))[2].device
+        device = next(iter(shards.values())).data.device
         sizes = [0] * plan.world
         for i in idx:
             for r, _, lshape in plan.keys[i].pieces:
@@ -201,7 +229,7 @@ class WeightGatherer:
             for r, _, lshape in kp.pieces:
                 if r == rank:
                     n = _numel(lshape)
-                    send[pos:pos + n].copy_(shards[kp.key][2].reshape(-1))
+                    send[pos:pos + n].copy_(shards[kp.key].data.reshape(-1))
                     pos += n
         parts = self._exchange(send, sizes, device)
         self.stats.buckets += 1

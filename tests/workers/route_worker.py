@@ -20,7 +20,7 @@ def main() -> None:
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.routing import RouteChangeMeter
+    from gspo_megatron.route_change import RouteChangeMeter
     from gspo_megatron.update import PolicyLossConfig, policy_update
 
     spec = checkpoint_spec(ckpt)
