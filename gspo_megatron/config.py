@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 
 from gspo_megatron.data import DataConfig
 from gspo_megatron.errors import GspoError
+from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.optim import OptimConfig
 from gspo_megatron.parallel import ParallelLayout
 from gspo_megatron.rewards.runner import RewardConfig
 from gspo_megatron.rollout.config import RolloutConfig
-from gspo_megatron.update import PolicyLossConfig
 
 
 @dataclass(frozen=True)

@@ -28,46 +28,8 @@ import torch.distributed as dist
 from gspo_megatron.batch import (MicroBatch, Sample, build_microbatch, cp_shard, pad_to_multiple,
                                  sequence_multiple)
 from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
-from gspo_megatron.loss import VARIANTS, finalize_metrics, policy_loss
+from gspo_megatron.loss import PolicyLossConfig, finalize_metrics, policy_loss
 from gspo_megatron.optim import unwrap
-
-
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    """The objective and how a rollout batch is consumed."""
-
-    variant: str = "gspo"
-    """gspo (sequence ratio), gspo_token (sequence ratio, per-token advantages), grpo (token ratios)."""
-    clip_low: float = 3e-4
-    """eps_low: the ratio is clipped below at 1 - clip_low (paper: 3e-4; GRPO: 0.2)."""
-    clip_high: float = 4e-4
-    """eps_high: the ratio is clipped above at 1 + clip_high (paper: 4e-4; GRPO: 0.27)."""
-    kl_coef: float = 0.0
-    """Weight of the k3 KL penalty to the reference policy (paper: 0, off; gspo-train keeps no
-    reference model and requires 0)."""
-    num_minibatches: int = 4
-    """Optimizer steps per rollout batch (paper: 4)."""
-    old_logprobs: str = "trainer"
-    """Where pi_old's log-probs come from: trainer (a forward pass before the first step) or
-    rollout (the engine's sampling log-probs)."""
-    micro_batch_size: int = 1
-    """Sequences per micro-batch per data-parallel rank."""
-
-    def validate(self) -> None:
-        from gspo_megatron.errors import GspoError
-
-        if self.variant not in VARIANTS:
-            raise GspoError(f"loss.variant='{self.variant}' (allowed: {', '.join(VARIANTS)})")
-        if self.old_logprobs not in ("trainer", "rollout"):
-            raise GspoError(f"loss.old_logprobs='{self.old_logprobs}' (allowed: trainer, rollout)")
-        for name in ("clip_low", "clip_high"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise GspoError(f"loss.{name}={v} must be in [0, 1)")
-        if self.num_minibatches < 1 or self.micro_batch_size < 1:
-            raise GspoError("loss.num_minibatches and loss.micro_batch_size must be >= 1")
-        if self.kl_coef < 0:
-            raise GspoError(f"loss.kl_coef={self.kl_coef} must be >= 0")
 
 
 def agreed_seq_len(samples: Sequence[Sample]) -> int:

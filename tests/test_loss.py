@@ -1,4 +1,4 @@
-"""Policy losses against fp64 references written directly from the formulas in GSPO.md."""
+"""Policy losses against fp64 references written directly from the formulas in docs/gspo.md."""
 
 from __future__ import annotations
 
@@ -51,8 +51,18 @@ def _batch(seed=0, B=6, T=7, spread=0.3, lengths=None):
     return lp, old, adv, mask
 
 
-@pytest.mark.parametrize("variant,low,high", [("gspo", 3e-4, 4e-4), ("gspo", 0.05, 0.1),
-                                              ("gspo_token", 0.05, 0.1), ("grpo", 0.2, 0.27)])
+REFERENCE_CASES = [("gspo", 3e-4, 4e-4), ("gspo", 0.05, 0.1), ("gspo_token", 0.05, 0.1),
+                   ("grpo", 0.2, 0.27)]
+
+
+def test_every_objective_has_a_reference_case():
+    """A variant added to the registry without a reference case here fails this test."""
+    from gspo_megatron.loss import OBJECTIVES
+
+    assert {case[0] for case in REFERENCE_CASES} == set(OBJECTIVES)
+
+
+@pytest.mark.parametrize("variant,low,high", REFERENCE_CASES)
 def test_value_and_gradient_match_reference(variant, low, high):
     lp, old, adv, mask = _batch(spread=0.1)
     x = lp.clone().requires_grad_(True)

@@ -19,8 +19,8 @@ from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
 from gspo_megatron.models.qwen3.model import build_model
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
 from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
-from gspo_megatron.update import (PolicyLossConfig, agreed_seq_len, make_microbatches,
-                                  policy_update, train_step)
+from gspo_megatron.loss import PolicyLossConfig
+from gspo_megatron.update import agreed_seq_len, make_microbatches, policy_update, train_step
 
 
 def main() -> None:

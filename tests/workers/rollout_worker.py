@@ -37,7 +37,8 @@ def main() -> None:
     from gspo_megatron.rollout.config import RolloutConfig
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
-    from gspo_megatron.update import PolicyLossConfig, policy_update, rollout_logprob_diff
+    from gspo_megatron.loss import PolicyLossConfig
+    from gspo_megatron.update import policy_update, rollout_logprob_diff
 
     spec = checkpoint_spec(Path(args.ckpt))
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)

@@ -21,7 +21,8 @@ def main() -> None:
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.route_change import RouteChangeMeter
-    from gspo_megatron.update import PolicyLossConfig, policy_update
+    from gspo_megatron.loss import PolicyLossConfig
+    from gspo_megatron.update import policy_update
 
     spec = checkpoint_spec(ckpt)
     layout = ParallelLayout(tp=tp)
