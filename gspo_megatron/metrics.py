@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch.distributed as dist
 
@@ -71,15 +71,3 @@ class MetricsLogger:
             self.writer.close()
             self._file.close()
             self.writer = None
-
-
-def summarise(steps: list, prefix_map: Optional[Dict[str, str]] = None) -> Dict[str, float]:
-    """Mean over the minibatch steps of an update, for each metric they share."""
-    out: Dict[str, float] = {}
-    if not steps:
-        return out
-    for key in steps[0]:
-        vals = [s[key] for s in steps if key in s]
-        name = (prefix_map or {}).get(key, key)
-        out[name] = sum(vals) / len(vals)
-    return out

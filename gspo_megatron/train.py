@@ -31,13 +31,6 @@ from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
 from gspo_megatron.preflight import Plan, preflight
 from gspo_megatron.checkpoint.training import CHECKPOINTS, last_complete_note
 
-_UPDATE_TAGS = {"loss": "gspo/loss", "clip_fraction": "gspo/clip_fraction",
-                "clamp_fraction": "gspo/clamp_fraction", "abs_log_ratio": "gspo/abs_log_ratio",
-                "approx_kl": "gspo/approx_kl", "ref_kl": "gspo/ref_kl",
-                "entropy": "train/entropy", "grad_norm": "train/grad_norm", "lr": "train/lr",
-                "update_successful": "train/update_successful"}
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gspo-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, required=True, help="YAML config (launch/configs/*.yaml)")
@@ -155,7 +148,6 @@ class Trainer:
 
         from gspo_megatron.batch import Sample
         from gspo_megatron.loss import group_advantages
-        from gspo_megatron.metrics import summarise
         from gspo_megatron.update import policy_update
 
         cfg, t0 = self.cfg, time.perf_counter()
@@ -173,10 +165,15 @@ class Trainer:
         g_size = cfg.rollout.group_size
         # (prompt, completion) in group order: rewards, advantages and samples all follow it.
         pairs = [(p, c) for p, g in groups for c in g]
-        comps = [c for _, c in pairs]
         texts = [(p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
                  for p, c in pairs]
-        rewards, reward_stats = self._score(texts)
+        rewards, reward_stats, first_error = self.rewards.score_across_ranks(texts)
+        if first_error is not None and not self.reward_error_shown:
+            # Once per run: reward/errors and reward/timeouts count them all; a broken reward
+            # function must not drown the progress bar.
+            self.reward_error_shown = True
+            self._say(f"reward function failed (scored 0 and counted in reward/errors or "
+                      f"reward/timeouts; only the first failure is shown): {first_error}")
         # float64: large finite rewards stay finite through the group mean and std.
         r = torch.tensor(rewards, dtype=torch.float64)
         adv = group_advantages(r, g_size)
@@ -192,57 +189,16 @@ class Trainer:
                                moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
                                route_meter=self.route_meter)
 
-        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
         by_group = r.reshape(-1, g_size)
         out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
                "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean()) if g_size > 1 else 1.0,
-               **reward_stats,
-               "rollout/response_length_mean": float(lengths.mean()),
-               "rollout/response_length_max": float(lengths.max()),
-               "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps) / len(comps),
-               "rollout/dropped_samples": float(dropped),
-               **{k: v for k, v in batch.stats.items() if k != "rollout/seconds"},
-               **update.rollout, **(update.routes or {}),
-               **summarise(update.steps, _UPDATE_TAGS),
-               "train/skipped_steps": float(sum(s.get("skipped", 0.0) for s in update.steps)),
-               "perf/rollout_seconds": batch.seconds, **update.seconds,
-               "perf/sync_seconds": sync.seconds, "perf/sync_gb": sync.bytes / 1e9}
-        for k in ("num_sequences", "num_tokens", "skipped"):
-            out.pop(k, None)
+               **reward_stats, **batch.stats, **update.metrics, **sync.metrics,
+               "rollout/dropped_samples": float(dropped)}
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
-        out["perf/tokens_per_second"] = float(lengths.sum()) / seconds
+        out["perf/tokens_per_second"] = batch.num_tokens / seconds
         out["perf/rollout_share"] = (t_rollout - t0) / seconds
-        return out, [bool(s.get("skipped")) for s in update.steps]
-
-    def _score(self, items):
-        """Rewards, scored in parallel: rank k scores items k, k+world, ...; all ranks get all."""
-        import torch.distributed as dist
-
-        mine = items[self.rank::self.world]
-        totals, stats = self.rewards.score(mine)
-        parts: List[object] = [None] * self.world
-        dist.all_gather_object(parts, (totals, stats, len(mine), self.rewards.last_errors[:1]))
-        rewards = [0.0] * len(items)
-        for r, (t, _, _, _) in enumerate(parts):
-            rewards[r::self.world] = t
-        first = next((p[3][0] for p in parts if p[3]), None)
-        if first is not None and not self.reward_error_shown:
-            # Once per run: reward/errors counts them all; a broken reward function must not
-            # drown the progress bar.
-            self.reward_error_shown = True
-            self._say(f"reward function failed (scored 0 and counted in reward/errors or "
-                      f"reward/timeouts; only the first failure is shown): {first}")
-        n = sum(p[2] for p in parts) or 1
-        merged: Dict[str, float] = {}
-        for key in stats:
-            if key in ("reward/errors", "reward/timeouts"):
-                merged[key] = sum(p[1][key] for p in parts)
-            elif key.startswith("perf/"):
-                merged[key] = max(p[1][key] for p in parts)
-            else:
-                merged[key] = sum(p[1][key] * p[2] for p in parts) / n
-        return rewards, merged
+        return out, update.skipped
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -157,8 +157,8 @@ def scale_moe_aux_loss(model, coeff: float, micro_batch_size: int) -> None:
 def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLossConfig,
                vocab_size: int, seq_len: int, step_optimizer: bool = True,
                scheduler=None) -> Dict[str, float]:
-    """One forward/backward over ``microbatches`` (+ one optimizer step). Returns global metrics,
-    identical on every rank. ``scheduler`` (megatron's OptimizerParamScheduler) is advanced
+    """One forward/backward over ``microbatches`` (+ one optimizer step). Returns global metrics
+    under their logged names (``gspo/*``, ``train/*``), identical on every rank. ``scheduler`` (megatron's OptimizerParamScheduler) is advanced
     before the step, so optimizer step k uses the schedule's value at k (warmup never spends
     a step at lr 0)."""
     def forward_step(data_iterator, model_chunk):
@@ -178,16 +178,17 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
         # looks for inf/NaN when it has a loss scaler (fp16, or an explicit loss_scale), not in
         # bf16 or fp32, and never at the loss: the step is skipped here instead, with the
         # scheduler left where it was (as megatron's trainer does for an unsuccessful update).
-        if nonfinite_grads or not math.isfinite(out["loss"]):
-            out.update(update_successful=0.0, skipped=1.0, grad_norm=float("nan"))
+        if nonfinite_grads or not math.isfinite(out["gspo/loss"]):
+            out.update({"train/update_successful": 0.0, "train/skipped_steps": 1.0,
+                        "train/grad_norm": float("nan")})
             return out
         if scheduler is not None:
             scheduler.step(increment=1)
-            out["lr"] = float(optimizer.param_groups[0]["lr"])
+            out["train/lr"] = float(optimizer.param_groups[0]["lr"])
         ok, grad_norm, _ = optimizer.step()
-        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        out["update_successful"] = float(bool(ok))
-        out["skipped"] = float(not ok)
+        out["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["train/update_successful"] = float(bool(ok))
+        out["train/skipped_steps"] = float(not ok)
     return out
 
 
@@ -226,13 +227,27 @@ def reduce_metrics(store: List[dict], nonfinite_grads: float = 0.0) -> Dict[str,
     if dist.is_initialized():
         dist.all_reduce(local)
     sums = {k: torch.tensor(v) for k, v in zip(keys, local.tolist())}
-    out = {k: float(v) for k, v in finalize_metrics(sums).items()}
+    out = {f"gspo/{k}": float(v) for k, v in finalize_metrics(sums).items()}
     n = max(float(sums["num_sequences"]), 1.0)
-    out["loss"] = float(sums["loss_sum"]) / n
-    out["entropy"] = float(sums["entropy_sum"]) / max(float(sums["entropy_tokens"]), 1.0)
-    out["num_sequences"] = float(sums["num_sequences"])
-    out["num_tokens"] = float(sums["num_tokens"])
+    out["gspo/loss"] = float(sums["loss_sum"]) / n
+    out["train/entropy"] = float(sums["entropy_sum"]) / max(float(sums["entropy_tokens"]), 1.0)
+    out["train/sequences"] = float(sums["num_sequences"])
+    out["train/tokens"] = float(sums["num_tokens"])
     out["nonfinite_grads"] = float(local[-1])
+    return out
+
+
+SUMMED = ("train/sequences", "train/tokens", "train/skipped_steps")
+"""Step metrics that add up over a batch's optimizer steps; the others are averaged."""
+
+
+def summarise_steps(steps: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """One rollout batch's metrics from its optimizer steps' (sequences, tokens and skipped steps
+    add up; losses, fractions, norms, the LR are averaged)."""
+    out: Dict[str, float] = {}
+    for key in dict.fromkeys(k for s in steps for k in s):  # every key, first-seen order
+        values = [s[key] for s in steps if key in s]
+        out[key] = sum(values) if key in SUMMED else sum(values) / len(values)
     return out
 
 
@@ -248,6 +263,17 @@ class UpdateResult:
     routes: Dict[str, float] = None
     """MoE expert choices changed between pi_old and the last minibatch step's policy
     (``gspo_megatron.route_change``); empty without a meter or a pi_old forward."""
+
+    @property
+    def metrics(self) -> Dict[str, float]:
+        """Everything above as one rollout batch's metrics, under their logged names."""
+        return {**summarise_steps(self.steps), **self.rollout, **(self.routes or {}),
+                **(self.seconds or {})}
+
+    @property
+    def skipped(self) -> List[bool]:
+        """Per optimizer step, whether it was skipped (non-finite loss or gradients)."""
+        return [bool(s.get("train/skipped_steps")) for s in self.steps]
 
 
 def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,

@@ -71,9 +71,9 @@ def _single(tiny_moe, samples_file, tmp_path, extra):
 
 
 def _assert_same(ref, got):
-    for k in ("loss", "clip_fraction", "abs_log_ratio", "approx_kl", "entropy"):
+    for k in ("gspo/loss", "gspo/clip_fraction", "gspo/abs_log_ratio", "gspo/approx_kl", "train/entropy"):
         assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-7), k
-    assert got["metrics"]["num_sequences"] == ref["metrics"]["num_sequences"]
+    assert got["metrics"]["train/sequences"] == ref["metrics"]["train/sequences"]
     assert got["tensors"].keys() == ref["tensors"].keys()
     for key, g in ref["tensors"].items():
         diff = (got["tensors"][key] - g).abs().max().item()
@@ -83,7 +83,7 @@ def _assert_same(ref, got):
 @pytest.mark.parametrize("name,nproc,extra", LAYOUTS, ids=[l[0] for l in LAYOUTS])
 def test_gspo_loss_and_gradients_match_single_process(tiny_moe, samples_file, tmp_path, name, nproc, extra):
     ref = _single(tiny_moe, samples_file, tmp_path, [])
-    assert 0 < ref["metrics"]["clip_fraction"] < 1  # both clipped and unclipped sequences
+    assert 0 < ref["metrics"]["gspo/clip_fraction"] < 1  # both clipped and unclipped sequences
     _assert_same(ref, _run(tiny_moe, samples_file, tmp_path, nproc, extra))
 
 
@@ -104,10 +104,10 @@ def test_minibatch_updates_match_single_process(tiny_moe, samples_file, tmp_path
     got = _run(tiny_moe, samples_file, tmp_path, nproc, extra + flags)
     first, second = ref["metrics"]
     # pi_old is the trainer itself before the first step: the first ratio is exactly 1.
-    assert first["abs_log_ratio"] == 0 and first["clip_fraction"] == 0
-    assert second["abs_log_ratio"] > 0  # the policy moved within the rollout batch
+    assert first["gspo/abs_log_ratio"] == 0 and first["gspo/clip_fraction"] == 0
+    assert second["gspo/abs_log_ratio"] > 0  # the policy moved within the rollout batch
     for a, b in zip(ref["metrics"], got["metrics"]):
-        for k in ("loss", "grad_norm", "clip_fraction", "abs_log_ratio"):
+        for k in ("gspo/loss", "train/grad_norm", "gspo/clip_fraction", "gspo/abs_log_ratio"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     for key, w in ref["tensors"].items():
         # Adam divides by sqrt(v): fp32 reduction-order noise in tiny gradients shows up in the
@@ -131,9 +131,9 @@ def test_nonfinite_minibatch_is_skipped_and_leaves_no_trace(tiny_moe, tmp_path):
     got = _run(tiny_moe, both, tmp_path, 2, flags + ["--num-minibatches", "2"], "both.pt")
     ref = _run(tiny_moe, good, tmp_path, 2, flags + ["--num-minibatches", "1"], "good.pt")
     skipped, stepped = got["metrics"]
-    assert skipped["skipped"] == 1 and skipped["update_successful"] == 0
-    assert stepped["skipped"] == 0 and stepped["update_successful"] == 1
-    assert stepped["loss"] == ref["metrics"][0]["loss"]
+    assert skipped["train/skipped_steps"] == 1 and skipped["train/update_successful"] == 0
+    assert stepped["train/skipped_steps"] == 0 and stepped["train/update_successful"] == 1
+    assert stepped["gspo/loss"] == ref["metrics"][0]["gspo/loss"]
     for key, w in ref["tensors"].items():
         assert torch.isfinite(got["tensors"][key]).all(), key
         assert torch.equal(got["tensors"][key], w), key

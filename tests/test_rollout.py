@@ -35,7 +35,7 @@ def test_step_sync_then_vllm_matches_trainer(vllm_moe, tmp_path, layout):
     # Same weights on both sides before the step: vLLM's sampling log-probs are the trainer's.
     assert r["pre_step"]["rollout/logprob_diff_tokens"] > 100
     assert r["pre_step"]["rollout/logprob_abs_diff_mean"] <= 1e-4
-    assert r["step"]["update_successful"] == 1.0 and r["step"]["grad_norm"] > 0
+    assert r["step"]["train/update_successful"] == 1.0 and r["step"]["train/grad_norm"] > 0
     # The step changed the policy: before the sync vLLM is visibly stale ...
     assert r["stale"]["rollout/logprob_abs_diff_mean"] > 1e-2
     # ... and after it vLLM samples with exactly the trainer's weights.

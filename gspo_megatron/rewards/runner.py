@@ -127,6 +127,36 @@ class RewardRunner:
                       "perf/reward_seconds": time.perf_counter() - t0})
         return totals, stats
 
+    def score_across_ranks(self, items: Sequence[Tuple[str, str, Optional[str]]]
+                           ) -> Tuple[List[float], Dict[str, float], Optional[str]]:
+        """Every rank passes the same ``items``; rank k scores items k, k + world, ... in its
+        own worker and every rank gets all rewards, the metrics merged over ranks (counts add
+        up, per-function means are weighted by items, times are the slowest rank's) and the
+        first problem any rank met ("<function name>: <what happened>", None if none)."""
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        mine = items[rank::world]
+        totals, stats = self.score(mine)
+        parts: List[tuple] = [(totals, stats, len(mine), self.last_errors[:1])]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, (totals, stats, len(mine), self.last_errors[:1]))
+        rewards = [0.0] * len(items)
+        for r, part in enumerate(parts):
+            rewards[r::world] = part[0]
+        n = sum(p[2] for p in parts) or 1
+        merged: Dict[str, float] = {}
+        for key in stats:
+            if key in ("reward/errors", "reward/timeouts"):
+                merged[key] = sum(p[1][key] for p in parts)
+            elif key.startswith("perf/"):
+                merged[key] = max(p[1][key] for p in parts)
+            else:
+                merged[key] = sum(p[1][key] * p[2] for p in parts) / n
+        first = next((p[3][0] for p in parts if p[3]), None)
+        return rewards, merged, first
+
     def _score_one(self, job: Job) -> Tuple[Reply, bool]:
         """One call's Reply, and whether it timed out."""
         if self._cannot_start is None and (self._worker is None or not self._worker.alive()):

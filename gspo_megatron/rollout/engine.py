@@ -203,8 +203,14 @@ class RolloutEngine:
             groups[i] = comps
         batch = RolloutBatch(groups, skipped_overlong=overlong, skipped_empty=empty,
                              seconds=time.perf_counter() - t0)
+        comps = [c for g in groups if g for c in g]
+        lengths = torch.tensor([len(c.token_ids) for c in comps] or [0], dtype=torch.float64)
         batch.stats = {"rollout/tokens": float(batch.num_tokens),
-                       "rollout/seconds": batch.seconds,
+                       "rollout/response_length_mean": float(lengths.mean()),
+                       "rollout/response_length_max": float(lengths.max()),
+                       "rollout/truncated_fraction":
+                           sum(c.finish_reason == "length" for c in comps) / max(len(comps), 1),
+                       "perf/rollout_seconds": batch.seconds,
                        "rollout/skipped_overlong": float(overlong),
                        "rollout/skipped_empty": float(empty)}
         return batch

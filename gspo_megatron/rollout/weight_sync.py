@@ -81,6 +81,10 @@ class SyncStats:
     buckets: int = 0
     tensors: int = 0
 
+    @property
+    def metrics(self) -> Dict[str, float]:
+        return {"perf/sync_seconds": self.seconds, "perf/sync_gb": self.bytes / 1e9}
+
 
 def _is_primary(replica_id) -> bool:
     if isinstance(replica_id, int):
