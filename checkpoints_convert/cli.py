@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from gspo_megatron.checkpoint.atomic import write_error
+from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
 from gspo_megatron.errors import GspoError, exit_on_error
 
 
@@ -69,13 +71,9 @@ def main() -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     if args.command == "hf-to-mcore":
-        from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
-
         convert_hf_to_mcore(args.hf_dir, args.out, overwrite=args.overwrite,
                             io_threads=_threads(args.io_threads), show_progress=not args.no_progress)
     else:
-        from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
-
         convert_mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite,
                             max_shard_bytes=_size(args.max_shard_size),
                             show_progress=not args.no_progress)

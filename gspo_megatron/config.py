@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from gspo_megatron.config_io import load
 from gspo_megatron.data import DataConfig
 from gspo_megatron.errors import GspoError
 from gspo_megatron.loss import PolicyLossConfig
@@ -121,6 +122,4 @@ class Config:
 
 
 def load_config(path: Optional[Path], overrides: Sequence[str] = ()) -> Config:
-    from gspo_megatron.config_io import load
-
     return load(Config, path, overrides)

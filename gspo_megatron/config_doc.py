@@ -18,6 +18,8 @@ import typing
 from pathlib import Path
 from typing import Dict, List
 
+from gspo_megatron.config import Config
+
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 
@@ -68,8 +70,6 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def reference() -> str:
-    from gspo_megatron.config import Config
-
     hints_top = typing.get_type_hints(Config)
     lines: List[str] = []
     for section in dataclasses.fields(Config):

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import types
 from typing import Any, Iterator
 
+import megatron.core.optimizer.clip_grads as clip_grads
+import megatron.core.optimizer.distrib_optimizer as distrib
+import megatron.core.optimizer.optimizer as mcore_optimizer
+import megatron.core.tensor_parallel.random as mrandom
+import megatron.core.transformer.moe.moe_utils as moe_utils
 import torch
 
 _APPLIED = False
@@ -198,8 +204,6 @@ def _patch_cuda_methods():
 
 
 def _patch_rng_helpers(rng: _CpuRngStandIn) -> None:
-    import megatron.core.tensor_parallel.random as mrandom
-
     # _get/_set_cuda_rng_state go through torch.cuda.default_generators and _lazy_call.
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: rng.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: rng.set_rng_state(state)
@@ -238,21 +242,15 @@ def _scoped(fn):
 
 
 def _patch_optimizer_type_checks() -> None:
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.optimizer.distrib_optimizer as distrib
-    import megatron.core.optimizer.optimizer as optimizer
-
     distrib.DistributedOptimizer.__init__ = _scoped(distrib.DistributedOptimizer.__init__)
-    optimizer.Float16OptimizerWithFloat16Params.__init__ = _scoped(
-        optimizer.Float16OptimizerWithFloat16Params.__init__)
+    mcore_optimizer.Float16OptimizerWithFloat16Params.__init__ = _scoped(
+        mcore_optimizer.Float16OptimizerWithFloat16Params.__init__)
     wrapped = _scoped(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = wrapped
-    optimizer.clip_grad_by_total_norm_fp32 = wrapped
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = wrapped
 
 
 def _patch_missing_te_gemm() -> None:
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-
     # router_gating_linear tests `te_general_gemm is not None`, but the name is only bound when
     # Transformer Engine imports; without TE the test raises NameError.
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -267,7 +265,6 @@ def apply() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("gspo_megatron.cpu_compat.apply() called on a machine with CUDA; "
                            "the CPU compatibility layer must never run on a GPU machine")
-    import importlib
 
     rng = _CpuRngStandIn()
     proxy = _CpuTorch(_make_cuda_namespace(rng))

@@ -110,7 +110,7 @@ def read_rows(cfg: DataConfig) -> List[dict]:
             rows.append(row)
     else:
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # only Parquet input needs it
         except ImportError:
             raise GspoError("reading Parquet needs pyarrow (pip install pyarrow)") from None
         try:

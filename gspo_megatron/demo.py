@@ -25,6 +25,14 @@ import random
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+from transformers import AutoModelForCausalLM
+from transformers import AutoTokenizer
+
+from gspo_megatron.checkpoint.atomic import atomic_dir
+from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
+
 SEPARATOR = "w0"
 
 
@@ -50,8 +58,6 @@ def copy_reward(prompt: str, response: str, answer: Optional[str]) -> float:
 def warm_start(model, tokenizer, rows: List[dict], steps: int, lr: float, batch: int,
                seed: int) -> List[float]:
     """Next-token cross-entropy on the answer (and EOS) of solved rows; returns the losses."""
-    import torch
-
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -81,12 +87,6 @@ def warm_start(model, tokenizer, rows: List[dict], steps: int, lr: float, batch:
 def prepare(out: Path, rows: int, alphabet: int, length: int, warm_start_steps: int,
             warm_start_lr: float, seed: int) -> None:
     """Write data, the warm-started HF model and its megatron checkpoint (atomically)."""
-    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
-    from gspo_megatron.checkpoint.atomic import atomic_dir
-    from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
-
-    from transformers import AutoTokenizer
-
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
         (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -99,9 +99,6 @@ def prepare(out: Path, rows: int, alphabet: int, length: int, warm_start_steps: 
         write_tokenizer(tmp / "hf")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "hf"))
         # A fresh, default-initialised model learns faster than the wide-spread test init.
-        from transformers import AutoModelForCausalLM
-
-        import torch
 
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)

@@ -20,6 +20,8 @@ import sys
 import threading
 from typing import Callable, NoReturn, TypeVar
 
+from gspo_megatron.procutil import die_with_parent, kill_children
+
 T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
@@ -94,8 +96,6 @@ def _die(message: str, code: int, prefix: str = "error", quiet: bool = False) ->
         # worth keeping was written atomically before this point; children are ended here, as
         # the exit hooks os._exit skips would have. (A single process, or a caller in the same
         # process such as a test, gets a normal SystemExit.)
-        from gspo_megatron.procutil import kill_children
-
         sys.stdout.flush()
         kill_children()
         os._exit(code)
@@ -103,18 +103,14 @@ def _die(message: str, code: int, prefix: str = "error", quiet: bool = False) ->
 
 
 def _distributed() -> bool:
-    try:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized()
-    except Exception:
-        return False
+    # Without torch.distributed loaded no process group can exist; this module stays light
+    # (every entry point and the reward worker import it), so torch is not imported for this.
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def die_with_launcher() -> None:
     """Under torchrun: SIGKILL this worker when torchrun's agent (its parent) dies. No-op outside
     torchrun: a process started from a shell keeps the shell's semantics."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        from gspo_megatron.procutil import die_with_parent
-
         die_with_parent(os.getppid())

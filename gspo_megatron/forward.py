@@ -11,6 +11,8 @@ from functools import partial
 from typing import List, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from gspo_megatron.batch import MicroBatch
 from gspo_megatron.logprobs import tp_group, vocab_parallel_logprobs
@@ -30,8 +32,6 @@ def causal_mask(seq_len: int, dev) -> torch.Tensor:
 def model_forward(model, mb: MicroBatch) -> torch.Tensor:
     """This pipeline stage of the model on one micro-batch: logits [b, S, V/TP] on the last
     stage, hidden states elsewhere (pipeline input arrives through set_input_tensor)."""
-    from megatron.core import parallel_state
-
     dev = device()
     cp = parallel_state.get_context_parallel_world_size()
     # Under CP the attention builds its own zigzag causal mask.
@@ -50,8 +50,6 @@ def run_schedule(model, forward_step, microbatches: List[MicroBatch], seq_len: i
                  forward_only: bool) -> list:
     """megatron's pipeline schedule over ``microbatches`` (all of length ``seq_len``); returns
     what each micro-batch's loss function reported (last pipeline stage; empty elsewhere)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
@@ -68,8 +66,6 @@ def forward_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
     """Forward-only pass over all micro-batches (all of length ``seq_len``). On the last
     pipeline stage returns, per micro-batch, [b, S] fp32 log-probs of its labels (CPU);
     other stages return None."""
-    from megatron.core import parallel_state
-
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         output = model_forward(model_chunk, mb)

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 
 def _tp_group_info(group) -> Tuple[int, int]:
@@ -134,8 +135,6 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_s
 
 def tp_group():
     """megatron's tensor-parallel group, or None when model parallelism is not initialised."""
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_tensor_model_parallel_group()

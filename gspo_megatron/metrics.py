@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict
 
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
 from gspo_megatron.checkpoint.atomic import atomic_write_text
 
@@ -43,7 +44,6 @@ class MetricsLogger:
         self.path = Path(out_dir) / METRICS_FILE
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step] \

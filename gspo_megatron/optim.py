@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from gspo_megatron.errors import GspoError
+
+# megatron is imported inside the functions that use it: the pre-flight reads OptimConfig from
+# here and must not load megatron (seconds of imports before a one-line error).
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -45,8 +50,6 @@ class OptimConfig:
     stepped on the CPU (megatron's hybrid-device optimizer); 0 = all on the GPU."""
 
     def validate(self) -> None:
-        from gspo_megatron.errors import GspoError
-
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise GspoError(f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]")
         if self.decay_style not in DECAY_STYLES:

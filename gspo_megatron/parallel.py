@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -113,6 +114,7 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
     world group and in megatron's groups alike (megatron would otherwise give its own groups
     30 minutes): a hung or dead rank ends the run after that long.
     """
+    # Here, not at the top: the pre-flight checks layouts through this module without megatron.
     from megatron.core import parallel_state, tensor_parallel
 
     from gspo_megatron import cpu_compat
@@ -150,8 +152,6 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

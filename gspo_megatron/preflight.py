@@ -14,14 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import psutil
+import torch
+
+from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
+from gspo_megatron.checkpoint.training import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
 from gspo_megatron.config import Config
 from gspo_megatron.data import PromptSet, load_prompts
 from gspo_megatron.errors import GspoError
-from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
 from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes
 from gspo_megatron.parallel import check_layout
-from gspo_megatron.checkpoint.training import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
+from gspo_megatron.rewards.builtin import NEEDS_ANSWER
 
 if TYPE_CHECKING:  # transformers stays out of the import until the tokenizer is loaded
     from transformers import PreTrainedTokenizerBase
@@ -83,7 +87,7 @@ def preflight(cfg: Config, world_size: int, resume: bool = False,
 
 def load_tokenizer(hf_dir: Path):
     """The checkpoint's tokenizer, refused when it cannot be what the model was trained with."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # only here: the other checks answer faster without it
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
@@ -103,8 +107,6 @@ def load_tokenizer(hf_dir: Path):
 def reward_needing_answers(cfg: Config) -> str:
     """The first built-in reward that compares with the reference answer ('' if none): every
     call would fail without one."""
-    from gspo_megatron.rewards.builtin import NEEDS_ANSWER
-
     needing = [f.name for f in cfg.rewards.functions if f.name in NEEDS_ANSWER and f.weight]
     if needing and not cfg.data.answer_field:
         raise GspoError(f"rewards.functions: {needing[0]} compares with a reference answer but "
@@ -115,9 +117,6 @@ def reward_needing_answers(cfg: Config) -> str:
 def check_kv_cache_fits(cfg: Config) -> None:
     """On CPU vLLM reserves the KV cache from host memory at start-up: more than the machine has
     free would end in the kernel's OOM killer, not in an error."""
-    import psutil
-    import torch
-
     if torch.cuda.is_available():
         return
     free = psutil.virtual_memory().available

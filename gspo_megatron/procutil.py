@@ -10,6 +10,7 @@ multiprocessing children first, which multiprocessing's exit hooks would otherwi
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -24,7 +25,6 @@ def die_with_parent(parent_pid: int) -> None:
     thread. Exits at once if the parent is already gone (``parent_pid`` is the pid it had)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -1,7 +1,7 @@
 """How many MoE expert choices change between pi_old and pi_theta within one rollout batch.
 
 This is the quantity that breaks token-level importance ratios on MoE models (about 10% per
-update on Qwen3-30B-A3B, ../shared/GSPO.md) and that GSPO is meant to tolerate, so a run reports
+update on Qwen3-30B-A3B, docs/gspo.md) and that GSPO is meant to tolerate, so a run reports
 it: ``train/moe_route_change`` = changed (token, layer) expert choices / all choices, over the
 response positions of one sampled micro-batch per rank, between the pi_old forward pass and
 the forward pass of the last minibatch step (the policy that has drifted furthest from pi_old).
@@ -18,14 +18,14 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.router import Router
 
 from gspo_megatron.optim import unwrap
 
 
 class RouteChangeMeter:
     def __init__(self, model):
-        from megatron.core.transformer.moe.router import Router
-
         unwrapped = unwrap(model)
         self.config = unwrapped.config
         self.routers = [m for m in unwrapped.modules() if isinstance(m, Router)]
@@ -63,8 +63,6 @@ class RouteChangeMeter:
 
     def rows_of(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """[b, S] loss mask -> this rank's router rows ([S, b] order, SP chunk)."""
-        from megatron.core import parallel_state as ps
-
         rows = loss_mask.t().reshape(-1).bool()
         if getattr(self.config, "sequence_parallel", False):
             tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()

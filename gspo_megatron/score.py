@@ -21,10 +21,15 @@ from typing import List, Tuple
 
 import torch
 
+from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
+from gspo_megatron.checkpoint.atomic import (atomic_write_text, check_not_replacing_input,
+                                             check_writable_dir)
+from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
 from gspo_megatron.errors import GspoError, exit_on_error
-from gspo_megatron.checkpoint.atomic import atomic_write_text, check_not_replacing_input, check_writable_dir
 from gspo_megatron.jsonl import iter_objects
-from gspo_megatron.parallel import ParallelLayout, check_layout, parse_pp_layers, world_size_from_env
+from gspo_megatron.parallel import (ParallelLayout, check_layout, init_distributed, parse_pp_layers,
+                                    shutdown, world_size_from_env)
+from gspo_megatron.progress import progress_bar
 
 
 def read_rows(path: Path, vocab_size: int, max_len: int) -> List[Tuple[List[int], List[int]]]:
@@ -84,8 +89,6 @@ def _dtype(name):
 
 
 def score(args) -> None:
-    from gspo_megatron.checkpoint.model import checkpoint_spec
-
     spec = checkpoint_spec(Path(args.ckpt))
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
                             pp_layers=parse_pp_layers(args.pp_layers))
@@ -112,14 +115,12 @@ def score(args) -> None:
 
 def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
     """Returns the per-row log-prob lists on global rank 0, None elsewhere."""
+    # megatron (through the model and the forward pass) only now: the checks above answer bad
+    # input before seconds of imports.
     from megatron.core import parallel_state as ps
 
-    from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
-    from gspo_megatron.checkpoint.model import load_model_checkpoint
     from gspo_megatron.forward import forward_logprobs
     from gspo_megatron.models.qwen3.model import build_model
-    from gspo_megatron.parallel import init_distributed, shutdown
-    from gspo_megatron.progress import progress_bar
 
     init_distributed(layout)
     try:

@@ -21,15 +21,34 @@ with a non-finite loss or gradient is skipped (``update.train_step``), and
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+import torch.distributed as dist
+import yaml
+
+from gspo_megatron.batch import Sample
+from gspo_megatron.checkpoint.atomic import atomic_write_text
+from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
+from gspo_megatron.checkpoint.model import HF_SUBDIR, load_model_checkpoint
+from gspo_megatron.checkpoint.training import (CHECKPOINTS, TrainState, last_complete_note,
+                                               latest_checkpoint, load_checkpoint, save_checkpoint,
+                                               set_aside_newer)
 from gspo_megatron.config import Config, load_config
+from gspo_megatron.config_io import to_dict
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
+from gspo_megatron.loss import group_advantages
+from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
+from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
-from gspo_megatron.checkpoint.training import CHECKPOINTS, last_complete_note
+from gspo_megatron.progress import progress_bar
+from gspo_megatron.rewards.runner import RewardRunner
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gspo-train", description=__doc__.split("\n")[0])
@@ -66,8 +85,6 @@ class SkipGuard:
 
 
 def _dtype(cfg: Config):
-    import torch
-
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
@@ -77,20 +94,15 @@ class Trainer:
     """The heavy half: process groups, model, optimizer, engine; then the loop."""
 
     def __init__(self, plan: Plan):
-        import torch
-        import torch.distributed as dist
+        # The heavy modules (megatron, vLLM, TensorBoard) are imported here, not at the top: the
+        # pre-flight, and gspo-train --check, must answer bad input without seconds of imports.
         from megatron.core import parallel_state as ps
 
-        from gspo_megatron.checkpoint.model import HF_SUBDIR, load_model_checkpoint
         from gspo_megatron.metrics import MetricsLogger
         from gspo_megatron.models.qwen3.model import build_model
-        from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
-        from gspo_megatron.parallel import init_distributed
-        from gspo_megatron.rewards.runner import RewardRunner
         from gspo_megatron.rollout.engine import RolloutEngine
-        from gspo_megatron.route_change import RouteChangeMeter
         from gspo_megatron.rollout.weight_sync import WeightGatherer
-        from gspo_megatron.checkpoint.training import TrainState, load_checkpoint, set_aside_newer
+        from gspo_megatron.route_change import RouteChangeMeter
 
         cfg = self.cfg = plan.cfg
         self.plan, self.spec = plan, plan.spec
@@ -129,11 +141,6 @@ class Trainer:
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
         if self.rank == 0:
-            import yaml
-
-            from gspo_megatron.config_io import to_dict
-            from gspo_megatron.checkpoint.atomic import atomic_write_text
-
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def _say(self, text: str) -> None:
@@ -144,11 +151,7 @@ class Trainer:
 
     def step(self, step: int) -> Tuple[Dict[str, float], List[bool]]:
         """One RL step; returns its metrics and, per optimizer step, whether it was skipped."""
-        import torch
-
-        from gspo_megatron.batch import Sample
-        from gspo_megatron.loss import group_advantages
-        from gspo_megatron.update import policy_update
+        from gspo_megatron.update import policy_update  # megatron: see __init__
 
         cfg, t0 = self.cfg, time.perf_counter()
         prompts = self.plan.prompts.batch(step, cfg.train.prompts_per_step, cfg.data.seed,
@@ -203,9 +206,6 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        from gspo_megatron.progress import progress_bar
-        from gspo_megatron.checkpoint.training import save_checkpoint
-
         cfg = self.cfg
         root = self.out / CHECKPOINTS
         with progress_bar(total=cfg.train.steps, desc="gspo", unit="step") as bar:
@@ -227,19 +227,11 @@ class Trainer:
             self._export(root)
 
     def _export(self, root: Path) -> None:
-        import datetime
-
-        import torch.distributed as dist
-
-        from gspo_megatron.checkpoint.training import latest_checkpoint
-
         # Rank 0 converts alone, which for a large model takes longer than any collective
         # should (train.collective_timeout_s): the others wait on a group of their own. If rank
         # 0 fails, its closed connection ends their wait at once.
         wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         if self.rank == 0:
-            from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
-
             convert_mcore_to_hf(latest_checkpoint(root), self.out / "hf", overwrite=True,
                                 show_progress=False)
             self._say(f"exported the final policy to {self.out / 'hf'}")
@@ -257,10 +249,6 @@ class Trainer:
 
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import os
-
-    from gspo_megatron.parallel import world_size_from_env
-
     # vLLM's per-step warnings (thread binding, rotary "weights" on every sync) drown the
     # progress bar; errors still show.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -294,8 +282,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
     """One line for a collective that failed because of another rank (gloo and NCCL report
     these as RuntimeErrors carrying the transport's text), else None."""
-    import torch.distributed as dist
-
     if not isinstance(err, RuntimeError):
         return None
     text = str(err)

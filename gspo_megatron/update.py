@@ -24,9 +24,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.router import Router
 
 from gspo_megatron.batch import (MicroBatch, Sample, build_microbatch, cp_shard, pad_to_multiple,
                                  sequence_multiple)
+from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import PolicyLossConfig, finalize_metrics, policy_loss
 from gspo_megatron.optim import unwrap
@@ -34,8 +37,6 @@ from gspo_megatron.optim import unwrap
 
 def agreed_seq_len(samples: Sequence[Sample]) -> int:
     """One padded length for all ranks (MoE dispatch and pipeline p2p need equal shapes)."""
-    from megatron.core import parallel_state as ps
-
     longest = max((len(s.prompt_ids) + len(s.response_ids) for s in samples), default=1)
     t = torch.tensor([longest], dtype=torch.long)
     if dist.is_initialized():
@@ -49,8 +50,6 @@ def make_microbatches(samples: Sequence[Sample], micro_batch_size: int, seq_len:
                       num_microbatches: Optional[int] = None) -> List[MicroBatch]:
     """This rank's samples -> CP-sharded micro-batches, padded with empty rows/micro-batches
     to ``num_microbatches`` (all data-parallel ranks must run the same count)."""
-    from megatron.core import parallel_state as ps
-
     n = num_microbatches or max(1, -(-len(samples) // micro_batch_size))
     rows: List[Optional[Sample]] = list(samples) + [None] * (n * micro_batch_size - len(samples))
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
@@ -66,8 +65,6 @@ def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
     the trainer's first; returns this rank's [sum |diff|, max |diff|, tokens] (zeros on ranks
     that do not own log-probs). ``keep_rollout`` keeps the engine's values as pi_old (the
     comparison is then all this pass is for)."""
-    from megatron.core import parallel_state as ps
-
     unwrapped = unwrap(model)
     was_training = unwrapped.training
     unwrapped.eval()
@@ -105,8 +102,6 @@ def reduce_logprob_diff(parts: Sequence[torch.Tensor]) -> Dict[str, float]:
 
 
 def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
-    from megatron.core import parallel_state as ps
-
     dev = logits.device
     if mb.old_logprobs is None:
         if mb.loss_mask.any():
@@ -142,8 +137,6 @@ def scale_moe_aux_loss(model, coeff: float, micro_batch_size: int) -> None:
     micro_batch_size. (megatron's router can instead multiply by the micro-batch's token count,
     expecting a token-count divisor; it decides that from a flag it copies from the config when
     it is built, so it is set here explicitly rather than left to build order.)"""
-    from megatron.core.transformer.moe.router import Router
-
     unwrapped = unwrap(model)
     config = unwrapped.config
     if not coeff or not getattr(config, "num_moe_experts", None):
@@ -212,8 +205,6 @@ def reduce_metrics(store: List[dict], nonfinite_grads: float = 0.0) -> Dict[str,
     """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
     receives the result (counted once per sequence: TP and CP duplicates contribute zero).
     ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks."""
-    from megatron.core import parallel_state as ps
-
     keys = ["loss_sum", "num_sequences", "num_tokens", "clipped_sum", "clip_denominator",
             "clamp_sum", "clamp_denominator", "abs_log_ratio_sum", "approx_kl_sum",
             "entropy_sum", "entropy_tokens"]
@@ -286,8 +277,6 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
     Samples that carry the engine's log-probs (``Sample.old_logprobs``) are compared with the
     trainer's before any step: free when the trainer computes pi_old, one extra forward pass
     when pi_old comes from the engine (``measure_rollout_diff=False`` skips it)."""
-    from gspo_megatron.errors import GspoError
-
     seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
     if len(samples) % k:

@@ -15,6 +15,7 @@ import pytest
 import train_runs as tr
 from conftest import REPO
 
+
 def _main(argv, monkeypatch, capsys, world: int = 1) -> str:
     from gspo_megatron import train
 

@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
+import psutil
+
 from gspo_megatron.errors import GspoError
 
 TMP_MARK = ".tmp-"
@@ -163,8 +165,6 @@ def write_error(out: Path, err: OSError) -> GspoError:
 
 
 def _write_owner(owner: Path) -> None:
-    import psutil
-
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "start_time": psutil.Process().create_time()}
     owner.write_text(json.dumps(record) + "\n")
@@ -180,8 +180,6 @@ def _read_owner(owner: Path) -> Optional[dict]:
 
 
 def _owner_alive(record: dict) -> bool:
-    import psutil
-
     try:
         started = psutil.Process(record["pid"]).create_time()
     except psutil.NoSuchProcess:

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, _write_files_from_queue
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.futures import Future
 
 from gspo_megatron.errors import GspoError
@@ -262,8 +263,6 @@ class DcpTensorReader:
     """Global shapes/dtypes of a torch_dist checkpoint and per-key loading."""
 
     def __init__(self, ckpt_dir: Path) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         self.ckpt_dir = Path(ckpt_dir)
         if not (self.ckpt_dir / "metadata.json").is_file() or not (self.ckpt_dir / ".metadata").is_file():
             raise GspoError(f"{self.ckpt_dir}: not a megatron torch_dist checkpoint "

@@ -8,13 +8,20 @@ another model fails with one line instead of a shape error deep in DCP.
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
+
+from torch.distributed.checkpoint import FileSystemReader
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes, spec_from_hf_dir
 
 HF_SUBDIR = "hf"
+
+# megatron is imported inside the functions that load tensors: the pre-flight checks
+# checkpoints through this module and must not load megatron (seconds of imports).
 
 
 def checkpoint_spec(ckpt_dir: Path) -> Qwen3Spec:
@@ -39,11 +46,6 @@ def check_checkpoint_files(ckpt_dir: Path) -> None:
     """Every file the checkpoint's metadata points into is there and long enough, metadata.json
     parses and common.pt is a whole zip: checked from sizes and file ends before any model is
     built, so a copy cut short names its file instead of failing mid-load inside DCP."""
-    import json
-    import zipfile
-
-    from torch.distributed.checkpoint import FileSystemReader
-
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / ".metadata").is_file():
         raise GspoError(f"{ckpt_dir / '.metadata'}: missing; not a complete torch_dist checkpoint")
@@ -105,7 +107,6 @@ def load_model_checkpoint(model, ckpt_dir: Path, expected: Qwen3Spec) -> None:
 
 def _check_tensor_shapes(ckpt_dir: Path, sharded: dict) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from torch.distributed.checkpoint import FileSystemReader
 
     try:
         metadata = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata

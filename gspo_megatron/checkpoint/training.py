@@ -44,6 +44,7 @@ from gspo_megatron.checkpoint.atomic import (TMP_MARK, atomic_write_text, check_
                                              tree_bytes)
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec, model_sharded_state_dict
 from gspo_megatron.errors import GspoError, TrainingStopped
+from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.optim import unwrap
 
 CHECKPOINTS = "checkpoints"
@@ -56,6 +57,9 @@ TRAINER_STATE = "trainer_state.json"
 """The step, for people; its presence marks a training (not a model) checkpoint."""
 _STEP_DIR = re.compile(r"step_(\d+)")
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+# megatron is imported inside the functions that save and load: the pre-flight finds the
+# checkpoint to resume from through this module and must not load megatron.
 
 
 @dataclass
@@ -182,8 +186,6 @@ def estimate_checkpoint_bytes(spec, dtype: str, hf_dir: Path) -> int:
     fp32 master weights and two Adam moments (12 bytes per parameter), the copy of ``hf_dir``
     (config, tokenizer) and 1 MiB of metadata. (The tiny demo model: 10.8 MB written, 11.6 MB
     estimated.)"""
-    from gspo_megatron.models.qwen3 import hf_mapping
-
     numel = sum(math.prod(m.mcore_shape) for m in hf_mapping.tensor_mappings(spec))
     param_bytes = 2 if dtype == "bf16" else 4  # "auto" is bf16 on GPU: 4 is the safe side
     return numel * (param_bytes + 12) + tree_bytes(hf_dir) + (1 << 20)

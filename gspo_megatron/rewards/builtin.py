@@ -38,7 +38,7 @@ def math_reward(prompt: str, response: str, answer: Optional[str]) -> float:
     LaTeX/plain expressions, sets, intervals, numbers in any notation), else 0."""
     if answer is None:
         raise ValueError("math reward needs a reference answer (set data.answer_field)")
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # here: it brings sympy, which the trainer never needs
 
     stated = final_answer(response)
     if stated is None:

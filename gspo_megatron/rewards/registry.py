@@ -11,12 +11,11 @@ import importlib
 from typing import Callable, List
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.rewards.builtin import BUILTIN
 
 
 def resolve(name: str, where: str = "reward") -> Callable:
     """The function a config name stands for; GspoError (one line) for anything wrong with it."""
-    from gspo_megatron.rewards.builtin import BUILTIN
-
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:

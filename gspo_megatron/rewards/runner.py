@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch.distributed as dist
+
 from gspo_megatron.errors import GspoError
 from gspo_megatron.rewards.registry import resolve
 from gspo_megatron.rewards.worker import Job, Reply, Worker
@@ -133,8 +135,6 @@ class RewardRunner:
         own worker and every rank gets all rewards, the metrics merged over ranks (counts add
         up, per-function means are weighted by items, times are the slowest rank's) and the
         first problem any rank met ("<function name>: <what happened>", None if none)."""
-        import torch.distributed as dist
-
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = items[rank::world]
         totals, stats = self.score(mine)

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.procutil import die_with_parent
+from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
 
 STARTUP_TIMEOUT_S = 120.0
@@ -87,8 +88,6 @@ def _finite_real(raw: object) -> Optional[float]:
 
 
 def _import_lazy_dependencies(names: Sequence[str]) -> None:
-    from gspo_megatron.rewards.builtin import WORKER_IMPORTS
-
     for name in names:
         for module in WORKER_IMPORTS.get(name, ()):
             importlib.import_module(module)

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.parallel import ParallelLayout, init_distributed, world_size_from_env
 from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.rollout.engine import RolloutEngine, check_model_fits
 
 
 def parse_args(argv=None):
@@ -40,8 +42,6 @@ def parse_args(argv=None):
 @exit_on_error
 def main() -> None:
     args = parse_args()
-    from gspo_megatron.parallel import ParallelLayout, init_distributed, world_size_from_env
-    from gspo_megatron.rollout.engine import RolloutEngine, check_model_fits
 
     cfg = RolloutConfig(group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                         max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,

@@ -19,6 +19,7 @@ trainer computes, so the two can be compared token by token.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import zlib
@@ -93,8 +94,6 @@ def explain_start_failure(err: BaseException, cfg: RolloutConfig, on_gpu: bool) 
 
 def check_model_fits(hf_dir: Path, cfg: RolloutConfig) -> None:
     """Prompt + response budget within the model's positions (vLLM would refuse to start)."""
-    import json
-
     config = json.loads((Path(hf_dir) / "config.json").read_text())
     limit = config.get("max_position_embeddings")
     if limit is not None and cfg.max_model_len > limit:
@@ -102,7 +101,8 @@ def check_model_fits(hf_dir: Path, cfg: RolloutConfig) -> None:
                         f"exceeds the model's max_position_embeddings={limit} ({hf_dir})")
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if not torch.cuda.is_available():
-        # vLLM's CPU attention fails on other sizes only at the first forward pass.
+        # vLLM's CPU attention fails on other sizes only at the first forward pass. (vLLM is
+        # imported where it is used throughout: seconds of imports, needed only by the engine.)
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
         sizes = CPUAttentionBackend.get_supported_head_sizes()

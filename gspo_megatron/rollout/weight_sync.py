@@ -23,7 +23,9 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from gspo_megatron.checkpoint.model import model_sharded_state_dict
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.optim import unwrap
@@ -94,10 +96,6 @@ def _is_primary(replica_id) -> bool:
 
 def local_shards(model) -> Dict[str, LocalShard]:
     """key -> this rank's slice of it (the primary replica's where this rank holds several)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    from gspo_megatron.checkpoint.model import model_sharded_state_dict
-
     out = {}
     for value in model_sharded_state_dict(unwrap(model)).values():
         items = value.build() if isinstance(value, ShardedTensorFactory) else [value]

@@ -14,6 +14,8 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from gspo_megatron.rollout.weight_sync import local_shards
+
 
 @contextlib.contextmanager
 def grads_as_data(model) -> Iterator[None]:
@@ -36,8 +38,6 @@ def grads_as_data(model) -> Iterator[None]:
 
 def gather_full_tensors(model) -> Optional[Dict[str, torch.Tensor]]:
     """Full tensors of ``model`` (a GPTModel or a DDP wrapper) on global rank 0, else None."""
-    from gspo_megatron.rollout.weight_sync import local_shards
-
     pieces = [(key, shape, offset, data.detach().float().cpu().clone())
               for key, (shape, offset, data, primary) in local_shards(model).items() if primary]
     gathered = [None] * dist.get_world_size()

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
 from gspo_megatron.errors import GspoError
@@ -21,8 +22,6 @@ from gspo_megatron.optim import unwrap
 
 
 def _next_tokens(model, sequences: List[List[int]], vocab_size: int) -> List[int]:
-    from megatron.core import parallel_state as ps
-
     multiple = sequence_multiple(ps.get_tensor_model_parallel_world_size(), 1)
     seq_len = pad_to_multiple(max(len(s) for s in sequences), multiple)
     mbs = [build_microbatch([Sample(s, [])], seq_len) for s in sequences]
@@ -56,8 +55,6 @@ def _next_tokens(model, sequences: List[List[int]], vocab_size: int) -> List[int
 def greedy_continuation(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                         vocab_size: int, eos_token_id: Optional[int] = None) -> List[List[int]]:
     """Per prompt, the greedy continuation (stopping after EOS). Collective over the world."""
-    from megatron.core import parallel_state as ps
-
     if ps.get_context_parallel_world_size() > 1:
         raise GspoError("greedy_continuation: context parallelism is not supported (use cp=1)")
     unwrapped = unwrap(model)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Sequence, Tuple
 
 import torch
+from safetensors.torch import load_file
 
 
 def hf_logprobs(model, rows: Sequence[Tuple[list, list]]) -> List[List[float]]:
@@ -58,8 +59,6 @@ def max_abs_diff(a, b) -> float:
 
 def read_hf_tensors(hf_dir: Path) -> dict:
     """Every tensor of an HF safetensors checkpoint directory, by name."""
-    from safetensors.torch import load_file
-
     out = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
         out.update(load_file(str(f)))

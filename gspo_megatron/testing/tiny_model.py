@@ -7,16 +7,20 @@ from uniform: a parity check on such a model tests something.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM
+from transformers import PreTrainedTokenizerFast
+from transformers import Qwen3Config
+from transformers import Qwen3MoeConfig
 
 TINY_VOCAB = 250  # deliberately not a multiple of 128: exercises vocabulary padding
 
 
 def tiny_moe_config(**overrides):
-    from transformers import Qwen3MoeConfig
-
     kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               num_local_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
@@ -28,8 +32,6 @@ def tiny_moe_config(**overrides):
 
 
 def tiny_dense_config(**overrides):
-    from transformers import Qwen3Config
-
     kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=256, tie_word_embeddings=True,
@@ -40,8 +42,6 @@ def tiny_dense_config(**overrides):
 
 def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Create, randomise and save_pretrained a model; returns it (fp32 or ``dtype``)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     config.architectures = [{"qwen3_moe": "Qwen3MoeForCausalLM",
                              "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
@@ -59,9 +59,6 @@ def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.f
 
 def write_tokenizer(out: Path, vocab_size: int = TINY_VOCAB) -> None:
     """A word-level tokenizer ("w0".."wN", <unk>, <eos>) saved as HF tokenizer files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {f"w{i}": i for i in range(vocab_size - 2)}
     vocab.update({"<unk>": vocab_size - 2, "<eos>": vocab_size - 1})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -73,8 +70,6 @@ def write_tokenizer(out: Path, vocab_size: int = TINY_VOCAB) -> None:
 def random_rows(n: int, vocab_size: int = TINY_VOCAB, seed: int = 0, max_prompt: int = 12,
                 max_response: int = 14):
     """``n`` random (prompt_ids, response_ids) pairs for scoring checks."""
-    import random
-
     rng = random.Random(seed)
     return [([rng.randrange(vocab_size) for _ in range(rng.randint(1, max_prompt))],
              [rng.randrange(vocab_size) for _ in range(rng.randint(1, max_response))])

@@ -20,7 +20,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
 
+from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
 from gspo_megatron.models.qwen3.norm import Qwen3RMSNorm
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.parallel import ParallelLayout
@@ -38,8 +43,6 @@ def transformer_config(spec: Qwen3Spec, layout: ParallelLayout,
                        params_dtype: torch.dtype = torch.float32,
                        moe_aux_loss_coeff: float = 0.0):
     """The megatron TransformerConfig for a Qwen3 spec under a parallel layout."""
-    from megatron.core.transformer import TransformerConfig
-
     on_gpu = torch.cuda.is_available()
     moe = {}
     if spec.is_moe:
@@ -125,8 +128,6 @@ def _replace_norms(spec_obj, norm_cls) -> None:
 def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm (and,
     for context parallelism, the all-gather CP attention that megatron's local spec lacks)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization="RMSNorm", vp_stage=vp_stage)
     if use_te:
@@ -136,8 +137,6 @@ def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     for layer_spec in block.layer_specs:
         _replace_norms(layer_spec, Qwen3RMSNorm)
         if config.context_parallel_size > 1:
-            from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
-
             layer_spec.submodules.self_attention.submodules.core_attention = AllGatherCPAttention
     block.layer_norm = Qwen3RMSNorm
     return block
@@ -146,9 +145,6 @@ def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
 def build_model(spec: Qwen3Spec, layout: ParallelLayout,
                 params_dtype: torch.dtype = torch.float32, moe_aux_loss_coeff: float = 0.0):
     """Build this rank's part of the model. parallel_state must be initialised for ``layout``."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     config = transformer_config(spec, layout, params_dtype, moe_aux_loss_coeff)
     use_te = have_transformer_engine()
     model = GPTModel(
