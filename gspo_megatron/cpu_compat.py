@@ -287,6 +287,3 @@ def apply_if_needed() -> bool:
     apply()
     return True
 
-
-def is_applied() -> bool:
-    return _APPLIED

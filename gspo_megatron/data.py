@@ -15,7 +15,7 @@ data set is prepared and counted (``data/skipped_overlong``), so the rollout nev
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -65,7 +65,12 @@ class Prompt:
 class PromptSet:
     prompts: List[Prompt]
     skipped_overlong: int = 0
-    stats: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> Dict[str, float]:
+        """The data set's size after preparation, logged with every step's metrics."""
+        return {"data/prompts": float(len(self.prompts)),
+                "data/skipped_overlong": float(self.skipped_overlong)}
 
     def batch(self, step: int, size: int, seed: int, shuffle: bool = True) -> List[Prompt]:
         """The ``size`` prompts of ``step`` (deterministic in seed and step)."""
@@ -177,5 +182,4 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int,
     if not prompts:
         raise GspoError(f"{cfg.path}: all {len(rows)} prompts are longer than "
                         f"rollout.max_prompt_tokens={max_prompt_tokens}")
-    return PromptSet(prompts, overlong, {"data/prompts": float(len(prompts)),
-                                         "data/skipped_overlong": float(overlong)})
+    return PromptSet(prompts, overlong)

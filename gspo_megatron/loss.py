@@ -139,7 +139,6 @@ def grpo(r: Ratios) -> Terms:
 
 OBJECTIVES: Dict[str, Callable[[Ratios], Terms]] = {"gspo": gspo, "gspo_token": gspo_token,
                                                     "grpo": grpo}
-VARIANTS = tuple(OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -153,8 +152,8 @@ class PolicyLossConfig:
     clip_high: float = 4e-4
     """eps_high: the ratio is clipped above at 1 + clip_high (paper: 4e-4; GRPO: 0.27)."""
     kl_coef: float = 0.0
-    """Weight of the k3 KL penalty to the reference policy (paper: 0, off; gspo-train keeps no
-    reference model and requires 0)."""
+    """Weight of the k3 KL penalty to the reference policy, the initial model.ckpt kept frozen
+    beside the policy (one more copy of the parameters; paper: 0, off)."""
     num_minibatches: int = 4
     """Optimizer steps per rollout batch (paper: 4)."""
     old_logprobs: str = "trainer"

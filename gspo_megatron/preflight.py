@@ -53,9 +53,6 @@ class Plan:
 def preflight(cfg: Config, world_size: int, resume: bool = False,
               resume_from: Optional[Path] = None) -> Plan:
     cfg.validate(world_size)
-    if cfg.loss.kl_coef:
-        raise GspoError(f"loss.kl_coef={cfg.loss.kl_coef}: gspo-train keeps no reference model "
-                        f"(the paper trains without a KL term); use 0")
     spec = checkpoint_spec(Path(cfg.model.ckpt))
     check_layout(cfg.parallel, spec, world_size)
     layout = cfg.parallel

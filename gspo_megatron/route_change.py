@@ -29,13 +29,15 @@ class RouteChangeMeter:
         unwrapped = unwrap(model)
         self.config = unwrapped.config
         self.routers = [m for m in unwrapped.modules() if isinstance(m, Router)]
-        self.topk = getattr(self.config, "moe_router_topk", 1)
         self.mode: Optional[str] = None
         self.rows: Optional[torch.Tensor] = None
         self.saved: Dict[int, torch.Tensor] = {}
         self.compared: set = set()
         self.changed = torch.zeros(2, dtype=torch.float64)  # [changed choices, all choices]
-        self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        # The hooks stay for the model's lifetime: one meter per run, watching only between
+        # start() and stop().
+        for i, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(i))
 
     @property
     def active(self) -> bool:
@@ -89,6 +91,3 @@ class RouteChangeMeter:
             return {}
         return {"train/moe_route_change": float(total[0] / total[1])}
 
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()

@@ -100,6 +100,7 @@ class Trainer:
 
         from gspo_megatron.metrics import MetricsLogger
         from gspo_megatron.models.qwen3.model import build_model
+        from gspo_megatron.reference import build_reference
         from gspo_megatron.rollout.engine import RolloutEngine
         from gspo_megatron.rollout.weight_sync import WeightGatherer
         from gspo_megatron.route_change import RouteChangeMeter
@@ -114,6 +115,10 @@ class Trainer:
         model = build_model(plan.spec, cfg.parallel, dtype, cfg.model.moe_aux_loss_coeff)
         load_model_checkpoint(model, Path(cfg.model.ckpt), plan.spec)
         self.model = wrap_for_training(model, cfg.optim.use_distributed_optimizer)
+        # The KL penalty's reference: the initial policy, frozen (a resumed run rebuilds it
+        # from the same checkpoint). Built only when the penalty is on.
+        self.ref_model = (build_reference(plan.spec, cfg.parallel, dtype, Path(cfg.model.ckpt))
+                          if cfg.loss.kl_coef else None)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim,
                                          cfg.train.steps * cfg.loss.num_minibatches)
@@ -190,12 +195,13 @@ class Trainer:
         update = policy_update(self.model, self.optimizer, samples[self.dp_rank::self.dp], cfg.loss,
                                self.spec.vocab_size, scheduler=self.scheduler,
                                moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
-                               route_meter=self.route_meter)
+                               route_meter=self.route_meter, ref_model=self.ref_model)
 
         by_group = r.reshape(-1, g_size)
         out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
                "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean()) if g_size > 1 else 1.0,
                **reward_stats, **batch.stats, **update.metrics, **sync.metrics,
+               **self.plan.prompts.stats,
                "rollout/dropped_samples": float(dropped)}
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds

@@ -33,6 +33,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import PolicyLossConfig, finalize_metrics, policy_loss
 from gspo_megatron.optim import unwrap
+from gspo_megatron.reference import fill_ref_logprobs
 
 
 def agreed_seq_len(samples: Sequence[Sample]) -> int:
@@ -108,6 +109,9 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
             raise ValueError("micro-batch has no old log-probs: run compute_old_logprobs first, "
                              "or pass the rollout engine's log-probs with the samples")
         mb.old_logprobs = torch.zeros(mb.loss_mask.shape)  # a filler micro-batch: no tokens
+    if cfg.kl_coef and mb.ref_logprobs is None and mb.loss_mask.any():
+        raise ValueError("loss.kl_coef > 0 but the micro-batch has no reference log-probs: pass "
+                         "the reference policy to policy_update (ref_model)")
     # The logits are read only here: their storage can take their gradient.
     logp, entropy = label_logprobs(logits, mb, vocab_size, inplace_backward=True)
     mask = mb.loss_mask.to(dev)
@@ -164,7 +168,8 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=False)
     stepping = optimizer is not None and step_optimizer
     # The gradient check rides on the metrics' all-reduce: no collective of its own.
-    out = reduce_metrics(store, nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0)
+    out = reduce_metrics(store, nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0,
+                         with_ref_kl=bool(cfg.kl_coef))
     nonfinite_grads = out.pop("nonfinite_grads")
     if stepping:
         # A non-finite loss or gradient must never reach the weights. megatron's optimizer only
@@ -201,20 +206,23 @@ def local_nonfinite_grads(model) -> float:
     return float(not bool(torch.isfinite(sums).all()))
 
 
-def reduce_metrics(store: List[dict], nonfinite_grads: float = 0.0) -> Dict[str, float]:
+def reduce_metrics(store: List[dict], nonfinite_grads: float = 0.0,
+                   with_ref_kl: bool = False) -> Dict[str, float]:
     """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
     receives the result (counted once per sequence: TP and CP duplicates contribute zero).
-    ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks."""
+    ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks;
+    ``with_ref_kl`` adds ``gspo/ref_kl`` (the KL penalty's k3 estimate, when it is on)."""
     keys = ["loss_sum", "num_sequences", "num_tokens", "clipped_sum", "clip_denominator",
             "clamp_sum", "clamp_denominator", "abs_log_ratio_sum", "approx_kl_sum",
-            "entropy_sum", "entropy_tokens"]
+            "entropy_sum", "entropy_tokens"] + (["ref_kl_sum"] if with_ref_kl else [])
     local = torch.zeros(len(keys) + 1, dtype=torch.float64)
     local[-1] = nonfinite_grads
     owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
              and ps.get_context_parallel_rank() == 0)
     if owner:
         for d in store:
-            local[:-1] += torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)
+            # A filler micro-batch (no tokens) reports no ref_kl_sum.
+            local[:-1] += torch.tensor([float(d.get(k, 0.0)) for k in keys], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(local)
     sums = {k: torch.tensor(v) for k, v in zip(keys, local.tolist())}
@@ -269,14 +277,18 @@ class UpdateResult:
 
 def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,
                   vocab_size: int, measure_rollout_diff: bool = True, scheduler=None,
-                  moe_aux_loss_coeff: float = 0.0, route_meter=None) -> UpdateResult:
+                  moe_aux_loss_coeff: float = 0.0, route_meter=None,
+                  ref_model=None) -> UpdateResult:
     """Consume this data-parallel rank's share of a rollout batch: old log-probs (unless taken
     from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Every rank must pass
     the same number of samples.
 
     Samples that carry the engine's log-probs (``Sample.old_logprobs``) are compared with the
     trainer's before any step: free when the trainer computes pi_old, one extra forward pass
-    when pi_old comes from the engine (``measure_rollout_diff=False`` skips it)."""
+    when pi_old comes from the engine (``measure_rollout_diff=False`` skips it).
+
+    With ``cfg.kl_coef > 0``, ``ref_model`` is the frozen reference policy
+    (``gspo_megatron.reference``): its log-probs are computed once per minibatch, before any step."""
     seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
     if len(samples) % k:
@@ -310,6 +322,11 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
                 route_meter.stop()
         if have_engine.item():
             rollout = reduce_logprob_diff(diffs)
+    if cfg.kl_coef:
+        if ref_model is None:
+            raise GspoError("loss.kl_coef > 0 needs the reference policy (ref_model)")
+        for mbs in minibatches:
+            fill_ref_logprobs(ref_model, mbs, vocab_size, seq_len)
     scale_moe_aux_loss(model, moe_aux_loss_coeff, cfg.micro_batch_size)
     t1 = time.perf_counter()
     steps = []

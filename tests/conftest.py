@@ -43,6 +43,31 @@ def run_cli(args, nproc: int = 0, timeout: int = 600, check: bool = True) -> sub
     return proc
 
 
+class BatchedRuns:
+    """Worker cases that share a world size run in one launch, the first time one of them is
+    asked for: starting torchrun and importing megatron in every process costs more than a case
+    on CPU. ``cases`` maps a name to (processes, case dict); the worker gets the list of its
+    world size's cases (each with its name) as ``--cases FILE`` and writes ``--out FILE``
+    (``{name: result}``, read back with ``load``)."""
+
+    def __init__(self, worker: str, cases: dict, tmp: Path, load, args=()):
+        self.worker, self.cases, self.tmp, self.load, self.args = worker, cases, tmp, load, list(args)
+        self.done = {}
+
+    def __getitem__(self, name: str):
+        nproc = self.cases[name][0]
+        if nproc not in self.done:
+            import json
+
+            batch = [{**case, "name": n} for n, (p, case) in self.cases.items() if p == nproc]
+            spec, out = self.tmp / f"cases{nproc}.json", self.tmp / f"out{nproc}"
+            spec.write_text(json.dumps(batch))
+            run_cli([self.worker, "--cases", str(spec), "--out", str(out)] + self.args,
+                    nproc=nproc if nproc > 1 else 0)
+            self.done[nproc] = self.load(out)
+        return self.done[nproc][name]
+
+
 class TinyModel:
     def __init__(self, root: Path, config) -> None:
         from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
@@ -95,7 +120,7 @@ def multinode_run(demo_init, tmp_path_factory) -> Path:
         logs.append(log)
         procs.append(subprocess.Popen(
             ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
-            + tr.overrides(demo_init, out) + ["train.export_hf=true"], cwd=REPO, env=env, stdout=open(log, "w"),
+            + tr.overrides(demo_init, out, **tr.KL) + ["train.export_hf=true"], cwd=REPO, env=env, stdout=open(log, "w"),
             stderr=subprocess.STDOUT))
     for proc, log in zip(procs, logs):
         tr.wait(proc, log)

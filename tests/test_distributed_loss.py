@@ -3,7 +3,9 @@
 Each layout runs `tests/workers/grad_worker.py` under torchrun/gloo on the tiny Qwen3-MoE: one
 forward/backward through megatron's pipeline schedule with the loss on the last stage, megatron
 DDP gradient reduction and finalisation, then all gradients gathered into full tensors. The
-reference is the same computation in one process.
+reference is the same computation in one process. The cases of one world size run in one
+torchrun launch (the worker rebuilds megatron's parallel state and the model per case), since
+starting the processes costs more than the cases.
 
 Tolerance (fp32): the layouts add the same terms in a different order (TP splits matmul
 reductions and all-reduces partial sums; CP, DP and EP sum per-rank contributions), so gradients
@@ -20,54 +22,82 @@ import random
 import pytest
 import torch
 
+from conftest import REPO, BatchedRuns
 from gspo_megatron.testing.hf_reference import hf_logprobs
 from gspo_megatron.testing.tiny_model import random_rows
-from conftest import REPO, run_cli
 
 WORKER = str(REPO / "tests" / "workers" / "grad_worker.py")
 
 LAYOUTS = [
-    ("TP2", 2, ["--tp", "2"]),
-    ("PP2", 2, ["--pp", "2"]),
-    ("CP2", 2, ["--cp", "2"]),
-    ("EP2", 2, ["--ep", "2"]),
-    ("DP2", 2, []),
-    ("TP2xPP2", 4, ["--tp", "2", "--pp", "2"]),
-    ("TP2xCP2", 4, ["--tp", "2", "--cp", "2"]),
-    ("EP2xPP2", 4, ["--ep", "2", "--pp", "2"]),
-    ("DP2xEP2", 4, ["--ep", "2"]),
+    ("TP2", 2, {"tp": 2}),
+    ("PP2", 2, {"pp": 2}),
+    ("CP2", 2, {"cp": 2}),
+    ("EP2", 2, {"ep": 2}),
+    ("DP2", 2, {}),
+    ("TP2xPP2", 4, {"tp": 2, "pp": 2}),
+    ("TP2xCP2", 4, {"tp": 2, "cp": 2}),
+    ("EP2xPP2", 4, {"ep": 2, "pp": 2}),
+    ("DP2xEP2", 4, {"ep": 2}),
 ]
+VARIANTS = [("grpo", 2, {"cp": 2}), ("gspo_token", 4, {"tp": 2, "cp": 2})]
+UPDATE_LAYOUTS = [("TP2", 2, {"tp": 2}), ("DP2", 2, {})]
+
+_NARROW = {"clip_low": 0.002, "clip_high": 0.003}
+_UPDATE = {"mode": "update", "trainer_old_logprobs": True, "num_minibatches": 2}
+_KL = {"kl_coef": 0.1}
+
+
+def _cases():
+    """name -> (processes, case): every worker run of this module."""
+    cases = {"single": (1, {}), "TP2xDP1-update-kl": (2, {**_UPDATE, **_KL, "layout": {"tp": 2}}),
+             "single-update": (1, _UPDATE), "single-update-kl": (1, {**_UPDATE, **_KL}),
+             "single-kl": (1, _KL), "CP2-kl": (2, {**_KL, "layout": {"cp": 2}}),
+             # A NaN minibatch then a good one, against an update that only saw the good one.
+             "nonfinite-both": (2, {**_UPDATE, "samples": "both"}),
+             "nonfinite-good": (2, {**_UPDATE, "num_minibatches": 1, "samples": "good"})}
+    for name, nproc, layout in LAYOUTS:
+        cases[name] = (nproc, {"layout": layout})
+    for variant, nproc, layout in VARIANTS:
+        cases[f"single-{variant}"] = (1, {"variant": variant, **_NARROW})
+        cases[f"{variant}-{nproc}"] = (nproc, {"variant": variant, **_NARROW, "layout": layout})
+    for name, nproc, layout in UPDATE_LAYOUTS:
+        cases[f"{name}-update"] = (nproc, {**_UPDATE, "layout": layout})
+    return cases
+
+
+CASES = _cases()
 
 
 @pytest.fixture(scope="module")
-def samples_file(tiny_moe, tmp_path_factory):
-    """Samples whose pi_old log-probs are HF's plus noise (the rollout-engine path), so ratios
-    differ from 1 and some sequences are clipped."""
+def samples_dir(tiny_moe, tmp_path_factory):
+    """main: pi_old log-probs are HF's plus noise (the rollout-engine path), so ratios differ
+    from 1 and some sequences are clipped; reference log-probs HF's plus other noise.
+    both / good: for the non-finite case (below)."""
+    root = tmp_path_factory.mktemp("samples")
     rows = random_rows(8, seed=3)
     ref = hf_logprobs(tiny_moe.model, rows)
     rng = random.Random(0)
-    out = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1),
-            "old_logprobs": [x + rng.gauss(0, 0.003) for x in lp]} for (p, r), lp in zip(rows, ref)]
-    path = tmp_path_factory.mktemp("samples") / "samples.json"
-    path.write_text(json.dumps(out))
-    return path
+    main = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1),
+             "old_logprobs": [x + rng.gauss(0, 0.003) for x in lp],
+             "ref_logprobs": [x + rng.gauss(0, 0.05) for x in lp]} for (p, r), lp in zip(rows, ref)]
+    (root / "main.json").write_text(json.dumps(main))
+    # The longest row is in the good (second) minibatch, so both runs pad to the same length.
+    rows = sorted(random_rows(8, seed=5), key=lambda r: len(r[0]) + len(r[1]))
+    rng = random.Random(1)
+    both = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1)} for p, r in rows]
+    both[1]["advantage"] = float("nan")
+    (root / "both.json").write_text(json.dumps(both))
+    (root / "good.json").write_text(json.dumps(both[4:]))
+    return root
 
 
-def _run(tiny_moe, samples_file, tmp_path, nproc, extra, name="out.pt"):
-    out = tmp_path / name
-    args = [WORKER, "--ckpt", str(tiny_moe.ckpt), "--samples", str(samples_file), "--out", str(out)] + extra
-    run_cli(args, nproc=nproc if nproc > 1 else 0)
-    return torch.load(out)
-
-
-_single_cache = {}
-
-
-def _single(tiny_moe, samples_file, tmp_path, extra):
-    key = tuple(extra)
-    if key not in _single_cache:
-        _single_cache[key] = _run(tiny_moe, samples_file, tmp_path, 1, extra, "single.pt")
-    return _single_cache[key]
+@pytest.fixture(scope="module")
+def runs(tiny_moe, samples_dir, tmp_path_factory):
+    cases = {name: (nproc, {**case, "mode": case.get("mode", "grads"),
+                            "samples": str(samples_dir / f"{case.get('samples', 'main')}.json")})
+             for name, (nproc, case) in CASES.items()}
+    return BatchedRuns(WORKER, cases, tmp_path_factory.mktemp("grad_runs"), torch.load,
+                       ["--ckpt", str(tiny_moe.ckpt)])
 
 
 def _assert_same(ref, got):
@@ -80,28 +110,35 @@ def _assert_same(ref, got):
         assert diff <= 1e-4 * g.abs().max().item() + 1e-7, (key, diff)
 
 
-@pytest.mark.parametrize("name,nproc,extra", LAYOUTS, ids=[l[0] for l in LAYOUTS])
-def test_gspo_loss_and_gradients_match_single_process(tiny_moe, samples_file, tmp_path, name, nproc, extra):
-    ref = _single(tiny_moe, samples_file, tmp_path, [])
+@pytest.mark.parametrize("name", [l[0] for l in LAYOUTS])
+def test_gspo_loss_and_gradients_match_single_process(runs, name):
+    ref = runs["single"]
     assert 0 < ref["metrics"]["gspo/clip_fraction"] < 1  # both clipped and unclipped sequences
-    _assert_same(ref, _run(tiny_moe, samples_file, tmp_path, nproc, extra))
+    _assert_same(ref, runs[name])
 
 
-@pytest.mark.parametrize("variant,nproc,extra", [("grpo", 2, ["--cp", "2"]),
-                                                 ("gspo_token", 4, ["--tp", "2", "--cp", "2"])])
-def test_other_variants_match_single_process(tiny_moe, samples_file, tmp_path, variant, nproc, extra):
-    flags = ["--variant", variant, "--clip-low", "0.002", "--clip-high", "0.003"]
-    ref = _single(tiny_moe, samples_file, tmp_path, flags)
-    _assert_same(ref, _run(tiny_moe, samples_file, tmp_path, nproc, extra + flags))
+@pytest.mark.parametrize("variant,nproc", [(v, n) for v, n, _ in VARIANTS])
+def test_other_variants_match_single_process(runs, variant, nproc):
+    _assert_same(runs[f"single-{variant}"], runs[f"{variant}-{nproc}"])
 
 
-@pytest.mark.parametrize("name,nproc,extra", [("TP2", 2, ["--tp", "2"]), ("DP2", 2, [])])
-def test_minibatch_updates_match_single_process(tiny_moe, samples_file, tmp_path, name, nproc, extra):
+def test_kl_penalty_gradients_match_single_process_under_cp(runs):
+    """The KL term's reference log-probs are split over CP ranks like the labels: loss, the
+    k3 estimate and every gradient equal the single process's, and the term is really in the
+    gradient (it differs from the gradient without it)."""
+    ref, got = runs["single-kl"], runs["CP2-kl"]
+    _assert_same(ref, got)
+    assert got["metrics"]["gspo/ref_kl"] == pytest.approx(ref["metrics"]["gspo/ref_kl"], rel=1e-5)
+    assert ref["metrics"]["gspo/ref_kl"] > 0 and "gspo/ref_kl" not in runs["single"]["metrics"]
+    plain = runs["single"]["tensors"]
+    assert any(not torch.allclose(plain[k], g) for k, g in ref["tensors"].items())
+
+
+@pytest.mark.parametrize("name", [l[0] for l in UPDATE_LAYOUTS])
+def test_minibatch_updates_match_single_process(runs, name):
     """Old log-probs from a trainer forward, then 2 minibatch Adam steps (distributed optimizer,
     gradient clipping): same metrics per step and same weights after."""
-    flags = ["--mode", "update", "--trainer-old-logprobs", "--num-minibatches", "2"]
-    ref = _single(tiny_moe, samples_file, tmp_path, flags)
-    got = _run(tiny_moe, samples_file, tmp_path, nproc, extra + flags)
+    ref, got = runs["single-update"], runs[f"{name}-update"]
     first, second = ref["metrics"]
     # pi_old is the trainer itself before the first step: the first ratio is exactly 1.
     assert first["gspo/abs_log_ratio"] == 0 and first["gspo/clip_fraction"] == 0
@@ -115,21 +152,36 @@ def test_minibatch_updates_match_single_process(tiny_moe, samples_file, tmp_path
         assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
 
 
-def test_nonfinite_minibatch_is_skipped_and_leaves_no_trace(tiny_moe, tmp_path):
+def test_reference_policy_is_the_initial_checkpoint_and_penalises_drift(runs, tiny_moe, samples_dir):
+    """loss.kl_coef > 0: the reference policy built from the checkpoint gives HF's log-probs of
+    the initial model; its KL to the policy is 0 at the first minibatch step (the policy is
+    still the reference) and positive after it; TP2 equals the single process; and the penalty
+    changes the update."""
+    rows = json.loads((samples_dir / "main.json").read_text())
+    want = hf_logprobs(tiny_moe.model, [(r["prompt_ids"], r["response_ids"]) for r in rows])
+    ref, got = runs["single-update-kl"], runs["TP2xDP1-update-kl"]
+    for result in (ref, got):
+        lps = result["ref_logprobs"]
+        assert len(lps) == len(rows)
+        for r, w in zip(rows, want):
+            lp = lps[json.dumps([r["prompt_ids"], r["response_ids"]])]
+            assert max(abs(a - b) for a, b in zip(lp, w)) <= 1e-4
+    first, second = ref["metrics"]
+    assert abs(first["gspo/ref_kl"]) <= 1e-9 and second["gspo/ref_kl"] > 0
+    for a, b in zip(ref["metrics"], got["metrics"]):
+        for k in ("gspo/loss", "gspo/ref_kl", "train/grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-9), k
+    for key, w in ref["tensors"].items():
+        assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+    plain = runs["single-update"]["tensors"]
+    assert any(not torch.equal(plain[k], w) for k, w in ref["tensors"].items())
+
+
+def test_nonfinite_minibatch_is_skipped_and_leaves_no_trace(runs):
     """A minibatch whose loss is NaN (here: a NaN advantage) skips its optimizer step on every
     rank: the weights after [NaN minibatch, good minibatch] equal, bit for bit, those of an
     update that only ever saw the good minibatch (same Adam step count, same LR schedule)."""
-    rows = sorted(random_rows(8, seed=5), key=lambda r: len(r[0]) + len(r[1]))
-    rng = random.Random(1)
-    # The longest row is in the good (second) minibatch, so both runs pad to the same length.
-    samples = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1)} for p, r in rows]
-    samples[1]["advantage"] = float("nan")
-    both, good = tmp_path / "both.json", tmp_path / "good.json"
-    both.write_text(json.dumps(samples))
-    good.write_text(json.dumps(samples[4:]))
-    flags = ["--mode", "update", "--trainer-old-logprobs"]
-    got = _run(tiny_moe, both, tmp_path, 2, flags + ["--num-minibatches", "2"], "both.pt")
-    ref = _run(tiny_moe, good, tmp_path, 2, flags + ["--num-minibatches", "1"], "good.pt")
+    got, ref = runs["nonfinite-both"], runs["nonfinite-good"]
     skipped, stepped = got["metrics"]
     assert skipped["train/skipped_steps"] == 1 and skipped["train/update_successful"] == 0
     assert stepped["train/skipped_steps"] == 0 and stepped["train/update_successful"] == 1

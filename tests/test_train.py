@@ -31,6 +31,10 @@ def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
         assert 0.0 <= r["train/moe_route_change"] <= 1.0
         for tag in ("gspo/clip_fraction", "train/lr", "train/grad_norm", "perf/sync_seconds"):
             assert tag in r
+        assert r["data/prompts"] == 256 and r["data/skipped_overlong"] == 0
+        # The KL penalty to the frozen initial policy: 0 only while the policy is still it.
+        assert r["gspo/ref_kl"] >= 0
+    assert rows[-1]["gspo/ref_kl"] > 0
     assert (multinode_run / "checkpoints" / "latest").read_text().strip() == f"step_{tr.STEPS:06d}"
     # TensorBoard events exist and carry the required tags.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,7 +67,7 @@ def test_export_hf_holds_the_final_policy(multinode_run, demo_init):
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, demo_init, tmp_path):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    overrides = tr.overrides(demo_init, out)
+    overrides = tr.overrides(demo_init, out, **tr.KL)
 
     # 1. Killed while step 2's checkpoint is being written.
     log = tmp_path / "a.log"

@@ -14,6 +14,9 @@ import torch
 from conftest import REPO, free_port
 
 STEPS = 5
+KL = {"loss.kl_coef": 0.01}
+"""The reference run and the run killed and resumed against it train with the KL penalty on, so
+the resume also proves the frozen reference comes back the same (other runs keep it off)."""
 
 
 def overrides(init: Path, out: Path, **extra) -> list:

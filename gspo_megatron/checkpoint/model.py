@@ -74,7 +74,9 @@ def check_checkpoint_files(ckpt_dir: Path) -> None:
 
 def model_sharded_state_dict(model) -> dict:
     """The model's sharded state dict in the checkpoint's key space (no TE extra state)."""
-    sharded = model.sharded_state_dict(metadata=hf_mapping.SHARDED_METADATA)
+    # A copy: megatron stores the current data-parallel group into the dict it is given, and a
+    # shared one would carry a stale group into a later layout of the same process.
+    sharded = model.sharded_state_dict(metadata=dict(hf_mapping.SHARDED_METADATA))
     out = {}
     for name, value in sharded.items():
         if name.endswith("_extra_state"):

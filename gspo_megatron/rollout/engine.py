@@ -215,23 +215,6 @@ class RolloutEngine:
                        "rollout/skipped_empty": float(empty)}
         return batch
 
-    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> List[List[float]]:
-        """The engine's log-prob of every token of each sequence after the first (scoring, not
-        sampling). Collective; every rank gets all results."""
-        from vllm import SamplingParams
-
-        mine = [i for i in range(len(sequences)) if i % self.num_engines == self.engine_index]
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        local = {}
-        if mine:
-            outs = self.llm.generate([{"prompt_token_ids": list(sequences[i])} for i in mine],
-                                     params, use_tqdm=False)
-            for i, out in zip(mine, outs):
-                toks = sequences[i]
-                local[i] = [d[toks[j]].logprob for j, d in enumerate(out.prompt_logprobs) if j > 0]
-        result = self._share(local)
-        return [result[i] for i in range(len(sequences))]
-
     def _share(self, local: Dict[int, object]) -> Dict[int, object]:
         """Every engine's {prompt index: result}, merged, on every rank. TP ranks of one engine
         hold the same results: its first rank publishes them."""

@@ -1,7 +1,17 @@
-"""torchrun worker: one GSPO forward/backward (or a full policy update) in a given layout.
+"""torchrun worker: GSPO forward/backward passes (or full policy updates) in given layouts.
 
-Writes, on rank 0, the global metrics and every parameter's full gradient (or weights after the
-update), keyed like the checkpoint, so the test can compare layouts with the single process.
+One launch runs a list of cases (``--cases``, a JSON file) one after the other in the same
+processes: megatron's parallel state is rebuilt for each case's layout (``init_distributed``),
+and each case builds its model from the checkpoint again, so cases share nothing but the
+process group and the imports (which cost more than the cases themselves on CPU).
+
+Each case writes, on rank 0, the global metrics and every parameter's full gradient (or the
+weights after the update), keyed like the checkpoint, so the test can compare layouts with the
+single process. A case ``{"name", "samples", "layout": {"tp", "pp", "ep", "cp"}, "mode":
+"grads"|"update", "variant", "clip_low", "clip_high", "micro_batch_size", "num_minibatches",
+"trainer_old_logprobs", "kl_coef"}``: with ``kl_coef`` the grads mode takes the reference
+log-probs from the samples and the update mode builds the reference policy from the checkpoint
+(``gspo_megatron.reference``) and also reports its log-probs per sample.
 """
 
 from __future__ import annotations
@@ -12,72 +22,99 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from gspo_megatron.batch import Sample
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
+from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.models.qwen3.model import build_model
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
 from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
-from gspo_megatron.loss import PolicyLossConfig
+from gspo_megatron.reference import build_reference, fill_ref_logprobs
+from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
 from gspo_megatron.update import agreed_seq_len, make_microbatches, policy_update, train_step
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--samples", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", choices=("grads", "update"), default="grads")
-    ap.add_argument("--variant", default="gspo")
-    ap.add_argument("--clip-low", type=float, default=3e-4)
-    ap.add_argument("--clip-high", type=float, default=4e-4)
-    ap.add_argument("--micro-batch-size", type=int, default=2)
-    ap.add_argument("--trainer-old-logprobs", action="store_true",
-                    help="ignore the samples' old_logprobs; take pi_old from a trainer forward")
-    ap.add_argument("--num-minibatches", type=int, default=2)
-    for name in ("tp", "pp", "ep", "cp"):
-        ap.add_argument(f"--{name}", type=int, default=1)
-    args = ap.parse_args()
+def my_samples(case: dict) -> list:
+    """This data-parallel rank's samples: minibatch k of the single process is
+    samples[k*M:(k+1)*M], and each rank gets its slice of every minibatch, so the minibatches
+    hold the same sequences in every layout."""
+    rows = json.loads(Path(case["samples"]).read_text())
+    kl = case.get("kl_coef", 0.0)
+    samples = [Sample(r["prompt_ids"], r["response_ids"], r["advantage"],
+                      None if case.get("trainer_old_logprobs") else r.get("old_logprobs"),
+                      r.get("ref_logprobs") if kl and case["mode"] == "grads" else None)
+               for r in rows]
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    k = case.get("num_minibatches", 2) if case["mode"] == "update" else 1
+    m = len(samples) // k
+    return [s for i in range(k)
+            for s in samples[i * m + dp_rank * (m // dp): i * m + (dp_rank + 1) * (m // dp)]]
 
-    from megatron.core import parallel_state as ps
 
-    spec = checkpoint_spec(Path(args.ckpt))
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp)
+def reference_logprobs(reference, samples: list, vocab_size: int) -> dict:
+    """The reference policy's log-prob of every response token, keyed by the sample's
+    json([prompt_ids, response_ids]), gathered from the ranks that hold them (last pipeline
+    stage, TP rank 0; CP 1 in these cases)."""
+    seq_len = agreed_seq_len(samples)
+    mbs = make_microbatches(samples, 1, seq_len)
+    fill_ref_logprobs(reference, mbs, vocab_size, seq_len)
+    mine = {}
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for s, mb in zip(samples, mbs):
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            key = json.dumps([s.prompt_ids, s.response_ids])
+            mine[key] = mb.ref_logprobs[0, p - 1: p - 1 + r].tolist()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {i: lp for part in parts for i, lp in part.items()}
+
+
+def run_case(case: dict, ckpt: Path) -> dict:
+    spec = checkpoint_spec(ckpt)
+    layout = ParallelLayout(**case.get("layout", {}))
     init_distributed(layout)
     check_layout(layout, spec, dist.get_world_size())
     model = build_model(spec, layout)
-    load_model_checkpoint(model, Path(args.ckpt), spec)
-    ddp = wrap_for_training(model, use_distributed_optimizer=args.mode == "update")
-
-    rows = json.loads(Path(args.samples).read_text())
-    samples = [Sample(r["prompt_ids"], r["response_ids"], r["advantage"],
-                      None if args.trainer_old_logprobs else r.get("old_logprobs")) for r in rows]
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per = len(samples) // dp
-    # Minibatch k of the single process is samples[k*M:(k+1)*M]; give each rank its slice of
-    # every minibatch so the minibatches are the same sequences in every layout.
-    k = args.num_minibatches if args.mode == "update" else 1
-    m = len(samples) // k
-    mine = [s for i in range(k) for s in samples[i * m + dp_rank * (m // dp): i * m + (dp_rank + 1) * (m // dp)]]
-    cfg = PolicyLossConfig(variant=args.variant, clip_low=args.clip_low, clip_high=args.clip_high,
-                           micro_batch_size=args.micro_batch_size, num_minibatches=args.num_minibatches,
+    load_model_checkpoint(model, ckpt, spec)
+    update = case["mode"] == "update"
+    ddp = wrap_for_training(model, use_distributed_optimizer=update)
+    mine = my_samples(case)
+    kl = case.get("kl_coef", 0.0)
+    cfg = PolicyLossConfig(variant=case.get("variant", "gspo"),
+                           clip_low=case.get("clip_low", 3e-4), clip_high=case.get("clip_high", 4e-4),
+                           micro_batch_size=case.get("micro_batch_size", 2),
+                           num_minibatches=case.get("num_minibatches", 2), kl_coef=kl,
                            old_logprobs="rollout" if mine[0].old_logprobs is not None else "trainer")
-
-    if args.mode == "grads":
+    if not update:
+        per = len(mine)
         seq_len = agreed_seq_len(mine)
         mbs = make_microbatches(mine, cfg.micro_batch_size, seq_len,
                                 num_microbatches=-(-per // cfg.micro_batch_size))
         metrics = train_step(ddp, None, mbs, cfg, spec.vocab_size, seq_len)
         with grads_as_data(ddp):
             tensors = gather_full_tensors(ddp)
-        result = {"metrics": metrics, "tensors": tensors}
-    else:
-        optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0))
-        steps = policy_update(ddp, optimizer, mine, cfg, spec.vocab_size).steps
-        result = {"metrics": steps, "tensors": gather_full_tensors(ddp)}
+        return {"metrics": metrics, "tensors": tensors}
+    reference = build_reference(spec, layout, torch.float32, ckpt) if kl else None
+    result = {}
+    if reference is not None:
+        result["ref_logprobs"] = reference_logprobs(reference, mine, spec.vocab_size)
+    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0))
+    steps = policy_update(ddp, optimizer, mine, cfg, spec.vocab_size, ref_model=reference).steps
+    result.update(metrics=steps, tensors=gather_full_tensors(ddp))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True, type=Path)
+    ap.add_argument("--cases", required=True, type=Path, help="JSON list of cases")
+    ap.add_argument("--out", required=True, help="torch.save of {case name: result}")
+    args = ap.parse_args()
+    results = {case["name"]: run_case(case, args.ckpt)
+               for case in json.loads(args.cases.read_text())}
     if dist.get_rank() == 0:
-        torch.save(result, args.out)
+        torch.save(results, args.out)
     shutdown()
 
 

@@ -50,7 +50,6 @@ def main() -> None:
         last = samples[(k - 1) * (8 // k):(k - 1) * (8 // k) + 2]
         moe_layers = sum(spec.moe_layers)
         out[f"k{k}_expected"] = float(sum(len(s.response_ids) for s in last) * moe_layers * spec.moe_top_k)
-        meter.close()
     if dist.get_rank() == 0:
         print(json.dumps(out))
 

@@ -19,7 +19,7 @@ Everything else is a copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -131,6 +131,3 @@ def canonical_key(key: str) -> str:
     """
     return key.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
 
-
-def hf_names_by_mcore_key(spec: Qwen3Spec) -> Dict[str, TensorMapping]:
-    return {m.mcore_key: m for m in tensor_mappings(spec)}

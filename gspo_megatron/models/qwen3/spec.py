@@ -58,7 +58,6 @@ class Qwen3Spec:
     """Renormalise the top-k router probabilities to sum to one."""
     moe_layers: tuple = ()
     """Per layer: True where the MLP is a routed MoE, False where it is dense."""
-    router_aux_loss_coef: float = 0.0
     torch_dtype: str = "float32"
     """The dtype the HF weights are stored in."""
     vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE
@@ -150,7 +149,6 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
             moe_top_k=int(_require(cfg, "num_experts_per_tok", where)),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
             moe_layers=moe_layers,
-            router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
         )
         if num_experts and moe_kwargs["moe_top_k"] > num_experts:
             raise GspoError(f"{where}: num_experts_per_tok={moe_kwargs['moe_top_k']} exceeds "
