@@ -114,7 +114,17 @@ def score(args) -> None:
 
 
 def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
-    """Returns the per-row log-prob lists on global rank 0, None elsewhere."""
+    """Start the process groups for ``layout``, score, shut them down. Returns the per-row
+    log-prob lists on global rank 0, None elsewhere."""
+    init_distributed(layout)
+    try:
+        return score_rows(spec, layout, ckpt, rows, mbs, nmb, dtype)
+    finally:
+        shutdown()
+
+
+def score_rows(spec, layout, ckpt, rows, mbs, nmb, dtype):
+    """``run_scoring`` in process groups that already exist for ``layout`` (every rank calls it)."""
     # megatron (through the model and the forward pass) only now: the checks above answer bad
     # input before seconds of imports.
     from megatron.core import parallel_state as ps
@@ -122,45 +132,41 @@ def run_scoring(spec, layout, ckpt, rows, mbs, nmb, dtype):
     from gspo_megatron.forward import forward_logprobs
     from gspo_megatron.models.qwen3.model import build_model
 
-    init_distributed(layout)
-    try:
-        model = build_model(spec, layout, params_dtype=dtype)
-        load_model_checkpoint(model, ckpt, spec)
-        model.eval()
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
-        per_rank = mbs * nmb
-        mine = {}
-        steps = range(0, len(order), per_rank * dp)
-        with progress_bar(total=len(rows), desc="score", unit="seq") as bar:
-            for start in steps:
-                step_rows = order[start:start + per_rank * dp]
-                longest = max(len(rows[i][0]) + len(rows[i][1]) for i in step_rows)
-                seq_len = pad_to_multiple(longest, sequence_multiple(layout.tp, layout.cp))
-                local = step_rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-                samples = [Sample(*rows[i]) for i in local] + [None] * (per_rank - len(local))
-                mbatches = [build_microbatch(samples[k:k + mbs], seq_len)
-                            for k in range(0, per_rank, mbs)]
-                lps = forward_logprobs(model, mbatches, spec.vocab_size, seq_len)
-                if lps is not None:
-                    flat = torch.cat(lps, dim=0)
-                    for j, i in enumerate(local):
-                        p, r = rows[i]
-                        # Response token k is predicted at position len(p) - 1 + k.
-                        mine[i] = flat[j, len(p) - 1: len(p) - 1 + len(r)].tolist()
-                bar.update(len(step_rows))
-        keep = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-                and ps.get_context_parallel_rank() == 0)
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, mine if keep else {})
-        if torch.distributed.get_rank() != 0:
-            return None
-        merged = {}
-        for part in gathered:
-            merged.update(part)
-        return [merged[i] for i in range(len(rows))]
-    finally:
-        shutdown()
+    model = build_model(spec, layout, params_dtype=dtype)
+    load_model_checkpoint(model, ckpt, spec)
+    model.eval()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
+    per_rank = mbs * nmb
+    mine = {}
+    steps = range(0, len(order), per_rank * dp)
+    with progress_bar(total=len(rows), desc="score", unit="seq") as bar:
+        for start in steps:
+            step_rows = order[start:start + per_rank * dp]
+            longest = max(len(rows[i][0]) + len(rows[i][1]) for i in step_rows)
+            seq_len = pad_to_multiple(longest, sequence_multiple(layout.tp, layout.cp))
+            local = step_rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            samples = [Sample(*rows[i]) for i in local] + [None] * (per_rank - len(local))
+            mbatches = [build_microbatch(samples[k:k + mbs], seq_len)
+                        for k in range(0, per_rank, mbs)]
+            lps = forward_logprobs(model, mbatches, spec.vocab_size, seq_len)
+            if lps is not None:
+                flat = torch.cat(lps, dim=0)
+                for j, i in enumerate(local):
+                    p, r = rows[i]
+                    # Response token k is predicted at position len(p) - 1 + k.
+                    mine[i] = flat[j, len(p) - 1: len(p) - 1 + len(r)].tolist()
+            bar.update(len(step_rows))
+    keep = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine if keep else {})
+    if torch.distributed.get_rank() != 0:
+        return None
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return [merged[i] for i in range(len(rows))]
 
 
 @exit_on_error

@@ -1,62 +1,76 @@
 """Megatron log-probs equal HF transformers' for tiny fp32 models under every parallel layout.
 
-One converted checkpoint per model is scored by the real CLI (`python -m gspo_megatron.score`
-under torchrun/gloo) in each layout; the reference is HF's forward of each row on its own with
-an fp64 log_softmax. Tolerance 1e-4 (fp32 accumulation order differs between layouts; the
-observed differences are ~1e-6).
+One converted checkpoint per model is scored in each layout under torchrun/gloo by the scoring
+tool's own function (`gspo_megatron.score.score_rows`, through `tests/workers/score_worker.py`:
+the layouts of one world size share a launch); the command line itself
+(`python -m gspo_megatron.score`) runs under torchrun with two data-parallel ranks, where row
+order is at stake. The reference is HF's forward of each row on its own with an fp64
+log_softmax. Tolerance 1e-4 (fp32 accumulation order differs between layouts; the observed
+differences are ~1e-6).
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from conftest import REPO, BatchedRuns, run_cli
 from gspo_megatron.testing.hf_reference import max_abs_diff, read_logprobs
-from conftest import run_cli
 
 TOL = 1e-4
+WORKER = str(REPO / "tests" / "workers" / "score_worker.py")
 
 MOE_LAYOUTS = [
-    ("single", 1, []),
-    ("TP2", 2, ["--tp", "2"]),
-    ("PP2", 2, ["--pp", "2"]),
-    ("EP2", 2, ["--ep", "2"]),
-    ("EP2xETP2", 4, ["--ep", "2", "--etp", "2"]),
-    ("TP2xPP2", 4, ["--tp", "2", "--pp", "2"]),
-    ("EP2xPP2-split1,3", 4, ["--ep", "2", "--pp", "2", "--pp-layers", "1,3"]),
-    ("TP2xEP2", 4, ["--tp", "2", "--ep", "2"]),
-    ("DP2xEP2", 4, ["--ep", "2"]),
+    ("single", 1, {}),
+    ("TP2", 2, {"tp": 2}),
+    ("PP2", 2, {"pp": 2}),
+    ("EP2", 2, {"ep": 2}),
+    ("EP2xETP2", 4, {"ep": 2, "etp": 2}),
+    ("TP2xPP2", 4, {"tp": 2, "pp": 2}),
+    ("EP2xPP2-split1,3", 4, {"ep": 2, "pp": 2, "pp_layers": [1, 3]}),
+    ("TP2xEP2", 4, {"tp": 2, "ep": 2}),
+    ("DP2xEP2", 4, {"ep": 2}),
 ]
 
 DENSE_LAYOUTS = [
-    ("single", 1, []),
-    ("TP2", 2, ["--tp", "2"]),
-    ("PP2", 2, ["--pp", "2"]),
-    ("TP2xPP2-split3,1", 4, ["--tp", "2", "--pp", "2", "--pp-layers", "3,1"]),
+    ("single", 1, {}),
+    ("TP2", 2, {"tp": 2}),
+    ("PP2", 2, {"pp": 2}),
+    ("TP2xPP2-split3,1", 4, {"tp": 2, "pp": 2, "pp_layers": [3, 1]}),
 ]
 
 
-def _score(model, tmp_path, nproc, layout_args):
+@pytest.fixture(scope="module")
+def scored(tiny_moe, tiny_dense, tmp_path_factory):
+    cases = {}
+    for kind, model, layouts in (("moe", tiny_moe, MOE_LAYOUTS), ("dense", tiny_dense, DENSE_LAYOUTS)):
+        for name, nproc, layout in layouts:
+            cases[f"{kind}-{name}"] = (nproc, {"ckpt": str(model.ckpt), "input": str(model.input),
+                                               "layout": layout})
+    return BatchedRuns(WORKER, cases, tmp_path_factory.mktemp("score_runs"),
+                       lambda path: json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("name", [l[0] for l in MOE_LAYOUTS])
+def test_moe_logprobs_match_hf(tiny_moe, scored, name):
+    assert max_abs_diff(scored[f"moe-{name}"], tiny_moe.reference) <= TOL
+
+
+@pytest.mark.parametrize("name", [l[0] for l in DENSE_LAYOUTS])
+def test_dense_logprobs_match_hf(tiny_dense, scored, name):
+    assert max_abs_diff(scored[f"dense-{name}"], tiny_dense.reference) <= TOL
+
+
+def test_score_cli_output_rows_in_input_order(tiny_moe, tmp_path):
+    """The command line, two data-parallel ranks: rows come back in input order (each rank
+    scores a length-sorted share), every one as long as its response and equal to HF's."""
     out = tmp_path / "out.jsonl"
-    run_cli(["-m", "gspo_megatron.score", "--ckpt", str(model.ckpt), "--input", str(model.input),
-             "--output", str(out), "--micro-batch-size", "2"] + layout_args, nproc=nproc)
-    return read_logprobs(out)
-
-
-@pytest.mark.parametrize("name,nproc,layout_args", MOE_LAYOUTS, ids=[l[0] for l in MOE_LAYOUTS])
-def test_moe_logprobs_match_hf(tiny_moe, tmp_path, name, nproc, layout_args):
-    got = _score(tiny_moe, tmp_path, nproc, layout_args)
-    assert max_abs_diff(got, tiny_moe.reference) <= TOL
-
-
-@pytest.mark.parametrize("name,nproc,layout_args", DENSE_LAYOUTS, ids=[l[0] for l in DENSE_LAYOUTS])
-def test_dense_logprobs_match_hf(tiny_dense, tmp_path, name, nproc, layout_args):
-    got = _score(tiny_dense, tmp_path, nproc, layout_args)
-    assert max_abs_diff(got, tiny_dense.reference) <= TOL
-
-
-def test_score_output_rows_in_input_order(tiny_moe, tmp_path):
-    got = _score(tiny_moe, tmp_path, 0, [])
+    run_cli(["-m", "gspo_megatron.score", "--ckpt", str(tiny_moe.ckpt), "--input",
+             str(tiny_moe.input), "--output", str(out), "--micro-batch-size", "2"], nproc=2)
+    got = read_logprobs(out)
     assert [len(x) for x in got] == [len(r) for _, r in tiny_moe.rows]
+    assert max_abs_diff(got, tiny_moe.reference) <= TOL
 
 
 @pytest.mark.parametrize("line,message", [

@@ -22,14 +22,26 @@ import train_runs as tr
 from conftest import REPO
 
 
-def _train(argv, log: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+def _start(argv, log: Path) -> subprocess.Popen:
     """gspo-train in one process; tests/ on the path for the reward functions of these tests."""
     env = dict(tr.env(), PYTHONPATH=str(REPO / "tests"))
     cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
     with open(log, "w") as f:
-        proc = subprocess.run(cmd + [str(a) for a in argv], cwd=REPO, env=env, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=timeout)
+        return subprocess.Popen(cmd + [str(a) for a in argv], cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), "")
+
+
+def _train(argv, log: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    return _finish(_start(argv, log), log, timeout)
 
 
 def _reward(name: str) -> str:
@@ -41,15 +53,17 @@ def test_nan_rewards_never_reach_the_weights(multinode_run, demo_init, tmp_path)
     one raising on those samples (each scored 0 and counted), and the weights stay finite.
     Starting point: a training checkpoint as model.ckpt (it is also a model checkpoint)."""
     start = multinode_run / "checkpoints" / "step_000005"
-    runs = {}
+    runs, procs = {}, {}
+    # Both at once (one process each, one thread each: the results do not depend on it).
     for name in ("copy_or_nan", "copy_or_raise"):
-        out = tmp_path / name
-        argv = tr.overrides(demo_init, out, **{"model.ckpt": start, "train.steps": 2,
-                                               "train.keep_checkpoints": 1}) + [_reward(name)]
-        proc = _train(argv, tmp_path / f"{name}.log")
-        assert proc.returncode == 0, proc.stdout[-3000:]
-        assert proc.stdout.count("reward function failed") == 1, proc.stdout[-3000:]  # once a run
-        runs[name] = out
+        runs[name] = tmp_path / name
+        argv = tr.overrides(demo_init, runs[name], **{"model.ckpt": start, "train.steps": 2,
+                                                      "train.keep_checkpoints": 1}) + [_reward(name)]
+        procs[name] = _start(argv, tmp_path / f"{name}.log")
+    for name, proc in procs.items():
+        done = _finish(proc, tmp_path / f"{name}.log")
+        assert done.returncode == 0, done.stdout[-3000:]
+        assert done.stdout.count("reward function failed") == 1, done.stdout[-3000:]  # once a run
     for out in runs.values():  # keep_checkpoints=1: the final one, and latest naming it
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002"]
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
