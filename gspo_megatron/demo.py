@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from transformers import AutoModelForCausalLM
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gspo_megatron.checkpoint.atomic import atomic_dir
 from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore

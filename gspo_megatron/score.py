@@ -22,13 +22,22 @@ from typing import List, Tuple
 import torch
 
 from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
-from gspo_megatron.checkpoint.atomic import (atomic_write_text, check_not_replacing_input,
-                                             check_writable_dir)
+from gspo_megatron.checkpoint.atomic import (
+    atomic_write_text,
+    check_not_replacing_input,
+    check_writable_dir,
+)
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
 from gspo_megatron.errors import GspoError, exit_on_error
 from gspo_megatron.jsonl import iter_objects
-from gspo_megatron.parallel import (ParallelLayout, check_layout, init_distributed, parse_pp_layers,
-                                    shutdown, world_size_from_env)
+from gspo_megatron.parallel import (
+    ParallelLayout,
+    check_layout,
+    init_distributed,
+    parse_pp_layers,
+    shutdown,
+    world_size_from_env,
+)
 from gspo_megatron.progress import progress_bar
 
 

@@ -36,9 +36,15 @@ from gspo_megatron.batch import Sample
 from gspo_megatron.checkpoint.atomic import atomic_write_text
 from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
 from gspo_megatron.checkpoint.model import HF_SUBDIR, load_model_checkpoint
-from gspo_megatron.checkpoint.training import (CHECKPOINTS, TrainState, last_complete_note,
-                                               latest_checkpoint, load_checkpoint, save_checkpoint,
-                                               set_aside_newer)
+from gspo_megatron.checkpoint.training import (
+    CHECKPOINTS,
+    TrainState,
+    last_complete_note,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside_newer,
+)
 from gspo_megatron.config import Config, load_config
 from gspo_megatron.config_io import to_dict
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error

@@ -27,8 +27,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import Router
 
-from gspo_megatron.batch import (MicroBatch, Sample, build_microbatch, cp_shard, pad_to_multiple,
-                                 sequence_multiple)
+from gspo_megatron.batch import (
+    MicroBatch,
+    Sample,
+    build_microbatch,
+    cp_shard,
+    pad_to_multiple,
+    sequence_multiple,
+)
 from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import PolicyLossConfig, finalize_metrics, policy_loss

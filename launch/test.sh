@@ -3,5 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+# Lint and format first: seconds, and a failure here names the file and line.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 export PYTHONWARNINGS=ignore
 exec .venv/bin/python -m pytest -q tests "$@"

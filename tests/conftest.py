@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from gspo_megatron.testing.hf_reference import hf_logprobs, write_rows
-from gspo_megatron.testing.tiny_model import (make_hf_model, random_rows, tiny_dense_config,
-                                              tiny_moe_config, write_tokenizer)
+from gspo_megatron.testing.tiny_model import (
+    make_hf_model,
+    random_rows,
+    tiny_dense_config,
+    tiny_moe_config,
+    write_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Test helpers (train_runs, reward functions imported by path) live beside the tests.

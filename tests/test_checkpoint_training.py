@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from gspo_megatron.checkpoint.training import (
+    ABANDONED,
+    LATEST,
+    _prune,
+    complete_checkpoints,
+    latest_checkpoint,
+    set_aside_newer,
+)
 from gspo_megatron.errors import GspoError
-from gspo_megatron.checkpoint.training import (ABANDONED, LATEST, _prune, complete_checkpoints,
-                                       latest_checkpoint, set_aside_newer)
 
 
 def _ckpt(root: Path, step: int) -> Path:

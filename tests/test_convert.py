@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 
 from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff
-from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config, write_tokenizer
-from conftest import run_cli
+from gspo_megatron.testing.tiny_model import (
+    make_hf_model,
+    tiny_dense_config,
+    tiny_moe_config,
+    write_tokenizer,
+)
 
 CONVERT = str(Path(sys.executable).parent / "gspo-convert")
 
@@ -66,7 +71,7 @@ def test_converted_back_model_loads_in_transformers_with_same_outputs(tiny_moe, 
 
 def _error_line(proc) -> str:
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("error: "), proc.stderr
     return lines[-1]
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
-from conftest import REPO
 
 CONVERT = str(Path(sys.executable).parent / "gspo-convert")
 
@@ -44,7 +44,7 @@ def _start(args, log: Path) -> subprocess.Popen:
 
 def _lines(stderr: str) -> list:
     """stderr's lines as a terminal shows them (a progress bar redraws with carriage returns)."""
-    return [l.split("\r")[-1] for l in stderr.splitlines() if l.split("\r")[-1].strip()]
+    return [line.split("\r")[-1] for line in stderr.splitlines() if line.split("\r")[-1].strip()]
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -224,7 +224,7 @@ def test_sigkill_leftovers_are_reported_and_removed_by_the_next_run(big_moe, tmp
 
     proc = _convert(args)
     assert proc.returncode == 0, proc.stderr
-    reports = [l for l in _lines(proc.stderr) if l.startswith("removing ")]
+    reports = [line for line in _lines(proc.stderr) if line.startswith("removing ")]
     assert len(reports) == 1, proc.stderr
     assert re.fullmatch(rf"removing {re.escape(str(tmp))} \([0-9.]+ (B|KiB|MiB)\): left by an "
                         rf"interrupted conversion \(pid {killed.pid}, no longer running\)",
@@ -254,8 +254,8 @@ def test_leftovers_of_a_reused_pid_or_without_owner_are_removed(tmp_path, capsys
     differs), a directory with no owner record, and an owner that is alive (this process)."""
     import psutil
 
-    from gspo_megatron.errors import GspoError
     from gspo_megatron.checkpoint.atomic import atomic_dir
+    from gspo_megatron.errors import GspoError
 
     out = tmp_path / "out"
     reused = tmp_path / "out.tmp-0123abcd"

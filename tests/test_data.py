@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from gspo_megatron.testing.tiny_model import write_tokenizer
 from gspo_megatron.data import DataConfig, load_prompts
 from gspo_megatron.errors import GspoError
+from gspo_megatron.testing.tiny_model import write_tokenizer
 
 
 @pytest.fixture(scope="module")

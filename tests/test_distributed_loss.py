@@ -21,8 +21,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import REPO, BatchedRuns
+
 from gspo_megatron.testing.hf_reference import hf_logprobs
 from gspo_megatron.testing.tiny_model import random_rows
 
@@ -110,7 +110,7 @@ def _assert_same(ref, got):
         assert diff <= 1e-4 * g.abs().max().item() + 1e-7, (key, diff)
 
 
-@pytest.mark.parametrize("name", [l[0] for l in LAYOUTS])
+@pytest.mark.parametrize("name", [case[0] for case in LAYOUTS])
 def test_gspo_loss_and_gradients_match_single_process(runs, name):
     ref = runs["single"]
     assert 0 < ref["metrics"]["gspo/clip_fraction"] < 1  # both clipped and unclipped sequences
@@ -134,7 +134,7 @@ def test_kl_penalty_gradients_match_single_process_under_cp(runs):
     assert any(not torch.allclose(plain[k], g) for k, g in ref["tensors"].items())
 
 
-@pytest.mark.parametrize("name", [l[0] for l in UPDATE_LAYOUTS])
+@pytest.mark.parametrize("name", [case[0] for case in UPDATE_LAYOUTS])
 def test_minibatch_updates_match_single_process(runs, name):
     """Old log-probs from a trainer forward, then 2 minibatch Adam steps (distributed optimizer,
     gradient clipping): same metrics per step and same weights after."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config
 
 
 def _spec(config):

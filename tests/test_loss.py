@@ -8,7 +8,6 @@ import torch
 from gspo_megatron.loss import LOG_RATIO_CLAMP, group_advantages, policy_loss
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     previous = torch.get_default_dtype()

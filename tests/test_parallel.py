@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gspo_megatron.testing.tiny_model import tiny_moe_config
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 from gspo_megatron.parallel import ParallelLayout, check_layout
+from gspo_megatron.testing.tiny_model import tiny_moe_config
 
 
 def _moe_spec(**overrides):

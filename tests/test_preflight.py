@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import train_runs as tr
 from conftest import REPO
 
@@ -75,8 +74,8 @@ def test_existing_run_needs_resume(multinode_run, demo_init, monkeypatch, capsys
 
 
 def test_torn_latest_pointer_is_refused(tmp_path):
-    from gspo_megatron.errors import GspoError
     from gspo_megatron.checkpoint.training import latest_checkpoint
+    from gspo_megatron.errors import GspoError
 
     (tmp_path / "step_000003.partial").mkdir()
     (tmp_path / "latest").write_text("step_000003.partial\n")

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import REPO, TinyModel, run_cli
+
 from gspo_megatron.testing.tiny_model import tiny_moe_config
 
 

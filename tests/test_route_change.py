@@ -10,7 +10,7 @@ from conftest import run_cli
 
 def _run(tiny_moe, tp: int) -> dict:
     proc = run_cli(["tests/workers/route_worker.py", str(tiny_moe.ckpt), str(tp)], nproc=tp if tp > 1 else 0)
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def test_route_change_is_zero_against_pi_old_and_layout_independent(tiny_moe):

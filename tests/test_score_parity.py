@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, BatchedRuns, run_cli
+
 from gspo_megatron.testing.hf_reference import max_abs_diff, read_logprobs
 
 TOL = 1e-4
@@ -52,12 +52,12 @@ def scored(tiny_moe, tiny_dense, tmp_path_factory):
                        lambda path: json.loads(path.read_text()))
 
 
-@pytest.mark.parametrize("name", [l[0] for l in MOE_LAYOUTS])
+@pytest.mark.parametrize("name", [case[0] for case in MOE_LAYOUTS])
 def test_moe_logprobs_match_hf(tiny_moe, scored, name):
     assert max_abs_diff(scored[f"moe-{name}"], tiny_moe.reference) <= TOL
 
 
-@pytest.mark.parametrize("name", [l[0] for l in DENSE_LAYOUTS])
+@pytest.mark.parametrize("name", [case[0] for case in DENSE_LAYOUTS])
 def test_dense_logprobs_match_hf(tiny_dense, scored, name):
     assert max_abs_diff(scored[f"dense-{name}"], tiny_dense.reference) <= TOL
 

@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import torch
-
 import train_runs as tr
 
 

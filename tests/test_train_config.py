@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import REPO
+
 from gspo_megatron.config import load_config
 from gspo_megatron.parallel import check_layout
 

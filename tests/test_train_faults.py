@@ -15,11 +15,11 @@ from pathlib import Path
 
 import psutil
 import torch
+import train_runs as tr
+from conftest import REPO
 
 from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import random_rows
-import train_runs as tr
-from conftest import REPO
 
 
 def _start(argv, log: Path) -> subprocess.Popen:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import REPO, free_port
 
 STEPS = 5

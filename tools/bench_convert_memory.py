@@ -26,7 +26,12 @@ from pathlib import Path
 import psutil
 import torch
 
-from gspo_megatron.checkpoint.safetensors_io import StreamingSafetensorsWriter, plan_shards, shard_file_names, tensor_nbytes
+from gspo_megatron.checkpoint.safetensors_io import (
+    StreamingSafetensorsWriter,
+    plan_shards,
+    shard_file_names,
+    tensor_nbytes,
+)
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 

@@ -77,6 +77,7 @@ def best_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     args = parse_args()
+    from gspo_megatron.batch import Sample
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
@@ -84,7 +85,6 @@ def main() -> None:
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
     from gspo_megatron.update import rollout_logprob_diff
-    from gspo_megatron.batch import Sample
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
     init_distributed(layout)

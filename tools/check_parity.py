@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
 from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import random_rows
 
 

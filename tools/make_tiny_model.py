@@ -9,7 +9,12 @@ import argparse
 
 import torch
 
-from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config, write_tokenizer
+from gspo_megatron.testing.tiny_model import (
+    make_hf_model,
+    tiny_dense_config,
+    tiny_moe_config,
+    write_tokenizer,
+)
 
 
 def main() -> None:

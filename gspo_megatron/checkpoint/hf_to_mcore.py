@@ -13,8 +13,12 @@ from pathlib import Path
 from gspo_megatron.checkpoint.atomic import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.checkpoint.dcp_io import write_dcp
 from gspo_megatron.checkpoint.model import HF_SUBDIR
-from gspo_megatron.checkpoint.safetensors_io import (AUX_FILES, HFCheckpointReader,
-                                                     estimated_output_bytes, tensor_nbytes)
+from gspo_megatron.checkpoint.safetensors_io import (
+    AUX_FILES,
+    HFCheckpointReader,
+    estimated_output_bytes,
+    tensor_nbytes,
+)
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import spec_from_hf_dir

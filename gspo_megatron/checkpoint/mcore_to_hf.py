@@ -15,10 +15,15 @@ from pathlib import Path
 from gspo_megatron.checkpoint.atomic import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.checkpoint.dcp_io import DcpTensorReader
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
-from gspo_megatron.checkpoint.safetensors_io import (AUX_FILES, INDEX_NAME,
-                                                     StreamingSafetensorsWriter,
-                                                     estimated_output_bytes, plan_shards,
-                                                     shard_file_names, tensor_nbytes)
+from gspo_megatron.checkpoint.safetensors_io import (
+    AUX_FILES,
+    INDEX_NAME,
+    StreamingSafetensorsWriter,
+    estimated_output_bytes,
+    plan_shards,
+    shard_file_names,
+    tensor_nbytes,
+)
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.progress import progress_bar

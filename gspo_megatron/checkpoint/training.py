@@ -40,8 +40,12 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from gspo_megatron.checkpoint.atomic import (TMP_MARK, atomic_write_text, check_free_space,
-                                             tree_bytes)
+from gspo_megatron.checkpoint.atomic import (
+    TMP_MARK,
+    atomic_write_text,
+    check_free_space,
+    tree_bytes,
+)
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec, model_sharded_state_dict
 from gspo_megatron.errors import GspoError, TrainingStopped
 from gspo_megatron.models.qwen3 import hf_mapping

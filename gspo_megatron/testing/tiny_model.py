@@ -12,10 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM
-from transformers import PreTrainedTokenizerFast
-from transformers import Qwen3Config
-from transformers import Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig
 
 TINY_VOCAB = 250  # deliberately not a multiple of 128: exercises vocabulary padding
 

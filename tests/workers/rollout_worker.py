@@ -28,16 +28,15 @@ def main() -> None:
 
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-    from gspo_megatron.testing.generate import greedy_continuation
-    from gspo_megatron.testing.hf_reference import read_hf_tensors
-    from gspo_megatron.loss import group_advantages
+    from gspo_megatron.loss import PolicyLossConfig, group_advantages
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
     from gspo_megatron.rollout.config import RolloutConfig
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
-    from gspo_megatron.loss import PolicyLossConfig
+    from gspo_megatron.testing.generate import greedy_continuation
+    from gspo_megatron.testing.hf_reference import read_hf_tensors
     from gspo_megatron.update import policy_update, rollout_logprob_diff
 
     spec = checkpoint_spec(Path(args.ckpt))

@@ -17,11 +17,11 @@ def main() -> None:
     ckpt, tp = Path(sys.argv[1]), int(sys.argv[2])
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.route_change import RouteChangeMeter
-    from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.update import policy_update
 
     spec = checkpoint_spec(ckpt)
@@ -39,7 +39,12 @@ def main() -> None:
         opt = build_optimizer(ddp, OptimConfig(lr=3e-2))
         meter = RouteChangeMeter(ddp)
         totals = []
-        meter.result = (lambda orig: lambda: (totals.append(meter.changed.clone()), orig())[1])(meter.result)
+
+        def result(meter=meter, totals=totals, orig=meter.result):
+            totals.append(meter.changed.clone())  # this rank's raw counts, before the reset
+            return orig()
+
+        meter.result = result
         cfg = PolicyLossConfig(num_minibatches=k, micro_batch_size=2, clip_low=0.2, clip_high=0.27)
         res = policy_update(ddp, opt, samples, cfg, spec.vocab_size, route_meter=meter)
         out[f"k{k}"] = res.routes.get("train/moe_route_change")

@@ -21,7 +21,7 @@ class Qwen3RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         # megatron's finalize_model_grads sums grads of params marked `sequence_parallel` over
         # TP (each rank saw part of the sequence). q/k norms are summed there by name instead.
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
