@@ -1,7 +1,7 @@
 """``gspo-convert``: HF <-> megatron-core checkpoint conversion.
 
-    gspo-convert hf-to-mcore --hf-dir DIR --out DIR [--overwrite]
-    gspo-convert mcore-to-hf --ckpt DIR --out DIR [--overwrite] [--max-shard-size 5GB]
+gspo-convert hf-to-mcore --hf-dir DIR --out DIR [--overwrite]
+gspo-convert mcore-to-hf --ckpt DIR --out DIR [--overwrite] [--max-shard-size 5GB]
 """
 
 from __future__ import annotations
@@ -40,11 +40,16 @@ def _threads(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gspo-convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="gspo-convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron torch_dist checkpoint")
-    a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
+    a.add_argument(
+        "--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)"
+    )
     a.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     a.add_argument("--io-threads", default="1", help="parallel writer threads (files; default 1)")
@@ -53,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ckpt", required=True, help="checkpoint directory")
     b.add_argument("--out", required=True, help="output HF directory (must not exist)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    b.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)"
+    )
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -71,12 +78,21 @@ def main() -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     if args.command == "hf-to-mcore":
-        convert_hf_to_mcore(args.hf_dir, args.out, overwrite=args.overwrite,
-                            io_threads=_threads(args.io_threads), show_progress=not args.no_progress)
+        convert_hf_to_mcore(
+            args.hf_dir,
+            args.out,
+            overwrite=args.overwrite,
+            io_threads=_threads(args.io_threads),
+            show_progress=not args.no_progress,
+        )
     else:
-        convert_mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite,
-                            max_shard_bytes=_size(args.max_shard_size),
-                            show_progress=not args.no_progress)
+        convert_mcore_to_hf(
+            args.ckpt,
+            args.out,
+            overwrite=args.overwrite,
+            max_shard_bytes=_size(args.max_shard_size),
+            show_progress=not args.no_progress,
+        )
 
 
 if __name__ == "__main__":

@@ -71,12 +71,12 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
         tokens[i, :n] = torch.as_tensor(ids)
         labels[i, : n - 1] = tokens[i, 1:n]
         # Response token j sits at p + j and is predicted at position p + j - 1.
-        mask[i, p - 1: p - 1 + r] = True
+        mask[i, p - 1 : p - 1 + r] = True
         adv[i] = s.advantage
         if old is not None and s.old_logprobs is not None:
-            old[i, p - 1: p - 1 + r] = torch.as_tensor(s.old_logprobs, dtype=torch.float32)
+            old[i, p - 1 : p - 1 + r] = torch.as_tensor(s.old_logprobs, dtype=torch.float32)
         if ref is not None and s.ref_logprobs is not None:
-            ref[i, p - 1: p - 1 + r] = torch.as_tensor(s.ref_logprobs, dtype=torch.float32)
+            ref[i, p - 1 : p - 1 + r] = torch.as_tensor(s.ref_logprobs, dtype=torch.float32)
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
     return MicroBatch(tokens, labels, mask, pos, adv, old, ref)
 
@@ -89,7 +89,9 @@ def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
         raise ValueError(f"sequence length {seq_len} is not divisible by 2*CP={2 * cp_size}")
     c = seq_len // (2 * cp_size)
     first, second = cp_rank, 2 * cp_size - 1 - cp_rank
-    return torch.cat([torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)])
+    return torch.cat(
+        [torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)]
+    )
 
 
 def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
@@ -101,6 +103,12 @@ def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
     def take(t):
         return None if t is None else t[:, idx].contiguous()
 
-    return replace(mb, tokens=take(mb.tokens), labels=take(mb.labels), loss_mask=take(mb.loss_mask),
-                   position_ids=take(mb.position_ids), old_logprobs=take(mb.old_logprobs),
-                   ref_logprobs=take(mb.ref_logprobs))
+    return replace(
+        mb,
+        tokens=take(mb.tokens),
+        labels=take(mb.labels),
+        loss_mask=take(mb.loss_mask),
+        position_ids=take(mb.position_ids),
+        old_logprobs=take(mb.old_logprobs),
+        ref_logprobs=take(mb.ref_logprobs),
+    )

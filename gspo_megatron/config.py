@@ -35,7 +35,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         if not self.ckpt:
-            raise GspoError("model.ckpt is empty: give a megatron checkpoint (gspo-convert hf-to-mcore)")
+            raise GspoError(
+                "model.ckpt is empty: give a megatron checkpoint (gspo-convert hf-to-mcore)"
+            )
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise GspoError(f"model.dtype='{self.dtype}' (allowed: auto, bf16, fp32)")
         if self.moe_aux_loss_coeff < 0:
@@ -73,7 +75,9 @@ class TrainConfig:
         if not self.output_dir.strip():
             raise GspoError("train.output_dir is empty: name a directory for checkpoints and logs")
         if self.save_every < 0:
-            raise GspoError(f"train.save_every={self.save_every} must be >= 0 (0 = only at the end)")
+            raise GspoError(
+                f"train.save_every={self.save_every} must be >= 0 (0 = only at the end)"
+            )
         if not self.collective_timeout_s > 0:
             raise GspoError(f"train.collective_timeout_s={self.collective_timeout_s} must be > 0")
 
@@ -106,19 +110,27 @@ class Config:
             raise GspoError(f"data.path={self.data.path}: no such data file")
         # Settings that run but cannot learn: every group's advantages would be 0.
         if self.rollout.group_size < 2:
-            raise GspoError(f"rollout.group_size={self.rollout.group_size}: advantages are "
-                            f"normalised within a group, so a group of 1 has advantage 0 and "
-                            f"nothing is learned; use >= 2 (paper-style runs: 8-16)")
+            raise GspoError(
+                f"rollout.group_size={self.rollout.group_size}: advantages are "
+                f"normalised within a group, so a group of 1 has advantage 0 and "
+                f"nothing is learned; use >= 2 (paper-style runs: 8-16)"
+            )
         if self.rollout.temperature == 0:
-            raise GspoError("rollout.temperature=0 is greedy decoding: the group's responses are "
-                            "identical and every advantage is 0; use a temperature > 0 (1.0)")
+            raise GspoError(
+                "rollout.temperature=0 is greedy decoding: the group's responses are "
+                "identical and every advantage is 0; use a temperature > 0 (1.0)"
+            )
         if not any(f.weight for f in self.rewards.functions):
-            raise GspoError("rewards.functions: every weight is 0, so every reward and advantage "
-                            "is 0; give at least one function a non-zero weight")
+            raise GspoError(
+                "rewards.functions: every weight is 0, so every reward and advantage "
+                "is 0; give at least one function a non-zero weight"
+            )
         samples = self.train.prompts_per_step * self.rollout.group_size
         if samples % self.loss.num_minibatches:
-            raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
-                            f"split into loss.num_minibatches={self.loss.num_minibatches}")
+            raise GspoError(
+                f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
+                f"split into loss.num_minibatches={self.loss.num_minibatches}"
+            )
 
 
 def load_config(path: Optional[Path], overrides: Sequence[str] = ()) -> Config:

@@ -30,9 +30,13 @@ def field_docs(cls) -> Dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
-                and isinstance(nxt.value.value, str):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -75,17 +79,25 @@ def reference() -> str:
     for section in dataclasses.fields(Config):
         cls = hints_top[section.name]
         doc = inspect.getdoc(cls) or ""
-        lines += [f"**`{section.name}`**: {doc.splitlines()[0] if doc else ''}", "",
-                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"**`{section.name}`**: {doc.splitlines()[0] if doc else ''}",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             meaning = docs.get(f.name, "")
-            if typing.get_origin(tp) in (list, List) and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            if typing.get_origin(tp) in (list, List) and dataclasses.is_dataclass(
+                typing.get_args(tp)[0]
+            ):
                 item = typing.get_args(tp)[0]
                 sub = field_docs(item)
-                parts = "; ".join(f"`{k.name}`: {sub.get(k.name, '')}".rstrip(": ")
-                                  for k in dataclasses.fields(item))
+                parts = "; ".join(
+                    f"`{k.name}`: {sub.get(k.name, '')}".rstrip(": ")
+                    for k in dataclasses.fields(item)
+                )
                 meaning = f"{meaning} Each item: {parts}"
                 tp_name = "list of {" + ", ".join(k.name for k in dataclasses.fields(item)) + "}"
             else:

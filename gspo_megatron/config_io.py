@@ -156,6 +156,7 @@ def load(cls: Type[T], path: Optional[Path], overrides: Sequence[str] = ()) -> T
 
 def to_dict(cfg) -> Dict[str, Any]:
     """The resolved config as plain data (written next to checkpoints and TensorBoard logs)."""
+
     def plain(v):
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -164,4 +165,5 @@ def to_dict(cfg) -> Dict[str, Any]:
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
+
     return plain(dataclasses.asdict(cfg))

@@ -171,8 +171,22 @@ class _CpuTorch(types.ModuleType):
     """A ``torch`` look-alike for one megatron module: factory functions that ask for a CUDA
     device get the CPU instead, and ``torch.cuda`` is the CPU stand-in above."""
 
-    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn",
-                  "randint", "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor")
+    _FACTORIES = (
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "tensor",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "full_like",
+        "as_tensor",
+    )
 
     def __init__(self, cuda_ns: types.SimpleNamespace) -> None:
         super().__init__("torch")
@@ -220,9 +234,14 @@ def _cuda_type_names() -> Iterator[None]:
 
     def named_as_cuda(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") \
-                and not out.startswith("torch.cuda."):
-            return "torch.cuda." + out[len("torch."):]
+        if (
+            not args
+            and not kwargs
+            and isinstance(out, str)
+            and out.startswith("torch.")
+            and not out.startswith("torch.cuda.")
+        ):
+            return "torch.cuda." + out[len("torch.") :]
         return out
 
     torch.Tensor.type = named_as_cuda  # type: ignore[method-assign]
@@ -244,7 +263,8 @@ def _scoped(fn):
 def _patch_optimizer_type_checks() -> None:
     distrib.DistributedOptimizer.__init__ = _scoped(distrib.DistributedOptimizer.__init__)
     mcore_optimizer.Float16OptimizerWithFloat16Params.__init__ = _scoped(
-        mcore_optimizer.Float16OptimizerWithFloat16Params.__init__)
+        mcore_optimizer.Float16OptimizerWithFloat16Params.__init__
+    )
     wrapped = _scoped(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = wrapped
     mcore_optimizer.clip_grad_by_total_norm_fp32 = wrapped
@@ -263,8 +283,10 @@ def apply() -> None:
     if _APPLIED:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("gspo_megatron.cpu_compat.apply() called on a machine with CUDA; "
-                           "the CPU compatibility layer must never run on a GPU machine")
+        raise RuntimeError(
+            "gspo_megatron.cpu_compat.apply() called on a machine with CUDA; "
+            "the CPU compatibility layer must never run on a GPU machine"
+        )
 
     rng = _CpuRngStandIn()
     proxy = _CpuTorch(_make_cuda_namespace(rng))
@@ -286,4 +308,3 @@ def apply_if_needed() -> bool:
         return False
     apply()
     return True
-

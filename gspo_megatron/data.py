@@ -69,8 +69,10 @@ class PromptSet:
     @property
     def stats(self) -> Dict[str, float]:
         """The data set's size after preparation, logged with every step's metrics."""
-        return {"data/prompts": float(len(self.prompts)),
-                "data/skipped_overlong": float(self.skipped_overlong)}
+        return {
+            "data/prompts": float(len(self.prompts)),
+            "data/skipped_overlong": float(self.skipped_overlong),
+        }
 
     def batch(self, step: int, size: int, seed: int, shuffle: bool = True) -> List[Prompt]:
         """The ``size`` prompts of ``step`` (deterministic in seed and step)."""
@@ -100,7 +102,9 @@ def _format(cfg: DataConfig, path: Path) -> str:
         return "jsonl"
     if suffix in (".parquet", ".pq"):
         return "parquet"
-    raise GspoError(f"{path}: cannot tell the format from '{suffix}' (set data.format to jsonl or parquet)")
+    raise GspoError(
+        f"{path}: cannot tell the format from '{suffix}' (set data.format to jsonl or parquet)"
+    )
 
 
 def read_rows(cfg: DataConfig) -> List[dict]:
@@ -129,22 +133,29 @@ def read_rows(cfg: DataConfig) -> List[dict]:
         raise GspoError(f"{path}: no rows")
     where = "line" if fmt == "jsonl" else "row"
     for row in rows:
-        for name, setting in ((cfg.prompt_field, "data.prompt_field"), (cfg.answer_field, "data.answer_field")):
+        for name, setting in (
+            (cfg.prompt_field, "data.prompt_field"),
+            (cfg.answer_field, "data.answer_field"),
+        ):
             if not name:
                 continue
             if name not in row:
                 fields = ", ".join(k for k in row if k != "__line__")
-                raise GspoError(f"{path}:{row['__line__']}: no field '{name}' ({setting}; this "
-                                f"{where} has: {fields})")
+                raise GspoError(
+                    f"{path}:{row['__line__']}: no field '{name}' ({setting}; this "
+                    f"{where} has: {fields})"
+                )
         if not isinstance(row[cfg.prompt_field], str) or not row[cfg.prompt_field].strip():
-            raise GspoError(f"{path}:{row['__line__']}: field '{cfg.prompt_field}' must be non-empty text")
+            raise GspoError(
+                f"{path}:{row['__line__']}: field '{cfg.prompt_field}' must be non-empty text"
+            )
     return rows
 
 
 def render(tokenizer, cfg: DataConfig, text: str) -> List[int]:
     """Prompt text -> token ids, through the chat template when configured and available."""
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         messages.append({"role": "user", "content": text})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -153,8 +164,13 @@ def render(tokenizer, cfg: DataConfig, text: str) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int,
-                 vocab_size: Optional[int] = None, require_answers: str = "") -> PromptSet:
+def load_prompts(
+    cfg: DataConfig,
+    tokenizer,
+    max_prompt_tokens: int,
+    vocab_size: Optional[int] = None,
+    require_answers: str = "",
+) -> PromptSet:
     """Every row tokenised and checked. ``vocab_size`` (the model's) refuses prompts whose ids
     the embedding has no row for: a tokenizer that does not belong to the model.
     ``require_answers`` names a reward that compares with the answer: every row needs one."""
@@ -164,22 +180,32 @@ def load_prompts(cfg: DataConfig, tokenizer, max_prompt_tokens: int,
         ids = render(tokenizer, cfg, row[cfg.prompt_field])
         where = f"{cfg.path}:{row['__line__']}"
         if not ids:
-            raise GspoError(f"{where}: field '{cfg.prompt_field}' encodes to no tokens with the "
-                            f"model's tokenizer (nothing for the policy to condition on)")
+            raise GspoError(
+                f"{where}: field '{cfg.prompt_field}' encodes to no tokens with the "
+                f"model's tokenizer (nothing for the policy to condition on)"
+            )
         if vocab_size is not None and not all(0 <= t < vocab_size for t in ids):
             bad = next(t for t in ids if not 0 <= t < vocab_size)
-            raise GspoError(f"{where}: the tokenizer gives token id {bad}, outside the model's "
-                            f"vocabulary [0, {vocab_size}): the tokenizer does not belong to "
-                            f"this model")
+            raise GspoError(
+                f"{where}: the tokenizer gives token id {bad}, outside the model's "
+                f"vocabulary [0, {vocab_size}): the tokenizer does not belong to "
+                f"this model"
+            )
         if len(ids) > max_prompt_tokens:
             overlong += 1
             continue
         answer = row.get(cfg.answer_field) if cfg.answer_field else None
         if require_answers and answer is None:
-            raise GspoError(f"{where}: field '{cfg.answer_field}' is null, and the "
-                            f"{require_answers} reward compares with it (data.answer_field)")
-        prompts.append(Prompt(row[cfg.prompt_field], ids, None if answer is None else str(answer), i))
+            raise GspoError(
+                f"{where}: field '{cfg.answer_field}' is null, and the "
+                f"{require_answers} reward compares with it (data.answer_field)"
+            )
+        prompts.append(
+            Prompt(row[cfg.prompt_field], ids, None if answer is None else str(answer), i)
+        )
     if not prompts:
-        raise GspoError(f"{cfg.path}: all {len(rows)} prompts are longer than "
-                        f"rollout.max_prompt_tokens={max_prompt_tokens}")
+        raise GspoError(
+            f"{cfg.path}: all {len(rows)} prompts are longer than "
+            f"rollout.max_prompt_tokens={max_prompt_tokens}"
+        )
     return PromptSet(prompts, overlong)

@@ -54,8 +54,9 @@ def copy_reward(prompt: str, response: str, answer: Optional[str]) -> float:
     return right / max(len(got), len(want))
 
 
-def warm_start(model, tokenizer, rows: List[dict], steps: int, lr: float, batch: int,
-               seed: int) -> List[float]:
+def warm_start(
+    model, tokenizer, rows: List[dict], steps: int, lr: float, batch: int, seed: int
+) -> List[float]:
     """Next-token cross-entropy on the answer (and EOS) of solved rows; returns the losses."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -83,17 +84,31 @@ def warm_start(model, tokenizer, rows: List[dict], steps: int, lr: float, batch:
     return losses
 
 
-def prepare(out: Path, rows: int, alphabet: int, length: int, warm_start_steps: int,
-            warm_start_lr: float, seed: int) -> None:
+def prepare(
+    out: Path,
+    rows: int,
+    alphabet: int,
+    length: int,
+    warm_start_steps: int,
+    warm_start_lr: float,
+    seed: int,
+) -> None:
     """Write data, the warm-started HF model and its megatron checkpoint (atomically)."""
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
         (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
         # head_dim 64: a size vLLM's CPU attention runs.
-        config = tiny_moe_config(hidden_size=128, head_dim=64, num_attention_heads=4,
-                                 num_key_value_heads=2, num_hidden_layers=2, mlp_only_layers=[],
-                                 intermediate_size=256, moe_intermediate_size=128,
-                                 max_position_embeddings=128)
+        config = tiny_moe_config(
+            hidden_size=128,
+            head_dim=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            mlp_only_layers=[],
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            max_position_embeddings=128,
+        )
         model = make_hf_model(config, tmp / "hf", seed=seed)
         write_tokenizer(tmp / "hf")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "hf"))
@@ -103,14 +118,18 @@ def prepare(out: Path, rows: int, alphabet: int, length: int, warm_start_steps: 
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
         losses = warm_start(model, tokenizer, data, warm_start_steps, warm_start_lr, 32, seed)
         model.save_pretrained(tmp / "hf")
-        (tmp / "warm_start.json").write_text(json.dumps({"steps": warm_start_steps, "loss": losses}))
+        (tmp / "warm_start.json").write_text(
+            json.dumps({"steps": warm_start_steps, "loss": losses})
+        )
         convert_hf_to_mcore(tmp / "hf", tmp / "mcore", show_progress=False)
     if losses:
         print(f"warm start: {warm_start_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gspo_megatron.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m gspo_megatron.demo", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--alphabet", type=int, default=16, help="distinct words (w1..wN)")

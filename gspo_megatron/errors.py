@@ -59,12 +59,20 @@ def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
         except TrainingStopped as err:
             _die(str(err), EXIT_STOPPED, prefix="stopped")
         except Terminated:
-            _die("SIGTERM; no partial output was left looking complete", EXIT_TERMINATED,
-                 prefix="terminated", quiet=os.environ.get("RANK", "0") != "0")
+            _die(
+                "SIGTERM; no partial output was left looking complete",
+                EXIT_TERMINATED,
+                prefix="terminated",
+                quiet=os.environ.get("RANK", "0") != "0",
+            )
         except KeyboardInterrupt:
             # Ctrl-C reaches every rank at once: rank 0 speaks for all of them.
-            _die("SIGINT (Ctrl-C); no partial output was left looking complete", EXIT_INTERRUPTED,
-                 prefix="interrupted", quiet=os.environ.get("RANK", "0") != "0")
+            _die(
+                "SIGINT (Ctrl-C); no partial output was left looking complete",
+                EXIT_INTERRUPTED,
+                prefix="interrupted",
+                quiet=os.environ.get("RANK", "0") != "0",
+            )
         finally:
             if previous is not None:  # a caller in the same process (a test) gets its own back
                 signal.signal(signal.SIGTERM, previous)

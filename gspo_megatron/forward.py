@@ -39,15 +39,22 @@ def model_forward(model, mb: MicroBatch) -> torch.Tensor:
     return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)
 
 
-def label_logprobs(logits: torch.Tensor, mb: MicroBatch, vocab_size: int,
-                   inplace_backward: bool = False):
+def label_logprobs(
+    logits: torch.Tensor, mb: MicroBatch, vocab_size: int, inplace_backward: bool = False
+):
     """log p(labels) and entropy, [b, S] fp32 each."""
-    return vocab_parallel_logprobs(logits, mb.labels.to(logits.device), vocab_size,
-                                   group=tp_group(), inplace_backward=inplace_backward)
+    return vocab_parallel_logprobs(
+        logits,
+        mb.labels.to(logits.device),
+        vocab_size,
+        group=tp_group(),
+        inplace_backward=inplace_backward,
+    )
 
 
-def run_schedule(model, forward_step, microbatches: List[MicroBatch], seq_len: int,
-                 forward_only: bool) -> list:
+def run_schedule(
+    model, forward_step, microbatches: List[MicroBatch], seq_len: int, forward_only: bool
+) -> list:
     """megatron's pipeline schedule over ``microbatches`` (all of length ``seq_len``); returns
     what each micro-batch's loss function reported (last pipeline stage; empty elsewhere)."""
     return get_forward_backward_func()(
@@ -61,11 +68,13 @@ def run_schedule(model, forward_step, microbatches: List[MicroBatch], seq_len: i
     )
 
 
-def forward_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
-                     seq_len: int) -> Optional[List[torch.Tensor]]:
+def forward_logprobs(
+    model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int
+) -> Optional[List[torch.Tensor]]:
     """Forward-only pass over all micro-batches (all of length ``seq_len``). On the last
     pipeline stage returns, per micro-batch, [b, S] fp32 log-probs of its labels (CPU);
     other stages return None."""
+
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         output = model_forward(model_chunk, mb)

@@ -36,8 +36,15 @@ def _tp_group_info(group) -> Tuple[int, int]:
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                chunk_size: int, group, inplace_backward: bool):
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        vocab_size: int,
+        chunk_size: int,
+        group,
+        inplace_backward: bool,
+    ):
         rank, world = _tp_group_info(group)
         n, vl = logits.shape
         vocab_start = rank * vl
@@ -113,9 +120,14 @@ def default_chunk_size(vocab_per_rank: int, device: torch.device) -> int:
     return max(1, budget // (4 * max(vocab_per_rank, 1)))
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                            chunk_size: Optional[int] = None, group=None,
-                            inplace_backward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    chunk_size: Optional[int] = None,
+    group=None,
+    inplace_backward: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and entropy per token, both fp32 with ``targets``' shape.
 
     ``logits`` [..., Vl] is this rank's vocabulary slice (rank r holds ids [r*Vl, (r+1)*Vl)) over
@@ -128,8 +140,9 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_s
     flat = logits.reshape(-1, logits.shape[-1])
     if chunk_size is None:
         chunk_size = default_chunk_size(flat.shape[-1], flat.device)
-    logp, entropy = _VocabParallelLogProbs.apply(flat, targets.reshape(-1), vocab_size,
-                                                 chunk_size, group, inplace_backward)
+    logp, entropy = _VocabParallelLogProbs.apply(
+        flat, targets.reshape(-1), vocab_size, chunk_size, group, inplace_backward
+    )
     return logp.view(lead), entropy.view(lead)
 
 

@@ -52,8 +52,9 @@ def _sum_over_group(x: torch.Tensor, group) -> torch.Tensor:
     return _AllReduceSum.apply(x, group)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
-                     scale_by_std: bool = True) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
+) -> torch.Tensor:
     """A_i = (r_i - mean_group r) / (std_group r + eps); groups are consecutive runs of
     ``group_size``. std is the sample standard deviation (0 for a group of one). A group whose
     rewards are all equal gets 0 for every member. ``scale_by_std=False`` keeps r_i - mean."""
@@ -73,6 +74,7 @@ def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, low: float, high:
     # The clip binds (removes the gradient) where the clipped term is the smaller one.
     binds = clipped < unclipped
     return torch.minimum(unclipped, clipped), binds
+
 
 @dataclass
 class Ratios:
@@ -132,13 +134,20 @@ def grpo(r: Ratios) -> Terms:
     tok_clamped = (r.token_delta.abs() > r.log_ratio_clamp).float() * r.mask
     w = torch.exp(tok_lr)
     term, binds = _clipped_objective(w, r.adv[:, None], r.clip_low, r.clip_high)
-    return Terms(r.seq_mean(term), _sum_over_group((binds.float() * r.mask).sum(), r.cp_group),
-                 r.n_tok.sum(), clamped=_sum_over_group(tok_clamped.sum(), r.cp_group),
-                 clamp_units=r.n_tok.sum())
+    return Terms(
+        r.seq_mean(term),
+        _sum_over_group((binds.float() * r.mask).sum(), r.cp_group),
+        r.n_tok.sum(),
+        clamped=_sum_over_group(tok_clamped.sum(), r.cp_group),
+        clamp_units=r.n_tok.sum(),
+    )
 
 
-OBJECTIVES: Dict[str, Callable[[Ratios], Terms]] = {"gspo": gspo, "gspo_token": gspo_token,
-                                                    "grpo": grpo}
+OBJECTIVES: Dict[str, Callable[[Ratios], Terms]] = {
+    "gspo": gspo,
+    "gspo_token": gspo_token,
+    "grpo": grpo,
+}
 
 
 @dataclass(frozen=True)
@@ -177,11 +186,20 @@ class PolicyLossConfig:
             raise GspoError(f"loss.kl_coef={self.kl_coef} must be >= 0")
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                response_mask: torch.Tensor, variant: str = "gspo", clip_low: float = 3e-4,
-                clip_high: float = 4e-4, ref_logprobs: Optional[torch.Tensor] = None,
-                kl_coef: float = 0.0, num_sequences: Optional[float] = None, cp_group=None,
-                log_ratio_clamp: float = LOG_RATIO_CLAMP) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    variant: str = "gspo",
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    num_sequences: Optional[float] = None,
+    cp_group=None,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy loss over a batch of B sequences, with the objective ``OBJECTIVES[variant]``.
 
     logprobs, old_logprobs, response_mask (and ref_logprobs): [B, T]; advantages: [B].
@@ -212,8 +230,22 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     log_s = seq_mean(token_delta)
     clamp_count = ((log_s.abs() > log_ratio_clamp) & valid).float().sum()
     log_s = log_s.clamp(-log_ratio_clamp, log_ratio_clamp)
-    terms = OBJECTIVES[variant](Ratios(logprobs, token_delta, mask, adv, n_tok, valid, log_s,
-                                       seq_mean, clip_low, clip_high, log_ratio_clamp, cp_group))
+    terms = OBJECTIVES[variant](
+        Ratios(
+            logprobs,
+            token_delta,
+            mask,
+            adv,
+            n_tok,
+            valid,
+            log_s,
+            seq_mean,
+            clip_low,
+            clip_high,
+            log_ratio_clamp,
+            cp_group,
+        )
+    )
     objective = terms.objective
 
     if ref_logprobs is not None and kl_coef != 0.0:

@@ -46,8 +46,11 @@ class MetricsLogger:
             return
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step] \
-            if self.path.is_file() else []
+        kept = (
+            [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+            if self.path.is_file()
+            else []
+        )
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         # purge_step drops events at and after it that a killed run left behind.
         self.writer = SummaryWriter(log_dir=str(Path(out_dir) / TB_DIR), purge_step=start_step + 1)

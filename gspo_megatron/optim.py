@@ -51,21 +51,29 @@ class OptimConfig:
 
     def validate(self) -> None:
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise GspoError(f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]")
+            raise GspoError(
+                f"optim.lr={self.lr} must be > 0 and optim.min_lr={self.min_lr} in [0, lr]"
+            )
         if self.decay_style not in DECAY_STYLES:
-            raise GspoError(f"optim.decay_style='{self.decay_style}' (allowed: {', '.join(DECAY_STYLES)})")
+            raise GspoError(
+                f"optim.decay_style='{self.decay_style}' (allowed: {', '.join(DECAY_STYLES)})"
+            )
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise GspoError("optim.warmup_steps and optim.decay_steps must be >= 0")
         if not 0 <= self.cpu_offload_fraction <= 1:
-            raise GspoError(f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in [0, 1]")
+            raise GspoError(
+                f"optim.cpu_offload_fraction={self.cpu_offload_fraction} must be in [0, 1]"
+            )
         if self.clip_grad < 0 or self.weight_decay < 0:
             raise GspoError("optim.clip_grad and optim.weight_decay must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise GspoError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
         if not self.adam_eps > 0:
-            raise GspoError(f"optim.adam_eps={self.adam_eps} must be > 0 (it keeps Adam's "
-                            f"denominator away from 0)")
+            raise GspoError(
+                f"optim.adam_eps={self.adam_eps} must be > 0 (it keeps Adam's "
+                f"denominator away from 0)"
+            )
 
 
 DECAY_STYLES = ("constant", "linear", "cosine")
@@ -80,8 +88,11 @@ def wrap_for_training(model, use_distributed_optimizer: bool = True):
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False)
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
@@ -95,10 +106,19 @@ def build_optimizer(ddp_model, cfg: OptimConfig):
 
     mc = ddp_model.module.config
     oc = OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad, bf16=mc.bf16, fp16=mc.fp16, params_dtype=mc.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer)
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=mc.bf16,
+        fp16=mc.fp16,
+        params_dtype=mc.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
     if cfg.cpu_offload_fraction > 0 and torch.cuda.is_available():
         oc.optimizer_cpu_offload = True
         oc.optimizer_offload_fraction = cfg.cpu_offload_fraction
@@ -113,8 +133,17 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
     # megatron requires warmup < decay steps; a run shorter than its warmup just warms up.
     decay = max(decay, cfg.warmup_steps + 1)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=decay, lr_decay_style=cfg.decay_style,
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=decay,
-        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True)
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=decay,
+        lr_decay_style=cfg.decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )

@@ -47,8 +47,9 @@ class ParallelLayout:
 
 def _divides(what: str, total: int, by: int, dim: str) -> None:
     if total % by != 0:
-        raise GspoError(f"layout does not fit the model: {what}={total} is not divisible by "
-                        f"{dim}={by}")
+        raise GspoError(
+            f"layout does not fit the model: {what}={total} is not divisible by {dim}={by}"
+        )
 
 
 def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> None:
@@ -59,13 +60,17 @@ def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> No
             raise GspoError(f"layout: {name}={value!r} must be a positive integer")
     model_ranks = layout.tp * layout.pp * layout.cp
     if world_size % model_ranks != 0:
-        raise GspoError(f"layout does not fit the world size: TP{layout.tp} x PP{layout.pp} x "
-                        f"CP{layout.cp} = {model_ranks} ranks do not divide world size {world_size}")
+        raise GspoError(
+            f"layout does not fit the world size: TP{layout.tp} x PP{layout.pp} x "
+            f"CP{layout.cp} = {model_ranks} ranks do not divide world size {world_size}"
+        )
     etp = layout.expert_tp
     expert_ranks = layout.ep * etp * layout.pp
     if world_size % expert_ranks != 0:
-        raise GspoError(f"layout does not fit the world size: EP{layout.ep} x ETP{etp} x "
-                        f"PP{layout.pp} = {expert_ranks} ranks do not divide world size {world_size}")
+        raise GspoError(
+            f"layout does not fit the world size: EP{layout.ep} x ETP{etp} x "
+            f"PP{layout.pp} = {expert_ranks} ranks do not divide world size {world_size}"
+        )
     _divides("num_attention_heads", spec.num_attention_heads, layout.tp, "TP")
     _divides("num_key_value_heads (query groups)", spec.num_query_groups, layout.tp, "TP")
     _divides("padded vocabulary", spec.padded_vocab_size, layout.tp, "TP")
@@ -79,15 +84,21 @@ def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> No
             # different tokens would then get partial gradients.
             raise GspoError(f"layout: with ep=1, etp must equal tp (got etp={etp}, tp={layout.tp})")
     elif layout.ep > 1 or (layout.etp is not None and layout.etp != layout.tp):
-        raise GspoError(f"layout: EP{layout.ep}/ETP{etp} needs a MoE model; "
-                        f"{spec.architecture} has no experts (use ep=1, etp unset)")
+        raise GspoError(
+            f"layout: EP{layout.ep}/ETP{etp} needs a MoE model; "
+            f"{spec.architecture} has no experts (use ep=1, etp unset)"
+        )
     if layout.pp_layers is not None:
         if len(layout.pp_layers) != layout.pp or any(n < 1 for n in layout.pp_layers):
-            raise GspoError(f"layout: pp_layers={list(layout.pp_layers)} must list {layout.pp} "
-                            f"positive layer counts, one per pipeline stage")
+            raise GspoError(
+                f"layout: pp_layers={list(layout.pp_layers)} must list {layout.pp} "
+                f"positive layer counts, one per pipeline stage"
+            )
         if sum(layout.pp_layers) != spec.num_layers:
-            raise GspoError(f"layout: pp_layers={list(layout.pp_layers)} sums to "
-                            f"{sum(layout.pp_layers)}, the model has {spec.num_layers} layers")
+            raise GspoError(
+                f"layout: pp_layers={list(layout.pp_layers)} sums to "
+                f"{sum(layout.pp_layers)}, the model has {spec.num_layers} layers"
+            )
     else:
         _divides("num_hidden_layers", spec.num_layers, layout.pp, "PP")
 
@@ -99,7 +110,9 @@ def parse_pp_layers(text: Optional[str]) -> Optional[tuple]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise GspoError(f"--pp-layers '{text}': expected comma-separated layer counts, e.g. 3,5") from None
+        raise GspoError(
+            f"--pp-layers '{text}': expected comma-separated layer counts, e.g. 3,5"
+        ) from None
 
 
 def world_size_from_env() -> int:
@@ -129,7 +142,8 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
             kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         torch.distributed.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -50,8 +50,9 @@ class Plan:
     """Estimated size of one training checkpoint (checked against free space before saves)."""
 
 
-def preflight(cfg: Config, world_size: int, resume: bool = False,
-              resume_from: Optional[Path] = None) -> Plan:
+def preflight(
+    cfg: Config, world_size: int, resume: bool = False, resume_from: Optional[Path] = None
+) -> Plan:
     cfg.validate(world_size)
     spec = checkpoint_spec(Path(cfg.model.ckpt))
     check_layout(cfg.parallel, spec, world_size)
@@ -59,25 +60,37 @@ def preflight(cfg: Config, world_size: int, resume: bool = False,
     dp = world_size // (layout.tp * layout.pp * layout.cp)
     samples = cfg.train.prompts_per_step * cfg.rollout.group_size
     if samples % (dp * cfg.loss.num_minibatches):
-        raise GspoError(f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
-                        f"split over {dp} data-parallel ranks x loss.num_minibatches="
-                        f"{cfg.loss.num_minibatches}")
+        raise GspoError(
+            f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
+            f"split over {dp} data-parallel ranks x loss.num_minibatches="
+            f"{cfg.loss.num_minibatches}"
+        )
     if cfg.rollout.max_model_len > spec.max_position_embeddings:
-        raise GspoError(f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
-                        f"{cfg.rollout.max_model_len} exceeds the model's max_position_embeddings="
-                        f"{spec.max_position_embeddings}")
+        raise GspoError(
+            f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
+            f"{cfg.rollout.max_model_len} exceeds the model's max_position_embeddings="
+            f"{spec.max_position_embeddings}"
+        )
     check_kv_cache_fits(cfg)
     tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
     needs_answer = reward_needing_answers(cfg)
-    prompts = load_prompts(cfg.data, tokenizer, cfg.rollout.max_prompt_tokens, spec.vocab_size,
-                           require_answers=needs_answer)
+    prompts = load_prompts(
+        cfg.data,
+        tokenizer,
+        cfg.rollout.max_prompt_tokens,
+        spec.vocab_size,
+        require_answers=needs_answer,
+    )
     out = Path(cfg.train.output_dir)
     check_writable_dir(out, "train.output_dir")
-    start = resume_point(out / CHECKPOINTS, resume or resume_from is not None, resume_from,
-                         cfg.train.output_dir)
+    start = resume_point(
+        out / CHECKPOINTS, resume or resume_from is not None, resume_from, cfg.train.output_dir
+    )
     if start is not None:  # the run's weights must fit the model being built
         check_same_shapes(spec, checkpoint_spec(start), f"{start} (vs model.ckpt={cfg.model.ckpt})")
-    checkpoint_bytes = estimate_checkpoint_bytes(spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR)
+    checkpoint_bytes = estimate_checkpoint_bytes(
+        spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR
+    )
     check_free_space(out, checkpoint_bytes, "a training checkpoint (model + optimizer state)")
     return Plan(cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes)
 
@@ -89,16 +102,19 @@ def load_tokenizer(hf_dir: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     except Exception as err:
-        raise GspoError(f"{hf_dir}: no usable tokenizer in the checkpoint's hf/ directory "
-                        f"(convert from an HF directory that has one) [{err}]") from None
+        raise GspoError(
+            f"{hf_dir}: no usable tokenizer in the checkpoint's hf/ directory "
+            f"(convert from an HF directory that has one) [{err}]"
+        ) from None
     # transformers builds an empty tokenizer (a vocabulary of one token) from a config.json
     # alone instead of failing: every prompt would then encode to nothing.
     if len(tokenizer) < 2:
-        raise GspoError(f"{hf_dir}: no usable tokenizer (a vocabulary of {len(tokenizer)} token; "
-                        f"tokenizer.json or vocab.json + merges.txt are missing): convert from an "
-                        f"HF directory that has its tokenizer files, or copy them into {hf_dir}")
+        raise GspoError(
+            f"{hf_dir}: no usable tokenizer (a vocabulary of {len(tokenizer)} token; "
+            f"tokenizer.json or vocab.json + merges.txt are missing): convert from an "
+            f"HF directory that has its tokenizer files, or copy them into {hf_dir}"
+        )
     return tokenizer
-
 
 
 def reward_needing_answers(cfg: Config) -> str:
@@ -106,8 +122,10 @@ def reward_needing_answers(cfg: Config) -> str:
     call would fail without one."""
     needing = [f.name for f in cfg.rewards.functions if f.name in NEEDS_ANSWER and f.weight]
     if needing and not cfg.data.answer_field:
-        raise GspoError(f"rewards.functions: {needing[0]} compares with a reference answer but "
-                        f"data.answer_field is empty; name the answer column")
+        raise GspoError(
+            f"rewards.functions: {needing[0]} compares with a reference answer but "
+            f"data.answer_field is empty; name the answer column"
+        )
     return needing[0] if needing else ""
 
 
@@ -118,6 +136,8 @@ def check_kv_cache_fits(cfg: Config) -> None:
         return
     free = psutil.virtual_memory().available
     if cfg.rollout.kv_cache_gib * (1 << 30) > free:
-        raise GspoError(f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} is more than this "
-                        f"machine's free memory ({free / (1 << 30):.1f} GiB) for one engine's KV "
-                        f"cache; lower it (the tiny demo uses 0.05)")
+        raise GspoError(
+            f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} is more than this "
+            f"machine's free memory ({free / (1 << 30):.1f} GiB) for one engine's KV "
+            f"cache; lower it (the tiny demo uses 0.05)"
+        )

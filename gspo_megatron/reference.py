@@ -28,8 +28,9 @@ from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.parallel import ParallelLayout
 
 
-def build_reference(spec: Qwen3Spec, layout: ParallelLayout, dtype: torch.dtype,
-                    ckpt: Path) -> torch.nn.Module:
+def build_reference(
+    spec: Qwen3Spec, layout: ParallelLayout, dtype: torch.dtype, ckpt: Path
+) -> torch.nn.Module:
     """This rank's part of the reference policy, loaded from ``ckpt``, frozen, in eval mode.
     Collective (every rank must call it, after the process groups exist)."""
     model = build_model(spec, layout, dtype)
@@ -38,8 +39,9 @@ def build_reference(spec: Qwen3Spec, layout: ParallelLayout, dtype: torch.dtype,
     return model.eval()
 
 
-def fill_ref_logprobs(reference: torch.nn.Module, microbatches: List[MicroBatch],
-                      vocab_size: int, seq_len: int) -> None:
+def fill_ref_logprobs(
+    reference: torch.nn.Module, microbatches: List[MicroBatch], vocab_size: int, seq_len: int
+) -> None:
     """Set ``mb.ref_logprobs`` ([b, S], this CP rank's positions) on the last pipeline stage,
     where the loss reads them; other stages have no log-probs and need none. Collective."""
     lps = forward_logprobs(reference, microbatches, vocab_size, seq_len)

@@ -61,15 +61,19 @@ class RouteChangeMeter:
                 old = self.saved[index]
                 self.changed[0] += float((old & ~chosen).sum())
                 self.changed[1] += float(old.sum())
+
         return hook
 
     def rows_of(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """[b, S] loss mask -> this rank's router rows ([S, b] order, SP chunk)."""
         rows = loss_mask.t().reshape(-1).bool()
         if getattr(self.config, "sequence_parallel", False):
-            tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+            tp, rank = (
+                ps.get_tensor_model_parallel_world_size(),
+                ps.get_tensor_model_parallel_rank(),
+            )
             n = rows.numel() // tp
-            rows = rows[rank * n:(rank + 1) * n]
+            rows = rows[rank * n : (rank + 1) * n]
         return rows
 
     def start(self, mode: str, loss_mask: torch.Tensor) -> None:
@@ -90,4 +94,3 @@ class RouteChangeMeter:
         if not self.active or total[1] == 0:
             return {}
         return {"train/moe_route_change": float(total[0] / total[1])}
-

@@ -51,20 +51,27 @@ def read_rows(path: Path, vocab_size: int, max_len: int) -> List[Tuple[List[int]
         ids = []
         for field in ("prompt_ids", "response_ids"):
             value = obj.get(field)
-            if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                      for t in value):
+            if not isinstance(value, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in value
+            ):
                 raise GspoError(f"{path}:{n}: '{field}' must be a list of token ids")
             bad = [t for t in value if not 0 <= t < vocab_size]
             if bad:
-                raise GspoError(f"{path}:{n}: '{field}' has token id {bad[0]} outside the "
-                                f"vocabulary [0, {vocab_size})")
+                raise GspoError(
+                    f"{path}:{n}: '{field}' has token id {bad[0]} outside the "
+                    f"vocabulary [0, {vocab_size})"
+                )
             ids.append(value)
         if not ids[0]:
-            raise GspoError(f"{path}:{n}: 'prompt_ids' is empty (the first response token needs "
-                            f"a preceding token)")
+            raise GspoError(
+                f"{path}:{n}: 'prompt_ids' is empty (the first response token needs "
+                f"a preceding token)"
+            )
         if len(ids[0]) + len(ids[1]) > max_len:
-            raise GspoError(f"{path}:{n}: {len(ids[0]) + len(ids[1])} tokens exceed the model's "
-                            f"max_position_embeddings={max_len}")
+            raise GspoError(
+                f"{path}:{n}: {len(ids[0]) + len(ids[1])} tokens exceed the model's "
+                f"max_position_embeddings={max_len}"
+            )
         rows.append((ids[0], ids[1]))
     if not rows:
         raise GspoError(f"{path}: no rows")
@@ -72,8 +79,11 @@ def read_rows(path: Path, vocab_size: int, max_len: int) -> List[Tuple[List[int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gspo_megatron.score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m gspo_megatron.score",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ckpt", required=True, help="megatron checkpoint directory")
     p.add_argument("--input", required=True, help="JSONL with prompt_ids and response_ids")
     p.add_argument("--output", required=True, help="JSONL to write (refused if it exists)")
@@ -81,13 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
+    p.add_argument(
+        "--etp", type=int, default=None, help="expert tensor parallel size (default: tp)"
+    )
     p.add_argument("--pp-layers", default=None, help="layers per pipeline stage, e.g. 3,5")
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--num-microbatches", type=int, default=None,
-                   help="micro-batches per step (default: 2 x pp)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
-                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--num-microbatches",
+        type=int,
+        default=None,
+        help="micro-batches per step (default: 2 x pp)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="compute dtype (default: bf16 on GPU, fp32 on CPU)",
+    )
     return p
 
 
@@ -99,8 +119,9 @@ def _dtype(name):
 
 def score(args) -> None:
     spec = checkpoint_spec(Path(args.ckpt))
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-                            pp_layers=parse_pp_layers(args.pp_layers))
+    layout = ParallelLayout(
+        tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, pp_layers=parse_pp_layers(args.pp_layers)
+    )
     world = world_size_from_env()
     check_layout(layout, spec, world)
     rows = read_rows(Path(args.input), spec.vocab_size, spec.max_position_embeddings)
@@ -115,8 +136,15 @@ def score(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise GspoError(f"--{name.replace('_', '-')}={value} must be >= 1")
-    results = run_scoring(spec, layout, Path(args.ckpt), rows, args.micro_batch_size,
-                          args.num_microbatches or 2 * layout.pp, _dtype(args.dtype))
+    results = run_scoring(
+        spec,
+        layout,
+        Path(args.ckpt),
+        rows,
+        args.micro_batch_size,
+        args.num_microbatches or 2 * layout.pp,
+        _dtype(args.dtype),
+    )
     if results is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, "".join(json.dumps({"logprobs": lp}) + "\n" for lp in results))
@@ -151,23 +179,27 @@ def score_rows(spec, layout, ckpt, rows, mbs, nmb, dtype):
     steps = range(0, len(order), per_rank * dp)
     with progress_bar(total=len(rows), desc="score", unit="seq") as bar:
         for start in steps:
-            step_rows = order[start:start + per_rank * dp]
+            step_rows = order[start : start + per_rank * dp]
             longest = max(len(rows[i][0]) + len(rows[i][1]) for i in step_rows)
             seq_len = pad_to_multiple(longest, sequence_multiple(layout.tp, layout.cp))
-            local = step_rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            local = step_rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
             samples = [Sample(*rows[i]) for i in local] + [None] * (per_rank - len(local))
-            mbatches = [build_microbatch(samples[k:k + mbs], seq_len)
-                        for k in range(0, per_rank, mbs)]
+            mbatches = [
+                build_microbatch(samples[k : k + mbs], seq_len) for k in range(0, per_rank, mbs)
+            ]
             lps = forward_logprobs(model, mbatches, spec.vocab_size, seq_len)
             if lps is not None:
                 flat = torch.cat(lps, dim=0)
                 for j, i in enumerate(local):
                     p, r = rows[i]
                     # Response token k is predicted at position len(p) - 1 + k.
-                    mine[i] = flat[j, len(p) - 1: len(p) - 1 + len(r)].tolist()
+                    mine[i] = flat[j, len(p) - 1 : len(p) - 1 + len(r)].tolist()
             bar.update(len(step_rows))
-    keep = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0)
+    keep = (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine if keep else {})
     if torch.distributed.get_rank() != 0:

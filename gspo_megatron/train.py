@@ -58,18 +58,35 @@ from gspo_megatron.rewards.runner import RewardRunner
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gspo-train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", type=Path, required=True, help="YAML config (launch/configs/*.yaml)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from train.output_dir's newest complete checkpoint (a fresh "
-                         "start if there is none)")
-    ap.add_argument("--resume-from", type=Path, default=None, metavar="DIR",
-                    help="continue from this checkpoint (e.g. an older one when the newest is "
-                         "damaged); newer checkpoints of the run are renamed *.abandoned")
-    ap.add_argument("--check", action="store_true",
-                    help="run the pre-flight checks only (config, files, data, layout for "
-                         "WORLD_SIZE ranks, output directory) and exit")
-    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
-                    help="config overrides, values parsed as YAML (e.g. train.steps=20)")
+    ap.add_argument(
+        "--config", type=Path, required=True, help="YAML config (launch/configs/*.yaml)"
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from train.output_dir's newest complete checkpoint (a fresh "
+        "start if there is none)",
+    )
+    ap.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue from this checkpoint (e.g. an older one when the newest is "
+        "damaged); newer checkpoints of the run are renamed *.abandoned",
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="run the pre-flight checks only (config, files, data, layout for "
+        "WORLD_SIZE ranks, output directory) and exit",
+    )
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, values parsed as YAML (e.g. train.steps=20)",
+    )
     return ap.parse_args(argv)
 
 
@@ -87,7 +104,8 @@ class SkipGuard:
                 raise TrainingStopped(
                     f"{self.in_a_row} optimizer steps in a row were skipped for a non-finite loss "
                     f"or gradient norm (last in step {step}); {last_checkpoint}. Lower optim.lr, "
-                    f"check rewards and data, or raise train.max_skipped_steps")
+                    f"check rewards and data, or raise train.max_skipped_steps"
+                )
 
 
 def _dtype(cfg: Config):
@@ -114,7 +132,9 @@ class Trainer:
         cfg = self.cfg = plan.cfg
         self.plan, self.spec = plan, plan.spec
         self.out = Path(cfg.train.output_dir)
-        init_distributed(cfg.parallel, seed=cfg.train.seed, timeout_s=cfg.train.collective_timeout_s)
+        init_distributed(
+            cfg.parallel, seed=cfg.train.seed, timeout_s=cfg.train.collective_timeout_s
+        )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         dtype = _dtype(cfg)
@@ -123,11 +143,15 @@ class Trainer:
         self.model = wrap_for_training(model, cfg.optim.use_distributed_optimizer)
         # The KL penalty's reference: the initial policy, frozen (a resumed run rebuilds it
         # from the same checkpoint). Built only when the penalty is on.
-        self.ref_model = (build_reference(plan.spec, cfg.parallel, dtype, Path(cfg.model.ckpt))
-                          if cfg.loss.kl_coef else None)
+        self.ref_model = (
+            build_reference(plan.spec, cfg.parallel, dtype, Path(cfg.model.ckpt))
+            if cfg.loss.kl_coef
+            else None
+        )
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim,
-                                         cfg.train.steps * cfg.loss.num_minibatches)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, cfg.train.steps * cfg.loss.num_minibatches
+        )
         self.hf_dir = Path(cfg.model.ckpt) / HF_SUBDIR
         # The engine starts from random weights and receives the trainer's: no second read of
         # the checkpoint, and a resumed run's engine gets the resumed weights the same way.
@@ -139,12 +163,16 @@ class Trainer:
         if plan.resume_from is not None:
             # After the engine start: vLLM reseeds the global generators, the checkpoint's RNG
             # state must win.
-            self.state = load_checkpoint(plan.resume_from, self.model, self.optimizer, self.scheduler)
+            self.state = load_checkpoint(
+                plan.resume_from, self.model, self.optimizer, self.scheduler
+            )
             self._say(f"resumed from {plan.resume_from} (step {self.state.step})")
         else:
             torch.manual_seed(cfg.train.seed + self.rank)
         self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
-        self.gatherer = WeightGatherer(self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype)
+        self.gatherer = WeightGatherer(
+            self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype
+        )
         # GPU: free the engine's memory until the first step's sync brings the weights in.
         self.engine.sleep()
         self.rewards = RewardRunner(cfg.rewards)
@@ -152,7 +180,9 @@ class Trainer:
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
         if self.rank == 0:
-            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            atomic_write_text(
+                self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False)
+            )
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
@@ -165,8 +195,9 @@ class Trainer:
         from gspo_megatron.update import policy_update  # megatron: see __init__
 
         cfg, t0 = self.cfg, time.perf_counter()
-        prompts = self.plan.prompts.batch(step, cfg.train.prompts_per_step, cfg.data.seed,
-                                          cfg.data.shuffle)
+        prompts = self.plan.prompts.batch(
+            step, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle
+        )
         # The sync comes right before sampling: on GPU the engine slept through the update with
         # its weights freed (sleep level 2), the sync re-allocates them, fills them with the
         # current policy and wakes the KV cache.
@@ -179,36 +210,57 @@ class Trainer:
         g_size = cfg.rollout.group_size
         # (prompt, completion) in group order: rewards, advantages and samples all follow it.
         pairs = [(p, c) for p, g in groups for c in g]
-        texts = [(p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
-                 for p, c in pairs]
+        texts = [
+            (p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
+            for p, c in pairs
+        ]
         rewards, reward_stats, first_error = self.rewards.score_across_ranks(texts)
         if first_error is not None and not self.reward_error_shown:
             # Once per run: reward/errors and reward/timeouts count them all; a broken reward
             # function must not drown the progress bar.
             self.reward_error_shown = True
-            self._say(f"reward function failed (scored 0 and counted in reward/errors or "
-                      f"reward/timeouts; only the first failure is shown): {first_error}")
+            self._say(
+                f"reward function failed (scored 0 and counted in reward/errors or "
+                f"reward/timeouts; only the first failure is shown): {first_error}"
+            )
         # float64: large finite rewards stay finite through the group mean and std.
         r = torch.tensor(rewards, dtype=torch.float64)
         adv = group_advantages(r, g_size)
-        samples = [Sample(p.ids, c.token_ids, a, c.logprobs) for (p, c), a in zip(pairs, adv.tolist())]
+        samples = [
+            Sample(p.ids, c.token_ids, a, c.logprobs) for (p, c), a in zip(pairs, adv.tolist())
+        ]
         # Every data-parallel rank must get the same number of samples, splitting into the
         # minibatches; only a prompt the engine skipped could break that (the data set already
         # drops overlong prompts), and then the remainder is dropped and counted.
         dropped = len(samples) % (self.dp * cfg.loss.num_minibatches)
-        samples = samples[:len(samples) - dropped]
+        samples = samples[: len(samples) - dropped]
         t_rollout = time.perf_counter()
-        update = policy_update(self.model, self.optimizer, samples[self.dp_rank::self.dp], cfg.loss,
-                               self.spec.vocab_size, scheduler=self.scheduler,
-                               moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
-                               route_meter=self.route_meter, ref_model=self.ref_model)
+        update = policy_update(
+            self.model,
+            self.optimizer,
+            samples[self.dp_rank :: self.dp],
+            cfg.loss,
+            self.spec.vocab_size,
+            scheduler=self.scheduler,
+            moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+            route_meter=self.route_meter,
+            ref_model=self.ref_model,
+        )
 
         by_group = r.reshape(-1, g_size)
-        out = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-               "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean()) if g_size > 1 else 1.0,
-               **reward_stats, **batch.stats, **update.metrics, **sync.metrics,
-               **self.plan.prompts.stats,
-               "rollout/dropped_samples": float(dropped)}
+        out = {
+            "reward/mean": float(r.mean()),
+            "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+            "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean())
+            if g_size > 1
+            else 1.0,
+            **reward_stats,
+            **batch.stats,
+            **update.metrics,
+            **sync.metrics,
+            **self.plan.prompts.stats,
+            "rollout/dropped_samples": float(dropped),
+        }
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
         out["perf/tokens_per_second"] = batch.num_tokens / seconds
@@ -227,14 +279,23 @@ class Trainer:
                 self.state.step = step + 1
                 self.metrics.log(self.state.step, metrics)
                 self.skips.update(skipped, self.state.step, last_complete_note(root))
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                                clip=f"{metrics.get('gspo/clip_fraction', 0):.3f}")
+                bar.set_postfix(
+                    reward=f"{metrics['reward/mean']:.3f}",
+                    clip=f"{metrics.get('gspo/clip_fraction', 0):.3f}",
+                )
                 bar.update(1)
                 last = self.state.step == cfg.train.steps
                 if last or (cfg.train.save_every and self.state.step % cfg.train.save_every == 0):
-                    save_checkpoint(root, self.model, self.optimizer, self.scheduler, self.state,
-                                    self.hf_dir, cfg.train.keep_checkpoints,
-                                    needed_bytes=self.plan.checkpoint_bytes)
+                    save_checkpoint(
+                        root,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        self.state,
+                        self.hf_dir,
+                        cfg.train.keep_checkpoints,
+                        needed_bytes=self.plan.checkpoint_bytes,
+                    )
         if cfg.train.export_hf:
             self._export(root)
 
@@ -244,8 +305,9 @@ class Trainer:
         # 0 fails, its closed connection ends their wait at once.
         wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         if self.rank == 0:
-            convert_mcore_to_hf(latest_checkpoint(root), self.out / "hf", overwrite=True,
-                                show_progress=False)
+            convert_mcore_to_hf(
+                latest_checkpoint(root), self.out / "hf", overwrite=True, show_progress=False
+            )
             self._say(f"exported the final policy to {self.out / 'hf'}")
         dist.barrier(group=wait_group)
 
@@ -269,8 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     plan = preflight(cfg, world_size_from_env(), args.resume, args.resume_from)
     if args.check:
         start = f"resume from {plan.resume_from}" if plan.resume_from else "a fresh start"
-        print(f"gspo-train --check: {args.config} is ready for {world_size_from_env()} rank(s) "
-              f"({len(plan.prompts.prompts)} prompts, {start})", file=sys.stderr)
+        print(
+            f"gspo-train --check: {args.config} is ready for {world_size_from_env()} rank(s) "
+            f"({len(plan.prompts.prompts)} prompts, {start})",
+            file=sys.stderr,
+        )
         return
     trainer = None
     try:
@@ -298,11 +363,15 @@ def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
         return None
     text = str(err)
     if "Timed out" in text or "timeout" in text.lower():
-        return (f"a collective waited longer than train.collective_timeout_s={timeout_s:g} s: "
-                f"another rank hung (or is much slower; raise the timeout if that is expected)")
+        return (
+            f"a collective waited longer than train.collective_timeout_s={timeout_s:g} s: "
+            f"another rank hung (or is much slower; raise the timeout if that is expected)"
+        )
     if isinstance(err, dist.DistError) or "gloo" in text or "NCCL" in text:
-        return (f"a collective failed because another rank died or lost its connection (its own "
-                f"output says why): {text.strip().splitlines()[0][:200]}")
+        return (
+            f"a collective failed because another rank died or lost its connection (its own "
+            f"output says why): {text.strip().splitlines()[0][:200]}"
+        )
     return None
 
 

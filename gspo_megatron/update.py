@@ -48,24 +48,36 @@ def agreed_seq_len(samples: Sequence[Sample]) -> int:
     t = torch.tensor([longest], dtype=torch.long)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    multiple = sequence_multiple(ps.get_tensor_model_parallel_world_size(),
-                                 ps.get_context_parallel_world_size())
+    multiple = sequence_multiple(
+        ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+    )
     return pad_to_multiple(int(t.item()), multiple)
 
 
-def make_microbatches(samples: Sequence[Sample], micro_batch_size: int, seq_len: int,
-                      num_microbatches: Optional[int] = None) -> List[MicroBatch]:
+def make_microbatches(
+    samples: Sequence[Sample],
+    micro_batch_size: int,
+    seq_len: int,
+    num_microbatches: Optional[int] = None,
+) -> List[MicroBatch]:
     """This rank's samples -> CP-sharded micro-batches, padded with empty rows/micro-batches
     to ``num_microbatches`` (all data-parallel ranks must run the same count)."""
     n = num_microbatches or max(1, -(-len(samples) // micro_batch_size))
     rows: List[Optional[Sample]] = list(samples) + [None] * (n * micro_batch_size - len(samples))
     cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    return [cp_shard(build_microbatch(rows[k * micro_batch_size:(k + 1) * micro_batch_size], seq_len),
-                     cp, cp_rank) for k in range(n)]
+    return [
+        cp_shard(
+            build_microbatch(rows[k * micro_batch_size : (k + 1) * micro_batch_size], seq_len),
+            cp,
+            cp_rank,
+        )
+        for k in range(n)
+    ]
 
 
-def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int,
-                         keep_rollout: bool = False) -> torch.Tensor:
+def compute_old_logprobs(
+    model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int, keep_rollout: bool = False
+) -> torch.Tensor:
     """pi_old = the current weights: fill ``mb.old_logprobs`` (last stage only needs them).
 
     Where a micro-batch already carries the rollout engine's log-probs, they are compared with
@@ -97,38 +109,58 @@ def compute_old_logprobs(model, microbatches: List[MicroBatch], vocab_size: int,
 def reduce_logprob_diff(parts: Sequence[torch.Tensor]) -> Dict[str, float]:
     """Per-rank [sum, max, tokens] -> the global mean and max |engine - trainer| per token."""
     total = torch.stack(list(parts)).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
-    worst = torch.stack([p[1] for p in parts]).max() if parts else torch.zeros((), dtype=torch.float64)
+    worst = (
+        torch.stack([p[1] for p in parts]).max() if parts else torch.zeros((), dtype=torch.float64)
+    )
     sums = torch.stack([total[0], total[2]])
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     tokens = float(sums[1])
-    return {"rollout/logprob_abs_diff_mean": float(sums[0]) / tokens if tokens else float("nan"),
-            "rollout/logprob_abs_diff_max": float(worst) if tokens else float("nan"),
-            "rollout/logprob_diff_tokens": tokens}
+    return {
+        "rollout/logprob_abs_diff_mean": float(sums[0]) / tokens if tokens else float("nan"),
+        "rollout/logprob_abs_diff_max": float(worst) if tokens else float("nan"),
+        "rollout/logprob_diff_tokens": tokens,
+    }
 
 
 def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
     dev = logits.device
     if mb.old_logprobs is None:
         if mb.loss_mask.any():
-            raise ValueError("micro-batch has no old log-probs: run compute_old_logprobs first, "
-                             "or pass the rollout engine's log-probs with the samples")
+            raise ValueError(
+                "micro-batch has no old log-probs: run compute_old_logprobs first, "
+                "or pass the rollout engine's log-probs with the samples"
+            )
         mb.old_logprobs = torch.zeros(mb.loss_mask.shape)  # a filler micro-batch: no tokens
     if cfg.kl_coef and mb.ref_logprobs is None and mb.loss_mask.any():
-        raise ValueError("loss.kl_coef > 0 but the micro-batch has no reference log-probs: pass "
-                         "the reference policy to policy_update (ref_model)")
+        raise ValueError(
+            "loss.kl_coef > 0 but the micro-batch has no reference log-probs: pass "
+            "the reference policy to policy_update (ref_model)"
+        )
     # The logits are read only here: their storage can take their gradient.
     logp, entropy = label_logprobs(logits, mb, vocab_size, inplace_backward=True)
     mask = mb.loss_mask.to(dev)
     cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
     loss_sum, m = policy_loss(
-        logp, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask, variant=cfg.variant,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        logp,
+        mb.old_logprobs.to(dev),
+        mb.advantages.to(dev),
+        mask,
+        variant=cfg.variant,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
         ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
-        kl_coef=cfg.kl_coef, num_sequences=1.0, cp_group=cp_group)
+        kl_coef=cfg.kl_coef,
+        num_sequences=1.0,
+        cp_group=cp_group,
+    )
     count = m["num_sequences"] if ps.get_context_parallel_rank() == 0 else torch.zeros(())
-    sums = {k: v for k, v in m.items() if k.endswith("_sum") or k.startswith("num_") or k.endswith("_denominator")}
+    sums = {
+        k: v
+        for k, v in m.items()
+        if k.endswith("_sum") or k.startswith("num_") or k.endswith("_denominator")
+    }
     sums["loss_sum"] = loss_sum.detach()
     ent = torch.stack([(entropy.detach() * mask).sum(), mask.float().sum()])
     if cp_group is not None:  # tokens are spread over CP ranks; the metrics above are not
@@ -157,13 +189,21 @@ def scale_moe_aux_loss(model, coeff: float, micro_batch_size: int) -> None:
     config.moe_aux_loss_coeff = coeff * micro_batch_size
 
 
-def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLossConfig,
-               vocab_size: int, seq_len: int, step_optimizer: bool = True,
-               scheduler=None) -> Dict[str, float]:
+def train_step(
+    model,
+    optimizer,
+    microbatches: List[MicroBatch],
+    cfg: PolicyLossConfig,
+    vocab_size: int,
+    seq_len: int,
+    step_optimizer: bool = True,
+    scheduler=None,
+) -> Dict[str, float]:
     """One forward/backward over ``microbatches`` (+ one optimizer step). Returns global metrics
     under their logged names (``gspo/*``, ``train/*``), identical on every rank. ``scheduler`` (megatron's OptimizerParamScheduler) is advanced
     before the step, so optimizer step k uses the schedule's value at k (warmup never spends
     a step at lr 0)."""
+
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         return model_forward(model_chunk, mb), partial(_loss_func, cfg, vocab_size, mb)
@@ -174,8 +214,11 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
     store = run_schedule(model, forward_step, microbatches, seq_len, forward_only=False)
     stepping = optimizer is not None and step_optimizer
     # The gradient check rides on the metrics' all-reduce: no collective of its own.
-    out = reduce_metrics(store, nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0,
-                         with_ref_kl=bool(cfg.kl_coef))
+    out = reduce_metrics(
+        store,
+        nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0,
+        with_ref_kl=bool(cfg.kl_coef),
+    )
     nonfinite_grads = out.pop("nonfinite_grads")
     if stepping:
         # A non-finite loss or gradient must never reach the weights. megatron's optimizer only
@@ -183,8 +226,13 @@ def train_step(model, optimizer, microbatches: List[MicroBatch], cfg: PolicyLoss
         # bf16 or fp32, and never at the loss: the step is skipped here instead, with the
         # scheduler left where it was (as megatron's trainer does for an unsuccessful update).
         if nonfinite_grads or not math.isfinite(out["gspo/loss"]):
-            out.update({"train/update_successful": 0.0, "train/skipped_steps": 1.0,
-                        "train/grad_norm": float("nan")})
+            out.update(
+                {
+                    "train/update_successful": 0.0,
+                    "train/skipped_steps": 1.0,
+                    "train/grad_norm": float("nan"),
+                }
+            )
             return out
         if scheduler is not None:
             scheduler.step(increment=1)
@@ -212,19 +260,33 @@ def local_nonfinite_grads(model) -> float:
     return float(not bool(torch.isfinite(sums).all()))
 
 
-def reduce_metrics(store: List[dict], nonfinite_grads: float = 0.0,
-                   with_ref_kl: bool = False) -> Dict[str, float]:
+def reduce_metrics(
+    store: List[dict], nonfinite_grads: float = 0.0, with_ref_kl: bool = False
+) -> Dict[str, float]:
     """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
     receives the result (counted once per sequence: TP and CP duplicates contribute zero).
     ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks;
     ``with_ref_kl`` adds ``gspo/ref_kl`` (the KL penalty's k3 estimate, when it is on)."""
-    keys = ["loss_sum", "num_sequences", "num_tokens", "clipped_sum", "clip_denominator",
-            "clamp_sum", "clamp_denominator", "abs_log_ratio_sum", "approx_kl_sum",
-            "entropy_sum", "entropy_tokens"] + (["ref_kl_sum"] if with_ref_kl else [])
+    keys = [
+        "loss_sum",
+        "num_sequences",
+        "num_tokens",
+        "clipped_sum",
+        "clip_denominator",
+        "clamp_sum",
+        "clamp_denominator",
+        "abs_log_ratio_sum",
+        "approx_kl_sum",
+        "entropy_sum",
+        "entropy_tokens",
+    ] + (["ref_kl_sum"] if with_ref_kl else [])
     local = torch.zeros(len(keys) + 1, dtype=torch.float64)
     local[-1] = nonfinite_grads
-    owner = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-             and ps.get_context_parallel_rank() == 0)
+    owner = (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
     if owner:
         for d in store:
             # A filler micro-batch (no tokens) reports no ref_kl_sum.
@@ -272,8 +334,12 @@ class UpdateResult:
     @property
     def metrics(self) -> Dict[str, float]:
         """Everything above as one rollout batch's metrics, under their logged names."""
-        return {**summarise_steps(self.steps), **self.rollout, **(self.routes or {}),
-                **(self.seconds or {})}
+        return {
+            **summarise_steps(self.steps),
+            **self.rollout,
+            **(self.routes or {}),
+            **(self.seconds or {}),
+        }
 
     @property
     def skipped(self) -> List[bool]:
@@ -281,10 +347,18 @@ class UpdateResult:
         return [bool(s.get("train/skipped_steps")) for s in self.steps]
 
 
-def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossConfig,
-                  vocab_size: int, measure_rollout_diff: bool = True, scheduler=None,
-                  moe_aux_loss_coeff: float = 0.0, route_meter=None,
-                  ref_model=None) -> UpdateResult:
+def policy_update(
+    model,
+    optimizer,
+    samples: Sequence[Sample],
+    cfg: PolicyLossConfig,
+    vocab_size: int,
+    measure_rollout_diff: bool = True,
+    scheduler=None,
+    moe_aux_loss_coeff: float = 0.0,
+    route_meter=None,
+    ref_model=None,
+) -> UpdateResult:
     """Consume this data-parallel rank's share of a rollout batch: old log-probs (unless taken
     from the rollout engine), then ``cfg.num_minibatches`` optimizer steps. Every rank must pass
     the same number of samples.
@@ -298,17 +372,23 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
     seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
     if len(samples) % k:
-        raise GspoError(f"{len(samples)} samples per data-parallel rank do not split into "
-                        f"loss.num_minibatches={k} minibatches")
+        raise GspoError(
+            f"{len(samples)} samples per data-parallel rank do not split into "
+            f"loss.num_minibatches={k} minibatches"
+        )
     if cfg.old_logprobs == "rollout":
         missing = [i for i, s in enumerate(samples) if s.old_logprobs is None]
         if missing:
-            raise GspoError(f"loss.old_logprobs=rollout but sample {missing[0]} has no rollout "
-                            f"log-probs (use loss.old_logprobs=trainer)")
+            raise GspoError(
+                f"loss.old_logprobs=rollout but sample {missing[0]} has no rollout "
+                f"log-probs (use loss.old_logprobs=trainer)"
+            )
     per = len(samples) // k
     n_mb = max(1, -(-per // cfg.micro_batch_size))
-    minibatches = [make_microbatches(samples[i * per:(i + 1) * per], cfg.micro_batch_size, seq_len, n_mb)
-                   for i in range(k)]
+    minibatches = [
+        make_microbatches(samples[i * per : (i + 1) * per], cfg.micro_batch_size, seq_len, n_mb)
+        for i in range(k)
+    ]
     have_engine = torch.tensor([float(any(s.old_logprobs is not None for s in samples))])
     if dist.is_initialized():
         dist.all_reduce(have_engine, op=dist.ReduceOp.MAX)
@@ -339,16 +419,23 @@ def policy_update(model, optimizer, samples: Sequence[Sample], cfg: PolicyLossCo
     for i, mbs in enumerate(minibatches):
         if recorded and i == k - 1:  # ... against pi_theta's after k - 1 optimizer steps
             route_meter.start("compare", mbs[0].loss_mask)
-        steps.append(train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler))
+        steps.append(
+            train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler)
+        )
         if watch:
             route_meter.stop()
     routes = route_meter.result() if watch else {}
-    return UpdateResult(steps, rollout, {"perf/old_logprob_seconds": t1 - t0,
-                                         "perf/train_seconds": time.perf_counter() - t1}, routes)
+    return UpdateResult(
+        steps,
+        rollout,
+        {"perf/old_logprob_seconds": t1 - t0, "perf/train_seconds": time.perf_counter() - t1},
+        routes,
+    )
 
 
-def rollout_logprob_diff(model, samples: Sequence[Sample], vocab_size: int,
-                         micro_batch_size: int = 1) -> Dict[str, float]:
+def rollout_logprob_diff(
+    model, samples: Sequence[Sample], vocab_size: int, micro_batch_size: int = 1
+) -> Dict[str, float]:
     """|engine - trainer| log-prob per response token for this rank's ``samples`` (each carrying
     the engine's log-probs in ``old_logprobs``), reduced over all ranks."""
     seq_len = agreed_seq_len(samples)

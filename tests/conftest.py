@@ -30,16 +30,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args, nproc: int = 0, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    args, nproc: int = 0, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `python -m ...` (nproc=0) or `torchrun --nproc-per-node nproc -m ...`."""
     # A test process that built a model in-process has torch.distributed state of its own;
     # children must not inherit a rendezvous from it.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONWARNINGS"] = "ignore"
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + list(args)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+        ] + list(args)
     else:
         cmd = [sys.executable] + list(args)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -56,7 +70,13 @@ class BatchedRuns:
     (``{name: result}``, read back with ``load``)."""
 
     def __init__(self, worker: str, cases: dict, tmp: Path, load, args=()):
-        self.worker, self.cases, self.tmp, self.load, self.args = worker, cases, tmp, load, list(args)
+        self.worker, self.cases, self.tmp, self.load, self.args = (
+            worker,
+            cases,
+            tmp,
+            load,
+            list(args),
+        )
         self.done = {}
 
     def __getitem__(self, name: str):
@@ -67,8 +87,10 @@ class BatchedRuns:
             batch = [{**case, "name": n} for n, (p, case) in self.cases.items() if p == nproc]
             spec, out = self.tmp / f"cases{nproc}.json", self.tmp / f"out{nproc}"
             spec.write_text(json.dumps(batch))
-            run_cli([self.worker, "--cases", str(spec), "--out", str(out)] + self.args,
-                    nproc=nproc if nproc > 1 else 0)
+            run_cli(
+                [self.worker, "--cases", str(spec), "--out", str(out)] + self.args,
+                nproc=nproc if nproc > 1 else 0,
+            )
             self.done[nproc] = self.load(out)
         return self.done[nproc][name]
 
@@ -101,6 +123,7 @@ def tiny_dense(tmp_path_factory) -> TinyModel:
 
 # -- gspo-train runs shared by several test modules -------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def demo_init(tmp_path_factory) -> Path:
     from gspo_megatron.demo import prepare
@@ -119,14 +142,28 @@ def multinode_run(demo_init, tmp_path_factory) -> Path:
     port = str(free_port())
     procs, logs = [], []
     for node in (0, 1):
-        env = dict(tr.env(), NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, NPROC_PER_NODE="1", PYTHON=sys.executable)
+        env = dict(
+            tr.env(),
+            NNODES="2",
+            NODE_RANK=str(node),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            NPROC_PER_NODE="1",
+            PYTHON=sys.executable,
+        )
         log = out.parent / f"node{node}.log"
         logs.append(log)
-        procs.append(subprocess.Popen(
-            ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
-            + tr.overrides(demo_init, out, **tr.KL) + ["train.export_hf=true"], cwd=REPO, env=env, stdout=open(log, "w"),
-            stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
+                + tr.overrides(demo_init, out, **tr.KL)
+                + ["train.export_hf=true"],
+                cwd=REPO,
+                env=env,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
     for proc, log in zip(procs, logs):
         tr.wait(proc, log)
     return out
@@ -141,10 +178,15 @@ def small_fs(tmp_path):
     def make(size_mib: int) -> Path:
         path = tmp_path / f"small_fs{len(mounted)}"
         path.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
-            pytest.skip(f"cannot mount a {size_mib} MiB tmpfs here (needs root): {proc.stderr.strip()}")
+            pytest.skip(
+                f"cannot mount a {size_mib} MiB tmpfs here (needs root): {proc.stderr.strip()}"
+            )
         mounted.append(path)
         return path
 

@@ -84,5 +84,6 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000001"]
     # An abandoned name is taken: the next one gets a number, nothing is overwritten.
     _ckpt(tmp_path, 2)
-    assert [p.name for p in set_aside_newer(tmp_path, tmp_path / "step_000001")] == \
-        ["step_000002" + ABANDONED + "1"]
+    assert [p.name for p in set_aside_newer(tmp_path, tmp_path / "step_000001")] == [
+        "step_000002" + ABANDONED + "1"
+    ]

@@ -36,24 +36,45 @@ class Top:
 def test_yaml_and_overrides_build_typed_config(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: 5\n  lr: 1e-5\n  terms:\n    - {name: math, weight: 2}\n")
-    cfg = load(Top, path, ["train.flag=true", "other.sizes=[1, 2]", "train.label=run1",
-                           "train.terms=[{name: f, weight: 0.5}, {name: g}]", "other.lr=3"])
+    cfg = load(
+        Top,
+        path,
+        [
+            "train.flag=true",
+            "other.sizes=[1, 2]",
+            "train.label=run1",
+            "train.terms=[{name: f, weight: 0.5}, {name: g}]",
+            "other.lr=3",
+        ],
+    )
     assert cfg.train.steps == 5 and cfg.train.lr == 1e-5 and cfg.train.flag is True
     assert cfg.train.label == "run1" and cfg.other.sizes == (1, 2) and cfg.other.lr == 3.0
     assert cfg.train.terms == [Term("f", 0.5), Term("g", 1.0)]
     assert cfg.other.steps == 10  # untouched defaults stay
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"train": {"stpes": 3}}, "unknown config key 'train.stpes' (allowed: steps, lr, flag, label, sizes, terms)"),
-    ({"trian": {}}, "unknown config key 'trian' (allowed: train, other)"),
-    ({"train": {"steps": "many"}}, "config train.steps='many': expected an integer"),
-    ({"train": {"steps": 2.5}}, "config train.steps=2.5: expected an integer"),
-    ({"train": {"flag": "yes please"}}, "config train.flag='yes please': expected true or false"),
-    ({"train": {"lr": "fast"}}, "config train.lr='fast': expected a number"),
-    ({"train": {"terms": [{"name": "a", "wieght": 1}]}}, "unknown config key 'train.terms[0].wieght'"),
-    ({"train": 3}, "config train: expected a mapping, got 3"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            {"train": {"stpes": 3}},
+            "unknown config key 'train.stpes' (allowed: steps, lr, flag, label, sizes, terms)",
+        ),
+        ({"trian": {}}, "unknown config key 'trian' (allowed: train, other)"),
+        ({"train": {"steps": "many"}}, "config train.steps='many': expected an integer"),
+        ({"train": {"steps": 2.5}}, "config train.steps=2.5: expected an integer"),
+        (
+            {"train": {"flag": "yes please"}},
+            "config train.flag='yes please': expected true or false",
+        ),
+        ({"train": {"lr": "fast"}}, "config train.lr='fast': expected a number"),
+        (
+            {"train": {"terms": [{"name": "a", "wieght": 1}]}},
+            "unknown config key 'train.terms[0].wieght'",
+        ),
+        ({"train": 3}, "config train: expected a mapping, got 3"),
+    ],
+)
 def test_bad_keys_and_types_name_the_key(data, message):
     with pytest.raises(GspoError) as err:
         build(Top, data)
@@ -77,8 +98,15 @@ def test_override_syntax_and_missing_file(tmp_path):
 def test_trainer_config_sections_are_checked(tmp_path):
     from gspo_megatron.config import Config, load_config
 
-    cfg = load_config(None, ["rollout.group_size=16", "parallel.pp_layers=[3, 5]", "optim.lr=1e-6",
-                             "rewards.functions=[{name: format, weight: 0.2}, {name: math}]"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.group_size=16",
+            "parallel.pp_layers=[3, 5]",
+            "optim.lr=1e-6",
+            "rewards.functions=[{name: format, weight: 0.2}, {name: math}]",
+        ],
+    )
     assert isinstance(cfg, Config)
     assert cfg.rollout.group_size == 16 and cfg.parallel.pp_layers == (3, 5)
     assert [(f.name, f.weight) for f in cfg.rewards.functions] == [("format", 0.2), ("math", 1.0)]
@@ -89,10 +117,19 @@ def test_trainer_config_sections_are_checked(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "w1", "answer": "1"}\n')
     (tmp_path / "ckpt").mkdir()
-    ok = load_config(None, [f"model.ckpt={tmp_path / 'ckpt'}", f"data.path={data}",
-                            "train.prompts_per_step=3", "rollout.group_size=2", "loss.num_minibatches=4"])
+    ok = load_config(
+        None,
+        [
+            f"model.ckpt={tmp_path / 'ckpt'}",
+            f"data.path={data}",
+            "train.prompts_per_step=3",
+            "rollout.group_size=2",
+            "loss.num_minibatches=4",
+        ],
+    )
     with pytest.raises(GspoError, match="6 samples do not split into loss.num_minibatches=4"):
         ok.validate(world_size=1)
     with pytest.raises(GspoError, match="rollout.engine_tp=2: must divide the world size 3"):
-        load_config(None, [f"model.ckpt={tmp_path / 'ckpt'}", f"data.path={data}",
-                           "rollout.engine_tp=2"]).validate(world_size=3)
+        load_config(
+            None, [f"model.ckpt={tmp_path / 'ckpt'}", f"data.path={data}", "rollout.engine_tp=2"]
+        ).validate(world_size=3)

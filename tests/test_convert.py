@@ -50,12 +50,30 @@ def test_roundtrip_is_bitwise_with_config_and_tokenizer(tmp_path, dtype):
     write_tokenizer(hf)
     run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc")])
     # A small shard limit forces several shards and an index, as for a real model.
-    run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "back"),
-             "--max-shard-size", "100KB"])
+    run_cli(
+        [
+            CONVERT,
+            "mcore-to-hf",
+            "--ckpt",
+            str(tmp_path / "mc"),
+            "--out",
+            str(tmp_path / "back"),
+            "--max-shard-size",
+            "100KB",
+        ]
+    )
     back = tmp_path / "back"
-    assert len(list(back.glob("*.safetensors"))) > 1 and (back / "model.safetensors.index.json").is_file()
+    assert (
+        len(list(back.glob("*.safetensors"))) > 1
+        and (back / "model.safetensors.index.json").is_file()
+    )
     _assert_bitwise(_tensors(hf), _tensors(back))
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (hf / name).read_bytes() == (back / name).read_bytes(), name
     assert _leftovers(tmp_path) == []
 
@@ -82,7 +100,11 @@ def test_unsupported_architecture(tmp_path):
     cfg = json.loads((hf / "config.json").read_text())
     cfg["architectures"] = ["MixtralForCausalLM"]
     (hf / "config.json").write_text(json.dumps(cfg))
-    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False))
+    line = _error_line(
+        run_cli(
+            [CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False
+        )
+    )
     assert "unsupported architecture 'MixtralForCausalLM'" in line and "Qwen3MoeForCausalLM" in line
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
 
@@ -104,7 +126,11 @@ def test_missing_shard_is_named(tmp_path):
     hf = _sharded_hf(tmp_path)
     victim = sorted(hf.glob("*.safetensors"))[1]
     victim.unlink()
-    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False))
+    line = _error_line(
+        run_cli(
+            [CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False
+        )
+    )
     assert victim.name in line and "missing" in line
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
 
@@ -114,7 +140,11 @@ def test_truncated_shard_is_named(tmp_path):
     victim = sorted(hf.glob("*.safetensors"))[0]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) - 100])
-    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False))
+    line = _error_line(
+        run_cli(
+            [CONVERT, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "o")], check=False
+        )
+    )
     assert victim.name in line and "corrupt" in line
     assert not (tmp_path / "o").exists()
 
@@ -123,10 +153,17 @@ def test_existing_output_is_refused_unless_overwrite(tiny_moe, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    line = _error_line(run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(tiny_moe.hf_dir), "--out", str(out)], check=False))
+    line = _error_line(
+        run_cli(
+            [CONVERT, "hf-to-mcore", "--hf-dir", str(tiny_moe.hf_dir), "--out", str(out)],
+            check=False,
+        )
+    )
     assert "already exists" in line and "--overwrite" in line
     assert (out / "keep.txt").read_text() == "user data"
-    run_cli([CONVERT, "hf-to-mcore", "--hf-dir", str(tiny_moe.hf_dir), "--out", str(out), "--overwrite"])
+    run_cli(
+        [CONVERT, "hf-to-mcore", "--hf-dir", str(tiny_moe.hf_dir), "--out", str(out), "--overwrite"]
+    )
     assert not (out / "keep.txt").exists() and (out / "metadata.json").is_file()
     assert _leftovers(tmp_path) == []
 
@@ -138,11 +175,28 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_moe, tmp_path):
     cfg = json.loads((ckpt / "hf" / "config.json").read_text())
     cfg["moe_intermediate_size"] = 48
     (ckpt / "hf" / "config.json").write_text(json.dumps(cfg))
-    line = _error_line(run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")], check=False))
+    line = _error_line(
+        run_cli(
+            [CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")], check=False
+        )
+    )
     assert "another model shape" in line and "linear_fc1.weight_w" in line
     assert not (tmp_path / "o").exists()
-    line = _error_line(run_cli(["-m", "gspo_megatron.score", "--ckpt", str(ckpt), "--input",
-                                str(tiny_moe.input), "--output", str(tmp_path / "s.jsonl")], check=False))
+    line = _error_line(
+        run_cli(
+            [
+                "-m",
+                "gspo_megatron.score",
+                "--ckpt",
+                str(ckpt),
+                "--input",
+                str(tiny_moe.input),
+                "--output",
+                str(tmp_path / "s.jsonl"),
+            ],
+            check=False,
+        )
+    )
     assert "another model shape" in line
 
 
@@ -175,10 +229,27 @@ def _copy_ckpt(tiny_moe, tmp_path) -> Path:
 
 def _refused_up_front(tiny_moe, ckpt: Path, tmp_path) -> str:
     """mcore-to-hf and the score tool both refuse with the same line before reading a tensor."""
-    line = _error_line(run_cli([CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")], check=False))
+    line = _error_line(
+        run_cli(
+            [CONVERT, "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o")], check=False
+        )
+    )
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
-    score = _error_line(run_cli(["-m", "gspo_megatron.score", "--ckpt", str(ckpt), "--input",
-                                 str(tiny_moe.input), "--output", str(tmp_path / "s.jsonl")], check=False))
+    score = _error_line(
+        run_cli(
+            [
+                "-m",
+                "gspo_megatron.score",
+                "--ckpt",
+                str(ckpt),
+                "--input",
+                str(tiny_moe.input),
+                "--output",
+                str(tmp_path / "s.jsonl"),
+            ],
+            check=False,
+        )
+    )
     assert score == line and not (tmp_path / "s.jsonl").exists()
     return line
 
@@ -190,8 +261,9 @@ def test_truncated_data_file_is_refused_up_front(tiny_moe, tmp_path):
     with open(victim, "r+b") as f:
         f.truncate(full // 2)  # as a copy cut short by a full disk leaves it
     line = _refused_up_front(tiny_moe, ckpt, tmp_path)
-    assert line == (f"error: {victim}: truncated: {full // 2} bytes, the checkpoint's metadata "
-                    f"needs {full}")
+    assert line == (
+        f"error: {victim}: truncated: {full // 2} bytes, the checkpoint's metadata needs {full}"
+    )
 
 
 def test_missing_data_file_is_refused_up_front(tiny_moe, tmp_path):

@@ -24,22 +24,37 @@ CONVERT = str(Path(sys.executable).parent / "gspo-convert")
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
 def _convert(args, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([CONVERT, *map(str, args)], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=300, preexec_fn=preexec_fn)
+    return subprocess.run(
+        [CONVERT, *map(str, args)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec_fn,
+    )
 
 
 def _start(args, log: Path) -> subprocess.Popen:
     """A converter running in the background, its stderr in ``log`` (a pipe could fill up)."""
     with open(log, "w") as stderr:
-        return subprocess.Popen([CONVERT, *map(str, args)], cwd=REPO, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(
+            [CONVERT, *map(str, args)],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
 
 
 def _lines(stderr: str) -> list:
@@ -54,8 +69,11 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def _leftovers(parent: Path) -> list:
-    return sorted(p.name for p in parent.iterdir()
-                  if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".owner"))
+    return sorted(
+        p.name
+        for p in parent.iterdir()
+        if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".owner")
+    )
 
 
 def _tmp_dirs(out: Path) -> list:
@@ -70,8 +88,10 @@ def _wait_for_write(proc: subprocess.Popen, out: Path, data_glob: str, log: Path
             if any(tmp.glob(data_glob)):
                 return tmp
         if proc.poll() is not None:
-            raise AssertionError(f"converter ended (rc {proc.returncode}) before writing was "
-                                 f"seen:\n{log.read_text()}")
+            raise AssertionError(
+                f"converter ended (rc {proc.returncode}) before writing was "
+                f"seen:\n{log.read_text()}"
+            )
         time.sleep(0.005)
     proc.kill()
     raise AssertionError("converter never started writing")
@@ -81,11 +101,19 @@ def _wait_for_write(proc: subprocess.Popen, out: Path, data_glob: str, log: Path
 def big_moe(tmp_path_factory):
     """A ~50 MB MoE (HF and converted): long enough to write (~0.2 s) to be hit mid-write."""
     root = tmp_path_factory.mktemp("big")
-    config = tiny_moe_config(hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-                           num_hidden_layers=8, num_local_experts=8, mlp_only_layers=[])
+    config = tiny_moe_config(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_hidden_layers=8,
+        num_local_experts=8,
+        mlp_only_layers=[],
+    )
     make_hf_model(config, root / "hf")
     write_tokenizer(root / "hf")
-    proc = _convert(["hf-to-mcore", "--hf-dir", root / "hf", "--out", root / "mcore", "--no-progress"])
+    proc = _convert(
+        ["hf-to-mcore", "--hf-dir", root / "hf", "--out", root / "mcore", "--no-progress"]
+    )
     assert proc.returncode == 0, proc.stderr
     return root
 
@@ -100,13 +128,18 @@ def small_fs(tmp_path):
         where = tmp_path / f"fs{len(mounts)}"
         where.mkdir()
         try:
-            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                capture_output=True,
+                text=True,
+            )
         except FileNotFoundError:
             pytest.skip("no mount command: cannot make a small filesystem to fill")
         if proc.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}); "
-                        f"the no-space tests need root or CAP_SYS_ADMIN")
+            pytest.skip(
+                f"mounting a tmpfs is not permitted here ({proc.stderr.strip()}); "
+                f"the no-space tests need root or CAP_SYS_ADMIN"
+            )
         mounts.append(where)
         return where
 
@@ -125,7 +158,9 @@ def _direction(name: str, model) -> list:
 def test_no_space_is_refused_before_writing(tiny_moe, small_fs, direction):
     fs = small_fs("512k")
     line = _error_line(_convert([*_direction(direction, tiny_moe), "--out", fs / "out"]))
-    assert line.startswith(f"error: no space left on {fs} for {fs / 'out'}: the conversion needs "), line
+    assert line.startswith(
+        f"error: no space left on {fs} for {fs / 'out'}: the conversion needs "
+    ), line
     assert line.endswith(", 512.00 KiB free"), line
     assert list(fs.iterdir()) == []  # not even a temporary directory was made
 
@@ -137,7 +172,9 @@ def test_overwrite_does_not_count_the_old_output_as_free(tiny_moe, small_fs):
     assert _convert(args).returncode == 0
     before = {p.name: p.read_bytes() for p in (fs / "out").rglob("*") if p.is_file()}
     line = _error_line(_convert([*args, "--overwrite"]))
-    assert line.startswith(f"error: no space left on {fs} for {fs / 'out'}: the conversion needs"), line
+    assert line.startswith(
+        f"error: no space left on {fs} for {fs / 'out'}: the conversion needs"
+    ), line
     assert {p.name: p.read_bytes() for p in (fs / "out").rglob("*") if p.is_file()} == before
     assert _leftovers(fs) == []
 
@@ -147,11 +184,14 @@ def _file_size_limit(num_bytes: int):
         # A write past the limit fails with EFBIG instead of killing the process (SIGXFSZ).
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, num_bytes))
+
     return preexec
 
 
 @pytest.mark.parametrize("direction,overwrite", [("hf-to-mcore", False), ("mcore-to-hf", True)])
-def test_write_failing_mid_way_is_one_line_and_leaves_nothing(tiny_moe, tmp_path, direction, overwrite):
+def test_write_failing_mid_way_is_one_line_and_leaves_nothing(
+    tiny_moe, tmp_path, direction, overwrite
+):
     out = tmp_path / "out"
     if overwrite:
         out.mkdir()
@@ -178,16 +218,27 @@ def test_write_failing_in_a_writer_thread_stops_all_threads(big_moe, tmp_path):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("direction,sig", [("hf-to-mcore", signal.SIGINT), ("mcore-to-hf", signal.SIGINT),
-                                           ("hf-to-mcore", signal.SIGTERM)])
-def test_ctrl_c_or_sigterm_mid_write_is_one_line_and_leaves_nothing(big_moe, tmp_path, direction, sig):
+@pytest.mark.parametrize(
+    "direction,sig",
+    [
+        ("hf-to-mcore", signal.SIGINT),
+        ("mcore-to-hf", signal.SIGINT),
+        ("hf-to-mcore", signal.SIGTERM),
+    ],
+)
+def test_ctrl_c_or_sigterm_mid_write_is_one_line_and_leaves_nothing(
+    big_moe, tmp_path, direction, sig
+):
     """Ctrl-C (and SIGTERM, a scheduler's preemption) mid-write: one line, the shell's exit
     status for the signal, nothing left."""
     out, log = tmp_path / "out", tmp_path / "stderr.txt"
     if direction == "hf-to-mcore":  # several writer threads, several data files
         args, data = ["hf-to-mcore", "--hf-dir", big_moe / "hf", "--io-threads", "2"], "*.distcp"
     else:
-        args, data = ["mcore-to-hf", "--ckpt", big_moe / "mcore", "--max-shard-size", "4MB"], "*.safetensors"
+        args, data = (
+            ["mcore-to-hf", "--ckpt", big_moe / "mcore", "--max-shard-size", "4MB"],
+            "*.safetensors",
+        )
     proc = _start([*args, "--out", out], log)
     _wait_for_write(proc, out, data, log)
     proc.send_signal(sig)
@@ -208,8 +259,10 @@ def test_output_that_would_replace_its_input_is_refused(tiny_moe, tmp_path):
     shutil.copytree(tiny_moe.ckpt, src)
     for out in (src, tmp_path):
         line = _error_line(_convert(["mcore-to-hf", "--ckpt", src, "--out", out, "--overwrite"]))
-        assert line == f"error: {out}: the output would replace its own input --ckpt {src}; " \
-                       f"choose another output path"
+        assert (
+            line == f"error: {out}: the output would replace its own input --ckpt {src}; "
+            f"choose another output path"
+        )
     assert (src / "metadata.json").is_file()
 
 
@@ -226,9 +279,11 @@ def test_sigkill_leftovers_are_reported_and_removed_by_the_next_run(big_moe, tmp
     assert proc.returncode == 0, proc.stderr
     reports = [line for line in _lines(proc.stderr) if line.startswith("removing ")]
     assert len(reports) == 1, proc.stderr
-    assert re.fullmatch(rf"removing {re.escape(str(tmp))} \([0-9.]+ (B|KiB|MiB)\): left by an "
-                        rf"interrupted conversion \(pid {killed.pid}, no longer running\)",
-                        reports[0]), reports[0]
+    assert re.fullmatch(
+        rf"removing {re.escape(str(tmp))} \([0-9.]+ (B|KiB|MiB)\): left by an "
+        rf"interrupted conversion \(pid {killed.pid}, no longer running\)",
+        reports[0],
+    ), reports[0]
     assert _leftovers(tmp_path) == []
     assert (out / ".metadata").is_file() and not list(out.glob("*.owner"))
 
@@ -241,8 +296,10 @@ def test_conversion_into_an_output_being_written_is_refused(big_moe, tmp_path):
         tmp = _wait_for_write(first, out, "*.distcp", log)
         first.send_signal(signal.SIGSTOP)  # still alive, and it stays mid-write
         line = _error_line(_convert(args))
-        assert line == (f"error: {tmp}: another conversion into {out} is running "
-                        f"(pid {first.pid}); wait for it or stop it")
+        assert line == (
+            f"error: {tmp}: another conversion into {out} is running "
+            f"(pid {first.pid}); wait for it or stop it"
+        )
         assert tmp.is_dir()  # the running conversion's files were not touched
     finally:
         first.kill()
@@ -268,18 +325,23 @@ def test_leftovers_of_a_reused_pid_or_without_owner_are_removed(tmp_path, capsys
     with atomic_dir(out) as tmp:
         (tmp / "f").write_text("new")
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"removing {reused} (2.93 KiB): left by an interrupted write "
-                   f"(pid {os.getpid()}, no longer running)",
-                   f"removing {tmp_path / 'out.old-89abcdef'} (0 B): left by an interrupted "
-                   f"write (owner unknown)"]
+    assert err == [
+        f"removing {reused} (2.93 KiB): left by an interrupted write "
+        f"(pid {os.getpid()}, no longer running)",
+        f"removing {tmp_path / 'out.old-89abcdef'} (0 B): left by an interrupted "
+        f"write (owner unknown)",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp-deadbeef.json"]
 
     live = tmp_path / "out.tmp-00000000"
     live.mkdir()
     started = psutil.Process().create_time()
     (tmp_path / "out.tmp-00000000.owner").write_text(json.dumps({**me, "start_time": started}))
-    with pytest.raises(GspoError, match=rf"out.tmp-00000000: another write into .* is "
-                                        rf"running \(pid {os.getpid()}\)"):
+    with pytest.raises(
+        GspoError,
+        match=rf"out.tmp-00000000: another write into .* is "
+        rf"running \(pid {os.getpid()}\)",
+    ):
         with atomic_dir(out, overwrite=True):
             pass
     assert live.is_dir() and (out / "f").read_text() == "new"
@@ -296,19 +358,32 @@ def test_killed_between_the_renames_of_an_overwrite_finishes_them(tmp_path, caps
     (tmp_path / "out.old-0badc0de" / "f").write_text("old")
     (tmp_path / "out.tmp-0badc0de").mkdir()
     (tmp_path / "out.tmp-0badc0de" / "f").write_text("new")
-    (tmp_path / "out.tmp-0badc0de.owner").write_text(json.dumps(
-        {"pid": os.getpid(), "host": socket.gethostname(), "start_time": 1.0}))  # gone
+    (tmp_path / "out.tmp-0badc0de.owner").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start_time": 1.0})
+    )  # gone
     remove_leftovers(out, "conversion")
     assert (out / "f").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert "completed an interrupted conversion" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["mcore-to-hf", "--max-shard-size", "0"], "--max-shard-size '0': must be at least 1 byte (e.g. 5GB)"),
-    (["hf-to-mcore", "--io-threads", "0"], "--io-threads '0': expected a number of threads >= 1"),
-    (["hf-to-mcore", "--io-threads", "two"], "--io-threads 'two': expected a number of threads >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["mcore-to-hf", "--max-shard-size", "0"],
+            "--max-shard-size '0': must be at least 1 byte (e.g. 5GB)",
+        ),
+        (
+            ["hf-to-mcore", "--io-threads", "0"],
+            "--io-threads '0': expected a number of threads >= 1",
+        ),
+        (
+            ["hf-to-mcore", "--io-threads", "two"],
+            "--io-threads 'two': expected a number of threads >= 1",
+        ),
+    ],
+)
 def test_nonsense_sizes_and_thread_counts(tiny_moe, tmp_path, args, message):
     src = ["--ckpt", tiny_moe.ckpt] if args[0] == "mcore-to-hf" else ["--hf-dir", tiny_moe.hf_dir]
     proc = _convert([args[0], *src, "--out", tmp_path / "o", *args[1:]])

@@ -21,8 +21,12 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(d)
 
 
-ROWS = [{"question": "w1 w2 w3", "solution": "6"}, {"question": " ".join(["w5"] * 30), "solution": "1"},
-        {"question": "w7", "solution": 7}, {"question": "w8 w9", "solution": "17"}]
+ROWS = [
+    {"question": "w1 w2 w3", "solution": "6"},
+    {"question": " ".join(["w5"] * 30), "solution": "1"},
+    {"question": "w7", "solution": 7},
+    {"question": "w8 w9", "solution": "17"},
+]
 
 
 def _jsonl(path, rows):
@@ -37,8 +41,14 @@ def test_jsonl_and_parquet_give_the_same_prompts(tmp_path, tokenizer):
     jl = _jsonl(tmp_path / "p.jsonl", ROWS)
     pqt = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist([{**r, "solution": str(r["solution"])} for r in ROWS]), pqt)
-    sets = [load_prompts(DataConfig(path=str(p), prompt_field="question", answer_field="solution"),
-                         tokenizer, max_prompt_tokens=10) for p in (jl, pqt)]
+    sets = [
+        load_prompts(
+            DataConfig(path=str(p), prompt_field="question", answer_field="solution"),
+            tokenizer,
+            max_prompt_tokens=10,
+        )
+        for p in (jl, pqt)
+    ]
     for ps in sets:
         assert ps.skipped_overlong == 1 and ps.stats["data/skipped_overlong"] == 1
         assert [p.text for p in ps.prompts] == ["w1 w2 w3", "w7", "w8 w9"]
@@ -51,20 +61,34 @@ def test_order_is_a_function_of_seed_and_step(tmp_path, tokenizer):
     ps = load_prompts(DataConfig(path=str(jl)), tokenizer, 8)
     steps = [[p.text for p in ps.batch(k, 4, seed=3)] for k in range(5)]  # crosses epochs
     again = load_prompts(DataConfig(path=str(jl)), tokenizer, 8)
-    assert [[p.text for p in again.batch(k, 4, seed=3)] for k in (4, 0, 2)] == [steps[4], steps[0], steps[2]]
+    assert [[p.text for p in again.batch(k, 4, seed=3)] for k in (4, 0, 2)] == [
+        steps[4],
+        steps[0],
+        steps[2],
+    ]
     first_epoch = steps[0] + steps[1] + steps[2][:2]
     assert sorted(first_epoch) == sorted(f"w{i}" for i in range(10))  # each row once per epoch
     assert steps[0] != [p.text for p in ps.batch(0, 4, seed=4)]
 
 
-@pytest.mark.parametrize("content,cfg,message", [
-    (None, {}, "no such data file (data.path)"),
-    ('{"prompt": "w1", "answer": "1"}\n{"question": "w2", "answer": "2"}\n', {},
-     ":2: no field 'prompt' (data.prompt_field; this line has: question, answer)"),
-    ('{"prompt": "w1"}\n', {}, ":1: no field 'answer' (data.answer_field; this line has: prompt)"),
-    ('{"prompt": ""}\n', {"answer_field": ""}, ":1: field 'prompt' must be non-empty text"),
-    ('{"prompt": "w1"\n', {"answer_field": ""}, ":1: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,cfg,message",
+    [
+        (None, {}, "no such data file (data.path)"),
+        (
+            '{"prompt": "w1", "answer": "1"}\n{"question": "w2", "answer": "2"}\n',
+            {},
+            ":2: no field 'prompt' (data.prompt_field; this line has: question, answer)",
+        ),
+        (
+            '{"prompt": "w1"}\n',
+            {},
+            ":1: no field 'answer' (data.answer_field; this line has: prompt)",
+        ),
+        ('{"prompt": ""}\n', {"answer_field": ""}, ":1: field 'prompt' must be non-empty text"),
+        ('{"prompt": "w1"\n', {"answer_field": ""}, ":1: not valid JSON"),
+    ],
+)
 def test_bad_data_is_one_line(tmp_path, tokenizer, content, cfg, message):
     path = tmp_path / "d.jsonl"
     if content is not None:
@@ -88,7 +112,10 @@ def test_prompts_the_model_cannot_read_are_refused(tmp_path, tokenizer):
     with pytest.raises(GspoError, match=r"d.jsonl:2: field 'prompt' encodes to no tokens"):
         load_prompts(DataConfig(path=str(path), answer_field=""), dropping, 8)
     path = _jsonl(tmp_path / "v.jsonl", [{"prompt": "w1 w2"}, {"prompt": "w1 w200"}])
-    with pytest.raises(GspoError, match=r"v.jsonl:2: the tokenizer gives token id 200, outside the "
-                                        r"model's vocabulary \[0, 100\)"):
+    with pytest.raises(
+        GspoError,
+        match=r"v.jsonl:2: the tokenizer gives token id 200, outside the "
+        r"model's vocabulary \[0, 100\)",
+    ):
         load_prompts(DataConfig(path=str(path), answer_field=""), tokenizer, 8, vocab_size=100)
     assert len(load_prompts(DataConfig(path=str(path), answer_field=""), tokenizer, 8).prompts) == 2

@@ -49,12 +49,17 @@ _KL = {"kl_coef": 0.1}
 
 def _cases():
     """name -> (processes, case): every worker run of this module."""
-    cases = {"single": (1, {}), "TP2xDP1-update-kl": (2, {**_UPDATE, **_KL, "layout": {"tp": 2}}),
-             "single-update": (1, _UPDATE), "single-update-kl": (1, {**_UPDATE, **_KL}),
-             "single-kl": (1, _KL), "CP2-kl": (2, {**_KL, "layout": {"cp": 2}}),
-             # A NaN minibatch then a good one, against an update that only saw the good one.
-             "nonfinite-both": (2, {**_UPDATE, "samples": "both"}),
-             "nonfinite-good": (2, {**_UPDATE, "num_minibatches": 1, "samples": "good"})}
+    cases = {
+        "single": (1, {}),
+        "TP2xDP1-update-kl": (2, {**_UPDATE, **_KL, "layout": {"tp": 2}}),
+        "single-update": (1, _UPDATE),
+        "single-update-kl": (1, {**_UPDATE, **_KL}),
+        "single-kl": (1, _KL),
+        "CP2-kl": (2, {**_KL, "layout": {"cp": 2}}),
+        # A NaN minibatch then a good one, against an update that only saw the good one.
+        "nonfinite-both": (2, {**_UPDATE, "samples": "both"}),
+        "nonfinite-good": (2, {**_UPDATE, "num_minibatches": 1, "samples": "good"}),
+    }
     for name, nproc, layout in LAYOUTS:
         cases[name] = (nproc, {"layout": layout})
     for variant, nproc, layout in VARIANTS:
@@ -77,9 +82,16 @@ def samples_dir(tiny_moe, tmp_path_factory):
     rows = random_rows(8, seed=3)
     ref = hf_logprobs(tiny_moe.model, rows)
     rng = random.Random(0)
-    main = [{"prompt_ids": p, "response_ids": r, "advantage": rng.gauss(0, 1),
-             "old_logprobs": [x + rng.gauss(0, 0.003) for x in lp],
-             "ref_logprobs": [x + rng.gauss(0, 0.05) for x in lp]} for (p, r), lp in zip(rows, ref)]
+    main = [
+        {
+            "prompt_ids": p,
+            "response_ids": r,
+            "advantage": rng.gauss(0, 1),
+            "old_logprobs": [x + rng.gauss(0, 0.003) for x in lp],
+            "ref_logprobs": [x + rng.gauss(0, 0.05) for x in lp],
+        }
+        for (p, r), lp in zip(rows, ref)
+    ]
     (root / "main.json").write_text(json.dumps(main))
     # The longest row is in the good (second) minibatch, so both runs pad to the same length.
     rows = sorted(random_rows(8, seed=5), key=lambda r: len(r[0]) + len(r[1]))
@@ -93,15 +105,34 @@ def samples_dir(tiny_moe, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tiny_moe, samples_dir, tmp_path_factory):
-    cases = {name: (nproc, {**case, "mode": case.get("mode", "grads"),
-                            "samples": str(samples_dir / f"{case.get('samples', 'main')}.json")})
-             for name, (nproc, case) in CASES.items()}
-    return BatchedRuns(WORKER, cases, tmp_path_factory.mktemp("grad_runs"), torch.load,
-                       ["--ckpt", str(tiny_moe.ckpt)])
+    cases = {
+        name: (
+            nproc,
+            {
+                **case,
+                "mode": case.get("mode", "grads"),
+                "samples": str(samples_dir / f"{case.get('samples', 'main')}.json"),
+            },
+        )
+        for name, (nproc, case) in CASES.items()
+    }
+    return BatchedRuns(
+        WORKER,
+        cases,
+        tmp_path_factory.mktemp("grad_runs"),
+        torch.load,
+        ["--ckpt", str(tiny_moe.ckpt)],
+    )
 
 
 def _assert_same(ref, got):
-    for k in ("gspo/loss", "gspo/clip_fraction", "gspo/abs_log_ratio", "gspo/approx_kl", "train/entropy"):
+    for k in (
+        "gspo/loss",
+        "gspo/clip_fraction",
+        "gspo/abs_log_ratio",
+        "gspo/approx_kl",
+        "train/entropy",
+    ):
         assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-7), k
     assert got["metrics"]["train/sequences"] == ref["metrics"]["train/sequences"]
     assert got["tensors"].keys() == ref["tensors"].keys()
@@ -152,7 +183,9 @@ def test_minibatch_updates_match_single_process(runs, name):
         assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
 
 
-def test_reference_policy_is_the_initial_checkpoint_and_penalises_drift(runs, tiny_moe, samples_dir):
+def test_reference_policy_is_the_initial_checkpoint_and_penalises_drift(
+    runs, tiny_moe, samples_dir
+):
     """loss.kl_coef > 0: the reference policy built from the checkpoint gives HF's log-probs of
     the initial model; its KL to the policy is 0 at the first minibatch step (the policy is
     still the reference) and positive after it; TP2 equals the single process; and the penalty

@@ -18,8 +18,11 @@ def test_every_test_named_in_the_faults_table_exists():
         path = REPO / "tests" / module
         defined = set()
         if path.is_file():
-            defined = {n.name for n in ast.walk(ast.parse(path.read_text()))
-                       if isinstance(n, ast.FunctionDef)}
+            defined = {
+                n.name
+                for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.FunctionDef)
+            }
         if name not in defined:
             missing.append(f"{module}::{name}")
     assert not missing, missing

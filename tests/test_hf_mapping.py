@@ -12,7 +12,9 @@ from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, t
 
 def _spec(config):
     cfg = config.to_dict()
-    cfg["architectures"] = [{"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
+    cfg["architectures"] = [
+        {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]
+    ]
     return spec_from_hf_config(cfg)
 
 
@@ -36,9 +38,16 @@ def _megatron_checkpoint_keys(spec):
     return keys
 
 
-@pytest.mark.parametrize("config", [tiny_moe_config(), tiny_moe_config(mlp_only_layers=[]),
-                                    tiny_dense_config(), tiny_dense_config(tie_word_embeddings=False)],
-                         ids=["moe-mixed", "moe-all", "dense-tied", "dense-untied"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_moe_config(),
+        tiny_moe_config(mlp_only_layers=[]),
+        tiny_dense_config(),
+        tiny_dense_config(tie_word_embeddings=False),
+    ],
+    ids=["moe-mixed", "moe-all", "dense-tied", "dense-untied"],
+)
 def test_mapping_keys_equal_megatron_sharded_keys(config):
     spec = _spec(config)
     ours = {m.mcore_key: m.mcore_shape for m in hf_mapping.tensor_mappings(spec)}
@@ -72,9 +81,9 @@ def test_qkv_interleave_is_per_query_group_and_inverts():
     fused = hf_mapping.to_mcore(spec, m, [q, k, v])
     per = spec.num_attention_heads // spec.num_query_groups
     # Group 1 starts after group 0's `per` query heads, key head and value head.
-    g1 = fused[(per + 2) * D:]
-    assert torch.equal(g1[:per * D], q[per * D: 2 * per * D])
-    assert torch.equal(g1[per * D:(per + 1) * D], k[D:2 * D])
+    g1 = fused[(per + 2) * D :]
+    assert torch.equal(g1[: per * D], q[per * D : 2 * per * D])
+    assert torch.equal(g1[per * D : (per + 1) * D], k[D : 2 * D])
     back = dict(hf_mapping.to_hf(spec, m, fused))
     assert all(torch.equal(back[n], t) for n, t in zip(m.hf_names, (q, k, v)))
 
@@ -84,5 +93,5 @@ def test_vocab_rows_are_padded_with_zeros_and_unpadded():
     m = hf_mapping.tensor_mappings(spec)[0]
     w = torch.randn(spec.vocab_size, spec.hidden_size)
     padded = hf_mapping.to_mcore(spec, m, [w])
-    assert padded.shape[0] == spec.padded_vocab_size and not padded[spec.vocab_size:].any()
+    assert padded.shape[0] == spec.padded_vocab_size and not padded[spec.vocab_size :].any()
     assert torch.equal(hf_mapping.to_hf(spec, m, padded)[0][1], w)

@@ -28,7 +28,9 @@ def test_forward_backward_match_fp64(dtype, tol, chunk, inplace):
 
     x = base.clone().requires_grad_(True)
     logits = x * 1.0  # a non-leaf, as the model's output is (in-place backward overwrites it)
-    logp, ent = vocab_parallel_logprobs(logits, targets, V, chunk_size=chunk, inplace_backward=inplace)
+    logp, ent = vocab_parallel_logprobs(
+        logits, targets, V, chunk_size=chunk, inplace_backward=inplace
+    )
     ((logp * w_lp).sum() + (ent * w_ent).sum()).backward()
 
     y = base.double().requires_grad_(True)
@@ -57,4 +59,8 @@ def test_extreme_logits_stay_finite():
     logits = torch.tensor([[1e4, -1e4, 0.0], [-3e4, 3e4, 3e4]], requires_grad=True)
     logp, ent = vocab_parallel_logprobs(logits, torch.tensor([1, 0]), 3)
     (logp.sum() + ent.sum()).backward()
-    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(logits.grad).all()
+    assert (
+        torch.isfinite(logp).all()
+        and torch.isfinite(ent).all()
+        and torch.isfinite(logits.grad).all()
+    )

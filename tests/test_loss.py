@@ -50,8 +50,12 @@ def _batch(seed=0, B=6, T=7, spread=0.3, lengths=None):
     return lp, old, adv, mask
 
 
-REFERENCE_CASES = [("gspo", 3e-4, 4e-4), ("gspo", 0.05, 0.1), ("gspo_token", 0.05, 0.1),
-                   ("grpo", 0.2, 0.27)]
+REFERENCE_CASES = [
+    ("gspo", 3e-4, 4e-4),
+    ("gspo", 0.05, 0.1),
+    ("gspo_token", 0.05, 0.1),
+    ("grpo", 0.2, 0.27),
+]
 
 
 def test_every_objective_has_a_reference_case():
@@ -170,8 +174,10 @@ def test_extreme_log_ratios_are_clamped_finite(variant):
 def test_num_sequences_normalises_across_microbatches():
     lp, old, adv, mask = _batch(seed=5)
     full, _ = policy_loss(lp, old, adv, mask)
-    parts = sum(policy_loss(lp[s], old[s], adv[s], mask[s], num_sequences=5)[0]
-                for s in (slice(0, 2), slice(2, 6)))
+    parts = sum(
+        policy_loss(lp[s], old[s], adv[s], mask[s], num_sequences=5)[0]
+        for s in (slice(0, 2), slice(2, 6))
+    )
     assert torch.allclose(full, parts)
 
 

@@ -16,16 +16,23 @@ def _moe_spec(**overrides):
     return spec_from_hf_config(cfg)
 
 
-@pytest.mark.parametrize("layout,world,message", [
-    (ParallelLayout(tp=8), 8, "num_attention_heads=4 is not divisible by TP=8"),
-    (ParallelLayout(tp=4), 4, "num_key_value_heads (query groups)=2 is not divisible by TP=4"),
-    (ParallelLayout(ep=8), 8, "num_experts=4 is not divisible by EP=8"),
-    (ParallelLayout(pp=3), 3, "num_hidden_layers=4 is not divisible by PP=3"),
-    (ParallelLayout(tp=2), 3, "do not divide world size 3"),
-    (ParallelLayout(pp=2, pp_layers=(1, 2)), 2, "sums to 3, the model has 4 layers"),
-    (ParallelLayout(etp=3, ep=1, tp=1), 3, "moe_intermediate_size=32 is not divisible by ETP=3"),
-    (ParallelLayout(tp=2, etp=1), 2, "with ep=1, etp must equal tp"),
-])
+@pytest.mark.parametrize(
+    "layout,world,message",
+    [
+        (ParallelLayout(tp=8), 8, "num_attention_heads=4 is not divisible by TP=8"),
+        (ParallelLayout(tp=4), 4, "num_key_value_heads (query groups)=2 is not divisible by TP=4"),
+        (ParallelLayout(ep=8), 8, "num_experts=4 is not divisible by EP=8"),
+        (ParallelLayout(pp=3), 3, "num_hidden_layers=4 is not divisible by PP=3"),
+        (ParallelLayout(tp=2), 3, "do not divide world size 3"),
+        (ParallelLayout(pp=2, pp_layers=(1, 2)), 2, "sums to 3, the model has 4 layers"),
+        (
+            ParallelLayout(etp=3, ep=1, tp=1),
+            3,
+            "moe_intermediate_size=32 is not divisible by ETP=3",
+        ),
+        (ParallelLayout(tp=2, etp=1), 2, "with ep=1, etp must equal tp"),
+    ],
+)
 def test_bad_layouts_are_named(layout, world, message):
     with pytest.raises(GspoError) as err:
         check_layout(layout, _moe_spec(), world)
@@ -42,6 +49,9 @@ def test_vocabulary_divisibility_is_checked():
 
 def test_good_layouts_pass():
     spec = _moe_spec()
-    for layout, world in [(ParallelLayout(tp=2, pp=2), 4), (ParallelLayout(ep=2), 4),
-                          (ParallelLayout(pp=2, pp_layers=(1, 3)), 2)]:
+    for layout, world in [
+        (ParallelLayout(tp=2, pp=2), 4),
+        (ParallelLayout(ep=2), 4),
+        (ParallelLayout(pp=2, pp_layers=(1, 3)), 2),
+    ]:
         check_layout(layout, spec, world)

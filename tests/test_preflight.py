@@ -34,7 +34,9 @@ def _main(argv, monkeypatch, capsys, world: int = 1) -> str:
 
 @pytest.fixture()
 def good(demo_init, tmp_path):
-    return ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(demo_init, tmp_path / "o")
+    return ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(
+        demo_init, tmp_path / "o"
+    )
 
 
 def test_missing_dataset_file(good, monkeypatch, capsys, tmp_path):
@@ -46,7 +48,9 @@ def test_dataset_without_the_configured_field(good, monkeypatch, capsys, tmp_pat
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "w1 w2 w0", "answer": "w1 w2"}\n')
     err = _main(good + [f"data.path={data}"], monkeypatch, capsys)
-    assert f"{data}:1: no field 'prompt' (data.prompt_field; this line has: question, answer)" in err
+    assert (
+        f"{data}:1: no field 'prompt' (data.prompt_field; this line has: question, answer)" in err
+    )
 
 
 def test_unknown_key_and_wrong_type(good, monkeypatch, capsys):
@@ -62,13 +66,19 @@ def test_layout_that_does_not_fit_the_world(good, monkeypatch, capsys):
 
 
 def test_samples_that_do_not_split_over_ranks(good, monkeypatch, capsys):
-    err = _main(good + ["train.prompts_per_step=2", "rollout.group_size=3", "loss.num_minibatches=2"],
-                monkeypatch, capsys, world=2)
+    err = _main(
+        good + ["train.prompts_per_step=2", "rollout.group_size=3", "loss.num_minibatches=2"],
+        monkeypatch,
+        capsys,
+        world=2,
+    )
     assert "= 6 samples do not split over 2 data-parallel ranks x loss.num_minibatches=2" in err
 
 
 def test_existing_run_needs_resume(multinode_run, demo_init, monkeypatch, capsys):
-    argv = ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(demo_init, multinode_run)
+    argv = ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(
+        demo_init, multinode_run
+    )
     err = _main(argv, monkeypatch, capsys)
     assert "already holds a run" in err and "--resume" in err
 
@@ -89,22 +99,26 @@ def test_torn_latest_pointer_is_refused(tmp_path):
 
 # -- degenerate settings, non-finite values -----------------------------------------------------
 
-@pytest.mark.parametrize("override,message", [
-    ("rollout.group_size=1", "rollout.group_size=1: advantages are normalised within a group"),
-    ("rollout.temperature=0", "rollout.temperature=0 is greedy decoding"),
-    ("optim.adam_beta1=1.0", "optim.adam_beta1=1.0 must be in [0, 1)"),
-    ("optim.adam_beta2=-0.1", "optim.adam_beta2=-0.1 must be in [0, 1)"),
-    ("optim.adam_eps=0", "optim.adam_eps=0.0 must be > 0"),
-    ("optim.lr=.nan", "config optim.lr=nan: expected a finite number"),
-    ("optim.lr=.inf", "config optim.lr=inf: expected a finite number"),
-    ("optim.clip_grad=nan", "config optim.clip_grad='nan': expected a finite number"),
-    ("rewards.timeout_s=1e999", "config rewards.timeout_s='1e999': expected a finite number"),
-    ("loss.clip_high=-.inf", "config loss.clip_high=-inf: expected a finite number"),
-    ("rewards.functions=[{name: exact_match, weight: 0}]", "every weight is 0"),
-    ("train.max_skipped_steps=0", "train.max_skipped_steps=0 must be >= 1"),
-    ("train.collective_timeout_s=0", "train.collective_timeout_s=0.0 must be > 0"),
-    ("rollout.max_new_tokens=1000", "= 1016 exceeds the model's max_position_embeddings=128"),
-])
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rollout.group_size=1", "rollout.group_size=1: advantages are normalised within a group"),
+        ("rollout.temperature=0", "rollout.temperature=0 is greedy decoding"),
+        ("optim.adam_beta1=1.0", "optim.adam_beta1=1.0 must be in [0, 1)"),
+        ("optim.adam_beta2=-0.1", "optim.adam_beta2=-0.1 must be in [0, 1)"),
+        ("optim.adam_eps=0", "optim.adam_eps=0.0 must be > 0"),
+        ("optim.lr=.nan", "config optim.lr=nan: expected a finite number"),
+        ("optim.lr=.inf", "config optim.lr=inf: expected a finite number"),
+        ("optim.clip_grad=nan", "config optim.clip_grad='nan': expected a finite number"),
+        ("rewards.timeout_s=1e999", "config rewards.timeout_s='1e999': expected a finite number"),
+        ("loss.clip_high=-.inf", "config loss.clip_high=-inf: expected a finite number"),
+        ("rewards.functions=[{name: exact_match, weight: 0}]", "every weight is 0"),
+        ("train.max_skipped_steps=0", "train.max_skipped_steps=0 must be >= 1"),
+        ("train.collective_timeout_s=0", "train.collective_timeout_s=0.0 must be > 0"),
+        ("rollout.max_new_tokens=1000", "= 1016 exceeds the model's max_position_embeddings=128"),
+    ],
+)
 def test_degenerate_or_non_finite_settings(good, monkeypatch, capsys, override, message):
     assert message in _main(good + [override], monkeypatch, capsys)
 
@@ -124,15 +138,22 @@ def test_checkpoint_without_tokenizer_files(good, demo_init, monkeypatch, capsys
     assert f"{ckpt / 'hf'}: no usable tokenizer (a vocabulary of 1 token" in err
 
 
-def test_tokenizer_that_does_not_belong_to_the_model(good, demo_init, monkeypatch, capsys, tmp_path):
+def test_tokenizer_that_does_not_belong_to_the_model(
+    good, demo_init, monkeypatch, capsys, tmp_path
+):
     from gspo_megatron.testing.tiny_model import write_tokenizer
 
     ckpt = _model_copy(demo_init, tmp_path)
     write_tokenizer(ckpt / "hf", vocab_size=300)  # the model's embedding has 250 rows
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "w3 w1 w0", "answer": "w3 w1"}\n{"prompt": "w280 w0", "answer": "w280"}\n')
+    data.write_text(
+        '{"prompt": "w3 w1 w0", "answer": "w3 w1"}\n{"prompt": "w280 w0", "answer": "w280"}\n'
+    )
     err = _main(good + [f"model.ckpt={ckpt}", f"data.path={data}"], monkeypatch, capsys)
-    assert f"{data}:2: the tokenizer gives token id 280, outside the model's vocabulary [0, 250)" in err
+    assert (
+        f"{data}:2: the tokenizer gives token id 280, outside the model's vocabulary [0, 250)"
+        in err
+    )
 
 
 def test_output_dir_that_cannot_be_created(good, monkeypatch, capsys, tmp_path):
@@ -153,15 +174,21 @@ def test_check_flag_runs_the_preflight_only(good, capsys, monkeypatch):
 def test_launch_script_refuses_bad_input_before_torchrun():
     """launch/train.sh checks the inputs first: one line and exit 2 instead of torchrun's
     failed-worker banner (and its exit status 1)."""
-    proc = subprocess.run(["bash", "launch/train.sh", "launch/configs/tiny_cpu.yaml", "train.stpes=3"],
-                          cwd=REPO, env=dict(tr.env(), PYTHON=sys.executable, NPROC_PER_NODE="2"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "launch/train.sh", "launch/configs/tiny_cpu.yaml", "train.stpes=3"],
+        cwd=REPO,
+        env=dict(tr.env(), PYTHON=sys.executable, NPROC_PER_NODE="2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key 'train.stpes'"), lines
 
 
 # -- checkpoints: what a run may start from, and never overwrites -------------------------------
+
 
 def _run_copy(multinode_run, tmp_path) -> Path:
     """A copy of a finished run's output directory (its checkpoints: step_000004, step_000005)."""
@@ -170,7 +197,9 @@ def _run_copy(multinode_run, tmp_path) -> Path:
     return out
 
 
-def test_checkpoints_without_latest_still_need_resume(multinode_run, demo_init, monkeypatch, capsys, tmp_path):
+def test_checkpoints_without_latest_still_need_resume(
+    multinode_run, demo_init, monkeypatch, capsys, tmp_path
+):
     """A run killed before it wrote its first `latest` left complete checkpoints: a fresh run
     there would prune them, so it needs --resume like any other run."""
     out = _run_copy(multinode_run, tmp_path)
@@ -199,8 +228,9 @@ def _plan_of(argv, monkeypatch):
     return seen[0]
 
 
-def test_corrupt_newest_checkpoint_names_the_file_and_the_older_one(multinode_run, demo_init,
-                                                                    monkeypatch, capsys, tmp_path):
+def test_corrupt_newest_checkpoint_names_the_file_and_the_older_one(
+    multinode_run, demo_init, monkeypatch, capsys, tmp_path
+):
     out = _run_copy(multinode_run, tmp_path)
     newest, older = out / "checkpoints" / "step_000005", out / "checkpoints" / "step_000004"
     data = sorted(newest.glob("*.distcp"))[0]
@@ -213,35 +243,61 @@ def test_corrupt_newest_checkpoint_names_the_file_and_the_older_one(multinode_ru
     plan = _plan_of(argv + ["--resume-from", str(older)], monkeypatch)
     assert plan.resume_from == older
     # Nothing was moved or deleted by the checks.
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000004", "step_000005"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest",
+        "step_000004",
+        "step_000005",
+    ]
 
 
-def test_resume_from_must_be_a_training_checkpoint_of_this_run(multinode_run, demo_init, monkeypatch,
-                                                               capsys, tmp_path):
+def test_resume_from_must_be_a_training_checkpoint_of_this_run(
+    multinode_run, demo_init, monkeypatch, capsys, tmp_path
+):
     out = _run_copy(multinode_run, tmp_path)
     argv = ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(demo_init, out)
-    err = _main(argv + ["--resume-from", str(multinode_run / "checkpoints" / "step_000004")],
-                monkeypatch, capsys)
+    err = _main(
+        argv + ["--resume-from", str(multinode_run / "checkpoints" / "step_000004")],
+        monkeypatch,
+        capsys,
+    )
     assert "holds another run's checkpoints (step_000005)" in err
-    fresh = ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(demo_init, tmp_path / "new")
+    fresh = ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(
+        demo_init, tmp_path / "new"
+    )
     err = _main(fresh + ["--resume-from", str(demo_init / "mcore")], monkeypatch, capsys)
-    assert "not a training checkpoint (no trainer_state.json; a model checkpoint goes in model.ckpt)" in err
+    assert (
+        "not a training checkpoint (no trainer_state.json; a model checkpoint goes in model.ckpt)"
+        in err
+    )
 
 
 def test_output_dir_without_room_for_a_checkpoint(good, small_fs, monkeypatch, capsys):
     out = small_fs(2) / "run"
     err = _main(good + [f"train.output_dir={out}"], monkeypatch, capsys)
-    assert f"no space left on {out.parent} for {out}: a training checkpoint (model + optimizer " \
-           f"state) needs 11.04 MiB, 2.00 MiB free" in err
+    assert (
+        f"no space left on {out.parent} for {out}: a training checkpoint (model + optimizer "
+        f"state) needs 11.04 MiB, 2.00 MiB free" in err
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("rewards.functions=[{name: exact_match, weight: 1}]", None),  # the data has answers: fine
-    ("data.answer_field=''", "exact_match compares with a reference answer but data.answer_field is empty"),
-    ("train.output_dir=''", "train.output_dir is empty"),
-    ("rollout.kv_cache_gib=100000", "rollout.kv_cache_gib=100000 is more than this machine's free memory"),
-])
-def test_settings_that_would_fail_every_call_or_the_machine(good, monkeypatch, capsys, override, message):
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rewards.functions=[{name: exact_match, weight: 1}]", None),  # the data has answers: fine
+        (
+            "data.answer_field=''",
+            "exact_match compares with a reference answer but data.answer_field is empty",
+        ),
+        ("train.output_dir=''", "train.output_dir is empty"),
+        (
+            "rollout.kv_cache_gib=100000",
+            "rollout.kv_cache_gib=100000 is more than this machine's free memory",
+        ),
+    ],
+)
+def test_settings_that_would_fail_every_call_or_the_machine(
+    good, monkeypatch, capsys, override, message
+):
     argv = good + ["rewards.functions=[{name: exact_match, weight: 1}]", override]
     if message is None:
         assert _plan_of(argv, monkeypatch).prompts.prompts
@@ -252,25 +308,41 @@ def test_settings_that_would_fail_every_call_or_the_machine(good, monkeypatch, c
 def test_data_the_rewards_or_the_reader_cannot_use(good, monkeypatch, capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "w3 w0", "answer": "w3"}\n{"prompt": "w4 w0", "answer": null}\n')
-    err = _main(good + [f"data.path={data}", "rewards.functions=[{name: exact_match, weight: 1}]"],
-                monkeypatch, capsys)
+    err = _main(
+        good + [f"data.path={data}", "rewards.functions=[{name: exact_match, weight: 1}]"],
+        monkeypatch,
+        capsys,
+    )
     assert f"{data}:2: field 'answer' is null, and the exact_match reward compares with it" in err
-    data.write_bytes(b'{"prompt": "w3 w0", "answer": "w3"}\n{"prompt": "w4 \xff w0", "answer": "w4"}\n')
+    data.write_bytes(
+        b'{"prompt": "w3 w0", "answer": "w3"}\n{"prompt": "w4 \xff w0", "answer": "w4"}\n'
+    )
     err = _main(good + [f"data.path={data}"], monkeypatch, capsys)
     assert f"{data}:2: not UTF-8 text (byte 0xff at column 16)" in err
 
 
 def test_hf_directory_as_model_checkpoint(good, demo_init, monkeypatch, capsys):
     err = _main(good + [f"model.ckpt={demo_init / 'hf'}"], monkeypatch, capsys)
-    assert f"{demo_init / 'hf'}: an HF model directory, not a megatron checkpoint: convert it " \
-           f"first (gspo-convert hf-to-mcore" in err
+    assert (
+        f"{demo_init / 'hf'}: an HF model directory, not a megatron checkpoint: convert it "
+        f"first (gspo-convert hf-to-mcore" in err
+    )
 
 
-def test_resuming_a_run_of_another_model(multinode_run, demo_init, tiny_moe, monkeypatch, capsys, tmp_path):
+def test_resuming_a_run_of_another_model(
+    multinode_run, demo_init, tiny_moe, monkeypatch, capsys, tmp_path
+):
     """model.ckpt changed between the run and its resume: refused before megatron meets
     mismatched shapes deep in the checkpoint loader."""
     out = _run_copy(multinode_run, tmp_path)
-    argv = (["--config", str(REPO / "launch/configs/tiny_cpu.yaml")] + tr.overrides(demo_init, out)
-            + [f"model.ckpt={tiny_moe.ckpt}", "rollout.max_new_tokens=4", "rollout.max_prompt_tokens=12"])
+    argv = (
+        ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")]
+        + tr.overrides(demo_init, out)
+        + [
+            f"model.ckpt={tiny_moe.ckpt}",
+            "rollout.max_new_tokens=4",
+            "rollout.max_prompt_tokens=12",
+        ]
+    )
     err = _main(argv + ["--resume"], monkeypatch, capsys)
     assert "step_000005 (vs model.ckpt=" in err and "checkpoint is of another model shape" in err

@@ -19,13 +19,16 @@ from gspo_megatron.rewards.runner import RewardConfig, RewardFn, RewardRunner
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.mark.parametrize("response,answer,expected", [
-    (r"so the result is \boxed{\frac{1}{2}}", "0.5", 1.0),
-    (r"\boxed{2x+2}", "2(x+1)", 1.0),
-    ("Answer: 42", "42", 1.0),
-    (r"\boxed{41}", "42", 0.0),
-    ("I think it is 42", "42", 0.0),  # no stated final answer
-])
+@pytest.mark.parametrize(
+    "response,answer,expected",
+    [
+        (r"so the result is \boxed{\frac{1}{2}}", "0.5", 1.0),
+        (r"\boxed{2x+2}", "2(x+1)", 1.0),
+        ("Answer: 42", "42", 1.0),
+        (r"\boxed{41}", "42", 0.0),
+        ("I think it is 42", "42", 0.0),  # no stated final answer
+    ],
+)
 def test_math_reward_checks_answers_mathematically(response, answer, expected):
     assert math_reward("q", response, answer) == expected
 
@@ -39,12 +42,22 @@ def test_final_answer_and_format():
 
 
 def test_runner_weights_errors_and_timeouts():
-    cfg = RewardConfig(functions=[RewardFn("exact_match", 1.0), RewardFn("reward_fns:length_bonus", 0.5),
-                                  RewardFn("reward_fns:raises", 1.0), RewardFn("reward_fns:hangs", 0.25)],
-                       timeout_s=1.0)
+    cfg = RewardConfig(
+        functions=[
+            RewardFn("exact_match", 1.0),
+            RewardFn("reward_fns:length_bonus", 0.5),
+            RewardFn("reward_fns:raises", 1.0),
+            RewardFn("reward_fns:hangs", 0.25),
+        ],
+        timeout_s=1.0,
+    )
     runner = RewardRunner(cfg)
     try:
-        items = [("p", "Answer: 4", "4"), ("p", "please hang here now", "4"), ("p", "Answer: 5", "4")]
+        items = [
+            ("p", "Answer: 4", "4"),
+            ("p", "please hang here now", "4"),
+            ("p", "Answer: 5", "4"),
+        ]
         t0 = time.perf_counter()
         totals, stats = runner.score(items)
         took = time.perf_counter() - t0
@@ -60,20 +73,31 @@ def test_runner_weights_errors_and_timeouts():
     assert took < 30  # the hang was cut at the timeout, not waited out
 
 
-@pytest.mark.parametrize("name,message", [
-    ("nope", "rewards.functions[0].name='nope': not a built-in"),
-    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("reward_fns:missing", "module 'reward_fns' has no 'missing'"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("nope", "rewards.functions[0].name='nope': not a built-in"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("reward_fns:missing", "module 'reward_fns' has no 'missing'"),
+    ],
+)
 def test_bad_reward_names_fail_before_any_work(name, message):
-    with pytest.raises(GspoError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(
+        GspoError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+    ):
         RewardConfig(functions=[RewardFn(name)]).validate()
 
 
-@pytest.mark.parametrize("cfg,message", [
-    (RewardConfig(functions=[RewardFn("format", float("nan"))]), "rewards.functions[0].weight=nan: must be a finite number"),
-    (RewardConfig(timeout_s=float("inf")), "rewards.timeout_s=inf must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (
+            RewardConfig(functions=[RewardFn("format", float("nan"))]),
+            "rewards.functions[0].weight=nan: must be a finite number",
+        ),
+        (RewardConfig(timeout_s=float("inf")), "rewards.timeout_s=inf must be a finite number"),
+    ],
+)
 def test_weights_and_timeout_must_be_finite(cfg, message):
     # The YAML loader rejects these already; a config built in code must not get past either.
     with pytest.raises(GspoError) as err:
@@ -83,6 +107,7 @@ def test_weights_and_timeout_must_be_finite(cfg, message):
 
 # -- a faulty reward function costs one call, never the run ----------------------------------
 
+
 def _runner(*names: str, timeout_s: float = 30.0) -> RewardRunner:
     return RewardRunner(RewardConfig(functions=[RewardFn(n) for n in names], timeout_s=timeout_s))
 
@@ -91,16 +116,35 @@ _MUST = "a reward must be a finite number"
 
 
 def test_only_finite_real_numbers_become_rewards():
-    good = [("1", 1.0), ("0.25", 0.25), ("True", 1.0), ("False", 0.0), ("Fraction(1, 4)", 0.25),
-            ("np.float32(0.5)", 0.5), ("np.int64(1)", 1.0), ("np.bool_(True)", 1.0),
-            ("np.array(0.75)", 0.75), ("torch.tensor(0.5)", 0.5), ("torch.tensor(True)", 1.0)]
-    bad = [("float('nan')", "nan (float)"), ("float('inf')", "inf (float)"),
-           ("-float('inf')", "-inf (float)"), ("'nan'", "'nan' (str)"), ("'0.5'", "'0.5' (str)"),
-           ("None", "None (NoneType)"), ("[1.0]", "[1.0] (list)"), ("1 + 0j", "(1+0j) (complex)"),
-           ("10 ** 400", "(int)"), ("Decimal('0.5')", "Decimal('0.5') (Decimal)"),
-           ("np.float64('nan')", "(float64)"), ("np.array([0.5])", "(ndarray)"),
-           ("torch.tensor(float('nan'))", "tensor(nan) (Tensor)"),
-           ("torch.tensor([0.5])", "tensor([0.5000]) (Tensor)")]
+    good = [
+        ("1", 1.0),
+        ("0.25", 0.25),
+        ("True", 1.0),
+        ("False", 0.0),
+        ("Fraction(1, 4)", 0.25),
+        ("np.float32(0.5)", 0.5),
+        ("np.int64(1)", 1.0),
+        ("np.bool_(True)", 1.0),
+        ("np.array(0.75)", 0.75),
+        ("torch.tensor(0.5)", 0.5),
+        ("torch.tensor(True)", 1.0),
+    ]
+    bad = [
+        ("float('nan')", "nan (float)"),
+        ("float('inf')", "inf (float)"),
+        ("-float('inf')", "-inf (float)"),
+        ("'nan'", "'nan' (str)"),
+        ("'0.5'", "'0.5' (str)"),
+        ("None", "None (NoneType)"),
+        ("[1.0]", "[1.0] (list)"),
+        ("1 + 0j", "(1+0j) (complex)"),
+        ("10 ** 400", "(int)"),
+        ("Decimal('0.5')", "Decimal('0.5') (Decimal)"),
+        ("np.float64('nan')", "(float64)"),
+        ("np.array([0.5])", "(ndarray)"),
+        ("torch.tensor(float('nan'))", "tensor(nan) (Tensor)"),
+        ("torch.tensor([0.5])", "tensor([0.5000]) (Tensor)"),
+    ]
     runner = _runner("reward_fns:returns")  # one worker for all cases: spawns cost seconds
     try:
         for expr, value in good:
@@ -111,14 +155,22 @@ def test_only_finite_real_numbers_become_rewards():
             assert totals == [0.0] and stats["reward/errors"] == 1, expr
             assert runner.last_errors[0].startswith("reward_fns:returns: returned "), expr
             assert runner.last_errors[0].endswith(f"{shown}; {_MUST}"), runner.last_errors[0]
-        totals, stats = runner.score([("p", "float('nan')", None), ("p", "1", None), ("p", "'0.5'", None),
-                                      ("p", "True", None)])
+        totals, stats = runner.score(
+            [
+                ("p", "float('nan')", None),
+                ("p", "1", None),
+                ("p", "'0.5'", None),
+                ("p", "True", None),
+            ]
+        )
     finally:
         runner.close()
     assert totals == [0.0, 1.0, 0.0, 1.0]
     assert stats["reward/returns"] == 0.5 and stats["reward/errors"] == 2
-    assert runner.last_errors == [f"reward_fns:returns: returned nan (float); {_MUST}",
-                                  f"reward_fns:returns: returned '0.5' (str); {_MUST}"]
+    assert runner.last_errors == [
+        f"reward_fns:returns: returned nan (float); {_MUST}",
+        f"reward_fns:returns: returned '0.5' (str); {_MUST}",
+    ]
 
 
 def test_exits_interrupts_and_killed_workers_are_errors_and_the_run_goes_on():
@@ -147,11 +199,13 @@ def test_exit_messages_name_the_function_and_what_happened():
     finally:
         runner.close()
     assert totals == [0.0] * 5 and stats["reward/errors"] == 5
-    assert runner.last_errors == ["reward_fns:misbehaves: raised SystemExit: 3",
-                                  "reward_fns:misbehaves: raised KeyboardInterrupt",
-                                  "reward_fns:misbehaves: raised CustomStop: stop everything",
-                                  "reward_fns:misbehaves: worker exited with status 3",
-                                  "reward_fns:misbehaves: worker killed by signal 9 (SIGKILL)"]
+    assert runner.last_errors == [
+        "reward_fns:misbehaves: raised SystemExit: 3",
+        "reward_fns:misbehaves: raised KeyboardInterrupt",
+        "reward_fns:misbehaves: raised CustomStop: stop everything",
+        "reward_fns:misbehaves: worker exited with status 3",
+        "reward_fns:misbehaves: worker killed by signal 9 (SIGKILL)",
+    ]
 
 
 _SLOW_START = """
@@ -175,29 +229,48 @@ def test_one_hang_costs_one_timeout_and_restarts_do_not_eat_call_time(tmp_path, 
             t0 = time.perf_counter()
             totals, stats = runner.score(items)
             took = time.perf_counter() - t0
-            assert (totals, stats["reward/timeouts"], stats["reward/errors"]) == ([0.0] + [1.0] * 15, 1, 0)
+            assert (totals, stats["reward/timeouts"], stats["reward/errors"]) == (
+                [0.0] + [1.0] * 15,
+                1,
+                0,
+            )
             assert took < len(items) * timeout_s / 2  # one timeout and a start-up or two
     finally:
         runner.close()
-    assert runner.last_errors == ["slow_start_rewards:hangs: no result within timeout_s=0.5 s; worker killed"]
+    assert runner.last_errors == [
+        "slow_start_rewards:hangs: no result within timeout_s=0.5 s; worker killed"
+    ]
 
 
-@pytest.mark.parametrize("module,source,message", [
-    ("m_syntax", "import os\n\ndef f(p, r, a) return 1\n", "SyntaxError: expected ':' (m_syntax.py, line 3)"),
-    ("m_name", "x = undefined_name\n", "NameError: name 'undefined_name' is not defined"),
-    ("m_zero", "x = 1 / 0\n", "ZeroDivisionError: division by zero"),
-    ("m_runtime", "raise RuntimeError('no GPU\\nhere')\n", "RuntimeError: no GPU here"),
-    ("m_exit", "import sys\nsys.exit(2)\n", "SystemExit: 2"),
-    ("m_dep", "import no_such_dependency_xyz\n",
-     "ModuleNotFoundError: No module named 'no_such_dependency_xyz'"),
-])
-def test_a_module_that_fails_at_import_is_one_line_naming_it(tmp_path, monkeypatch, module, source, message):
+@pytest.mark.parametrize(
+    "module,source,message",
+    [
+        (
+            "m_syntax",
+            "import os\n\ndef f(p, r, a) return 1\n",
+            "SyntaxError: expected ':' (m_syntax.py, line 3)",
+        ),
+        ("m_name", "x = undefined_name\n", "NameError: name 'undefined_name' is not defined"),
+        ("m_zero", "x = 1 / 0\n", "ZeroDivisionError: division by zero"),
+        ("m_runtime", "raise RuntimeError('no GPU\\nhere')\n", "RuntimeError: no GPU here"),
+        ("m_exit", "import sys\nsys.exit(2)\n", "SystemExit: 2"),
+        (
+            "m_dep",
+            "import no_such_dependency_xyz\n",
+            "ModuleNotFoundError: No module named 'no_such_dependency_xyz'",
+        ),
+    ],
+)
+def test_a_module_that_fails_at_import_is_one_line_naming_it(
+    tmp_path, monkeypatch, module, source, message
+):
     (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(GspoError) as err:
         RewardConfig(functions=[RewardFn(f"{module}:f")]).validate()
-    assert str(err.value) == (f"rewards.functions[0].name='{module}:f': importing module '{module}' "
-                              f"failed: {message}")
+    assert str(err.value) == (
+        f"rewards.functions[0].name='{module}:f': importing module '{module}' failed: {message}"
+    )
 
 
 _PARENT_ONLY = """
@@ -212,7 +285,9 @@ def f(prompt, response, answer):
 def test_a_worker_that_cannot_start_scores_errors_and_is_retried(tmp_path, monkeypatch):
     from gspo_megatron.rewards import worker as worker_mod
 
-    (tmp_path / "fails_in_worker.py").write_text(_PARENT_ONLY.format("raise RuntimeError('no data dir')"))
+    (tmp_path / "fails_in_worker.py").write_text(
+        _PARENT_ONLY.format("raise RuntimeError('no data dir')")
+    )
     (tmp_path / "hangs_in_worker.py").write_text(_PARENT_ONLY.format("time.sleep(60)"))
     monkeypatch.syspath_prepend(str(tmp_path))
     runner = _runner("fails_in_worker:f", "reward_fns:length_bonus")
@@ -222,7 +297,8 @@ def test_a_worker_that_cannot_start_scores_errors_and_is_retried(tmp_path, monke
             assert totals == [0.0, 0.0] and stats["reward/errors"] == 4
             assert runner.last_errors[0] == (
                 "fails_in_worker:f: reward worker failed to start: rewards.functions[0].name="
-                "'fails_in_worker:f': importing module 'fails_in_worker' failed: RuntimeError: no data dir")
+                "'fails_in_worker:f': importing module 'fails_in_worker' failed: RuntimeError: no data dir"
+            )
     finally:
         runner.close()
     monkeypatch.setattr(worker_mod, "STARTUP_TIMEOUT_S", 1.0)
@@ -248,8 +324,10 @@ def test_no_process_to_be_had_scores_errors_not_a_crash(monkeypatch):
     try:
         totals, stats = runner.score([("p", "a", None)] * 2)
         assert totals == [0.0, 0.0] and stats["reward/errors"] == 2
-        assert runner.last_errors[0] == ("reward_fns:length_bonus: reward worker could not be spawned: "
-                                         "BlockingIOError: [Errno 11] Resource temporarily unavailable")
+        assert runner.last_errors[0] == (
+            "reward_fns:length_bonus: reward worker could not be spawned: "
+            "BlockingIOError: [Errno 11] Resource temporarily unavailable"
+        )
         monkeypatch.undo()
         assert runner.score([("p", "a", None)])[0] == [0.1]  # the next score() tries again
     finally:
@@ -270,9 +348,14 @@ def _start_trainer(tmp_path, function: str):
     import psutil
 
     pid_file = tmp_path / "worker.pid"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(pid_file), function], env=env,
-                               stderr=subprocess.DEVNULL)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", _TRAINER, str(pid_file), function],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
         if trainer.poll() is not None or time.monotonic() > deadline:

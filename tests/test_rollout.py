@@ -16,14 +16,29 @@ from gspo_megatron.testing.tiny_model import tiny_moe_config
 @pytest.fixture(scope="session")
 def vllm_moe(tmp_path_factory) -> TinyModel:
     # head_dim 64: vLLM's CPU attention rejects the default tiny model's 16.
-    return TinyModel(tmp_path_factory.mktemp("vllm_moe"), tiny_moe_config(head_dim=64, hidden_size=128))
+    return TinyModel(
+        tmp_path_factory.mktemp("vllm_moe"), tiny_moe_config(head_dim=64, hidden_size=128)
+    )
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]], ids=["tp2", "ep2", "pp2"])
+@pytest.mark.parametrize(
+    "layout", [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]], ids=["tp2", "ep2", "pp2"]
+)
 def test_step_sync_then_vllm_matches_trainer(vllm_moe, tmp_path, layout):
     out = tmp_path / "report.json"
-    run_cli([str(REPO / "tests/workers/rollout_worker.py"), "--ckpt", str(vllm_moe.ckpt),
-             "--hf-dir", str(vllm_moe.hf_dir), "--out", str(out)] + layout, nproc=2)
+    run_cli(
+        [
+            str(REPO / "tests/workers/rollout_worker.py"),
+            "--ckpt",
+            str(vllm_moe.ckpt),
+            "--hf-dir",
+            str(vllm_moe.hf_dir),
+            "--out",
+            str(out),
+        ]
+        + layout,
+        nproc=2,
+    )
     r = json.loads(out.read_text())
 
     # The gatherer rebuilds the HF checkpoint bit for bit from this layout, in several buckets.
@@ -52,8 +67,20 @@ def _check(args, **kw):
 
 def test_check_tool_samples_and_skips_overlong(vllm_moe):
     long_prompt = " ".join(f"w{i}" for i in range(40))
-    proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--prompt", "w1 w2 w3", "--prompt", long_prompt,
-                   "--max-prompt-tokens", "32", "--kv-cache-gib", "0.05"])
+    proc = _check(
+        [
+            "--hf-dir",
+            str(vllm_moe.hf_dir),
+            "--prompt",
+            "w1 w2 w3",
+            "--prompt",
+            long_prompt,
+            "--max-prompt-tokens",
+            "32",
+            "--kv-cache-gib",
+            "0.05",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("'w1 w2 w3' -> ") for line in lines) == 2
@@ -77,13 +104,20 @@ def test_engine_errors_are_one_line(vllm_moe, tiny_moe, tmp_path):
     # Refused before vLLM starts: a head size vLLM's CPU attention cannot run, a budget longer
     # than the model's positions, an engine that does not divide the world.
     proc = _check(["--hf-dir", str(tiny_moe.hf_dir)])
-    assert proc.returncode == 2 and "head_dim=16 is not supported by vLLM's CPU attention" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "head_dim=16 is not supported by vLLM's CPU attention" in proc.stderr
+    )
     proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--max-prompt-tokens", "512"])
     assert proc.returncode == 2
-    assert "rollout.max_prompt_tokens + rollout.max_new_tokens = 528 exceeds the model's " \
-           "max_position_embeddings=256" in proc.stderr
+    assert (
+        "rollout.max_prompt_tokens + rollout.max_new_tokens = 528 exceeds the model's "
+        "max_position_embeddings=256" in proc.stderr
+    )
     proc = _check(["--hf-dir", str(vllm_moe.hf_dir), "--engine-tp", "3"])
-    assert proc.returncode == 2 and "rollout.engine_tp=3: must divide the world size 1" in proc.stderr
+    assert (
+        proc.returncode == 2 and "rollout.engine_tp=3: must divide the world size 1" in proc.stderr
+    )
 
 
 def test_vocab_parallel_argmax_matches_torch_argmax():

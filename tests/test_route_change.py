@@ -9,7 +9,9 @@ from conftest import run_cli
 
 
 def _run(tiny_moe, tp: int) -> dict:
-    proc = run_cli(["tests/workers/route_worker.py", str(tiny_moe.ckpt), str(tp)], nproc=tp if tp > 1 else 0)
+    proc = run_cli(
+        ["tests/workers/route_worker.py", str(tiny_moe.ckpt), str(tp)], nproc=tp if tp > 1 else 0
+    )
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 

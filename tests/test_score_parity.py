@@ -44,12 +44,21 @@ DENSE_LAYOUTS = [
 @pytest.fixture(scope="module")
 def scored(tiny_moe, tiny_dense, tmp_path_factory):
     cases = {}
-    for kind, model, layouts in (("moe", tiny_moe, MOE_LAYOUTS), ("dense", tiny_dense, DENSE_LAYOUTS)):
+    for kind, model, layouts in (
+        ("moe", tiny_moe, MOE_LAYOUTS),
+        ("dense", tiny_dense, DENSE_LAYOUTS),
+    ):
         for name, nproc, layout in layouts:
-            cases[f"{kind}-{name}"] = (nproc, {"ckpt": str(model.ckpt), "input": str(model.input),
-                                               "layout": layout})
-    return BatchedRuns(WORKER, cases, tmp_path_factory.mktemp("score_runs"),
-                       lambda path: json.loads(path.read_text()))
+            cases[f"{kind}-{name}"] = (
+                nproc,
+                {"ckpt": str(model.ckpt), "input": str(model.input), "layout": layout},
+            )
+    return BatchedRuns(
+        WORKER,
+        cases,
+        tmp_path_factory.mktemp("score_runs"),
+        lambda path: json.loads(path.read_text()),
+    )
 
 
 @pytest.mark.parametrize("name", [case[0] for case in MOE_LAYOUTS])
@@ -66,24 +75,54 @@ def test_score_cli_output_rows_in_input_order(tiny_moe, tmp_path):
     """The command line, two data-parallel ranks: rows come back in input order (each rank
     scores a length-sorted share), every one as long as its response and equal to HF's."""
     out = tmp_path / "out.jsonl"
-    run_cli(["-m", "gspo_megatron.score", "--ckpt", str(tiny_moe.ckpt), "--input",
-             str(tiny_moe.input), "--output", str(out), "--micro-batch-size", "2"], nproc=2)
+    run_cli(
+        [
+            "-m",
+            "gspo_megatron.score",
+            "--ckpt",
+            str(tiny_moe.ckpt),
+            "--input",
+            str(tiny_moe.input),
+            "--output",
+            str(out),
+            "--micro-batch-size",
+            "2",
+        ],
+        nproc=2,
+    )
     got = read_logprobs(out)
     assert [len(x) for x in got] == [len(r) for _, r in tiny_moe.rows]
     assert max_abs_diff(got, tiny_moe.reference) <= TOL
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"prompt_ids": [1, 2]}', "'response_ids' must be a list of token ids"),
-    ('{"prompt_ids": [], "response_ids": [3]}', "'prompt_ids' is empty"),
-    ('{"prompt_ids": [1], "response_ids": [9999]}', "token id 9999 outside the vocabulary [0, 250)"),
-    ('not json', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"prompt_ids": [1, 2]}', "'response_ids' must be a list of token ids"),
+        ('{"prompt_ids": [], "response_ids": [3]}', "'prompt_ids' is empty"),
+        (
+            '{"prompt_ids": [1], "response_ids": [9999]}',
+            "token id 9999 outside the vocabulary [0, 250)",
+        ),
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_score_rejects_bad_rows_with_one_line(tiny_moe, tmp_path, line, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_ids": [1], "response_ids": [2]}\n' + line + "\n")
-    proc = run_cli(["-m", "gspo_megatron.score", "--ckpt", str(tiny_moe.ckpt), "--input", str(bad),
-                    "--output", str(tmp_path / "o.jsonl")], check=False)
+    proc = run_cli(
+        [
+            "-m",
+            "gspo_megatron.score",
+            "--ckpt",
+            str(tiny_moe.ckpt),
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {bad}:2: ") and message in lines[-1], proc.stderr
@@ -91,8 +130,23 @@ def test_score_rejects_bad_rows_with_one_line(tiny_moe, tmp_path, line, message)
 
 
 def test_score_rejects_layout_that_does_not_divide(tiny_moe, tmp_path):
-    proc = run_cli(["-m", "gspo_megatron.score", "--ckpt", str(tiny_moe.ckpt), "--input",
-                    str(tiny_moe.input), "--output", str(tmp_path / "o.jsonl"), "--ep", "3"],
-                   check=False)
+    proc = run_cli(
+        [
+            "-m",
+            "gspo_megatron.score",
+            "--ckpt",
+            str(tiny_moe.ckpt),
+            "--input",
+            str(tiny_moe.input),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--ep",
+            "3",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
-    assert "does not fit the world size" in proc.stderr or "num_experts=4 is not divisible by EP=3" in proc.stderr
+    assert (
+        "does not fit the world size" in proc.stderr
+        or "num_experts=4 is not divisible by EP=3" in proc.stderr
+    )

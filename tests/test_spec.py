@@ -23,15 +23,23 @@ def test_both_spellings_give_the_same_spec():
     assert spec_from_hf_config(cfg) == spec_from_hf_config(_released_style(cfg))
 
 
-@pytest.mark.parametrize("overrides", [dict(mlp_only_layers=[0, 3]), dict(decoder_sparse_step=2),
-                                       dict(decoder_sparse_step=2, mlp_only_layers=[1])])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(mlp_only_layers=[0, 3]),
+        dict(decoder_sparse_step=2),
+        dict(decoder_sparse_step=2, mlp_only_layers=[1]),
+    ],
+)
 def test_moe_layer_pattern_matches_transformers(overrides):
     from transformers import Qwen3MoeForCausalLM
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     config = tiny_moe_config(**overrides)
     model = Qwen3MoeForCausalLM(config)
-    hf_pattern = tuple(isinstance(layer.mlp, Qwen3MoeSparseMoeBlock) for layer in model.model.layers)
+    hf_pattern = tuple(
+        isinstance(layer.mlp, Qwen3MoeSparseMoeBlock) for layer in model.model.layers
+    )
     cfg = config.to_dict()
     cfg["architectures"] = ["Qwen3MoeForCausalLM"]
     assert spec_from_hf_config(cfg).moe_layers == hf_pattern

@@ -54,7 +54,9 @@ def test_export_hf_holds_the_final_policy(multinode_run, demo_init):
     exported = read_hf_tensors(multinode_run / "hf")
     initial = read_hf_tensors(demo_init / "hf")
     assert set(exported) == set(initial)
-    assert not torch.equal(exported["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+    assert not torch.equal(
+        exported["model.embed_tokens.weight"], initial["model.embed_tokens.weight"]
+    )
     final = tr.checkpoint_tensors(multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}")
     emb = exported["model.embed_tokens.weight"]
     # megatron pads the vocabulary (250 -> 256 rows); the export drops the padding.
@@ -103,7 +105,9 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, d
     tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
     assert any(k.startswith("optimizer.") for k in tensors) and len(tensors) > 20
     different = [k for k in tensors if not torch.equal(got[k], want[k])]
-    assert not different, f"kill delay seed {seed}: {len(different)} tensors differ, e.g. {different[:3]}"
+    assert not different, (
+        f"kill delay seed {seed}: {len(different)} tensors differ, e.g. {different[:3]}"
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (multinode_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, tr.STEPS + 1))  # each step logged once
@@ -125,6 +129,8 @@ def test_skip_guard_stops_after_the_limit_in_a_row():
     guard.update([True], step=3, last_checkpoint="ckpt A")
     with pytest.raises(TrainingStopped) as stop:
         guard.update([True, False], step=4, last_checkpoint="the last complete checkpoint is B")
-    assert str(stop.value).startswith("3 optimizer steps in a row were skipped for a non-finite "
-                                      "loss or gradient norm (last in step 4); the last complete "
-                                      "checkpoint is B.")
+    assert str(stop.value).startswith(
+        "3 optimizer steps in a row were skipped for a non-finite "
+        "loss or gradient norm (last in step 4); the last complete "
+        "checkpoint is B."
+    )

@@ -14,27 +14,55 @@ from gspo_megatron.config import load_config
 from gspo_megatron.parallel import check_layout
 
 # Shapes of the released models (their config.json), the facts the layouts are built on.
-QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
-                     num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                     intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-                     num_experts_per_tok=8, max_position_embeddings=40960)
-QWEN3_235B_A22B = dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=94,
-                       num_attention_heads=64, num_key_value_heads=4, head_dim=128,
-                       intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
-                       num_experts_per_tok=8, max_position_embeddings=40960)
+QWEN3_30B_A3B = dict(
+    vocab_size=151936,
+    hidden_size=2048,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    max_position_embeddings=40960,
+)
+QWEN3_235B_A22B = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    num_hidden_layers=94,
+    num_attention_heads=64,
+    num_key_value_heads=4,
+    head_dim=128,
+    intermediate_size=12288,
+    moe_intermediate_size=1536,
+    num_experts=128,
+    num_experts_per_tok=8,
+    max_position_embeddings=40960,
+)
 
 
 def _spec(shape: dict):
     from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 
-    return spec_from_hf_config(dict(shape, architectures=["Qwen3MoeForCausalLM"],
-                                    model_type="qwen3_moe", rms_norm_eps=1e-6,
-                                    rope_theta=1000000.0, norm_topk_prob=True,
-                                    torch_dtype="bfloat16"), "test")
+    return spec_from_hf_config(
+        dict(
+            shape,
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            norm_topk_prob=True,
+            torch_dtype="bfloat16",
+        ),
+        "test",
+    )
 
 
-@pytest.mark.parametrize("name,shape,world", [("qwen3_30b_a3b", QWEN3_30B_A3B, 8),
-                                              ("qwen3_235b_a22b", QWEN3_235B_A22B, 128)])
+@pytest.mark.parametrize(
+    "name,shape,world",
+    [("qwen3_30b_a3b", QWEN3_30B_A3B, 8), ("qwen3_235b_a22b", QWEN3_235B_A22B, 128)],
+)
 def test_large_configs_fit_their_model_and_cluster(name, shape, world):
     cfg = load_config(REPO / "launch/configs" / f"{name}.yaml")
     spec = _spec(shape)
@@ -47,13 +75,18 @@ def test_large_configs_fit_their_model_and_cluster(name, shape, world):
     assert cfg.loss.num_minibatches == 4 and cfg.loss.kl_coef == 0
     p = cfg.parallel
     dp = world // (p.tp * p.pp * p.cp)
-    assert (cfg.train.prompts_per_step * cfg.rollout.group_size) % (dp * cfg.loss.num_minibatches) == 0
+    assert (cfg.train.prompts_per_step * cfg.rollout.group_size) % (
+        dp * cfg.loss.num_minibatches
+    ) == 0
     assert cfg.rollout.max_model_len <= spec.max_position_embeddings
 
 
 def test_tiny_config_parses():
     cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
-    assert cfg.model.dtype == "fp32" and cfg.rewards.functions[0].name == "gspo_megatron.demo:copy_reward"
+    assert (
+        cfg.model.dtype == "fp32"
+        and cfg.rewards.functions[0].name == "gspo_megatron.demo:copy_reward"
+    )
     assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.num_minibatches) == (3e-4, 4e-4, 4)
 
 
@@ -83,7 +116,9 @@ def test_readme_config_reference_is_generated_from_the_code():
 
     text = (REPO / "README.md").read_text()
     block = text.split(START, 1)[1].split(END, 1)[0].strip()
-    assert block == reference().strip(), "run: python -m gspo_megatron.config_doc --update README.md"
+    assert block == reference().strip(), (
+        "run: python -m gspo_megatron.config_doc --update README.md"
+    )
 
 
 def test_moe_aux_loss_weight_means_coeff_times_mean_aux_loss(tiny_moe):

@@ -27,8 +27,9 @@ def _start(argv, log: Path) -> subprocess.Popen:
     env = dict(tr.env(), PYTHONPATH=str(REPO / "tests"))
     cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
     with open(log, "w") as f:
-        return subprocess.Popen(cmd + [str(a) for a in argv], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd + [str(a) for a in argv], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -57,8 +58,11 @@ def test_nan_rewards_never_reach_the_weights(multinode_run, demo_init, tmp_path)
     # Both at once (one process each, one thread each: the results do not depend on it).
     for name in ("copy_or_nan", "copy_or_raise"):
         runs[name] = tmp_path / name
-        argv = tr.overrides(demo_init, runs[name], **{"model.ckpt": start, "train.steps": 2,
-                                                      "train.keep_checkpoints": 1}) + [_reward(name)]
+        argv = tr.overrides(
+            demo_init,
+            runs[name],
+            **{"model.ckpt": start, "train.steps": 2, "train.keep_checkpoints": 1},
+        ) + [_reward(name)]
         procs[name] = _start(argv, tmp_path / f"{name}.log")
     for name, proc in procs.items():
         done = _finish(proc, tmp_path / f"{name}.log")
@@ -73,7 +77,9 @@ def test_nan_rewards_never_reach_the_weights(multinode_run, demo_init, tmp_path)
     for k in tensors:
         assert torch.isfinite(nan[k].float()).all(), k
         assert torch.equal(nan[k], raised[k]), k
-    rows = [[json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in runs]
+    rows = [
+        [json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in runs
+    ]
     assert [r["reward/errors"] for r in rows[0]] == [r["reward/errors"] for r in rows[1]]
     assert all(r["reward/errors"] > 0 for r in rows[0])
 
@@ -89,7 +95,9 @@ def test_full_disk_stops_the_run_with_the_last_checkpoint_intact(demo_init, smal
     assert proc.returncode == 1, proc.stdout[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     ckpts = out / "checkpoints"
-    assert last.startswith("stopped: no space left on ") and "checkpoint step_000002 needs" in last, last
+    assert (
+        last.startswith("stopped: no space left on ") and "checkpoint step_000002 needs" in last
+    ), last
     assert last.endswith(f"the last complete checkpoint is {ckpts / 'step_000001'}"), last
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001"]
     assert (ckpts / "latest").read_text().strip() == "step_000001"
@@ -103,10 +111,24 @@ def test_training_checkpoint_scores_like_its_hf_export(multinode_run, tmp_path):
 
     rows = random_rows(6, seed=7)
     write_rows(rows, tmp_path / "rows.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "gspo_megatron.score", "--ckpt",
-                           str(multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}"), "--input",
-                           str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "out.jsonl")],
-                          cwd=REPO, env=tr.env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gspo_megatron.score",
+            "--ckpt",
+            str(multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}"),
+            "--input",
+            str(tmp_path / "rows.jsonl"),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+        ],
+        cwd=REPO,
+        env=tr.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = read_logprobs(tmp_path / "out.jsonl")
     want = hf_logprobs(AutoModelForCausalLM.from_pretrained(multinode_run / "hf"), rows)
@@ -127,12 +149,21 @@ def _wait_for_first_step(out: Path, proc: subprocess.Popen, log: Path) -> None:
 
 def test_hung_rank_ends_the_run_within_the_collective_timeout(demo_init, tmp_path):
     out, log = tmp_path / "run", tmp_path / "log"
-    proc = tr.torchrun(log, tr.overrides(demo_init, out, **{
-        "train.steps": 200, "train.save_every": 0, "train.collective_timeout_s": 10}))
+    proc = tr.torchrun(
+        log,
+        tr.overrides(
+            demo_init,
+            out,
+            **{"train.steps": 200, "train.save_every": 0, "train.collective_timeout_s": 10},
+        ),
+    )
     try:
         _wait_for_first_step(out, proc, log)
-        rank1 = [p for p in _workers(proc) if p.environ().get("RANK") == "1"
-                 and p.environ().get("LOCAL_RANK") == "1"]
+        rank1 = [
+            p
+            for p in _workers(proc)
+            if p.environ().get("RANK") == "1" and p.environ().get("LOCAL_RANK") == "1"
+        ]
         assert rank1, "no rank-1 worker found"
         stopped_at = time.time()
         for p in rank1:
@@ -146,14 +177,18 @@ def test_hung_rank_ends_the_run_within_the_collective_timeout(demo_init, tmp_pat
     # 10 s for rank 0's collective to time out, then torchrun's grace period for the stopped
     # rank (SIGTERM waits while a process is stopped; torchrun SIGKILLs it after 30 s).
     assert took < 10 + 60, took
-    assert ("stopped: a collective waited longer than train.collective_timeout_s=10 s" in text), text[-3000:]
+    assert "stopped: a collective waited longer than train.collective_timeout_s=10 s" in text, text[
+        -3000:
+    ]
 
 
 def test_workers_die_with_their_launcher(demo_init, tmp_path):
     """SIGKILL of torchrun (as a scheduler or the OOM killer does) takes its workers along
     instead of leaving them training unobserved."""
     out, log = tmp_path / "run", tmp_path / "log"
-    proc = tr.torchrun(log, tr.overrides(demo_init, out, **{"train.steps": 200, "train.save_every": 0}))
+    proc = tr.torchrun(
+        log, tr.overrides(demo_init, out, **{"train.steps": 200, "train.save_every": 0})
+    )
     workers = []
     try:
         _wait_for_first_step(out, proc, log)

@@ -19,17 +19,26 @@ the resume also proves the frozen reference comes back the same (other runs keep
 
 
 def overrides(init: Path, out: Path, **extra) -> list:
-    base = {"model.ckpt": init / "mcore", "data.path": init / "train.jsonl",
-            "train.output_dir": out, "train.steps": STEPS, "train.save_every": 1,
-            "train.keep_checkpoints": 2, "train.prompts_per_step": 8,
-            "loss.micro_batch_size": 4}
+    base = {
+        "model.ckpt": init / "mcore",
+        "data.path": init / "train.jsonl",
+        "train.output_dir": out,
+        "train.steps": STEPS,
+        "train.save_every": 1,
+        "train.keep_checkpoints": 2,
+        "train.prompts_per_step": 8,
+        "loss.micro_batch_size": 4,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONWARNINGS"] = "ignore"
     # torchrun sets 1 thread per process only when a node runs several; the two-node launch
     # (1 process per node) would otherwise reduce in a different order than the one-node run.
@@ -38,12 +47,30 @@ def env() -> dict:
 
 
 def torchrun(out_log: Path, overrides, resume: bool = False) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "gspo_megatron.train",
+        "--config",
+        "launch/configs/tiny_cpu.yaml",
+    ]
     cmd += (["--resume"] if resume else []) + list(overrides)
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=open(out_log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env(),
+        stdout=open(out_log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

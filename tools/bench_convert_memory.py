@@ -39,19 +39,36 @@ MiB = 1024**2
 
 
 def _config(args, layers: int) -> dict:
-    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-            "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
-            "moe_intermediate_size": args.hidden // 2, "num_hidden_layers": layers,
-            "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": args.hidden // 16,
-            "num_experts": args.experts, "num_experts_per_tok": 4, "norm_topk_prob": True,
-            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-            "max_position_embeddings": 4096, "torch_dtype": args.dtype}
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": 4 * args.hidden,
+        "moe_intermediate_size": args.hidden // 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": args.hidden // 16,
+        "num_experts": args.experts,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 4096,
+        "torch_dtype": args.dtype,
+    }
 
 
 def write_synthetic(hf_dir: Path, cfg: dict) -> tuple:
     spec = spec_from_hf_config(cfg)
     dtype = spec.dtype
-    entries = [(n, s, dtype) for m in hf_mapping.tensor_mappings(spec) for n, s in zip(m.hf_names, m.hf_shapes)]
+    entries = [
+        (n, s, dtype)
+        for m in hf_mapping.tensor_mappings(spec)
+        for n, s in zip(m.hf_names, m.hf_shapes)
+    ]
     shards = plan_shards(entries, 512 * MiB)
     names = shard_file_names(len(shards))
     hf_dir.mkdir(parents=True)
@@ -64,7 +81,9 @@ def write_synthetic(hf_dir: Path, cfg: dict) -> tuple:
         w.close()
     if len(shards) > 1:
         wm = {n: f for s, f in zip(shards, names) for n, _, _ in s}
-        (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+        (hf_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": wm})
+        )
     total = sum(tensor_nbytes(s, d) for _, s, d in entries)
     largest = max(tensor_nbytes(s, d) for _, s, d in entries)
     return total, largest
@@ -106,7 +125,9 @@ def peak_memory(cmd) -> tuple:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", default="4,16", help="comma-separated layer counts, one run each")
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -116,29 +137,71 @@ def main() -> None:
     args = ap.parse_args()
 
     py = sys.executable
-    base = peak_memory([py, "-W", "ignore", "-c", "import checkpoints_convert.cli, "
-                        "gspo_megatron.checkpoint.hf_to_mcore, gspo_megatron.checkpoint.mcore_to_hf"])
-    print(f"machine: {platform.node()} {platform.machine()} {psutil.cpu_count()} cpus, "
-          f"{psutil.virtual_memory().total / 1024**3:.0f} GiB; {time.strftime('%Y-%m-%d')}; "
-          f"{args.experts} experts, hidden {args.hidden}, {args.dtype}")
-    print(f"baseline (import only): peak RSS {base[0] / MiB:.0f} MiB, anon {base[1] / MiB:.0f} MiB\n")
-    print(f"{'layers':>6} {'model MiB':>10} {'largest MiB':>12} {'step':<12} {'peak RSS':>9} "
-          f"{'peak anon':>10} {'anon-base':>10} {'/ model':>8} {'/ largest':>10} {'sec':>6}")
+    base = peak_memory(
+        [
+            py,
+            "-W",
+            "ignore",
+            "-c",
+            "import checkpoints_convert.cli, "
+            "gspo_megatron.checkpoint.hf_to_mcore, gspo_megatron.checkpoint.mcore_to_hf",
+        ]
+    )
+    print(
+        f"machine: {platform.node()} {platform.machine()} {psutil.cpu_count()} cpus, "
+        f"{psutil.virtual_memory().total / 1024**3:.0f} GiB; {time.strftime('%Y-%m-%d')}; "
+        f"{args.experts} experts, hidden {args.hidden}, {args.dtype}"
+    )
+    print(
+        f"baseline (import only): peak RSS {base[0] / MiB:.0f} MiB, anon {base[1] / MiB:.0f} MiB\n"
+    )
+    print(
+        f"{'layers':>6} {'model MiB':>10} {'largest MiB':>12} {'step':<12} {'peak RSS':>9} "
+        f"{'peak anon':>10} {'anon-base':>10} {'/ model':>8} {'/ largest':>10} {'sec':>6}"
+    )
     for layers in [int(x) for x in args.layers.split(",")]:
         work = Path(tempfile.mkdtemp(prefix="gspo-bench-", dir=args.workdir))
         try:
             total, largest = write_synthetic(work / "hf", _config(args, layers))
-            h2m = peak_memory([py, "-W", "ignore", "-m", "checkpoints_convert.cli", "hf-to-mcore",
-                               "--hf-dir", str(work / "hf"), "--out", str(work / "mc"), "--no-progress"])
-            m2h = peak_memory([py, "-W", "ignore", "-m", "checkpoints_convert.cli", "mcore-to-hf",
-                               "--ckpt", str(work / "mc"), "--out", str(work / "back"), "--no-progress"])
+            h2m = peak_memory(
+                [
+                    py,
+                    "-W",
+                    "ignore",
+                    "-m",
+                    "checkpoints_convert.cli",
+                    "hf-to-mcore",
+                    "--hf-dir",
+                    str(work / "hf"),
+                    "--out",
+                    str(work / "mc"),
+                    "--no-progress",
+                ]
+            )
+            m2h = peak_memory(
+                [
+                    py,
+                    "-W",
+                    "ignore",
+                    "-m",
+                    "checkpoints_convert.cli",
+                    "mcore-to-hf",
+                    "--ckpt",
+                    str(work / "mc"),
+                    "--out",
+                    str(work / "back"),
+                    "--no-progress",
+                ]
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
         for name, (rss, anon, secs) in (("hf-to-mcore", h2m), ("mcore-to-hf", m2h)):
             extra = anon - base[1]
-            print(f"{layers:>6} {total / MiB:10.0f} {largest / MiB:12.0f} {name:<12} {rss / MiB:9.0f} "
-                  f"{anon / MiB:10.0f} {extra / MiB:10.0f} {extra / total:8.2f} {extra / largest:10.1f} "
-                  f"{secs:6.1f}")
+            print(
+                f"{layers:>6} {total / MiB:10.0f} {largest / MiB:12.0f} {name:<12} {rss / MiB:9.0f} "
+                f"{anon / MiB:10.0f} {extra / MiB:10.0f} {extra / total:8.2f} {extra / largest:10.1f} "
+                f"{secs:6.1f}"
+            )
 
 
 if __name__ == "__main__":

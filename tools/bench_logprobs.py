@@ -70,7 +70,9 @@ def run_case(method: str, tokens: int, vocab: int, dtype: str, repeats: int) -> 
     g = torch.Generator(device=dev).manual_seed(0)
     logits = torch.empty(tokens, vocab, dtype=dt, device=dev)
     for lo in range(0, tokens, 256):  # fill in chunks: no fp32 temporary of the full size
-        logits[lo:lo + 256] = (torch.randn(min(256, tokens - lo), vocab, generator=g, device=dev) * 3).to(dt)
+        logits[lo : lo + 256] = (
+            torch.randn(min(256, tokens - lo), vocab, generator=g, device=dev) * 3
+        ).to(dt)
     targets = torch.randint(0, vocab, (tokens,), generator=g, device=dev)
     weights = torch.randn(tokens, generator=g, device=dev)
 
@@ -116,7 +118,9 @@ def _naive_need(tokens: int, vocab: int) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--tokens", default="1024,4096,16384")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
@@ -137,32 +141,58 @@ def main() -> None:
 
         free = psutil.virtual_memory().available
         where = f"CPU {platform.machine()}, {os.cpu_count()} cores"
-    print(f"{where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; vocab {args.vocab}, "
-          f"logits {args.dtype}; peak = memory added by fwd+bwd beyond the logits\n")
-    print(f"{'tokens':>7} {'naive peak':>11} {'chunked peak':>13} {'mem ratio':>10} "
-          f"{'naive s':>8} {'chunked s':>10} {'time ratio':>11}")
+    print(
+        f"{where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; vocab {args.vocab}, "
+        f"logits {args.dtype}; peak = memory added by fwd+bwd beyond the logits\n"
+    )
+    print(
+        f"{'tokens':>7} {'naive peak':>11} {'chunked peak':>13} {'mem ratio':>10} "
+        f"{'naive s':>8} {'chunked s':>10} {'time ratio':>11}"
+    )
     for tokens in [int(t) for t in args.tokens.split(",")]:
         results = {}
         for method in ("naive", "chunked"):
             logits_bytes = tokens * args.vocab * (2 if args.dtype == "bf16" else 4)
-            if method == "naive" and _naive_need(tokens, args.vocab) + 2 * logits_bytes > 0.9 * free:
+            if (
+                method == "naive"
+                and _naive_need(tokens, args.vocab) + 2 * logits_bytes > 0.9 * free
+            ):
                 results[method] = None
                 continue
-            proc = subprocess.run([sys.executable, "-W", "ignore", __file__, "--case", f"{method}:{tokens}",
-                                   "--vocab", str(args.vocab), "--dtype", args.dtype,
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-W",
+                    "ignore",
+                    __file__,
+                    "--case",
+                    f"{method}:{tokens}",
+                    "--vocab",
+                    str(args.vocab),
+                    "--dtype",
+                    args.dtype,
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-2000:])
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
         n, c = results["naive"], results["chunked"]
         if n is None:
             need = (_naive_need(tokens, args.vocab)) / GiB
-            print(f"{tokens:>7} {'> free':>11} {c['peak_bytes'] / GiB:12.2f}G {'-':>10} {'-':>8} "
-                  f"{c['seconds']:10.2f} {'-':>11}   (naive needs ~{need:.0f} GiB more than is free)")
+            print(
+                f"{tokens:>7} {'> free':>11} {c['peak_bytes'] / GiB:12.2f}G {'-':>10} {'-':>8} "
+                f"{c['seconds']:10.2f} {'-':>11}   (naive needs ~{need:.0f} GiB more than is free)"
+            )
             continue
-        print(f"{tokens:>7} {n['peak_bytes'] / GiB:10.2f}G {c['peak_bytes'] / GiB:12.2f}G "
-              f"{n['peak_bytes'] / max(c['peak_bytes'], 1):9.1f}x {n['seconds']:8.2f} {c['seconds']:10.2f} "
-              f"{c['seconds'] / n['seconds']:10.2f}x")
+        print(
+            f"{tokens:>7} {n['peak_bytes'] / GiB:10.2f}G {c['peak_bytes'] / GiB:12.2f}G "
+            f"{n['peak_bytes'] / max(c['peak_bytes'], 1):9.1f}x {n['seconds']:8.2f} {c['seconds']:10.2f} "
+            f"{c['seconds'] / n['seconds']:10.2f}x"
+        )
 
 
 if __name__ == "__main__":

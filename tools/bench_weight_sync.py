@@ -53,11 +53,19 @@ def make_model_dir(args, out: Path) -> None:
 
     if (out / "config.json").is_file():
         return
-    cfg = tiny_moe_config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                          num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
-                          head_dim=64, num_local_experts=args.experts, moe_intermediate_size=args.moe_ffn,
-                          intermediate_size=4 * args.moe_ffn, mlp_only_layers=[],
-                          max_position_embeddings=256)
+    cfg = tiny_moe_config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        head_dim=64,
+        num_local_experts=args.experts,
+        moe_intermediate_size=args.moe_ffn,
+        intermediate_size=4 * args.moe_ffn,
+        mlp_only_layers=[],
+        max_position_embeddings=256,
+    )
     tmp = out.with_name(out.name + ".tmp")
     make_hf_model(cfg, tmp)
     write_tokenizer(tmp, args.vocab)
@@ -97,8 +105,12 @@ def main() -> None:
     spec = spec_from_hf_dir(hf_dir)
     check_layout(layout, spec, dist.get_world_size())
     model = build_model(spec, layout)  # random weights: the sync overwrites vLLM's
-    engine = RolloutEngine(hf_dir, RolloutConfig(max_prompt_tokens=64, max_new_tokens=8,
-                                                 kv_cache_gib=0.1, sync_bucket_mb=args.bucket_mb))
+    engine = RolloutEngine(
+        hf_dir,
+        RolloutConfig(
+            max_prompt_tokens=64, max_new_tokens=8, kv_cache_gib=0.1, sync_bucket_mb=args.bucket_mb
+        ),
+    )
     gatherer = WeightGatherer(model, spec, bucket_bytes=args.bucket_mb << 20)
 
     engine.sync_from(gatherer)  # warm-up (also builds the plan)
@@ -119,20 +131,30 @@ def main() -> None:
 
     if rank == 0:
         gb = nbytes / 1e9
-        print(f"# weight sync benchmark, {datetime.date.today()}, {platform.machine()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}, "
-              f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
-        print(f"# model: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, vocab "
-              f"{args.vocab}; layout TP{args.tp} PP{args.pp} EP{args.ep} (world "
-              f"{dist.get_world_size()}); {gatherer.stats.tensors} HF tensors; bucket {args.bucket_mb} MiB")
+        print(
+            f"# weight sync benchmark, {datetime.date.today()}, {platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
+        )
+        print(
+            f"# model: hidden {args.hidden}, {args.layers} layers, {args.experts} experts, vocab "
+            f"{args.vocab}; layout TP{args.tp} PP{args.pp} EP{args.ep} (world "
+            f"{dist.get_world_size()}); {gatherer.stats.tensors} HF tensors; bucket {args.bucket_mb} MiB"
+        )
         print(f"{'what':<14}{'bytes':>14}{'seconds':>10}{'GB/s':>8}{'x memcpy':>10}")
-        rows = (("sync", sync_s), ("gather only", gather_s), ("engine load", load_s),
-                ("memcpy", copy_s))
+        rows = (
+            ("sync", sync_s),
+            ("gather only", gather_s),
+            ("engine load", load_s),
+            ("memcpy", copy_s),
+        )
         for name, s in rows:
             print(f"{name:<14}{nbytes:>14,}{s:>10.3f}{gb / s:>8.2f}{s / copy_s:>10.2f}")
-        print(f"# buckets per sync: {gatherer.stats.buckets}, received per rank: "
-              f"{gatherer.stats.bytes_communicated:,} bytes; engine vs trainer log-prob after "
-              f"sync: mean |diff| {diff['rollout/logprob_abs_diff_mean']:.2e}")
+        print(
+            f"# buckets per sync: {gatherer.stats.buckets}, received per rank: "
+            f"{gatherer.stats.bytes_communicated:,} bytes; engine vs trainer log-prob after "
+            f"sync: mean |diff| {diff['rollout/logprob_abs_diff_mean']:.2e}"
+        )
     engine.close()
     shutdown()
 

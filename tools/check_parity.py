@@ -31,7 +31,9 @@ def _free_port() -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--hf-dir", required=True)
     ap.add_argument("--work", required=True, help="directory for the checkpoint and outputs")
     ap.add_argument("--layouts", default="1;2:--tp 2;2:--pp 2;2:--ep 2")
@@ -44,8 +46,19 @@ def main() -> int:
     spec = spec_from_hf_dir(hf_dir)
     ckpt = work / "mcore"
     if not (ckpt / "metadata.json").is_file():
-        subprocess.run([sys.executable, "-m", "checkpoints_convert.cli", "hf-to-mcore",
-                        "--hf-dir", str(hf_dir), "--out", str(ckpt)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "checkpoints_convert.cli",
+                "hf-to-mcore",
+                "--hf-dir",
+                str(hf_dir),
+                "--out",
+                str(ckpt),
+            ],
+            check=True,
+        )
 
     from transformers import AutoModelForCausalLM
 
@@ -59,21 +72,40 @@ def main() -> int:
     for item in args.layouts.split(";"):
         nproc, _, extra = item.partition(":")
         out = work / f"scores-{len(extra)}-{nproc}.jsonl"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc,
-               "--master-port", str(_free_port()), "-m", "gspo_megatron.score", "--ckpt", str(ckpt),
-               "--input", str(work / "rows.jsonl"), "--output", str(out), "--overwrite"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            nproc,
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "gspo_megatron.score",
+            "--ckpt",
+            str(ckpt),
+            "--input",
+            str(work / "rows.jsonl"),
+            "--output",
+            str(out),
+            "--overwrite",
+        ]
         start = time.time()
         proc = subprocess.run(cmd + shlex.split(extra), capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
-            print(f"{extra or 'single':<28} {nproc:>5} {'-':>12} {time.time() - start:8.1f}  FAILED")
+            print(
+                f"{extra or 'single':<28} {nproc:>5} {'-':>12} {time.time() - start:8.1f}  FAILED"
+            )
             failed = True
             continue
         diff = max_abs_diff(read_logprobs(out), reference)
         ok = diff <= args.tol
         failed |= not ok
-        print(f"{extra or 'single':<28} {nproc:>5} {diff:12.2e} {time.time() - start:8.1f}  "
-              f"{'ok' if ok else 'FAIL'} (tol {args.tol:g})")
+        print(
+            f"{extra or 'single':<28} {nproc:>5} {diff:12.2e} {time.time() - start:8.1f}  "
+            f"{'ok' if ok else 'FAIL'} (tol {args.tol:g})"
+        )
     return 1 if failed else 0
 
 

@@ -1,6 +1,6 @@
 """Write a tiny random Qwen3-MoE (or dense Qwen3) HF model + tokenizer to a directory.
 
-    python tools/make_tiny_model.py --out DIR [--dense] [--dtype bf16]
+python tools/make_tiny_model.py --out DIR [--dense] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from gspo_megatron.testing.tiny_model import (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--dense", action="store_true", help="dense Qwen3 instead of Qwen3-MoE")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

@@ -36,8 +36,14 @@ def plot(rows, out: Path) -> None:
     clip = [r.get("gspo/clip_fraction") or 0.0 for r in rows]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     a.plot(steps, reward, color="tab:blue", label="reward/mean")
-    a.fill_between(steps, [m - s for m, s in zip(reward, std)], [m + s for m, s in zip(reward, std)],
-                   color="tab:blue", alpha=0.15, label="± reward/std")
+    a.fill_between(
+        steps,
+        [m - s for m, s in zip(reward, std)],
+        [m + s for m, s in zip(reward, std)],
+        color="tab:blue",
+        alpha=0.15,
+        label="± reward/std",
+    )
     a.set_ylabel("reward")
     a.set_ylim(-0.05, 1.05)
     a.legend(loc="lower right")
@@ -73,8 +79,10 @@ def main(argv=None) -> None:
     out = args.out or args.run / "curves.png"
     plot(rows, out)
     first, last = first_last_tenth([r["reward/mean"] for r in rows])
-    print(f"{len(rows)} steps; mean reward first 10%: {first:.3f}, last 10%: {last:.3f} "
-          f"(gain {last - first:+.3f}); plot: {out}")
+    print(
+        f"{len(rows)} steps; mean reward first 10%: {first:.3f}, last 10%: {last:.3f} "
+        f"(gain {last - first:+.3f}); plot: {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ def check_free_space(path: Path, needed_bytes: int, what: str) -> None:
         mount = existing
         while not os.path.ismount(mount):
             mount = mount.parent
-        raise GspoError(f"no space left on {mount} for {path}: {what} needs "
-                        f"{format_bytes(needed_bytes)}, {format_bytes(free)} free")
+        raise GspoError(
+            f"no space left on {mount} for {path}: {what} needs "
+            f"{format_bytes(needed_bytes)}, {format_bytes(free)} free"
+        )
 
 
 def check_writable_dir(path: Path, setting: str) -> None:
@@ -88,8 +90,10 @@ def check_not_replacing_input(out: Path, source: Path, option: str) -> None:
     would delete the input the moment the output is complete."""
     out_r, src_r = Path(out).resolve(), Path(source).resolve()
     if src_r == out_r or out_r in src_r.parents:
-        raise GspoError(f"{out}: the output would replace its own input {option} {source}; "
-                        f"choose another output path")
+        raise GspoError(
+            f"{out}: the output would replace its own input {option} {source}; "
+            f"choose another output path"
+        )
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -106,8 +110,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False, needed_bytes: int = 0,
-               what: str = "write") -> Iterator[Path]:
+def atomic_dir(
+    out: Path, overwrite: bool = False, needed_bytes: int = 0, what: str = "write"
+) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``out``, on failure it is removed.
 
     ``needed_bytes``: the output's size, checked against free space before anything is written.
@@ -135,8 +140,10 @@ def atomic_dir(out: Path, overwrite: bool = False, needed_bytes: int = 0,
 def _replace(tmp: Path, out: Path, old: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
-            raise GspoError(f"{out}: appeared while it was being written (another writer?); "
-                            f"pass --overwrite to replace it")
+            raise GspoError(
+                f"{out}: appeared while it was being written (another writer?); "
+                f"pass --overwrite to replace it"
+            )
         os.replace(out, old)
     try:
         os.replace(tmp, out)
@@ -165,16 +172,22 @@ def write_error(out: Path, err: OSError) -> GspoError:
 
 
 def _write_owner(owner: Path) -> None:
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "start_time": psutil.Process().create_time()}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start_time": psutil.Process().create_time(),
+    }
     owner.write_text(json.dumps(record) + "\n")
 
 
 def _read_owner(owner: Path) -> Optional[dict]:
     try:
         record = json.loads(owner.read_text())
-        return {"pid": int(record["pid"]), "host": str(record["host"]),
-                "start_time": float(record["start_time"])}
+        return {
+            "pid": int(record["pid"]),
+            "host": str(record["host"]),
+            "start_time": float(record["start_time"]),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no marker, or one cut short by a kill: no live writer stands behind it
 
@@ -206,25 +219,40 @@ def remove_leftovers(out: Path, what: str = "write") -> None:
         owner = out.parent / f"{out.name}{TMP_MARK}{tag}{OWNER_SUFFIX}"
         record = _read_owner(owner)
         if record is not None and record["host"] != here:
-            raise GspoError(f"{sorted(paths)[0]}: left by pid {record['pid']} on host "
-                            f"{record['host']}, which cannot be checked from {here}; remove it "
-                            f"if that {what} is over")
+            raise GspoError(
+                f"{sorted(paths)[0]}: left by pid {record['pid']} on host "
+                f"{record['host']}, which cannot be checked from {here}; remove it "
+                f"if that {what} is over"
+            )
         if record is not None and _owner_alive(record):
-            raise GspoError(f"{sorted(paths)[0]}: another {what} into {out} is running "
-                            f"(pid {record['pid']}); wait for it or stop it")
+            raise GspoError(
+                f"{sorted(paths)[0]}: another {what} into {out} is running "
+                f"(pid {record['pid']}); wait for it or stop it"
+            )
         who = f"pid {record['pid']}, no longer running" if record else "owner unknown"
-        tmp, old = out.parent / f"{out.name}{TMP_MARK}{tag}", out.parent / f"{out.name}{OLD_MARK}{tag}"
+        tmp, old = (
+            out.parent / f"{out.name}{TMP_MARK}{tag}",
+            out.parent / f"{out.name}{OLD_MARK}{tag}",
+        )
         if tmp.is_dir() and old.is_dir() and not out.exists():
             # Killed between the two renames of an overwrite: the old output was moved aside
             # only once the new one was complete, so finishing the rename loses nothing.
             os.replace(tmp, out)
-            print(f"completed an interrupted {what}: {out} is the new output it had finished "
-                  f"({who}); removing the old one", file=sys.stderr, flush=True)
+            print(
+                f"completed an interrupted {what}: {out} is the new output it had finished "
+                f"({who}); removing the old one",
+                file=sys.stderr,
+                flush=True,
+            )
             paths = [p for p in paths if p != tmp]
         dirs = [p for p in paths if p != owner]
         for path in sorted(dirs) or [owner]:
-            print(f"removing {path} ({format_bytes(tree_bytes(path))}): left by an interrupted "
-                  f"{what} ({who})", file=sys.stderr, flush=True)
+            print(
+                f"removing {path} ({format_bytes(tree_bytes(path))}): left by an interrupted "
+                f"{what} ({who})",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -232,8 +260,10 @@ def remove_leftovers(out: Path, what: str = "write") -> None:
             except FileNotFoundError:
                 pass  # another writer into the same output cleaned it up at the same time
             except OSError as err:
-                raise GspoError(f"{path}: cannot remove this leftover of an interrupted {what} "
-                                f"({err}); remove it by hand") from None
+                raise GspoError(
+                    f"{path}: cannot remove this leftover of an interrupted {what} "
+                    f"({err}); remove it by hand"
+                ) from None
 
 
 def tree_bytes(path: Path) -> int:

@@ -38,15 +38,20 @@ from torch.futures import Future
 
 from gspo_megatron.errors import GspoError
 
-MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                     "common_backend": "torch", "common_backend_version": 1}
+MEGATRON_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 
 
 class _LazySavePlanner(DefaultSavePlanner):
     """Plans from meta tensors; materialises each tensor when the storage writer reaches it."""
 
-    def __init__(self, producers: Dict[str, Callable[[], torch.Tensor]],
-                 on_tensor: Callable[[str], None]) -> None:
+    def __init__(
+        self, producers: Dict[str, Callable[[], torch.Tensor]], on_tensor: Callable[[str], None]
+    ) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._producers = producers
         self._on_tensor = on_tensor
@@ -156,10 +161,17 @@ class _BoundedFileWriter(FileSystemWriter):
 
         def work() -> None:
             try:
-                _write_files_from_queue(self.fs.create_stream, file_queue, results, guarded,
-                                        self.transforms, self.per_thread_copy_ahead,
-                                        self.sync_files, self.thread_count,
-                                        self.serialization_format)
+                _write_files_from_queue(
+                    self.fs.create_stream,
+                    file_queue,
+                    results,
+                    guarded,
+                    self.transforms,
+                    self.per_thread_copy_ahead,
+                    self.sync_files,
+                    self.thread_count,
+                    self.serialization_format,
+                )
             except BaseException as err:
                 failures.append(err)
                 stop.set()
@@ -222,17 +234,24 @@ def _item_bytes(item) -> int:
     return n
 
 
-def write_dcp(out_dir: Path, shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
-              producers: Dict[str, Callable[[], torch.Tensor]],
-              on_tensor: Callable[[str], None] = lambda key: None, io_threads: int = 1) -> None:
+def write_dcp(
+    out_dir: Path,
+    shapes: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
+    producers: Dict[str, Callable[[], torch.Tensor]],
+    on_tensor: Callable[[str], None] = lambda key: None,
+    io_threads: int = 1,
+) -> None:
     """Write a torch_dist checkpoint whose tensors come from ``producers`` one at a time.
 
     Peak memory: about ``io_threads`` data files of max(2 x largest tensor, 16 MiB) each.
     """
-    placeholders = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()}
+    placeholders = {
+        k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()
+    }
     largest = max((p.numel() * p.element_size() for p in placeholders.values()), default=0)
-    writer = _BoundedFileWriter(str(out_dir), max_file_bytes=max(2 * largest, 16 * 1024**2),
-                                thread_count=io_threads)
+    writer = _BoundedFileWriter(
+        str(out_dir), max_file_bytes=max(2 * largest, 16 * 1024**2), thread_count=io_threads
+    )
     planner = _LazySavePlanner(producers, on_tensor)
     try:
         with _single_process():
@@ -264,19 +283,29 @@ class DcpTensorReader:
 
     def __init__(self, ckpt_dir: Path) -> None:
         self.ckpt_dir = Path(ckpt_dir)
-        if not (self.ckpt_dir / "metadata.json").is_file() or not (self.ckpt_dir / ".metadata").is_file():
-            raise GspoError(f"{self.ckpt_dir}: not a megatron torch_dist checkpoint "
-                            f"(metadata.json or .metadata missing)")
+        if (
+            not (self.ckpt_dir / "metadata.json").is_file()
+            or not (self.ckpt_dir / ".metadata").is_file()
+        ):
+            raise GspoError(
+                f"{self.ckpt_dir}: not a megatron torch_dist checkpoint "
+                f"(metadata.json or .metadata missing)"
+            )
         self._reader = _CachedReader(str(self.ckpt_dir))
         try:
             metadata = self._reader.read_metadata()
         except Exception as err:
-            raise GspoError(f"{self.ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})") from None
+            raise GspoError(
+                f"{self.ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})"
+            ) from None
         self.tensors: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {
             k: (tuple(md.size), md.properties.dtype)
-            for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
+            for k, md in metadata.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata)
         }
-        self.storage_files = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
+        self.storage_files = sorted(
+            {str(info.relative_path) for info in metadata.storage_data.values()}
+        )
         for name in self.storage_files:
             if not (self.ckpt_dir / name).is_file():
                 raise GspoError(f"{self.ckpt_dir / name}: checkpoint data file is missing")
@@ -290,6 +319,8 @@ class DcpTensorReader:
             cause = root_cause(err)
             if not isinstance(cause, Exception):  # Ctrl-C stays Ctrl-C, not a corrupt file
                 raise cause from None
-            raise GspoError(f"{self.ckpt_dir}: failed to read tensors {sorted(out)[:3]} "
-                            f"(corrupt data file?): {str(cause).splitlines()[0][:200]}") from None
+            raise GspoError(
+                f"{self.ckpt_dir}: failed to read tensors {sorted(out)[:3]} "
+                f"(corrupt data file?): {str(cause).splitlines()[0][:200]}"
+            ) from None
         return out

@@ -25,11 +25,18 @@ from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
 from gspo_megatron.progress import progress_bar
 
 
-def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
-                        io_threads: int = 1, show_progress: bool = True) -> None:
+def convert_hf_to_mcore(
+    hf_dir: Path,
+    out: Path,
+    overwrite: bool = False,
+    io_threads: int = 1,
+    show_progress: bool = True,
+) -> None:
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
-        raise GspoError(f"{hf_dir}: no such directory (expected a HF model directory with config.json)")
+        raise GspoError(
+            f"{hf_dir}: no such directory (expected a HF model directory with config.json)"
+        )
     spec = spec_from_hf_dir(hf_dir)
     check_not_replacing_input(out, hf_dir, "--hf-dir")
     check_output_dir(out, overwrite)
@@ -45,10 +52,16 @@ def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
     total_bytes = sum(tensor_nbytes(s, d) for s, d in shapes.values())
     needed = estimated_output_bytes(total_bytes, len(shapes), hf_dir)
     with atomic_dir(out, overwrite, needed_bytes=needed, what="conversion") as tmp:
-        with progress_bar(total=total_bytes, desc="hf-to-mcore", unit="B",
-                          enabled=show_progress) as bar:
-            write_dcp(tmp, shapes, producers, on_tensor=lambda k: bar.update(tensor_nbytes(*shapes[k])),
-                      io_threads=io_threads)
+        with progress_bar(
+            total=total_bytes, desc="hf-to-mcore", unit="B", enabled=show_progress
+        ) as bar:
+            write_dcp(
+                tmp,
+                shapes,
+                producers,
+                on_tensor=lambda k: bar.update(tensor_nbytes(*shapes[k])),
+                io_threads=io_threads,
+            )
         (tmp / HF_SUBDIR).mkdir()
         for name in AUX_FILES:
             if (hf_dir / name).is_file():
@@ -57,5 +70,8 @@ def convert_hf_to_mcore(hf_dir: Path, out: Path, overwrite: bool = False,
 
 def _producer(spec, mapping, reader):
     def produce():
-        return hf_mapping.to_mcore(spec, mapping, [reader.get(n) for n in mapping.hf_names]).contiguous()
+        return hf_mapping.to_mcore(
+            spec, mapping, [reader.get(n) for n in mapping.hf_names]
+        ).contiguous()
+
     return produce

@@ -31,9 +31,13 @@ from gspo_megatron.progress import progress_bar
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                        show_progress: bool = True) -> None:
+def convert_mcore_to_hf(
+    ckpt: Path,
+    out: Path,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    show_progress: bool = True,
+) -> None:
     ckpt, out = Path(ckpt), Path(out)
     spec = checkpoint_spec(ckpt)
     check_not_replacing_input(out, ckpt, "--ckpt")
@@ -42,12 +46,16 @@ def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
     mappings = hf_mapping.tensor_mappings(spec)
     for m in mappings:
         if m.mcore_key not in reader.tensors:
-            raise GspoError(f"{ckpt}: tensor '{m.mcore_key}' missing; the checkpoint is of another "
-                            f"model shape than {ckpt / HF_SUBDIR / 'config.json'}")
+            raise GspoError(
+                f"{ckpt}: tensor '{m.mcore_key}' missing; the checkpoint is of another "
+                f"model shape than {ckpt / HF_SUBDIR / 'config.json'}"
+            )
         shape = reader.tensors[m.mcore_key][0]
         if shape != m.mcore_shape:
-            raise GspoError(f"{ckpt}: tensor '{m.mcore_key}' has shape {list(shape)}, "
-                            f"config.json implies {list(m.mcore_shape)} (another model shape)")
+            raise GspoError(
+                f"{ckpt}: tensor '{m.mcore_key}' has shape {list(shape)}, "
+                f"config.json implies {list(m.mcore_shape)} (another model shape)"
+            )
 
     entries, source = [], {}
     for m in mappings:
@@ -60,8 +68,10 @@ def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
     total = sum(tensor_nbytes(s, d) for _, s, d in entries)
     needed = estimated_output_bytes(total, len(entries), ckpt / HF_SUBDIR)
 
-    with atomic_dir(out, overwrite, needed_bytes=needed, what="conversion") as tmp, \
-            progress_bar(total=total, desc="mcore-to-hf", unit="B", enabled=show_progress) as bar:
+    with (
+        atomic_dir(out, overwrite, needed_bytes=needed, what="conversion") as tmp,
+        progress_bar(total=total, desc="mcore-to-hf", unit="B", enabled=show_progress) as bar,
+    ):
         pending = {}  # HF tensors produced but not yet written (q/k/v may straddle shards)
         for shard, fname in zip(shards, names):
             with StreamingSafetensorsWriter(tmp / fname, shard) as writer:
@@ -73,9 +83,12 @@ def convert_mcore_to_hf(ckpt: Path, out: Path, overwrite: bool = False,
                     writer.write(name, pending.pop(name))
                     bar.update(tensor_nbytes(shape, dtype))
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {name: fname for shard, fname in zip(shards, names)
-                                    for name, _, _ in shard}}
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {
+                    name: fname for shard, fname in zip(shards, names) for name, _, _ in shard
+                },
+            }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         for name in AUX_FILES:
             if (ckpt / HF_SUBDIR / name).is_file():

@@ -31,13 +31,19 @@ def checkpoint_spec(ckpt_dir: Path) -> Qwen3Spec:
         raise GspoError(f"{ckpt_dir}: no such checkpoint directory")
     if not (ckpt_dir / "metadata.json").is_file():
         if (ckpt_dir / "config.json").is_file():
-            raise GspoError(f"{ckpt_dir}: an HF model directory, not a megatron checkpoint: "
-                            f"convert it first (gspo-convert hf-to-mcore --hf-dir {ckpt_dir} "
-                            f"--out DIR)")
-        raise GspoError(f"{ckpt_dir}: not a megatron distributed checkpoint (metadata.json missing)")
+            raise GspoError(
+                f"{ckpt_dir}: an HF model directory, not a megatron checkpoint: "
+                f"convert it first (gspo-convert hf-to-mcore --hf-dir {ckpt_dir} "
+                f"--out DIR)"
+            )
+        raise GspoError(
+            f"{ckpt_dir}: not a megatron distributed checkpoint (metadata.json missing)"
+        )
     if not (ckpt_dir / HF_SUBDIR / "config.json").is_file():
-        raise GspoError(f"{ckpt_dir / HF_SUBDIR / 'config.json'}: missing; the checkpoint does not "
-                        f"say which model it holds")
+        raise GspoError(
+            f"{ckpt_dir / HF_SUBDIR / 'config.json'}: missing; the checkpoint does not "
+            f"say which model it holds"
+        )
     check_checkpoint_files(ckpt_dir)
     return spec_from_hf_dir(ckpt_dir / HF_SUBDIR)
 
@@ -52,7 +58,9 @@ def check_checkpoint_files(ckpt_dir: Path) -> None:
     try:
         metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
     except Exception as err:
-        raise GspoError(f"{ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})") from None
+        raise GspoError(
+            f"{ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})"
+        ) from None
     needed: dict = {}  # data file -> bytes the metadata says it holds
     for info in (metadata.storage_data or {}).values():
         end = info.offset + info.length
@@ -63,7 +71,9 @@ def check_checkpoint_files(ckpt_dir: Path) -> None:
             raise GspoError(f"{path}: data file missing (the checkpoint's metadata refers to it)")
         size = path.stat().st_size
         if size < end:
-            raise GspoError(f"{path}: truncated: {size} bytes, the checkpoint's metadata needs {end}")
+            raise GspoError(
+                f"{path}: truncated: {size} bytes, the checkpoint's metadata needs {end}"
+            )
     try:
         json.loads((ckpt_dir / "metadata.json").read_text())
     except (OSError, ValueError) as err:
@@ -103,8 +113,10 @@ def load_model_checkpoint(model, ckpt_dir: Path, expected: Qwen3Spec) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise GspoError(f"{ckpt_dir}: checkpoint does not match the model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise GspoError(
+            f"{ckpt_dir}: checkpoint does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def _check_tensor_shapes(ckpt_dir: Path, sharded: dict) -> None:
@@ -113,7 +125,9 @@ def _check_tensor_shapes(ckpt_dir: Path, sharded: dict) -> None:
     try:
         metadata = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
     except Exception as err:
-        raise GspoError(f"{ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})") from None
+        raise GspoError(
+            f"{ckpt_dir / '.metadata'}: unreadable checkpoint metadata ({err})"
+        ) from None
     for value in sharded.values():
         keys = []
         if isinstance(value, ShardedTensor):
@@ -122,7 +136,11 @@ def _check_tensor_shapes(ckpt_dir: Path, sharded: dict) -> None:
             keys = [(value.key + "_w", None), (value.key + "_v", None)]
         for key, shape in keys:
             if key not in metadata:
-                raise GspoError(f"{ckpt_dir}: tensor '{key}' not in checkpoint (another model shape?)")
+                raise GspoError(
+                    f"{ckpt_dir}: tensor '{key}' not in checkpoint (another model shape?)"
+                )
             if shape is not None and tuple(metadata[key].size) != tuple(shape):
-                raise GspoError(f"{ckpt_dir}: tensor '{key}' has shape {list(metadata[key].size)}, "
-                                f"the model expects {list(shape)} (another model shape)")
+                raise GspoError(
+                    f"{ckpt_dir}: tensor '{key}' has shape {list(metadata[key].size)}, "
+                    f"the model expects {list(shape)} (another model shape)"
+                )

@@ -24,17 +24,32 @@ from gspo_megatron.errors import GspoError
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied alongside the weights so the converted model loads and tokenises as the source did.
-AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-             "chat_template.jinja", "chat_template.json")
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 # Bytes per tensor on top of its data, for the up-front space check: torch.save's zip framing in
 # a DCP data file (about 1.6 KiB) plus the tensor's .metadata entry, or its safetensors header
 # and index entries; rounded up (a 235B MoE has ~40k HF tensors: 160 MiB next to 470 GB).
 PER_TENSOR_OVERHEAD = 4096
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
 _DTYPES_BY_CODE = {code: dtype for dtype, code in _ST_DTYPES.items()}
 
 
@@ -71,15 +86,24 @@ class HFCheckpointReader:
                 if key == "__metadata__":
                     continue
                 if info.get("dtype") not in _DTYPES_BY_CODE:
-                    raise GspoError(f"{path}: tensor '{key}' has unsupported dtype {info.get('dtype')}")
+                    raise GspoError(
+                        f"{path}: tensor '{key}' has unsupported dtype {info.get('dtype')}"
+                    )
                 begin, end = info["data_offsets"]
-                self._entries[key] = (name, _DTYPES_BY_CODE[info["dtype"]], tuple(info["shape"]),
-                                      data_start + begin, end - begin)
+                self._entries[key] = (
+                    name,
+                    _DTYPES_BY_CODE[info["dtype"]],
+                    tuple(info["shape"]),
+                    data_start + begin,
+                    end - begin,
+                )
         if weight_map is not None:
             for key, fname in weight_map.items():
                 if key not in self._entries or self._entries[key][0] != fname:
-                    raise GspoError(f"{self.hf_dir / fname}: index lists tensor '{key}' "
-                                    f"but the shard does not contain it")
+                    raise GspoError(
+                        f"{self.hf_dir / fname}: index lists tensor '{key}' "
+                        f"but the shard does not contain it"
+                    )
 
     @property
     def names(self):
@@ -104,12 +128,16 @@ class HFCheckpointReader:
         """Every expected tensor present with the expected shape, else a line naming it."""
         for name, shape in expected:
             if name not in self._entries:
-                raise GspoError(f"{self.hf_dir}: tensor '{name}' is missing from the checkpoint "
-                                f"(is config.json for this model?)")
+                raise GspoError(
+                    f"{self.hf_dir}: tensor '{name}' is missing from the checkpoint "
+                    f"(is config.json for this model?)"
+                )
             found = self.shape(name)
             if found != tuple(shape):
-                raise GspoError(f"{self.hf_dir / self._entries[name][0]}: tensor '{name}' has shape "
-                                f"{list(found)}, config.json implies {list(shape)}")
+                raise GspoError(
+                    f"{self.hf_dir / self._entries[name][0]}: tensor '{name}' has shape "
+                    f"{list(found)}, config.json implies {list(shape)}"
+                )
 
 
 def _read_safetensors_header(path: Path) -> Tuple[dict, int]:
@@ -121,26 +149,35 @@ def _read_safetensors_header(path: Path) -> Tuple[dict, int]:
             if header_len > size - 8:
                 raise ValueError("header length exceeds file size")
             header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
     except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise GspoError(f"{path}: corrupt safetensors shard ({err})") from None
     if 8 + header_len + end != size:
-        raise GspoError(f"{path}: corrupt or truncated safetensors shard "
-                        f"(expected {8 + header_len + end} bytes, found {size})")
+        raise GspoError(
+            f"{path}: corrupt or truncated safetensors shard "
+            f"(expected {8 + header_len + end} bytes, found {size})"
+        )
     return header, 8 + header_len
 
 
 class StreamingSafetensorsWriter:
     """Write one safetensors file whose tensor list is known in advance, tensor by tensor."""
 
-    def __init__(self, path: Path, entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]]) -> None:
+    def __init__(
+        self, path: Path, entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]]
+    ) -> None:
         self.path = Path(path)
         header, offset = {}, 0
         self._expected: List[Tuple[str, Tuple[int, ...], torch.dtype, int]] = []
         for name, shape, dtype in entries:
             nbytes = tensor_nbytes(shape, dtype)
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._expected.append((name, tuple(shape), dtype, nbytes))
             offset += nbytes
         header["__metadata__"] = {"format": "pt"}
@@ -167,8 +204,10 @@ class StreamingSafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, shape, dtype, nbytes = self._expected[self._next]
         if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} "
-                               f"{tuple(tensor.shape)} {tensor.dtype}")
+            raise RuntimeError(
+                f"writer expected {exp_name} {shape} {dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
         data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
         assert len(data) == nbytes
         self._file.write(data)
@@ -176,7 +215,9 @@ class StreamingSafetensorsWriter:
 
     def close(self) -> None:
         if self._next != len(self._expected):
-            raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} tensors not written")
+            raise RuntimeError(
+                f"{self.path}: {len(self._expected) - self._next} tensors not written"
+            )
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -196,8 +237,9 @@ def tensor_nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return n
 
 
-def plan_shards(entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
-                max_shard_bytes: int) -> List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]:
+def plan_shards(
+    entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]], max_shard_bytes: int
+) -> List[List[Tuple[str, Tuple[int, ...], torch.dtype]]]:
     """Split tensors, in order, into shards of at most max_shard_bytes (a bigger tensor alone)."""
     shards: List[list] = [[]]
     size = 0
@@ -220,6 +262,9 @@ def shard_file_names(num_shards: int) -> List[str]:
 def estimated_output_bytes(tensor_bytes: int, num_tensors: int, aux_dir: Path) -> int:
     """Disk space a conversion's output takes: the tensors, their framing and the AUX_FILES
     found in ``aux_dir`` (copied along)."""
-    aux = sum((Path(aux_dir) / name).stat().st_size for name in AUX_FILES
-              if (Path(aux_dir) / name).is_file())
+    aux = sum(
+        (Path(aux_dir) / name).stat().st_size
+        for name in AUX_FILES
+        if (Path(aux_dir) / name).is_file()
+    )
     return tensor_bytes + num_tensors * PER_TENSOR_OVERHEAD + aux

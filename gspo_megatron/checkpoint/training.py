@@ -87,8 +87,11 @@ def complete_checkpoints(root: Path) -> List[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir()
-             and (p / "metadata.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if checkpoint_step(p) is not None and p.is_dir() and (p / "metadata.json").is_file()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -102,16 +105,22 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     name = pointer.read_text().strip()
     path = root / name
     if checkpoint_step(path) is None or path not in done:
-        hint = (f" (complete checkpoints here: {', '.join(p.name for p in done)}; pass "
-                f"--resume-from DIR to choose one)" if done else "")
-        raise GspoError(f"{pointer} names '{name}', which is not a complete checkpoint under "
-                        f"{root}{hint}")
+        hint = (
+            f" (complete checkpoints here: {', '.join(p.name for p in done)}; pass "
+            f"--resume-from DIR to choose one)"
+            if done
+            else ""
+        )
+        raise GspoError(
+            f"{pointer} names '{name}', which is not a complete checkpoint under {root}{hint}"
+        )
     # A run killed between renaming step_N into place and rewriting the pointer.
     return done[-1] if checkpoint_step(done[-1]) > checkpoint_step(path) else path
 
 
-def resume_point(root: Path, resume: bool, resume_from: Optional[Path],
-                 output_dir: str) -> Optional[Path]:
+def resume_point(
+    root: Path, resume: bool, resume_from: Optional[Path], output_dir: str
+) -> Optional[Path]:
     """The checkpoint a run continues from, checked on disk (pre-flight: reads metadata only).
 
     Without ``resume`` an output directory that holds any checkpoint is refused: a fresh run
@@ -123,24 +132,32 @@ def resume_point(root: Path, resume: bool, resume_from: Optional[Path],
     if not resume:
         if done or (root / LATEST).exists():
             names = ", ".join(p.name for p in done) or (root / LATEST).name
-            raise GspoError(f"train.output_dir={output_dir} already holds a run ({names}): pass "
-                            f"--resume to continue it (or --resume-from DIR for a chosen "
-                            f"checkpoint), or choose another train.output_dir")
+            raise GspoError(
+                f"train.output_dir={output_dir} already holds a run ({names}): pass "
+                f"--resume to continue it (or --resume-from DIR for a chosen "
+                f"checkpoint), or choose another train.output_dir"
+            )
         return None
     if resume_from is not None:
         resume_from = Path(resume_from)
         inside = resume_from.resolve().parent == root.resolve()
         if done and not inside:
-            raise GspoError(f"--resume-from {resume_from}: train.output_dir={output_dir} holds "
-                            f"another run's checkpoints ({done[-1].name}); choose one of them or "
-                            f"another train.output_dir")
+            raise GspoError(
+                f"--resume-from {resume_from}: train.output_dir={output_dir} holds "
+                f"another run's checkpoints ({done[-1].name}); choose one of them or "
+                f"another train.output_dir"
+            )
         if inside and checkpoint_step(resume_from) is None:
-            raise GspoError(f"--resume-from {resume_from}: not one of the run's checkpoints "
-                            f"(step_N directories; a .partial or .abandoned one is not loaded)")
+            raise GspoError(
+                f"--resume-from {resume_from}: not one of the run's checkpoints "
+                f"(step_N directories; a .partial or .abandoned one is not loaded)"
+            )
         checkpoint_spec(resume_from)  # a complete checkpoint: every file its metadata names
         if not (resume_from / TRAINER_STATE).is_file():
-            raise GspoError(f"--resume-from {resume_from}: not a training checkpoint (no "
-                            f"{TRAINER_STATE}; a model checkpoint goes in model.ckpt)")
+            raise GspoError(
+                f"--resume-from {resume_from}: not a training checkpoint (no "
+                f"{TRAINER_STATE}; a model checkpoint goes in model.ckpt)"
+            )
         return resume_from
     target = latest_checkpoint(root)
     if target is None:
@@ -148,10 +165,20 @@ def resume_point(root: Path, resume: bool, resume_from: Optional[Path],
     try:
         checkpoint_spec(target)
     except GspoError as err:
-        older = next((p for p in reversed(done) if checkpoint_step(p) < checkpoint_step(target)
-                      and _intact(p)), None)
-        hint = (f"; the newest intact older checkpoint is {older}: pass --resume-from {older} "
-                f"to continue from it" if older else "; no older complete checkpoint exists")
+        older = next(
+            (
+                p
+                for p in reversed(done)
+                if checkpoint_step(p) < checkpoint_step(target) and _intact(p)
+            ),
+            None,
+        )
+        hint = (
+            f"; the newest intact older checkpoint is {older}: pass --resume-from {older} "
+            f"to continue from it"
+            if older
+            else "; no older complete checkpoint exists"
+        )
         raise GspoError(f"cannot resume from {target.name}: {err}{hint}") from None
     return target
 
@@ -211,8 +238,11 @@ def _barrier() -> None:
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
-    state = {"random": random.getstate(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "random": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -236,18 +266,28 @@ def _sharded_state(model, optimizer, scheduler, state: TrainState, is_loading: b
     world = _world()
     return {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                  metadata=OPTIM_METADATA),
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA
+        ),
         "scheduler": scheduler.state_dict(),
         "train_state": {"step": state.step, "world_size": world},
         # One object per rank (shape = world): each rank restores its own generators.
-        "rng": ShardedObject(f"rng_state_world{world}", _rng_state(), (world,), (_rank(),),
-                             replica_id=0),
+        "rng": ShardedObject(
+            f"rng_state_world{world}", _rng_state(), (world,), (_rank(),), replica_id=0
+        ),
     }
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, hf_source: Path,
-                    keep: int, needed_bytes: int = 0) -> Path:
+def save_checkpoint(
+    root: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    hf_source: Path,
+    keep: int,
+    needed_bytes: int = 0,
+) -> Path:
     """Write ``root/step_N`` atomically (collective) and point ``latest`` at it; keep it and the
     ``keep - 1`` newest complete checkpoints before it. Returns the checkpoint directory.
 
@@ -266,8 +306,11 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, 
         _remove_leftovers(root)
         done = complete_checkpoints(root)
         try:
-            check_free_space(root, max(needed_bytes, tree_bytes(done[-1]) if done else 0),
-                             f"checkpoint {final.name}")
+            check_free_space(
+                root,
+                max(needed_bytes, tree_bytes(done[-1]) if done else 0),
+                f"checkpoint {final.name}",
+            )
             partial.mkdir()
         except (GspoError, OSError) as err:
             problem = str(err)
@@ -275,8 +318,9 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, 
     if problem is not None:
         raise TrainingStopped(f"{problem}; {last_complete_note(root)}")
     try:
-        dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, state, is_loading=False),
-                                str(partial))
+        dist_checkpointing.save(
+            _sharded_state(model, optimizer, scheduler, state, is_loading=False), str(partial)
+        )
         _barrier()
         if _rank() == 0:
             (partial / HF_SUBDIR).mkdir(exist_ok=True)
@@ -289,8 +333,10 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, 
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "CheckpointException":
-            raise TrainingStopped(f"writing checkpoint {final} failed ({_first_line(err)}); "
-                                  f"{last_complete_note(root)}") from None
+            raise TrainingStopped(
+                f"writing checkpoint {final} failed ({_first_line(err)}); "
+                f"{last_complete_note(root)}"
+            ) from None
         raise
     if _rank() == 0:
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
@@ -317,8 +363,11 @@ def last_complete_note(root: Path) -> str:
         last = latest_checkpoint(root)
     except GspoError:
         last = None
-    return (f"the last complete checkpoint is {last}" if last is not None
-            else "no complete checkpoint was written yet")
+    return (
+        f"the last complete checkpoint is {last}"
+        if last is not None
+        else "no complete checkpoint was written yet"
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -350,7 +399,7 @@ def _prune(root: Path, keep: int, current: Path) -> None:
     """Keep ``current`` (just written) and the ``keep - 1`` newest checkpoints before it. Only
     older checkpoints are ever removed, whatever the directory holds."""
     older = [p for p in complete_checkpoints(root) if checkpoint_step(p) < checkpoint_step(current)]
-    for old in older[:max(len(older) - (keep - 1), 0)]:
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -361,8 +410,11 @@ def _materialise_optimizer_state(optimizer) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.is_stub_optimizer \
-                and len(opt.optimizer.state) == 0:
+        if (
+            isinstance(opt, DistributedOptimizer)
+            and not opt.is_stub_optimizer
+            and len(opt.optimizer.state) == 0
+        ):
             opt._init_optimizer_states_with_dummy_values()
 
 
@@ -402,8 +454,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     missing, unexpected = unwrapped.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise GspoError(f"{path}: checkpoint does not match the model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise GspoError(
+            f"{path}: checkpoint does not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     with torch.no_grad():  # fp32 params: the main params are views of the (leaf) model params
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)

@@ -19,16 +19,19 @@ def resolve(name: str, where: str = "reward") -> Callable:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise GspoError(f"{where}='{name}': not a built-in ({', '.join(BUILTIN)}) nor an import "
-                        f"path 'package.module:function'")
+        raise GspoError(
+            f"{where}='{name}': not a built-in ({', '.join(BUILTIN)}) nor an import "
+            f"path 'package.module:function'"
+        )
     module, attr = name.split(":", 1)
     try:
         mod = importlib.import_module(module)
     except (Exception, SystemExit) as err:  # whatever the module's own code raised
         if isinstance(err, ModuleNotFoundError) and err.name in _parents(module):
             raise GspoError(f"{where}='{name}': cannot import module '{module}' ({err})") from None
-        raise GspoError(f"{where}='{name}': importing module '{module}' failed: "
-                        f"{describe(err)}") from None
+        raise GspoError(
+            f"{where}='{name}': importing module '{module}' failed: {describe(err)}"
+        ) from None
     try:
         fn = getattr(mod, attr)
     except AttributeError:
@@ -52,4 +55,4 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     except Exception:  # a broken __str__ must not hide the exception's type
         text = ""
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."

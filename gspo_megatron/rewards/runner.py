@@ -75,7 +75,9 @@ class RewardConfig:
             raise GspoError(f"rewards.timeout_s={self.timeout_s} must be a finite number")
         for i, f in enumerate(self.functions):
             if not math.isfinite(f.weight):
-                raise GspoError(f"rewards.functions[{i}].weight={f.weight}: must be a finite number")
+                raise GspoError(
+                    f"rewards.functions[{i}].weight={f.weight}: must be a finite number"
+                )
             resolve(f.name, f"rewards.functions[{i}].name")
 
 
@@ -103,7 +105,9 @@ class RewardRunner:
         self._worker = None
         atexit.unregister(self.close)
 
-    def score(self, items: Sequence[Tuple[str, str, Optional[str]]]) -> Tuple[List[float], Dict[str, float]]:
+    def score(
+        self, items: Sequence[Tuple[str, str, Optional[str]]]
+    ) -> Tuple[List[float], Dict[str, float]]:
         """Total reward per item, and metrics (per-function means, errors, timeouts)."""
         values = [[0.0] * len(self.names) for _ in items]
         errors = timeouts = 0
@@ -123,14 +127,22 @@ class RewardRunner:
                     self.last_errors.append(f"{name}: {err}")
         totals = [sum(w * v for w, v in zip(self.weights, row)) for row in values]
         n = max(len(items), 1)
-        stats = {f"reward/{_tag(name)}": sum(row[k] for row in values) / n
-                 for k, name in enumerate(self.names)}
-        stats.update({"reward/errors": float(errors), "reward/timeouts": float(timeouts),
-                      "perf/reward_seconds": time.perf_counter() - t0})
+        stats = {
+            f"reward/{_tag(name)}": sum(row[k] for row in values) / n
+            for k, name in enumerate(self.names)
+        }
+        stats.update(
+            {
+                "reward/errors": float(errors),
+                "reward/timeouts": float(timeouts),
+                "perf/reward_seconds": time.perf_counter() - t0,
+            }
+        )
         return totals, stats
 
-    def score_across_ranks(self, items: Sequence[Tuple[str, str, Optional[str]]]
-                           ) -> Tuple[List[float], Dict[str, float], Optional[str]]:
+    def score_across_ranks(
+        self, items: Sequence[Tuple[str, str, Optional[str]]]
+    ) -> Tuple[List[float], Dict[str, float], Optional[str]]:
         """Every rank passes the same ``items``; rank k scores items k, k + world, ... in its
         own worker and every rank gets all rewards, the metrics merged over ranks (counts add
         up, per-function means are weighted by items, times are the slowest rank's) and the

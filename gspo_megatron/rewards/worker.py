@@ -33,6 +33,7 @@ STARTUP_TIMEOUT_S = 120.0
 Job = Tuple[int, str, str, Optional[str]]  # (function index, prompt, response, answer)
 Reply = Tuple[float, Optional[str]]  # (value, None) or (0.0, what went wrong)
 
+
 def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
     """Worker main: import the functions, send None (ready) or why it cannot start, then answer
     each Job with a Reply until the trainer kills it or goes away."""
@@ -64,7 +65,10 @@ def _run_one(fn: Callable, prompt: str, response: str, answer: Optional[str]) ->
     except BaseException as exc:
         return 0.0, f"raised {describe(exc)}"
     if value is None:
-        return 0.0, f"returned {_show(raw)} ({type(raw).__name__}); a reward must be a finite number"
+        return (
+            0.0,
+            f"returned {_show(raw)} ({type(raw).__name__}); a reward must be a finite number",
+        )
     return value, None
 
 

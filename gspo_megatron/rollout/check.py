@@ -24,9 +24,15 @@ from gspo_megatron.rollout.engine import RolloutEngine, check_model_fits
 def parse_args(argv=None):
     d = RolloutConfig()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf-dir", type=Path, required=True, help="HF model directory (config, tokenizer, weights)")
-    ap.add_argument("--prompt", action="append", default=None,
-                    help="prompt text (repeatable); default: two built-in prompts")
+    ap.add_argument(
+        "--hf-dir", type=Path, required=True, help="HF model directory (config, tokenizer, weights)"
+    )
+    ap.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="prompt text (repeatable); default: two built-in prompts",
+    )
     ap.add_argument("--group-size", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
@@ -34,8 +40,12 @@ def parse_args(argv=None):
     ap.add_argument("--engine-tp", type=int, default=1)
     ap.add_argument("--kv-cache-gib", type=float, default=0.25, help="CPU: KV cache size")
     ap.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: float32 on CPU, bfloat16 on GPU",
+    )
     return ap.parse_args(argv)
 
 
@@ -43,10 +53,15 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
 
-    cfg = RolloutConfig(group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                        max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,
-                        engine_tp=args.engine_tp, kv_cache_gib=args.kv_cache_gib,
-                        gpu_memory_utilization=args.gpu_memory_utilization)
+    cfg = RolloutConfig(
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        temperature=args.temperature,
+        engine_tp=args.engine_tp,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
     cfg.validate(world_size_from_env())  # before any heavy work
     if not (args.hf_dir / "config.json").is_file():
         raise GspoError(f"{args.hf_dir}: no config.json (an HF model directory is needed)")
@@ -59,18 +74,26 @@ def main() -> None:
     prompts = [tok.encode(t) for t in texts]
     batch = engine.generate(prompts)
     if torch.distributed.get_rank() == 0:
-        print(f"engine started in {engine.start_seconds:.1f}s; {engine.num_engines} engine(s) of "
-              f"TP{cfg.engine_tp}")
+        print(
+            f"engine started in {engine.start_seconds:.1f}s; {engine.num_engines} engine(s) of "
+            f"TP{cfg.engine_tp}"
+        )
         for text, group in zip(texts, batch.groups):
             if group is None:
-                print(f"[skipped: {len(tok.encode(text))} tokens > max_prompt_tokens] {text[:60]!r}")
+                print(
+                    f"[skipped: {len(tok.encode(text))} tokens > max_prompt_tokens] {text[:60]!r}"
+                )
                 continue
             for c in group:
                 mean = sum(c.logprobs) / max(len(c.logprobs), 1)
-                print(f"{text[:40]!r} -> {tok.decode(c.token_ids)[:80]!r} "
-                      f"({len(c.token_ids)} tokens, {c.finish_reason}, mean logprob {mean:.3f})")
-        print(f"{batch.num_tokens} tokens in {batch.seconds:.2f}s; skipped "
-              f"{batch.skipped_overlong} overlong, {batch.skipped_empty} empty prompts")
+                print(
+                    f"{text[:40]!r} -> {tok.decode(c.token_ids)[:80]!r} "
+                    f"({len(c.token_ids)} tokens, {c.finish_reason}, mean logprob {mean:.3f})"
+                )
+        print(
+            f"{batch.num_tokens} tokens in {batch.seconds:.2f}s; skipped "
+            f"{batch.skipped_overlong} overlong, {batch.skipped_empty} empty prompts"
+        )
     engine.close()
 
 

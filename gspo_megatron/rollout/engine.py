@@ -68,8 +68,10 @@ def _launcher_env() -> None:
     """external_launcher reads the torchrun variables; a single process started without torchrun
     (already holding a one-rank torch.distributed group) gets their one-rank values."""
     if not dist.is_initialized():
-        raise GspoError("the rollout engine needs torch.distributed initialised first "
-                        "(gspo_megatron.parallel.init_distributed)")
+        raise GspoError(
+            "the rollout engine needs torch.distributed initialised first "
+            "(gspo_megatron.parallel.init_distributed)"
+        )
     if "RANK" not in os.environ:
         if dist.get_world_size() != 1:
             raise GspoError("RANK is not set but the world has several ranks: launch with torchrun")
@@ -81,14 +83,18 @@ def explain_start_failure(err: BaseException, cfg: RolloutConfig, on_gpu: bool) 
     text = " ".join(str(err).split())
     low = text.lower()
     if "kv cache" in low or "cache blocks" in low:
-        knob = ("rollout.gpu_memory_utilization" if on_gpu else "rollout.kv_cache_gib")
-        return (f"vLLM cannot fit the KV cache for max_model_len={cfg.max_model_len} "
-                f"(rollout.max_prompt_tokens + rollout.max_new_tokens): raise {knob} or lower "
-                f"those lengths [{text[:300]}]")
+        knob = "rollout.gpu_memory_utilization" if on_gpu else "rollout.kv_cache_gib"
+        return (
+            f"vLLM cannot fit the KV cache for max_model_len={cfg.max_model_len} "
+            f"(rollout.max_prompt_tokens + rollout.max_new_tokens): raise {knob} or lower "
+            f"those lengths [{text[:300]}]"
+        )
     if "head size" in low or "head_size" in low or "head dim" in low:
-        return (f"vLLM's attention backend rejects this model's head_dim "
-                f"(vLLM's CPU attention needs head_dim of 32, 64, 80, 96, 112, 128, 256...) "
-                f"[{text[:300]}]")
+        return (
+            f"vLLM's attention backend rejects this model's head_dim "
+            f"(vLLM's CPU attention needs head_dim of 32, 64, 80, 96, 112, 128, 256...) "
+            f"[{text[:300]}]"
+        )
     return f"vLLM engine failed to start: {type(err).__name__}: {text[:400]}"
 
 
@@ -97,8 +103,10 @@ def check_model_fits(hf_dir: Path, cfg: RolloutConfig) -> None:
     config = json.loads((Path(hf_dir) / "config.json").read_text())
     limit = config.get("max_position_embeddings")
     if limit is not None and cfg.max_model_len > limit:
-        raise GspoError(f"rollout.max_prompt_tokens + rollout.max_new_tokens = {cfg.max_model_len} "
-                        f"exceeds the model's max_position_embeddings={limit} ({hf_dir})")
+        raise GspoError(
+            f"rollout.max_prompt_tokens + rollout.max_new_tokens = {cfg.max_model_len} "
+            f"exceeds the model's max_position_embeddings={limit} ({hf_dir})"
+        )
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if not torch.cuda.is_available():
         # vLLM's CPU attention fails on other sizes only at the first forward pass. (vLLM is
@@ -107,22 +115,31 @@ def check_model_fits(hf_dir: Path, cfg: RolloutConfig) -> None:
 
         sizes = CPUAttentionBackend.get_supported_head_sizes()
         if head_dim not in sizes:
-            raise GspoError(f"{hf_dir}: head_dim={head_dim} is not supported by vLLM's CPU "
-                            f"attention (supported: {', '.join(map(str, sizes))})")
+            raise GspoError(
+                f"{hf_dir}: head_dim={head_dim} is not supported by vLLM's CPU "
+                f"attention (supported: {', '.join(map(str, sizes))})"
+            )
 
 
 class RolloutEngine:
     """A vLLM engine on this rank's engine group; every rank constructs one (collectively)."""
 
-    def __init__(self, hf_dir: Path, cfg: RolloutConfig, dtype: torch.dtype = torch.float32,
-                 dummy_weights: bool = False):
+    def __init__(
+        self,
+        hf_dir: Path,
+        cfg: RolloutConfig,
+        dtype: torch.dtype = torch.float32,
+        dummy_weights: bool = False,
+    ):
         """``dummy_weights``: start from random weights without reading any from ``hf_dir``
         (which then needs only config and tokenizer); the trainer syncs its own in before the
         first rollout."""
         hf_dir = Path(hf_dir)
         if not (hf_dir / "config.json").is_file():
-            raise GspoError(f"{hf_dir}: no config.json; the rollout engine needs an HF model "
-                            f"directory (gspo-convert mcore-to-hf writes one)")
+            raise GspoError(
+                f"{hf_dir}: no config.json; the rollout engine needs an HF model "
+                f"directory (gspo-convert mcore-to-hf writes one)"
+            )
         _launcher_env()
         world = dist.get_world_size()
         cfg.validate(world)
@@ -137,20 +154,30 @@ class RolloutEngine:
         try:
             from vllm import LLM
         except ImportError as err:
-            raise GspoError(f"vLLM is not installed ({err}); on CPU run launch/setup.sh, on GPU "
-                            f"pip install vllm") from None
+            raise GspoError(
+                f"vLLM is not installed ({err}); on CPU run launch/setup.sh, on GPU "
+                f"pip install vllm"
+            ) from None
         kwargs = dict(
-            model=str(hf_dir), tokenizer=str(hf_dir), dtype=str(dtype).removeprefix("torch."),
-            tensor_parallel_size=cfg.engine_tp, distributed_executor_backend="external_launcher",
-            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
-            seed=cfg.seed, logprobs_mode="raw_logprobs", max_logprobs=1,
+            model=str(hf_dir),
+            tokenizer=str(hf_dir),
+            dtype=str(dtype).removeprefix("torch."),
+            tensor_parallel_size=cfg.engine_tp,
+            distributed_executor_backend="external_launcher",
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=cfg.seed,
+            logprobs_mode="raw_logprobs",
+            max_logprobs=1,
             enforce_eager=cfg.enforce_eager or not self.on_gpu,
         )
         if dummy_weights:
             kwargs["load_format"] = "dummy"
         if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          enable_sleep_mode=cfg.sleep_during_training)
+            kwargs.update(
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                enable_sleep_mode=cfg.sleep_during_training,
+            )
         else:
             # An explicit size: vLLM's CPU default (a fraction of host RAM) is far too large
             # next to a trainer, and it lets vLLM skip its warm-up.
@@ -168,8 +195,14 @@ class RolloutEngine:
     def _seed(self, step: int, index: int) -> int:
         return zlib.crc32(f"{self.cfg.seed}/{step}/{index}".encode()) & 0x7FFFFFFF
 
-    def generate(self, prompts: Sequence[Sequence[int]], step: int = 0, n: Optional[int] = None,
-                 greedy: bool = False, max_new_tokens: Optional[int] = None) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        step: int = 0,
+        n: Optional[int] = None,
+        greedy: bool = False,
+        max_new_tokens: Optional[int] = None,
+    ) -> RolloutBatch:
         """Sample ``n`` (default ``group_size``) responses per prompt. Collective: every rank
         passes the same prompts and gets the same result."""
         from vllm import SamplingParams
@@ -188,31 +221,44 @@ class RolloutEngine:
                 valid.append(i)
         mine = [i for k, i in enumerate(valid) if k % self.num_engines == self.engine_index]
         requests = [{"prompt_token_ids": list(prompts[i])} for i in mine]
-        params = [SamplingParams(
-            n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-            top_k=0 if greedy else cfg.top_k, max_tokens=max_new_tokens or cfg.max_new_tokens,
-            logprobs=0, seed=None if greedy else self._seed(step, i), detokenize=False)
-            for i in mine]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=0.0 if greedy else cfg.temperature,
+                top_p=1.0 if greedy else cfg.top_p,
+                top_k=0 if greedy else cfg.top_k,
+                max_tokens=max_new_tokens or cfg.max_new_tokens,
+                logprobs=0,
+                seed=None if greedy else self._seed(step, i),
+                detokenize=False,
+            )
+            for i in mine
+        ]
         local: Dict[int, List[Completion]] = {}
         if requests:
             outs = self.llm.generate(requests, params, use_tqdm=False)
             for i, out in zip(mine, outs):
-                local[i] = [Completion(list(c.token_ids), _sampled_logprobs(c), c.finish_reason or "")
-                            for c in out.outputs]
+                local[i] = [
+                    Completion(list(c.token_ids), _sampled_logprobs(c), c.finish_reason or "")
+                    for c in out.outputs
+                ]
         for i, comps in self._share(local).items():
             groups[i] = comps
-        batch = RolloutBatch(groups, skipped_overlong=overlong, skipped_empty=empty,
-                             seconds=time.perf_counter() - t0)
+        batch = RolloutBatch(
+            groups, skipped_overlong=overlong, skipped_empty=empty, seconds=time.perf_counter() - t0
+        )
         comps = [c for g in groups if g for c in g]
         lengths = torch.tensor([len(c.token_ids) for c in comps] or [0], dtype=torch.float64)
-        batch.stats = {"rollout/tokens": float(batch.num_tokens),
-                       "rollout/response_length_mean": float(lengths.mean()),
-                       "rollout/response_length_max": float(lengths.max()),
-                       "rollout/truncated_fraction":
-                           sum(c.finish_reason == "length" for c in comps) / max(len(comps), 1),
-                       "perf/rollout_seconds": batch.seconds,
-                       "rollout/skipped_overlong": float(overlong),
-                       "rollout/skipped_empty": float(empty)}
+        batch.stats = {
+            "rollout/tokens": float(batch.num_tokens),
+            "rollout/response_length_mean": float(lengths.mean()),
+            "rollout/response_length_max": float(lengths.max()),
+            "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps)
+            / max(len(comps), 1),
+            "perf/rollout_seconds": batch.seconds,
+            "rollout/skipped_overlong": float(overlong),
+            "rollout/skipped_empty": float(empty),
+        }
         return batch
 
     def _share(self, local: Dict[int, object]) -> Dict[int, object]:
@@ -231,8 +277,10 @@ class RolloutEngine:
         try:
             return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         except AttributeError as err:
-            raise RuntimeError(f"this vLLM version does not expose the in-process model runner "
-                               f"the weight sync uses ({err})") from None
+            raise RuntimeError(
+                f"this vLLM version does not expose the in-process model runner "
+                f"the weight sync uses ({err})"
+            ) from None
 
     def load_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Replace the engine's weights in place from HF-named full tensors (consumed lazily;
@@ -301,9 +349,11 @@ def _repack_cpu_experts(model) -> None:
             continue
         inter = layer.moe_config.intermediate_size_per_partition
         if experts._padded_intermediate_size(layer.moe_config) != inter:
-            raise GspoError(f"vLLM CPU weight sync: {name} pads moe_intermediate_size={inter}, "
-                            f"which its reload path cannot repack; use a multiple of "
-                            f"{experts._intermediate_alignment()}")
+            raise GspoError(
+                f"vLLM CPU weight sync: {name} pads moe_intermediate_size={inter}, "
+                f"which its reload path cannot repack; use a multiple of "
+                f"{experts._intermediate_alignment()}"
+            )
         experts.process_weights_after_loading(layer)
 
 

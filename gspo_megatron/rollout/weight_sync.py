@@ -109,15 +109,18 @@ def local_shards(model) -> Dict[str, LocalShard]:
             prev = out.get(sh.key)
             primary = _is_primary(sh.replica_id)
             if prev is None or (primary and not prev.primary):
-                out[sh.key] = LocalShard(tuple(sh.global_shape), tuple(sh.global_offset), sh.data,
-                                         primary)
+                out[sh.key] = LocalShard(
+                    tuple(sh.global_shape), tuple(sh.global_offset), sh.data, primary
+                )
     return out
 
 
 def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -> SyncPlan:
     """From every rank's ``local_shards``. Collective: every rank must call it."""
-    meta = {k: ShardMeta(sh.shape, sh.offset, tuple(sh.data.shape), sh.primary)
-            for k, sh in shards.items()}
+    meta = {
+        k: ShardMeta(sh.shape, sh.offset, tuple(sh.data.shape), sh.primary)
+        for k, sh in shards.items()
+    }
     world = dist.get_world_size() if dist.is_initialized() else 1
     everyone = [None] * world
     if world > 1:
@@ -133,13 +136,17 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
             raise ValueError(f"weight sync: no rank holds '{key}' (model and spec disagree)")
         shape = holders[0][1].shape
         if shape != tuple(mapping.mcore_shape):
-            raise ValueError(f"weight sync: '{key}' has shape {list(shape)}, the spec says "
-                             f"{list(mapping.mcore_shape)}")
+            raise ValueError(
+                f"weight sync: '{key}' has shape {list(shape)}, the spec says "
+                f"{list(mapping.mcore_shape)}"
+            )
         pieces = tuple(Piece(r, m.offset, m.local_shape) for r, m in holders if m.primary)
         covered = sum(_numel(p.shape) for p in pieces)
         if covered != _numel(shape):
-            raise ValueError(f"weight sync: primary slices of '{key}' cover {covered} of "
-                             f"{_numel(shape)} elements")
+            raise ValueError(
+                f"weight sync: primary slices of '{key}' cover {covered} of "
+                f"{_numel(shape)} elements"
+            )
         whole = {r for r, m in holders if m.local_shape == shape}
         keys.append(KeyPlan(key, shape, pieces, local_everywhere=len(whole) == world))
     buckets: List[List[int]] = []
@@ -174,8 +181,13 @@ def _slices(offset, shape):
 class WeightGatherer:
     """Yields (HF name, full tensor) for the whole model, bucket by bucket (see module doc)."""
 
-    def __init__(self, model, spec: Qwen3Spec, bucket_bytes: int = 256 << 20,
-                 dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        model,
+        spec: Qwen3Spec,
+        bucket_bytes: int = 256 << 20,
+        dtype: Optional[torch.dtype] = None,
+    ):
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
         self.model, self.spec, self.bucket_bytes = model, spec, bucket_bytes
@@ -231,12 +243,13 @@ class WeightGatherer:
             for r, _, lshape in kp.pieces:
                 if r == rank:
                     n = _numel(lshape)
-                    send[pos:pos + n].copy_(shards[kp.key].data.reshape(-1))
+                    send[pos : pos + n].copy_(shards[kp.key].data.reshape(-1))
                     pos += n
         parts = self._exchange(send, sizes, device)
         self.stats.buckets += 1
-        self.stats.bytes_communicated += sum(p.numel() * p.element_size()
-                                             for r, p in enumerate(parts) if r != rank)
+        self.stats.bytes_communicated += sum(
+            p.numel() * p.element_size() for r, p in enumerate(parts) if r != rank
+        )
         out: Dict[int, torch.Tensor] = {}
         cursor = [0] * plan.world
         for i in idx:
@@ -244,7 +257,7 @@ class WeightGatherer:
             full = torch.empty(kp.shape, dtype=self.dtype, device=device)
             for r, off, lshape in kp.pieces:
                 n = _numel(lshape)
-                full[_slices(off, lshape)] = parts[r][cursor[r]:cursor[r] + n].view(lshape)
+                full[_slices(off, lshape)] = parts[r][cursor[r] : cursor[r] + n].view(lshape)
                 cursor[r] += n
             out[i] = full
         return out
@@ -264,7 +277,7 @@ class WeightGatherer:
             return parts
         width = max(sizes)
         padded = torch.empty(width, dtype=send.dtype, device=device)
-        padded[:sizes[rank]].copy_(send)
+        padded[: sizes[rank]].copy_(send)
         recv = torch.empty(world * width, dtype=send.dtype, device=device)
         dist.all_gather_into_tensor(recv, padded)
-        return [recv[r * width: r * width + sizes[r]] for r in range(world)]
+        return [recv[r * width : r * width + sizes[r]] for r in range(world)]

@@ -38,8 +38,11 @@ def grads_as_data(model) -> Iterator[None]:
 
 def gather_full_tensors(model) -> Optional[Dict[str, torch.Tensor]]:
     """Full tensors of ``model`` (a GPTModel or a DDP wrapper) on global rank 0, else None."""
-    pieces = [(key, shape, offset, data.detach().float().cpu().clone())
-              for key, (shape, offset, data, primary) in local_shards(model).items() if primary]
+    pieces = [
+        (key, shape, offset, data.detach().float().cpu().clone())
+        for key, (shape, offset, data, primary) in local_shards(model).items()
+        if primary
+    ]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, pieces)
     if dist.get_rank() != 0:

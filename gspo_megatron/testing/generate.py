@@ -46,14 +46,22 @@ def _next_tokens(model, sequences: List[List[int]], vocab_size: int) -> List[int
         out = torch.cat([d["next"].reshape(-1).cpu() for d in store])
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dev_out = out.to(device())
-        dist.broadcast(dev_out, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(
+            dev_out,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
         out = dev_out.cpu()
     return out.tolist()
 
 
-def greedy_continuation(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        vocab_size: int, eos_token_id: Optional[int] = None) -> List[List[int]]:
+def greedy_continuation(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    vocab_size: int,
+    eos_token_id: Optional[int] = None,
+) -> List[List[int]]:
     """Per prompt, the greedy continuation (stopping after EOS). Collective over the world."""
     if ps.get_context_parallel_world_size() > 1:
         raise GspoError("greedy_continuation: context parallelism is not supported (use cp=1)")

@@ -35,8 +35,9 @@ def read_rows(path: Path) -> List[Tuple[list, list]]:
 
 
 def write_rows(rows, path: Path) -> None:
-    Path(path).write_text("".join(json.dumps({"prompt_ids": p, "response_ids": r}) + "\n"
-                                  for p, r in rows))
+    Path(path).write_text(
+        "".join(json.dumps({"prompt_ids": p, "response_ids": r}) + "\n" for p, r in rows)
+    )
 
 
 def read_logprobs(path: Path) -> List[List[float]]:
@@ -52,8 +53,13 @@ def max_abs_diff(a, b) -> float:
         if len(x) != len(y):
             raise ValueError(f"row lengths differ: {len(x)} vs {len(y)}")
         if x:
-            worst = max(worst, (torch.tensor(x, dtype=torch.float64)
-                                - torch.tensor(y, dtype=torch.float64)).abs().max().item())
+            worst = max(
+                worst,
+                (torch.tensor(x, dtype=torch.float64) - torch.tensor(y, dtype=torch.float64))
+                .abs()
+                .max()
+                .item(),
+            )
     return worst
 
 

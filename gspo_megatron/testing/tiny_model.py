@@ -18,21 +18,41 @@ TINY_VOCAB = 250  # deliberately not a multiple of 128: exercises vocabulary pad
 
 
 def tiny_moe_config(**overrides):
-    kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              num_local_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
-              mlp_only_layers=[2], max_position_embeddings=256, rms_norm_eps=1e-6,
-              tie_word_embeddings=False,
-              rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    kw = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[2],
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    )
     kw.update(overrides)
     return Qwen3MoeConfig(**kw)
 
 
 def tiny_dense_config(**overrides):
-    kw = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=256, tie_word_embeddings=True,
-              rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"})
+    kw = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
+    )
     kw.update(overrides)
     return Qwen3Config(**kw)
 
@@ -40,8 +60,9 @@ def tiny_dense_config(**overrides):
 def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Create, randomise and save_pretrained a model; returns it (fp32 or ``dtype``)."""
     torch.manual_seed(seed)
-    config.architectures = [{"qwen3_moe": "Qwen3MoeForCausalLM",
-                             "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
+    config.architectures = [
+        {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]
+    ]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -60,14 +81,24 @@ def write_tokenizer(out: Path, vocab_size: int = TINY_VOCAB) -> None:
     vocab.update({"<unk>": vocab_size - 2, "<eos>": vocab_size - 1})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                            eos_token="<eos>").save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>"
+    ).save_pretrained(out)
 
 
-def random_rows(n: int, vocab_size: int = TINY_VOCAB, seed: int = 0, max_prompt: int = 12,
-                max_response: int = 14):
+def random_rows(
+    n: int,
+    vocab_size: int = TINY_VOCAB,
+    seed: int = 0,
+    max_prompt: int = 12,
+    max_response: int = 14,
+):
     """``n`` random (prompt_ids, response_ids) pairs for scoring checks."""
     rng = random.Random(seed)
-    return [([rng.randrange(vocab_size) for _ in range(rng.randint(1, max_prompt))],
-             [rng.randrange(vocab_size) for _ in range(rng.randint(1, max_response))])
-            for _ in range(n)]
+    return [
+        (
+            [rng.randrange(vocab_size) for _ in range(rng.randint(1, max_prompt))],
+            [rng.randrange(vocab_size) for _ in range(rng.randint(1, max_response))],
+        )
+        for _ in range(n)
+    ]

@@ -20,8 +20,9 @@ import torch
 
 
 def _compare(routers, want) -> float:
-    return max(float((p.main_grad - want[n]).abs().max() / want[n].abs().max())
-               for n, p in routers.items())
+    return max(
+        float((p.main_grad - want[n]).abs().max() / want[n].abs().max()) for n, p in routers.items()
+    )
 
 
 def _ratio(routers, want) -> float:
@@ -53,9 +54,15 @@ def main() -> None:
     layout = ParallelLayout()
     init_distributed(layout)
     rng = random.Random(0)
-    samples = [Sample([rng.randrange(200) for _ in range(rng.randint(3, 8))],
-                      [rng.randrange(200) for _ in range(rng.randint(2, 9))], 0.0, None)
-               for _ in range(4)]
+    samples = [
+        Sample(
+            [rng.randrange(200) for _ in range(rng.randint(3, 8))],
+            [rng.randrange(200) for _ in range(rng.randint(2, 9))],
+            0.0,
+            None,
+        )
+        for _ in range(4)
+    ]
     out = {}
     for mbs, pad in ((1, 0), (2, 0), (2, 16)):
         model = build_model(spec, layout, moe_aux_loss_coeff=coeff)
@@ -67,7 +74,9 @@ def main() -> None:
         # Reference: plain forward/backward per micro-batch, megatron's 1/M aux scaling.
         model.config.calculate_per_token_loss = False
         model.config.moe_aux_loss_coeff = coeff
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0 / len(mbs_list)]))  # shape [1], as the schedules pass
+        MoEAuxLossAutoScaler.set_loss_scale(
+            torch.tensor([1.0 / len(mbs_list)])
+        )  # shape [1], as the schedules pass
         model.zero_grad()
         for mb in mbs_list:
             (model_forward(model, mb).sum() * 0.0).backward()

@@ -41,15 +41,24 @@ def my_samples(case: dict) -> list:
     hold the same sequences in every layout."""
     rows = json.loads(Path(case["samples"]).read_text())
     kl = case.get("kl_coef", 0.0)
-    samples = [Sample(r["prompt_ids"], r["response_ids"], r["advantage"],
-                      None if case.get("trainer_old_logprobs") else r.get("old_logprobs"),
-                      r.get("ref_logprobs") if kl and case["mode"] == "grads" else None)
-               for r in rows]
+    samples = [
+        Sample(
+            r["prompt_ids"],
+            r["response_ids"],
+            r["advantage"],
+            None if case.get("trainer_old_logprobs") else r.get("old_logprobs"),
+            r.get("ref_logprobs") if kl and case["mode"] == "grads" else None,
+        )
+        for r in rows
+    ]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     k = case.get("num_minibatches", 2) if case["mode"] == "update" else 1
     m = len(samples) // k
-    return [s for i in range(k)
-            for s in samples[i * m + dp_rank * (m // dp): i * m + (dp_rank + 1) * (m // dp)]]
+    return [
+        s
+        for i in range(k)
+        for s in samples[i * m + dp_rank * (m // dp) : i * m + (dp_rank + 1) * (m // dp)]
+    ]
 
 
 def reference_logprobs(reference, samples: list, vocab_size: int) -> dict:
@@ -64,7 +73,7 @@ def reference_logprobs(reference, samples: list, vocab_size: int) -> dict:
         for s, mb in zip(samples, mbs):
             p, r = len(s.prompt_ids), len(s.response_ids)
             key = json.dumps([s.prompt_ids, s.response_ids])
-            mine[key] = mb.ref_logprobs[0, p - 1: p - 1 + r].tolist()
+            mine[key] = mb.ref_logprobs[0, p - 1 : p - 1 + r].tolist()
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     return {i: lp for part in parts for i, lp in part.items()}
@@ -81,16 +90,21 @@ def run_case(case: dict, ckpt: Path) -> dict:
     ddp = wrap_for_training(model, use_distributed_optimizer=update)
     mine = my_samples(case)
     kl = case.get("kl_coef", 0.0)
-    cfg = PolicyLossConfig(variant=case.get("variant", "gspo"),
-                           clip_low=case.get("clip_low", 3e-4), clip_high=case.get("clip_high", 4e-4),
-                           micro_batch_size=case.get("micro_batch_size", 2),
-                           num_minibatches=case.get("num_minibatches", 2), kl_coef=kl,
-                           old_logprobs="rollout" if mine[0].old_logprobs is not None else "trainer")
+    cfg = PolicyLossConfig(
+        variant=case.get("variant", "gspo"),
+        clip_low=case.get("clip_low", 3e-4),
+        clip_high=case.get("clip_high", 4e-4),
+        micro_batch_size=case.get("micro_batch_size", 2),
+        num_minibatches=case.get("num_minibatches", 2),
+        kl_coef=kl,
+        old_logprobs="rollout" if mine[0].old_logprobs is not None else "trainer",
+    )
     if not update:
         per = len(mine)
         seq_len = agreed_seq_len(mine)
-        mbs = make_microbatches(mine, cfg.micro_batch_size, seq_len,
-                                num_microbatches=-(-per // cfg.micro_batch_size))
+        mbs = make_microbatches(
+            mine, cfg.micro_batch_size, seq_len, num_microbatches=-(-per // cfg.micro_batch_size)
+        )
         metrics = train_step(ddp, None, mbs, cfg, spec.vocab_size, seq_len)
         with grads_as_data(ddp):
             tensors = gather_full_tensors(ddp)
@@ -111,8 +125,9 @@ def main() -> None:
     ap.add_argument("--cases", required=True, type=Path, help="JSON list of cases")
     ap.add_argument("--out", required=True, help="torch.save of {case name: result}")
     args = ap.parse_args()
-    results = {case["name"]: run_case(case, args.ckpt)
-               for case in json.loads(args.cases.read_text())}
+    results = {
+        case["name"]: run_case(case, args.ckpt) for case in json.loads(args.cases.read_text())
+    }
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     shutdown()

@@ -58,11 +58,14 @@ def main() -> None:
     report["gather_missing"] = sorted(set(hf) - set(gathered))
     report["gather_buckets"] = gatherer.stats.buckets
 
-    cfg = RolloutConfig(group_size=4, max_prompt_tokens=16, max_new_tokens=12, kv_cache_gib=0.05,
-                        sync_bucket_mb=1)
+    cfg = RolloutConfig(
+        group_size=4, max_prompt_tokens=16, max_new_tokens=12, kv_cache_gib=0.05, sync_bucket_mb=1
+    )
     engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32)
     rng = random.Random(0)
-    prompts = [[rng.randrange(spec.vocab_size - 2) for _ in range(rng.randint(3, 10))] for _ in range(4)]
+    prompts = [
+        [rng.randrange(spec.vocab_size - 2) for _ in range(rng.randint(3, 10))] for _ in range(4)
+    ]
     prompts.insert(2, list(range(20)))  # longer than max_prompt_tokens: skipped, counted
 
     def samples_of(batch, rewards: bool):
@@ -70,7 +73,9 @@ def main() -> None:
         for prompt, group in zip(prompts, batch.groups):
             if group is None:
                 continue
-            r = torch.tensor([sum(t % 2 == 0 for t in c.token_ids) / max(len(c.token_ids), 1) for c in group])
+            r = torch.tensor(
+                [sum(t % 2 == 0 for t in c.token_ids) / max(len(c.token_ids), 1) for c in group]
+            )
             adv = group_advantages(r, len(group)) if rewards else torch.zeros(len(group))
             out += [Sample(prompt, c.token_ids, float(a), c.logprobs) for c, a in zip(group, adv)]
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -93,18 +98,24 @@ def main() -> None:
 
     # 4. Sync, then sample again and compare.
     stats = engine.sync_from(WeightGatherer(ddp, spec, bucket_bytes=cfg.sync_bucket_mb << 20))
-    report["sync"] = {"seconds": stats.seconds, "bytes": stats.bytes, "buckets": stats.buckets,
-                      "tensors": stats.tensors}
+    report["sync"] = {
+        "seconds": stats.seconds,
+        "bytes": stats.bytes,
+        "buckets": stats.buckets,
+        "tensors": stats.tensors,
+    }
     second = engine.generate(prompts, step=1)
-    report["post_sync"] = rollout_logprob_diff(ddp, samples_of(second, False), spec.vocab_size,
-                                               micro_batch_size=4)
+    report["post_sync"] = rollout_logprob_diff(
+        ddp, samples_of(second, False), spec.vocab_size, micro_batch_size=4
+    )
 
     # 5. Greedy continuations: vLLM's and the trainer's own.
     valid = [p for p in prompts if len(p) <= cfg.max_prompt_tokens]
     greedy = engine.generate(valid, greedy=True, max_new_tokens=10)
     report["greedy_engine"] = [g[0].token_ids for g in greedy.groups]
-    report["greedy_trainer"] = greedy_continuation(ddp, valid, 10, spec.vocab_size,
-                                                   eos_token_id=engine.eos_token_id)
+    report["greedy_trainer"] = greedy_continuation(
+        ddp, valid, 10, spec.vocab_size, eos_token_id=engine.eos_token_id
+    )
     report["hf_bytes"] = sum(t.numel() * t.element_size() for t in hf.values())
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -28,9 +28,15 @@ def main() -> None:
     layout = ParallelLayout(tp=tp)
     init_distributed(layout)
     rng = random.Random(0)
-    samples = [Sample([rng.randrange(200) for _ in range(rng.randint(3, 8))],
-                      [rng.randrange(200) for _ in range(rng.randint(2, 9))], rng.uniform(-1, 1), None)
-               for _ in range(8)]
+    samples = [
+        Sample(
+            [rng.randrange(200) for _ in range(rng.randint(3, 8))],
+            [rng.randrange(200) for _ in range(rng.randint(2, 9))],
+            rng.uniform(-1, 1),
+            None,
+        )
+        for _ in range(8)
+    ]
     out = {}
     for k in (1, 4):
         model = build_model(spec, layout)
@@ -52,9 +58,11 @@ def main() -> None:
         dist.all_reduce(total)
         out[f"k{k}_choices"] = float(total[1])
         # Expected: response positions of the last minibatch's first micro-batch (2 samples).
-        last = samples[(k - 1) * (8 // k):(k - 1) * (8 // k) + 2]
+        last = samples[(k - 1) * (8 // k) : (k - 1) * (8 // k) + 2]
         moe_layers = sum(spec.moe_layers)
-        out[f"k{k}_expected"] = float(sum(len(s.response_ids) for s in last) * moe_layers * spec.moe_top_k)
+        out[f"k{k}_expected"] = float(
+            sum(len(s.response_ids) for s in last) * moe_layers * spec.moe_top_k
+        )
     if dist.get_rank() == 0:
         print(json.dumps(out))
 

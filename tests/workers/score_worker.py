@@ -37,7 +37,9 @@ def main() -> None:
         init_distributed(layout)
         check_layout(layout, spec, dist.get_world_size())
         rows = read_rows(Path(case["input"]), spec.vocab_size, spec.max_position_embeddings)
-        results[case["name"]] = score_rows(spec, layout, ckpt, rows, 2, 2 * layout.pp, torch.float32)
+        results[case["name"]] = score_rows(
+            spec, layout, ckpt, rows, 2, 2 * layout.pp, torch.float32
+        )
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     shutdown()

@@ -23,18 +23,37 @@ from gspo_megatron.batch import zigzag_indices
 class AllGatherCPAttention(MegatronModule):
     """Same call signature as megatron's DotProductAttention; inputs are [s, b, heads, dim]."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None) -> None:
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ) -> None:
         super().__init__(config=config)
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("AllGatherCPAttention does not implement attention dropout")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.cp_group = (pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp")
-                         else parallel_state.get_context_parallel_group())
+        self.cp_group = (
+            pg_collection.cp
+            if pg_collection is not None and hasattr(pg_collection, "cp")
+            else parallel_state.get_context_parallel_group()
+        )
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         assert packed_seq_params is None and attention_bias is None
         cp = torch.distributed.get_world_size(self.cp_group)
         rank = torch.distributed.get_rank(self.cp_group)

@@ -48,20 +48,41 @@ def _layer_mappings(spec: Qwen3Spec, layer: int) -> Iterator[TensorMapping]:
     nq, ng = spec.num_attention_heads, spec.num_query_groups
     m = f"decoder.layers.{layer}."
     h = f"model.layers.{layer}."
-    yield TensorMapping(m + "self_attention.linear_qkv.layer_norm_weight",
-                        (h + "input_layernorm.weight",), (H,), ((H,),))
-    yield TensorMapping(m + "self_attention.linear_qkv.weight",
-                        (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight",
-                         h + "self_attn.v_proj.weight"),
-                        ((nq + 2 * ng) * D, H), ((nq * D, H), (ng * D, H), (ng * D, H)), QKV)
-    yield TensorMapping(m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",),
-                        (D,), ((D,),))
-    yield TensorMapping(m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",),
-                        (D,), ((D,),))
-    yield TensorMapping(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",),
-                        (H, nq * D), ((H, nq * D),))
-    yield TensorMapping(m + "mlp.linear_fc1.layer_norm_weight",
-                        (h + "post_attention_layernorm.weight",), (H,), ((H,),))
+    yield TensorMapping(
+        m + "self_attention.linear_qkv.layer_norm_weight",
+        (h + "input_layernorm.weight",),
+        (H,),
+        ((H,),),
+    )
+    yield TensorMapping(
+        m + "self_attention.linear_qkv.weight",
+        (
+            h + "self_attn.q_proj.weight",
+            h + "self_attn.k_proj.weight",
+            h + "self_attn.v_proj.weight",
+        ),
+        ((nq + 2 * ng) * D, H),
+        ((nq * D, H), (ng * D, H), (ng * D, H)),
+        QKV,
+    )
+    yield TensorMapping(
+        m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",), (D,), ((D,),)
+    )
+    yield TensorMapping(
+        m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",), (D,), ((D,),)
+    )
+    yield TensorMapping(
+        m + "self_attention.linear_proj.weight",
+        (h + "self_attn.o_proj.weight",),
+        (H, nq * D),
+        ((H, nq * D),),
+    )
+    yield TensorMapping(
+        m + "mlp.linear_fc1.layer_norm_weight",
+        (h + "post_attention_layernorm.weight",),
+        (H,),
+        ((H,),),
+    )
     if spec.moe_layers[layer]:
         E, F = spec.num_experts, spec.moe_ffn_hidden_size
         yield TensorMapping(m + "mlp.router.weight", (h + "mlp.gate.weight",), (E, H), ((E, H),))
@@ -81,13 +102,24 @@ def _swiglu(m: str, h: str, F: int, H: int) -> Iterator[TensorMapping]:
 def tensor_mappings(spec: Qwen3Spec) -> List[TensorMapping]:
     """Every tensor of the model, in HF order (embedding, layers, final norm, lm_head)."""
     Vp, V, H = spec.padded_vocab_size, spec.vocab_size, spec.hidden_size
-    out = [TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
-                         (Vp, H), ((V, H),), VOCAB)]
+    out = [
+        TensorMapping(
+            "embedding.word_embeddings.weight",
+            ("model.embed_tokens.weight",),
+            (Vp, H),
+            ((V, H),),
+            VOCAB,
+        )
+    ]
     for layer in range(spec.num_layers):
         out.extend(_layer_mappings(spec, layer))
-    out.append(TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), (H,), ((H,),)))
+    out.append(
+        TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), (H,), ((H,),))
+    )
     if not spec.tie_word_embeddings:
-        out.append(TensorMapping("output_layer.weight", ("lm_head.weight",), (Vp, H), ((V, H),), VOCAB))
+        out.append(
+            TensorMapping("output_layer.weight", ("lm_head.weight",), (Vp, H), ((V, H),), VOCAB)
+        )
     return out
 
 
@@ -103,12 +135,15 @@ def to_mcore(spec: Qwen3Spec, mapping: TensorMapping, hf: Sequence[torch.Tensor]
         q, k, v = hf
         ng, D, H = spec.num_query_groups, spec.head_dim, spec.hidden_size
         per_group = spec.num_attention_heads // ng
-        return torch.cat([q.reshape(ng, per_group * D, H), k.reshape(ng, D, H),
-                          v.reshape(ng, D, H)], dim=1).reshape(-1, H)
+        return torch.cat(
+            [q.reshape(ng, per_group * D, H), k.reshape(ng, D, H), v.reshape(ng, D, H)], dim=1
+        ).reshape(-1, H)
     raise ValueError(f"unknown mapping kind {mapping.kind}")
 
 
-def to_hf(spec: Qwen3Spec, mapping: TensorMapping, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+def to_hf(
+    spec: Qwen3Spec, mapping: TensorMapping, t: torch.Tensor
+) -> List[Tuple[str, torch.Tensor]]:
     """The megatron checkpoint tensor -> (HF name, tensor) pairs."""
     if mapping.kind == COPY:
         return [(mapping.hf_names[0], t)]
@@ -130,4 +165,3 @@ def canonical_key(key: str) -> str:
     ``pre_mlp_layernorm.weight``. One spelling keeps checkpoints interchangeable.
     """
     return key.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
-

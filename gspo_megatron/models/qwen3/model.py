@@ -39,9 +39,12 @@ def have_transformer_engine() -> bool:
     return torch.cuda.is_available()
 
 
-def transformer_config(spec: Qwen3Spec, layout: ParallelLayout,
-                       params_dtype: torch.dtype = torch.float32,
-                       moe_aux_loss_coeff: float = 0.0):
+def transformer_config(
+    spec: Qwen3Spec,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    moe_aux_loss_coeff: float = 0.0,
+):
     """The megatron TransformerConfig for a Qwen3 spec under a parallel layout."""
     on_gpu = torch.cuda.is_available()
     moe = {}
@@ -128,8 +131,9 @@ def _replace_norms(spec_obj, norm_cls) -> None:
 def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm (and,
     for context parallelism, the all-gather CP attention that megatron's local spec lacks)."""
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                       normalization="RMSNorm", vp_stage=vp_stage)
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+    )
     if use_te:
         return block
     # The dense and MoE layer specs are shared objects: copy before editing.
@@ -142,8 +146,12 @@ def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     return block
 
 
-def build_model(spec: Qwen3Spec, layout: ParallelLayout,
-                params_dtype: torch.dtype = torch.float32, moe_aux_loss_coeff: float = 0.0):
+def build_model(
+    spec: Qwen3Spec,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    moe_aux_loss_coeff: float = 0.0,
+):
     """Build this rank's part of the model. parallel_state must be initialised for ``layout``."""
     config = transformer_config(spec, layout, params_dtype, moe_aux_loss_coeff)
     use_te = have_transformer_engine()
@@ -156,7 +164,9 @@ def build_model(spec: Qwen3Spec, layout: ParallelLayout,
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        rotary_base=int(spec.rope_theta)
+        if float(spec.rope_theta).is_integer()
+        else spec.rope_theta,
         rotary_percent=1.0,
     )
     if torch.cuda.is_available():

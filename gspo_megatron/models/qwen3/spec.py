@@ -79,12 +79,18 @@ class Qwen3Spec:
     def shape_summary(self) -> dict:
         """The fields that decide tensor shapes: two checkpoints are interchangeable iff equal."""
         return {
-            "architecture": self.architecture, "vocab_size": self.vocab_size,
-            "padded_vocab_size": self.padded_vocab_size, "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
-            "num_query_groups": self.num_query_groups, "head_dim": self.head_dim,
-            "ffn_hidden_size": self.ffn_hidden_size, "num_experts": self.num_experts,
-            "moe_ffn_hidden_size": self.moe_ffn_hidden_size, "moe_layers": list(self.moe_layers),
+            "architecture": self.architecture,
+            "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_query_groups,
+            "head_dim": self.head_dim,
+            "ffn_hidden_size": self.ffn_hidden_size,
+            "num_experts": self.num_experts,
+            "moe_ffn_hidden_size": self.moe_ffn_hidden_size,
+            "moe_layers": list(self.moe_layers),
             "tie_word_embeddings": self.tie_word_embeddings,
         }
 
@@ -114,10 +120,14 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
     arch = archs[0] if archs else _MODEL_TYPES.get(cfg.get("model_type", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
         found = arch or cfg.get("model_type") or "none"
-        raise GspoError(f"{where}: unsupported architecture '{found}' "
-                        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise GspoError(
+            f"{where}: unsupported architecture '{found}' "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     if cfg.get("hidden_act", "silu") != "silu":
-        raise GspoError(f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (supported: silu)")
+        raise GspoError(
+            f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (supported: silu)"
+        )
     if cfg.get("attention_bias", False):
         raise GspoError(f"{where}: attention_bias=true is not supported (Qwen3 uses false)")
     if cfg.get("use_sliding_window", False):
@@ -129,7 +139,9 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
     if dtype not in _DTYPES:
-        raise GspoError(f"{where}: dtype '{dtype}' is not supported (supported: {', '.join(_DTYPES)})")
+        raise GspoError(
+            f"{where}: dtype '{dtype}' is not supported (supported: {', '.join(_DTYPES)})"
+        )
 
     moe_kwargs: dict = {}
     if arch == "Qwen3MoeForCausalLM":
@@ -141,7 +153,8 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
         step = int(cfg.get("decoder_sparse_step", 1) or 1)
         # Same rule as transformers' Qwen3MoeDecoderLayer.
         moe_layers = tuple(
-            (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
+            (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0
+            for i in range(num_layers)
         )
         moe_kwargs = dict(
             num_experts=num_experts,
@@ -151,8 +164,10 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
             moe_layers=moe_layers,
         )
         if num_experts and moe_kwargs["moe_top_k"] > num_experts:
-            raise GspoError(f"{where}: num_experts_per_tok={moe_kwargs['moe_top_k']} exceeds "
-                            f"num_experts={num_experts}")
+            raise GspoError(
+                f"{where}: num_experts_per_tok={moe_kwargs['moe_top_k']} exceeds "
+                f"num_experts={num_experts}"
+            )
     else:
         moe_kwargs = dict(moe_layers=tuple(False for _ in range(num_layers)))
 
@@ -198,5 +213,7 @@ def check_same_shapes(expected: Qwen3Spec, found: Qwen3Spec, where: str) -> None
     a, b = expected.shape_summary(), found.shape_summary()
     for key in a:
         if a[key] != b[key]:
-            raise GspoError(f"{where}: checkpoint is of another model shape: {key}={b[key]} "
-                            f"but the model expects {key}={a[key]}")
+            raise GspoError(
+                f"{where}: checkpoint is of another model shape: {key}={b[key]} "
+                f"but the model expects {key}={a[key]}"
+            )
