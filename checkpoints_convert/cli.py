@@ -40,11 +40,8 @@ def _threads(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gspo-convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    raw = argparse.RawDescriptionHelpFormatter  # the docstring's layout, as written
+    p = argparse.ArgumentParser(prog="gspo-convert", description=__doc__, formatter_class=raw)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron torch_dist checkpoint")
     a.add_argument(
@@ -77,21 +74,12 @@ def main() -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    common = dict(overwrite=args.overwrite, show_progress=not args.no_progress)
     if args.command == "hf-to-mcore":
-        convert_hf_to_mcore(
-            args.hf_dir,
-            args.out,
-            overwrite=args.overwrite,
-            io_threads=_threads(args.io_threads),
-            show_progress=not args.no_progress,
-        )
+        convert_hf_to_mcore(args.hf_dir, args.out, io_threads=_threads(args.io_threads), **common)
     else:
         convert_mcore_to_hf(
-            args.ckpt,
-            args.out,
-            overwrite=args.overwrite,
-            max_shard_bytes=_size(args.max_shard_size),
-            show_progress=not args.no_progress,
+            args.ckpt, args.out, max_shard_bytes=_size(args.max_shard_size), **common
         )
 
 

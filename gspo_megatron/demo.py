@@ -97,23 +97,15 @@ def prepare(
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
         (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-        # head_dim 64: a size vLLM's CPU attention runs.
-        config = tiny_moe_config(
-            hidden_size=128,
-            head_dim=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_hidden_layers=2,
-            mlp_only_layers=[],
-            intermediate_size=256,
-            moe_intermediate_size=128,
-            max_position_embeddings=128,
-        )
+        # 2 MoE layers, hidden 128; head_dim 64: a size vLLM's CPU attention runs.
+        attention = dict(head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+        mlp = dict(intermediate_size=256, moe_intermediate_size=128, mlp_only_layers=[])
+        shape = dict(hidden_size=128, num_hidden_layers=2, max_position_embeddings=128)
+        config = tiny_moe_config(**shape, **attention, **mlp)
         model = make_hf_model(config, tmp / "hf", seed=seed)
         write_tokenizer(tmp / "hf")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "hf"))
         # A fresh, default-initialised model learns faster than the wide-spread test init.
-
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
         losses = warm_start(model, tokenizer, data, warm_start_steps, warm_start_lr, 32, seed)

@@ -43,6 +43,12 @@ class Terminated(BaseException):
     that the same cleanup runs."""
 
 
+_SIGNAL_EXITS = {
+    Terminated: ("SIGTERM", EXIT_TERMINATED, "terminated"),
+    KeyboardInterrupt: ("SIGINT (Ctrl-C)", EXIT_INTERRUPTED, "interrupted"),
+}
+
+
 def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
     """Decorator for CLI entry points: a GspoError becomes one line on stderr and exit code 2,
     TrainingStopped one line and exit 1, Ctrl-C one line and exit 130, SIGTERM one line and
@@ -58,19 +64,13 @@ def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
             _die(str(err), EXIT_BAD_INPUT)
         except TrainingStopped as err:
             _die(str(err), EXIT_STOPPED, prefix="stopped")
-        except Terminated:
+        except (Terminated, KeyboardInterrupt) as err:
+            # A signal reaches every rank at once: rank 0 speaks for all of them.
+            what, code, prefix = _SIGNAL_EXITS[type(err)]
             _die(
-                "SIGTERM; no partial output was left looking complete",
-                EXIT_TERMINATED,
-                prefix="terminated",
-                quiet=os.environ.get("RANK", "0") != "0",
-            )
-        except KeyboardInterrupt:
-            # Ctrl-C reaches every rank at once: rank 0 speaks for all of them.
-            _die(
-                "SIGINT (Ctrl-C); no partial output was left looking complete",
-                EXIT_INTERRUPTED,
-                prefix="interrupted",
+                f"{what}; no partial output was left looking complete",
+                code,
+                prefix=prefix,
                 quiet=os.environ.get("RANK", "0") != "0",
             )
         finally:

@@ -79,11 +79,8 @@ def read_rows(path: Path, vocab_size: int, max_len: int) -> List[Tuple[List[int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gspo_megatron.score",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    prog, raw = "python -m gspo_megatron.score", argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=raw)
     p.add_argument("--ckpt", required=True, help="megatron checkpoint directory")
     p.add_argument("--input", required=True, help="JSONL with prompt_ids and response_ids")
     p.add_argument("--output", required=True, help="JSONL to write (refused if it exists)")

@@ -30,36 +30,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env() -> dict:
+    """The environment for a child process: no torchrun rendezvous inherited (a test process
+    that built a model in-process has torch.distributed state of its own), no warnings."""
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def torchrun_cmd(nproc: int) -> list:
+    """`python -m torch.distributed.run` for ``nproc`` processes on a free loopback port."""
+    port = str(free_port())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    return torchrun + ["--master-addr", "127.0.0.1", "--master-port", port]
+
+
 def run_cli(
     args, nproc: int = 0, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run `python -m ...` (nproc=0) or `torchrun --nproc-per-node nproc -m ...`."""
-    # A test process that built a model in-process has torch.distributed state of its own;
-    # children must not inherit a rendezvous from it.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env["PYTHONWARNINGS"] = "ignore"
-    if nproc:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-        ] + list(args)
-    else:
-        cmd = [sys.executable] + list(args)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = (torchrun_cmd(nproc) if nproc else [sys.executable]) + list(args)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def score_cli(ckpt, rows, out, *extra, nproc: int = 0, check: bool = True):
+    """`python -m gspo_megatron.score --ckpt CKPT --input ROWS --output OUT [extra]`."""
+    paths = ["--ckpt", str(ckpt), "--input", str(rows), "--output", str(out)]
+    return run_cli(["-m", "gspo_megatron.score", *paths, *extra], nproc=nproc, check=check)
 
 
 class BatchedRuns:

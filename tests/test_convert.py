@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, score_cli
 from safetensors import safe_open
 
 from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff
@@ -182,21 +182,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_moe, tmp_path):
     )
     assert "another model shape" in line and "linear_fc1.weight_w" in line
     assert not (tmp_path / "o").exists()
-    line = _error_line(
-        run_cli(
-            [
-                "-m",
-                "gspo_megatron.score",
-                "--ckpt",
-                str(ckpt),
-                "--input",
-                str(tiny_moe.input),
-                "--output",
-                str(tmp_path / "s.jsonl"),
-            ],
-            check=False,
-        )
-    )
+    line = _error_line(score_cli(ckpt, tiny_moe.input, tmp_path / "s.jsonl", check=False))
     assert "another model shape" in line
 
 
@@ -235,21 +221,7 @@ def _refused_up_front(tiny_moe, ckpt: Path, tmp_path) -> str:
         )
     )
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
-    score = _error_line(
-        run_cli(
-            [
-                "-m",
-                "gspo_megatron.score",
-                "--ckpt",
-                str(ckpt),
-                "--input",
-                str(tiny_moe.input),
-                "--output",
-                str(tmp_path / "s.jsonl"),
-            ],
-            check=False,
-        )
-    )
+    score = _error_line(score_cli(ckpt, tiny_moe.input, tmp_path / "s.jsonl", check=False))
     assert score == line and not (tmp_path / "s.jsonl").exists()
     return line
 

@@ -16,28 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, child_env
 
 from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 
 CONVERT = str(Path(sys.executable).parent / "gspo-convert")
 
 
-def _env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
 def _convert(args, preexec_fn=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [CONVERT, *map(str, args)],
         cwd=REPO,
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -51,7 +41,7 @@ def _start(args, log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [CONVERT, *map(str, args)],
             cwd=REPO,
-            env=_env(),
+            env=child_env(),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
@@ -101,14 +91,8 @@ def _wait_for_write(proc: subprocess.Popen, out: Path, data_glob: str, log: Path
 def big_moe(tmp_path_factory):
     """A ~50 MB MoE (HF and converted): long enough to write (~0.2 s) to be hit mid-write."""
     root = tmp_path_factory.mktemp("big")
-    config = tiny_moe_config(
-        hidden_size=256,
-        intermediate_size=512,
-        moe_intermediate_size=256,
-        num_hidden_layers=8,
-        num_local_experts=8,
-        mlp_only_layers=[],
-    )
+    shape = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256)
+    config = tiny_moe_config(num_hidden_layers=8, num_local_experts=8, mlp_only_layers=[], **shape)
     make_hf_model(config, root / "hf")
     write_tokenizer(root / "hf")
     proc = _convert(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, BatchedRuns, run_cli
+from conftest import REPO, BatchedRuns, score_cli
 
 from gspo_megatron.testing.hf_reference import max_abs_diff, read_logprobs
 
@@ -75,21 +75,7 @@ def test_score_cli_output_rows_in_input_order(tiny_moe, tmp_path):
     """The command line, two data-parallel ranks: rows come back in input order (each rank
     scores a length-sorted share), every one as long as its response and equal to HF's."""
     out = tmp_path / "out.jsonl"
-    run_cli(
-        [
-            "-m",
-            "gspo_megatron.score",
-            "--ckpt",
-            str(tiny_moe.ckpt),
-            "--input",
-            str(tiny_moe.input),
-            "--output",
-            str(out),
-            "--micro-batch-size",
-            "2",
-        ],
-        nproc=2,
-    )
+    score_cli(tiny_moe.ckpt, tiny_moe.input, out, "--micro-batch-size", "2", nproc=2)
     got = read_logprobs(out)
     assert [len(x) for x in got] == [len(r) for _, r in tiny_moe.rows]
     assert max_abs_diff(got, tiny_moe.reference) <= TOL
@@ -110,19 +96,7 @@ def test_score_cli_output_rows_in_input_order(tiny_moe, tmp_path):
 def test_score_rejects_bad_rows_with_one_line(tiny_moe, tmp_path, line, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_ids": [1], "response_ids": [2]}\n' + line + "\n")
-    proc = run_cli(
-        [
-            "-m",
-            "gspo_megatron.score",
-            "--ckpt",
-            str(tiny_moe.ckpt),
-            "--input",
-            str(bad),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-        ],
-        check=False,
-    )
+    proc = score_cli(tiny_moe.ckpt, bad, tmp_path / "o.jsonl", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {bad}:2: ") and message in lines[-1], proc.stderr
@@ -130,21 +104,7 @@ def test_score_rejects_bad_rows_with_one_line(tiny_moe, tmp_path, line, message)
 
 
 def test_score_rejects_layout_that_does_not_divide(tiny_moe, tmp_path):
-    proc = run_cli(
-        [
-            "-m",
-            "gspo_megatron.score",
-            "--ckpt",
-            str(tiny_moe.ckpt),
-            "--input",
-            str(tiny_moe.input),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-            "--ep",
-            "3",
-        ],
-        check=False,
-    )
+    proc = score_cli(tiny_moe.ckpt, tiny_moe.input, tmp_path / "o.jsonl", "--ep", "3", check=False)
     assert proc.returncode == 2
     assert (
         "does not fit the world size" in proc.stderr

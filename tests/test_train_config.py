@@ -13,50 +13,22 @@ from conftest import REPO
 from gspo_megatron.config import load_config
 from gspo_megatron.parallel import check_layout
 
-# Shapes of the released models (their config.json), the facts the layouts are built on.
-QWEN3_30B_A3B = dict(
-    vocab_size=151936,
-    hidden_size=2048,
-    num_hidden_layers=48,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    head_dim=128,
-    intermediate_size=6144,
-    moe_intermediate_size=768,
-    num_experts=128,
-    num_experts_per_tok=8,
-    max_position_embeddings=40960,
-)
-QWEN3_235B_A22B = dict(
-    vocab_size=151936,
-    hidden_size=4096,
-    num_hidden_layers=94,
-    num_attention_heads=64,
-    num_key_value_heads=4,
-    head_dim=128,
-    intermediate_size=12288,
-    moe_intermediate_size=1536,
-    num_experts=128,
-    num_experts_per_tok=8,
-    max_position_embeddings=40960,
-)
+# Shapes of the released models (their config.json), the facts the layouts are built on. Both
+# have 128 experts (8 per token), 4 KV heads of 128, the same vocabulary and context.
+RELEASED = dict(vocab_size=151936, num_key_value_heads=4, head_dim=128, num_experts=128)
+RELEASED.update(num_experts_per_tok=8, max_position_embeddings=40960, rms_norm_eps=1e-6)
+RELEASED.update(rope_theta=1000000.0, norm_topk_prob=True, torch_dtype="bfloat16")
+QWEN3_30B_A3B = dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32)
+QWEN3_30B_A3B.update(intermediate_size=6144, moe_intermediate_size=768)
+QWEN3_235B_A22B = dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64)
+QWEN3_235B_A22B.update(intermediate_size=12288, moe_intermediate_size=1536)
 
 
 def _spec(shape: dict):
     from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 
-    return spec_from_hf_config(
-        dict(
-            shape,
-            architectures=["Qwen3MoeForCausalLM"],
-            model_type="qwen3_moe",
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            norm_topk_prob=True,
-            torch_dtype="bfloat16",
-        ),
-        "test",
-    )
+    arch = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+    return spec_from_hf_config(dict(RELEASED, **arch, **shape), "test")
 
 
 @pytest.mark.parametrize(

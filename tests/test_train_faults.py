@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import torch
 import train_runs as tr
-from conftest import REPO
+from conftest import REPO, score_cli
 
 from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import random_rows
@@ -111,25 +111,8 @@ def test_training_checkpoint_scores_like_its_hf_export(multinode_run, tmp_path):
 
     rows = random_rows(6, seed=7)
     write_rows(rows, tmp_path / "rows.jsonl")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gspo_megatron.score",
-            "--ckpt",
-            str(multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}"),
-            "--input",
-            str(tmp_path / "rows.jsonl"),
-            "--output",
-            str(tmp_path / "out.jsonl"),
-        ],
-        cwd=REPO,
-        env=tr.env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = multinode_run / "checkpoints" / f"step_{tr.STEPS:06d}"
+    score_cli(final, tmp_path / "rows.jsonl", tmp_path / "out.jsonl")
     got = read_logprobs(tmp_path / "out.jsonl")
     want = hf_logprobs(AutoModelForCausalLM.from_pretrained(multinode_run / "hf"), rows)
     assert max_abs_diff(got, want) <= 1e-4

@@ -3,14 +3,12 @@ whole process tree, and reading a distributed checkpoint back in one process."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from conftest import REPO, free_port
+from conftest import REPO, child_env, torchrun_cmd
 
 STEPS = 5
 KL = {"loss.kl_coef": 0.01}
@@ -34,42 +32,22 @@ def overrides(init: Path, out: Path, **extra) -> list:
 
 
 def env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env["PYTHONWARNINGS"] = "ignore"
     # torchrun sets 1 thread per process only when a node runs several; the two-node launch
     # (1 process per node) would otherwise reduce in a different order than the one-node run.
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return dict(child_env(), OMP_NUM_THREADS="1")
 
 
 def torchrun(out_log: Path, overrides, resume: bool = False) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
+    cmd = torchrun_cmd(2) + [
         "-m",
         "gspo_megatron.train",
         "--config",
         "launch/configs/tiny_cpu.yaml",
     ]
     cmd += (["--resume"] if resume else []) + list(overrides)
+    log = open(out_log, "w")
     return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env(),
-        stdout=open(out_log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
 
 

@@ -17,42 +17,27 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Con
 TINY_VOCAB = 250  # deliberately not a multiple of 128: exercises vocabulary padding
 
 
+# What the tiny MoE and dense models share: 4 layers, hidden 64, GQA 4:2 with head_dim 16.
+_TINY_SHAPE = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, head_dim=16)
+_TINY_SHAPE.update(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+_TINY_SHAPE.update(max_position_embeddings=256)
+
+
 def tiny_moe_config(**overrides):
-    kw = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        mlp_only_layers=[2],
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    """4 experts (2 per token, renormalised), layer 2 dense, untied embeddings."""
+    kw = dict(_TINY_SHAPE, moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+    kw.update(norm_topk_prob=True, mlp_only_layers=[2], rms_norm_eps=1e-6)
+    kw.update(
+        tie_word_embeddings=False, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}
     )
     kw.update(overrides)
     return Qwen3MoeConfig(**kw)
 
 
 def tiny_dense_config(**overrides):
-    kw = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"},
-    )
+    """Dense Qwen3 with tied embeddings."""
+    rope = {"rope_theta": 1000000.0, "rope_type": "default"}
+    kw = dict(_TINY_SHAPE, tie_word_embeddings=True, rope_parameters=rope)
     kw.update(overrides)
     return Qwen3Config(**kw)
 

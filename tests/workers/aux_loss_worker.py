@@ -12,7 +12,6 @@ configuration.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -33,8 +32,8 @@ def _ratio(routers, want) -> float:
 def main() -> None:
     ckpt = Path(sys.argv[1])
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from samples import random_samples
 
-    from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.forward import model_forward
     from gspo_megatron.loss import PolicyLossConfig
@@ -53,16 +52,7 @@ def main() -> None:
     spec = checkpoint_spec(ckpt)
     layout = ParallelLayout()
     init_distributed(layout)
-    rng = random.Random(0)
-    samples = [
-        Sample(
-            [rng.randrange(200) for _ in range(rng.randint(3, 8))],
-            [rng.randrange(200) for _ in range(rng.randint(2, 9))],
-            0.0,
-            None,
-        )
-        for _ in range(4)
-    ]
+    samples = random_samples(4, advantage=0.0)
     out = {}
     for mbs, pad in ((1, 0), (2, 0), (2, 16)):
         model = build_model(spec, layout, moe_aux_loss_coeff=coeff)

@@ -6,7 +6,6 @@ the response positions x MoE layers x top-k of the sampled micro-batch. Prints o
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch.distributed as dist
 
 def main() -> None:
     ckpt, tp = Path(sys.argv[1]), int(sys.argv[2])
-    from gspo_megatron.batch import Sample
+    from samples import random_samples
+
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.models.qwen3.model import build_model
@@ -27,16 +27,7 @@ def main() -> None:
     spec = checkpoint_spec(ckpt)
     layout = ParallelLayout(tp=tp)
     init_distributed(layout)
-    rng = random.Random(0)
-    samples = [
-        Sample(
-            [rng.randrange(200) for _ in range(rng.randint(3, 8))],
-            [rng.randrange(200) for _ in range(rng.randint(2, 9))],
-            rng.uniform(-1, 1),
-            None,
-        )
-        for _ in range(8)
-    ]
+    samples = random_samples(8)
     out = {}
     for k in (1, 4):
         model = build_model(spec, layout)
