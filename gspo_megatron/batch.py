@@ -39,6 +39,9 @@ class MicroBatch:
     advantages: torch.Tensor
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    routes: Optional[dict] = None
+    """Routing replay: local MoE layer index -> [router rows, top-k] expert indices
+    (``gspo_megatron.routing_replay``)."""
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:

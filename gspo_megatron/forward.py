@@ -7,6 +7,7 @@ vocabulary-parallel logits (``gspo_megatron.logprobs``).
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import List, Optional
 
@@ -14,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from gspo_megatron import routing_replay
 from gspo_megatron.batch import MicroBatch
 from gspo_megatron.logprobs import tp_group, vocab_parallel_logprobs
 
@@ -36,7 +38,9 @@ def model_forward(model, mb: MicroBatch) -> torch.Tensor:
     cp = parallel_state.get_context_parallel_world_size()
     # Under CP the attention builds its own zigzag causal mask.
     mask = causal_mask(mb.tokens.shape[1], dev) if cp == 1 else None
-    return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)
+    replay = routing_replay.of(model)
+    with replay.micro_batch(mb) if replay is not None else contextlib.nullcontext():
+        return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)
 
 
 def label_logprobs(

@@ -150,6 +150,10 @@ OBJECTIVES: Dict[str, Callable[[Ratios], Terms]] = {
 }
 
 
+ROUTING_REPLAY = ("none", "r2")
+"""``loss.routing_replay``: how the updates route MoE tokens (``gspo_megatron.routing_replay``)."""
+
+
 @dataclass(frozen=True)
 class PolicyLossConfig:
     """The objective and how a rollout batch is consumed."""
@@ -170,6 +174,9 @@ class PolicyLossConfig:
     rollout (the engine's sampling log-probs)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch per data-parallel rank."""
+    routing_replay: str = "none"
+    """MoE routing replay in the updates: none (GSPO needs none), r2 (every update of a rollout
+    batch routes each token to the experts the pi_old forward chose; the paper's GRPO baseline)."""
 
     def validate(self) -> None:
         if self.variant not in OBJECTIVES:
@@ -184,6 +191,10 @@ class PolicyLossConfig:
             raise GspoError("loss.num_minibatches and loss.micro_batch_size must be >= 1")
         if self.kl_coef < 0:
             raise GspoError(f"loss.kl_coef={self.kl_coef} must be >= 0")
+        if self.routing_replay not in ROUTING_REPLAY:
+            raise GspoError(
+                f"loss.routing_replay='{self.routing_replay}' (allowed: {', '.join(ROUTING_REPLAY)})"
+            )
 
 
 def policy_loss(

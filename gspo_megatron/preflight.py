@@ -56,6 +56,11 @@ def preflight(
     cfg.validate(world_size)
     spec = checkpoint_spec(Path(cfg.model.ckpt))
     check_layout(cfg.parallel, spec, world_size)
+    if cfg.loss.routing_replay != "none" and not spec.is_moe:
+        raise GspoError(
+            f"loss.routing_replay={cfg.loss.routing_replay}: {cfg.model.ckpt} is a dense model "
+            f"(no routed experts to replay); use loss.routing_replay=none"
+        )
     layout = cfg.parallel
     dp = world_size // (layout.tp * layout.pp * layout.cp)
     samples = cfg.train.prompts_per_step * cfg.rollout.group_size

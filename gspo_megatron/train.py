@@ -128,6 +128,7 @@ class Trainer:
         from gspo_megatron.rollout.engine import RolloutEngine
         from gspo_megatron.rollout.weight_sync import WeightGatherer
         from gspo_megatron.route_change import RouteChangeMeter
+        from gspo_megatron.routing_replay import RoutingReplay
 
         cfg = self.cfg = plan.cfg
         self.plan, self.spec = plan, plan.spec
@@ -170,6 +171,8 @@ class Trainer:
         else:
             torch.manual_seed(cfg.train.seed + self.rank)
         self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
+        if cfg.loss.routing_replay != "none":
+            RoutingReplay(self.model)  # installed on the model's routers; policy_update uses it
         self.gatherer = WeightGatherer(
             self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype
         )

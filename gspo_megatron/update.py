@@ -16,6 +16,7 @@ forward pass before the first step, or from the rollout engine (paper sec. 5.4).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import Router
 
+from gspo_megatron import routing_replay
 from gspo_megatron.batch import (
     MicroBatch,
     Sample,
@@ -368,7 +370,15 @@ def policy_update(
     when pi_old comes from the engine (``measure_rollout_diff=False`` skips it).
 
     With ``cfg.kl_coef > 0``, ``ref_model`` is the frozen reference policy
-    (``gspo_megatron.reference``): its log-probs are computed once per minibatch, before any step."""
+    (``gspo_megatron.reference``): its log-probs are computed once per minibatch, before any step.
+    With ``cfg.routing_replay = r2`` the pi_old forward (run even when pi_old's log-probs come
+    from the engine) records every MoE layer's routes and the updates replay them; the model
+    needs a ``routing_replay.RoutingReplay`` installed."""
+    replay = routing_replay.of(model) if cfg.routing_replay != "none" else None
+    if cfg.routing_replay != "none" and replay is None:
+        raise GspoError(
+            f"loss.routing_replay={cfg.routing_replay} needs routing_replay.RoutingReplay(model)"
+        )
     seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
     if len(samples) % k:
@@ -396,16 +406,20 @@ def policy_update(
     t0 = time.perf_counter()
     watch = route_meter is not None
     recorded = False
-    if cfg.old_logprobs == "trainer" or (measure_rollout_diff and have_engine.item()):
+    old_forward = cfg.old_logprobs == "trainer" or replay is not None
+    if old_forward or (measure_rollout_diff and have_engine.item()):
         keep = cfg.old_logprobs == "rollout"
         diffs = []
-        for i, mbs in enumerate(minibatches):
-            if watch and i == k - 1:  # pi_old's routes for the last minibatch's first micro-batch
-                route_meter.start("record", mbs[0].loss_mask)
-                recorded = True
-            diffs.append(compute_old_logprobs(model, mbs, vocab_size, seq_len, keep_rollout=keep))
-            if watch:
-                route_meter.stop()
+        with replay.recording() if replay is not None else contextlib.nullcontext():
+            for i, mbs in enumerate(minibatches):
+                if watch and i == k - 1:  # pi_old's routes: last minibatch, first micro-batch
+                    route_meter.start("record", mbs[0].loss_mask)
+                    recorded = True
+                diffs.append(
+                    compute_old_logprobs(model, mbs, vocab_size, seq_len, keep_rollout=keep)
+                )
+                if watch:
+                    route_meter.stop()
         if have_engine.item():
             rollout = reduce_logprob_diff(diffs)
     if cfg.kl_coef:
@@ -416,14 +430,15 @@ def policy_update(
     scale_moe_aux_loss(model, moe_aux_loss_coeff, cfg.micro_batch_size)
     t1 = time.perf_counter()
     steps = []
-    for i, mbs in enumerate(minibatches):
-        if recorded and i == k - 1:  # ... against pi_theta's after k - 1 optimizer steps
-            route_meter.start("compare", mbs[0].loss_mask)
-        steps.append(
-            train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler)
-        )
-        if watch:
-            route_meter.stop()
+    with replay.replaying() if replay is not None else contextlib.nullcontext():
+        for i, mbs in enumerate(minibatches):
+            if recorded and i == k - 1:  # ... against pi_theta's after k - 1 optimizer steps
+                route_meter.start("compare", mbs[0].loss_mask)
+            steps.append(
+                train_step(model, optimizer, mbs, cfg, vocab_size, seq_len, scheduler=scheduler)
+            )
+            if watch:
+                route_meter.stop()
     routes = route_meter.result() if watch else {}
     return UpdateResult(
         steps,

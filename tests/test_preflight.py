@@ -346,3 +346,14 @@ def test_resuming_a_run_of_another_model(
     )
     err = _main(argv + ["--resume"], monkeypatch, capsys)
     assert "step_000005 (vs model.ckpt=" in err and "checkpoint is of another model shape" in err
+
+
+def test_routing_replay_needs_a_moe_model_and_a_known_mode(good, tiny_dense, monkeypatch, capsys):
+    dense = [f"model.ckpt={tiny_dense.ckpt}", "loss.routing_replay=r2"]
+    err = _main(good + dense, monkeypatch, capsys)
+    assert (
+        f"loss.routing_replay=r2: {tiny_dense.ckpt} is a dense model (no routed experts to "
+        f"replay); use loss.routing_replay=none" in err
+    )
+    err = _main(good + ["loss.routing_replay=r5"], monkeypatch, capsys)
+    assert "loss.routing_replay='r5' (allowed: none, r2)" in err

@@ -9,9 +9,10 @@ Each case writes, on rank 0, the global metrics and every parameter's full gradi
 weights after the update), keyed like the checkpoint, so the test can compare layouts with the
 single process. A case ``{"name", "samples", "layout": {"tp", "pp", "ep", "cp"}, "mode":
 "grads"|"update", "variant", "clip_low", "clip_high", "micro_batch_size", "num_minibatches",
-"trainer_old_logprobs", "kl_coef"}``: with ``kl_coef`` the grads mode takes the reference
-log-probs from the samples and the update mode builds the reference policy from the checkpoint
-(``gspo_megatron.reference``) and also reports its log-probs per sample.
+"trainer_old_logprobs", "kl_coef", "routing_replay", "lr", "route_meter"}``: with ``kl_coef`` the
+grads mode takes the reference log-probs from the samples and the update mode builds the
+reference policy from the checkpoint (``gspo_megatron.reference``) and also reports its log-probs
+per sample; ``route_meter`` reports ``train/moe_route_change`` of the update.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from gspo_megatron.models.qwen3.model import build_model
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
 from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
 from gspo_megatron.reference import build_reference, fill_ref_logprobs
+from gspo_megatron.route_change import RouteChangeMeter
+from gspo_megatron.routing_replay import RoutingReplay
 from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
 from gspo_megatron.update import agreed_seq_len, make_microbatches, policy_update, train_step
 
@@ -97,6 +100,7 @@ def run_case(case: dict, ckpt: Path) -> dict:
         micro_batch_size=case.get("micro_batch_size", 2),
         num_minibatches=case.get("num_minibatches", 2),
         kl_coef=kl,
+        routing_replay=case.get("routing_replay", "none"),
         old_logprobs="rollout" if mine[0].old_logprobs is not None else "trainer",
     )
     if not update:
@@ -113,9 +117,14 @@ def run_case(case: dict, ckpt: Path) -> dict:
     result = {}
     if reference is not None:
         result["ref_logprobs"] = reference_logprobs(reference, mine, spec.vocab_size)
-    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0))
-    steps = policy_update(ddp, optimizer, mine, cfg, spec.vocab_size, ref_model=reference).steps
-    result.update(metrics=steps, tensors=gather_full_tensors(ddp))
+    optimizer = build_optimizer(ddp, OptimConfig(lr=case.get("lr", 1e-3), clip_grad=1.0))
+    if cfg.routing_replay != "none":
+        RoutingReplay(ddp)
+    meter = RouteChangeMeter(ddp) if case.get("route_meter") else None
+    update = policy_update(
+        ddp, optimizer, mine, cfg, spec.vocab_size, ref_model=reference, route_meter=meter
+    )
+    result.update(metrics=update.steps, routes=update.routes, tensors=gather_full_tensors(ddp))
     return result
 
 
