@@ -11,7 +11,7 @@ rank r keeps chunks r and 2*CP-1-r, so every rank gets the same share of causal-
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -26,6 +26,9 @@ class Sample:
     old_logprobs: Optional[List[float]] = None
     """Per response token, from the rollout engine (optional; else the trainer computes them)."""
     ref_logprobs: Optional[List[float]] = None
+    routes: Optional[Any] = None
+    """The engine's expert ids for every token it fed through the model (the prompt, then the
+    response but its last token): [len(prompt) + len(response) - 1, MoE layers, top-k]."""
 
 
 @dataclass
@@ -39,6 +42,11 @@ class MicroBatch:
     advantages: torch.Tensor
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    engine_routes: Optional[torch.Tensor] = None
+    """[b, S, MoE layers, top-k] the engine's expert ids per position, -1 where it routed none
+    (padding, each response's last token)."""
+    route_rows: Optional[torch.Tensor] = None
+    """[b, S] positions holding a response token the engine routed (route agreement counts these)."""
     routes: Optional[dict] = None
     """Routing replay: local MoE layer index -> [router rows, top-k] expert indices
     (``gspo_megatron.routing_replay``)."""
@@ -64,6 +72,12 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
     have_ref = any(s is not None and s.ref_logprobs is not None for s in samples)
     old = torch.zeros(b, seq_len) if have_old else None
     ref = torch.zeros(b, seq_len) if have_ref else None
+    with_routes = [s for s in samples if s is not None and s.routes is not None]
+    routes = rows = None
+    if with_routes:
+        shape = tuple(with_routes[0].routes.shape[1:])
+        routes = torch.full((b, seq_len) + shape, -1, dtype=torch.long)
+        rows = torch.zeros(b, seq_len, dtype=torch.bool)
     for i, s in enumerate(samples):
         if s is None:
             continue
@@ -80,8 +94,16 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
             old[i, p - 1 : p - 1 + r] = torch.as_tensor(s.old_logprobs, dtype=torch.float32)
         if ref is not None and s.ref_logprobs is not None:
             ref[i, p - 1 : p - 1 + r] = torch.as_tensor(s.ref_logprobs, dtype=torch.float32)
+        if routes is not None and s.routes is not None:
+            fed = torch.as_tensor(s.routes, dtype=torch.long)
+            if fed.shape != (n - 1,) + tuple(routes.shape[2:]):
+                raise ValueError(
+                    f"sample routes {tuple(fed.shape)} do not cover its {n - 1} fed tokens"
+                )
+            routes[i, : n - 1] = fed
+            rows[i, p : n - 1] = True
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
-    return MicroBatch(tokens, labels, mask, pos, adv, old, ref)
+    return MicroBatch(tokens, labels, mask, pos, adv, old, ref, routes, rows)
 
 
 def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -114,4 +136,6 @@ def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         position_ids=take(mb.position_ids),
         old_logprobs=take(mb.old_logprobs),
         ref_logprobs=take(mb.ref_logprobs),
+        engine_routes=take(mb.engine_routes),
+        route_rows=take(mb.route_rows),
     )

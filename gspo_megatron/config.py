@@ -125,12 +125,25 @@ class Config:
                 "rewards.functions: every weight is 0, so every reward and advantage "
                 "is 0; give at least one function a non-zero weight"
             )
+        if self.loss.routing_replay == "r3" and self.rollout.capture_routes == "never":
+            raise GspoError(
+                "loss.routing_replay=r3 replays the engine's routes, but "
+                "rollout.capture_routes=never does not record them; use auto or always"
+            )
         samples = self.train.prompts_per_step * self.rollout.group_size
         if samples % self.loss.num_minibatches:
             raise GspoError(
                 f"train.prompts_per_step x rollout.group_size = {samples} samples do not "
                 f"split into loss.num_minibatches={self.loss.num_minibatches}"
             )
+
+    def capture_routes(self, on_gpu: bool) -> bool:
+        """Whether the engine records its routes (MoE models): rollout.capture_routes=always, or auto
+        where it costs nothing (CPU: the engine runs eagerly anyway) or r3 needs it."""
+        setting = self.rollout.capture_routes
+        return setting == "always" or (
+            setting == "auto" and (not on_gpu or self.loss.routing_replay == "r3")
+        )
 
 
 def load_config(path: Optional[Path], overrides: Sequence[str] = ()) -> Config:

@@ -150,7 +150,7 @@ OBJECTIVES: Dict[str, Callable[[Ratios], Terms]] = {
 }
 
 
-ROUTING_REPLAY = ("none", "r2")
+ROUTING_REPLAY = ("none", "r2", "r3")
 """``loss.routing_replay``: how the updates route MoE tokens (``gspo_megatron.routing_replay``)."""
 
 
@@ -175,8 +175,9 @@ class PolicyLossConfig:
     micro_batch_size: int = 1
     """Sequences per micro-batch per data-parallel rank."""
     routing_replay: str = "none"
-    """MoE routing replay in the updates: none (GSPO needs none), r2 (every update of a rollout
-    batch routes each token to the experts the pi_old forward chose; the paper's GRPO baseline)."""
+    """MoE routing replay: none (GSPO needs none), r2 (every update of a rollout batch routes each
+    token to the experts the pi_old forward chose; the paper's GRPO baseline), r3 (pi_old's forward
+    and the updates route as the rollout engine did while sampling; needs rollout.capture_routes)."""
 
     def validate(self) -> None:
         if self.variant not in OBJECTIVES:

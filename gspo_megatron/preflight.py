@@ -26,6 +26,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes
 from gspo_megatron.parallel import check_layout
 from gspo_megatron.rewards.builtin import NEEDS_ANSWER
+from gspo_megatron.rollout.routes import capture_unavailable
 
 if TYPE_CHECKING:  # transformers stays out of the import until the tokenizer is loaded
     from transformers import PreTrainedTokenizerBase
@@ -48,6 +49,8 @@ class Plan:
     """Data-parallel ranks."""
     checkpoint_bytes: int
     """Estimated size of one training checkpoint (checked against free space before saves)."""
+    capture_routes: bool = False
+    """Whether the engine records its MoE routes (rollout/route_agreement, r3)."""
 
 
 def preflight(
@@ -61,6 +64,17 @@ def preflight(
             f"loss.routing_replay={cfg.loss.routing_replay}: {cfg.model.ckpt} is a dense model "
             f"(no routed experts to replay); use loss.routing_replay=none"
         )
+    capture_routes = spec.is_moe and cfg.capture_routes(torch.cuda.is_available())
+    why_not = capture_unavailable() if capture_routes else None
+    if why_not is not None:
+        if cfg.loss.routing_replay == "r3" or cfg.rollout.capture_routes == "always":
+            setting = (
+                "loss.routing_replay=r3"
+                if cfg.loss.routing_replay == "r3"
+                else "rollout.capture_routes=always"
+            )
+            raise GspoError(f"{setting} needs the engine's routes, but {why_not}")
+        capture_routes = False  # auto: rollout/route_agreement is simply not measured
     layout = cfg.parallel
     dp = world_size // (layout.tp * layout.pp * layout.cp)
     samples = cfg.train.prompts_per_step * cfg.rollout.group_size
@@ -97,7 +111,7 @@ def preflight(
         spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR
     )
     check_free_space(out, checkpoint_bytes, "a training checkpoint (model + optimizer state)")
-    return Plan(cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes)
+    return Plan(cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes, capture_routes)
 
 
 def load_tokenizer(hf_dir: Path):

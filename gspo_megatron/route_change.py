@@ -18,10 +18,10 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core.transformer.moe.router import Router
 
 from gspo_megatron.optim import unwrap
+from gspo_megatron.routing_replay import router_rows
 
 
 class RouteChangeMeter:
@@ -66,15 +66,7 @@ class RouteChangeMeter:
 
     def rows_of(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """[b, S] loss mask -> this rank's router rows ([S, b] order, SP chunk)."""
-        rows = loss_mask.t().reshape(-1).bool()
-        if getattr(self.config, "sequence_parallel", False):
-            tp, rank = (
-                ps.get_tensor_model_parallel_world_size(),
-                ps.get_tensor_model_parallel_rank(),
-            )
-            n = rows.numel() // tp
-            rows = rows[rank * n : (rank + 1) * n]
-        return rows
+        return router_rows(loss_mask, self.config).bool()
 
     def start(self, mode: str, loss_mask: torch.Tensor) -> None:
         """Watch the next forward pass, whose first micro-batch has this loss mask."""

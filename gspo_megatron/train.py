@@ -156,7 +156,13 @@ class Trainer:
         self.hf_dir = Path(cfg.model.ckpt) / HF_SUBDIR
         # The engine starts from random weights and receives the trainer's: no second read of
         # the checkpoint, and a resumed run's engine gets the resumed weights the same way.
-        self.engine = RolloutEngine(self.hf_dir, cfg.rollout, dtype, dummy_weights=True)
+        self.engine = RolloutEngine(
+            self.hf_dir,
+            cfg.rollout,
+            dtype,
+            dummy_weights=True,
+            capture_routes=plan.capture_routes,
+        )
         self.state = TrainState()
         if plan.resume_from is not None and self.rank == 0:
             for path in set_aside_newer(self.out / CHECKPOINTS, plan.resume_from):
@@ -171,8 +177,8 @@ class Trainer:
         else:
             torch.manual_seed(cfg.train.seed + self.rank)
         self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
-        if cfg.loss.routing_replay != "none":
-            RoutingReplay(self.model)  # installed on the model's routers; policy_update uses it
+        if plan.spec.is_moe:  # route agreement with the engine, and replay when asked for
+            RoutingReplay(self.model, cfg.loss.routing_replay)
         self.gatherer = WeightGatherer(
             self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype
         )
@@ -230,7 +236,8 @@ class Trainer:
         r = torch.tensor(rewards, dtype=torch.float64)
         adv = group_advantages(r, g_size)
         samples = [
-            Sample(p.ids, c.token_ids, a, c.logprobs) for (p, c), a in zip(pairs, adv.tolist())
+            Sample(p.ids, c.token_ids, a, c.logprobs, routes=c.routes)
+            for (p, c), a in zip(pairs, adv.tolist())
         ]
         # Every data-parallel rank must get the same number of samples, splitting into the
         # minibatches; only a prompt the engine skipped could break that (the data set already

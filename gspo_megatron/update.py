@@ -1,6 +1,6 @@
 """Policy updates on megatron-core: old log-probs, then minibatch GSPO steps.
 
-The loss lives on the last pipeline stage, inside megatron's schedule (``loss_func`` below):
+The loss lives on the last pipeline stage, inside megatron's schedule (``_loss_func`` below):
 log-probs come vocab-parallel from the logits, per-sequence sums are all-reduced over the CP
 group inside ``policy_loss``, and each micro-batch returns the *sum* of its sequences' objectives
 together with its sequence count. With ``calculate_per_token_loss`` megatron then sums gradients
@@ -38,8 +38,13 @@ from gspo_megatron.batch import (
     sequence_multiple,
 )
 from gspo_megatron.errors import GspoError
-from gspo_megatron.forward import forward_logprobs, label_logprobs, model_forward, run_schedule
+from gspo_megatron.forward import label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import PolicyLossConfig, finalize_metrics, policy_loss
+from gspo_megatron.old_logprobs import (
+    compute_old_logprobs,
+    observe_route_agreement,
+    reduce_logprob_diff,
+)
 from gspo_megatron.optim import unwrap
 from gspo_megatron.reference import fill_ref_logprobs
 
@@ -75,55 +80,6 @@ def make_microbatches(
         )
         for k in range(n)
     ]
-
-
-def compute_old_logprobs(
-    model, microbatches: List[MicroBatch], vocab_size: int, seq_len: int, keep_rollout: bool = False
-) -> torch.Tensor:
-    """pi_old = the current weights: fill ``mb.old_logprobs`` (last stage only needs them).
-
-    Where a micro-batch already carries the rollout engine's log-probs, they are compared with
-    the trainer's first; returns this rank's [sum |diff|, max |diff|, tokens] (zeros on ranks
-    that do not own log-probs). ``keep_rollout`` keeps the engine's values as pi_old (the
-    comparison is then all this pass is for)."""
-    unwrapped = unwrap(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    lps = forward_logprobs(model, microbatches, vocab_size, seq_len)
-    if was_training:
-        unwrapped.train()
-    diff = torch.zeros(3, dtype=torch.float64)
-    if lps is None:
-        return diff
-    owner = ps.get_tensor_model_parallel_rank() == 0  # TP ranks hold identical log-probs
-    for mb, lp in zip(microbatches, lps):
-        if mb.old_logprobs is not None and owner:
-            d = (lp - mb.old_logprobs).abs()[mb.loss_mask].double()
-            if d.numel():
-                diff[0] += d.sum()
-                diff[1] = torch.maximum(diff[1], d.max())
-                diff[2] += d.numel()
-        if not keep_rollout:
-            mb.old_logprobs = lp
-    return diff
-
-
-def reduce_logprob_diff(parts: Sequence[torch.Tensor]) -> Dict[str, float]:
-    """Per-rank [sum, max, tokens] -> the global mean and max |engine - trainer| per token."""
-    total = torch.stack(list(parts)).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
-    worst = (
-        torch.stack([p[1] for p in parts]).max() if parts else torch.zeros((), dtype=torch.float64)
-    )
-    sums = torch.stack([total[0], total[2]])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    tokens = float(sums[1])
-    return {
-        "rollout/logprob_abs_diff_mean": float(sums[0]) / tokens if tokens else float("nan"),
-        "rollout/logprob_abs_diff_max": float(worst) if tokens else float("nan"),
-        "rollout/logprob_diff_tokens": tokens,
-    }
 
 
 def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
@@ -371,13 +327,15 @@ def policy_update(
 
     With ``cfg.kl_coef > 0``, ``ref_model`` is the frozen reference policy
     (``gspo_megatron.reference``): its log-probs are computed once per minibatch, before any step.
-    With ``cfg.routing_replay = r2`` the pi_old forward (run even when pi_old's log-probs come
-    from the engine) records every MoE layer's routes and the updates replay them; the model
-    needs a ``routing_replay.RoutingReplay`` installed."""
-    replay = routing_replay.of(model) if cfg.routing_replay != "none" else None
-    if cfg.routing_replay != "none" and replay is None:
+    A ``routing_replay.RoutingReplay`` installed on the model measures the trainer-vs-engine
+    route agreement in the pi_old forward (samples carrying ``routes``) and, with
+    ``cfg.routing_replay`` r2 / r3, pins the updates' routes (the pi_old forward then runs even
+    when pi_old's log-probs come from the engine)."""
+    replay = routing_replay.of(model)
+    if cfg.routing_replay != "none" and (replay is None or replay.mode != cfg.routing_replay):
         raise GspoError(
-            f"loss.routing_replay={cfg.routing_replay} needs routing_replay.RoutingReplay(model)"
+            f"loss.routing_replay={cfg.routing_replay} needs "
+            f"routing_replay.RoutingReplay(model, '{cfg.routing_replay}')"
         )
     seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
@@ -406,11 +364,11 @@ def policy_update(
     t0 = time.perf_counter()
     watch = route_meter is not None
     recorded = False
-    old_forward = cfg.old_logprobs == "trainer" or replay is not None
+    old_forward = cfg.old_logprobs == "trainer" or cfg.routing_replay != "none"
     if old_forward or (measure_rollout_diff and have_engine.item()):
         keep = cfg.old_logprobs == "rollout"
         diffs = []
-        with replay.recording() if replay is not None else contextlib.nullcontext():
+        with replay.old_pass() if replay is not None else contextlib.nullcontext():
             for i, mbs in enumerate(minibatches):
                 if watch and i == k - 1:  # pi_old's routes: last minibatch, first micro-batch
                     route_meter.start("record", mbs[0].loss_mask)
@@ -422,6 +380,10 @@ def policy_update(
                     route_meter.stop()
         if have_engine.item():
             rollout = reduce_logprob_diff(diffs)
+    if replay is not None:
+        if replay.mode == "r3":  # its pi_old pass replays: the agreement needs a pass without
+            observe_route_agreement(model, minibatches, vocab_size, seq_len)
+        rollout.update(replay.take_agreement())
     if cfg.kl_coef:
         if ref_model is None:
             raise GspoError("loss.kl_coef > 0 needs the reference policy (ref_model)")
@@ -430,7 +392,7 @@ def policy_update(
     scale_moe_aux_loss(model, moe_aux_loss_coeff, cfg.micro_batch_size)
     t1 = time.perf_counter()
     steps = []
-    with replay.replaying() if replay is not None else contextlib.nullcontext():
+    with replay.update_pass() if replay is not None else contextlib.nullcontext():
         for i, mbs in enumerate(minibatches):
             if recorded and i == k - 1:  # ... against pi_theta's after k - 1 optimizer steps
                 route_meter.start("compare", mbs[0].loss_mask)

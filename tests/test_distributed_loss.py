@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, BatchedRuns
 
-from gspo_megatron.testing.hf_reference import hf_logprobs
+from gspo_megatron.testing.hf_reference import hf_logprobs, hf_routes, max_abs_diff
 from gspo_megatron.testing.tiny_model import random_rows
 
 WORKER = str(REPO / "tests" / "workers" / "grad_worker.py")
@@ -57,6 +58,9 @@ _KL = {"kl_coef": 0.1}
 _MOVING = {**_UPDATE, "variant": "grpo", "clip_low": 0.2, "clip_high": 0.27, "lr": 3e-2}
 _MOVING["route_meter"] = True
 _R2 = {**_MOVING, "routing_replay": "r2"}
+# Samples carrying "engine" routes drawn at random (as far from the trainer's own as it gets).
+_ROUTED = {"samples": "routed", "engine_routes": True, "trainer_old_logprobs": True}
+_R3 = {**_MOVING, **_ROUTED, "routing_replay": "r3"}
 
 
 def _cases():
@@ -80,8 +84,13 @@ def _cases():
     for name, nproc, layout in UPDATE_LAYOUTS:
         cases[f"{name}-update"] = (nproc, {**_UPDATE, "layout": layout})
     cases["single-moving"], cases["single-r2"] = (1, _MOVING), (1, _R2)
-    for name, nproc, layout in REPLAY_LAYOUTS:
-        cases[f"{name}-r2"] = (nproc, {**_R2, "layout": layout})
+    for name, nproc, layout in [("single", 1, {})] + REPLAY_LAYOUTS:
+        if nproc > 1:
+            cases[f"{name}-r2"] = (nproc, {**_R2, "layout": layout})
+        cases[f"{name}-r3"] = (nproc, {**_R3, "layout": layout})
+        for mode in ("none", "r3"):
+            logprobs = {**_ROUTED, "mode": "logprobs", "routing_replay": mode, "layout": layout}
+            cases[f"{name}-{mode}-logprobs"] = (nproc, logprobs)
     return cases
 
 
@@ -115,6 +124,22 @@ def samples_dir(tiny_moe, tmp_path_factory):
     both[1]["advantage"] = float("nan")
     (root / "both.json").write_text(json.dumps(both))
     (root / "good.json").write_text(json.dumps(both[4:]))
+    # routed: main's rows with random routes for every fed token (prompt, then response but its
+    # last token) and MoE layer: top-k distinct experts each.
+    config = tiny_moe.model.config
+    moe_layers = sum(i not in config.mlp_only_layers for i in range(config.num_hidden_layers))
+    routed = []
+    for row in main:
+        fed = len(row["prompt_ids"]) + len(row["response_ids"]) - 1
+        picks = [
+            [
+                rng.sample(range(config.num_experts), config.num_experts_per_tok)
+                for _ in range(moe_layers)
+            ]
+            for _ in range(fed)
+        ]
+        routed.append({**row, "routes": picks})
+    (root / "routed.json").write_text(json.dumps(routed))
     return root
 
 
@@ -266,3 +291,60 @@ def test_r2_pins_the_updates_to_pi_old_routes(runs, name):
     # The forced routes changed the second update: it differs from the unreplayed one.
     moving = runs["single-moving"]["metrics"][1]["train/grad_norm"]
     assert ref["metrics"][1]["train/grad_norm"] != pytest.approx(moving, rel=1e-6)
+
+
+def _routed_rows(samples_dir):
+    rows = json.loads((samples_dir / "routed.json").read_text())
+    return rows, [(r["prompt_ids"], r["response_ids"]) for r in rows]
+
+
+def _by_row(result, rows):
+    return [result["logprobs"][json.dumps([r["prompt_ids"], r["response_ids"]])] for r in rows]
+
+
+@pytest.mark.parametrize("name", ["single"] + [case[0] for case in REPLAY_LAYOUTS])
+def test_r3_forward_routes_every_token_as_the_engine_did(runs, tiny_moe, samples_dir, name):
+    """loss.routing_replay=r3 in the pi_old forward: with the engine's routes (here random ones)
+    forced, every layout's log-probs equal transformers' with the same routes forced (a route
+    put on the wrong token, layer or rank would not), and they are far from the unforced ones."""
+    rows, pairs = _routed_rows(samples_dir)
+    forced = [np.array(r["routes"]) for r in rows]
+    want = hf_logprobs(tiny_moe.model, pairs, forced_routes=forced)
+    got = _by_row(runs[f"{name}-r3-logprobs"], rows)
+    assert max_abs_diff(got, want) <= 1e-4
+    natural = _by_row(runs[f"{name}-none-logprobs"], rows)
+    assert max_abs_diff(natural, hf_logprobs(tiny_moe.model, pairs)) <= 1e-4
+    assert max_abs_diff(natural, want) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["single"] + [case[0] for case in REPLAY_LAYOUTS])
+def test_route_agreement_equals_a_direct_count(runs, tiny_moe, samples_dir, name):
+    """rollout/route_agreement: the fraction of (response token, MoE layer) top-k sets on which
+    the trainer's own router (pi_old, no replay) chooses what the engine did, against the same
+    count made from transformers' router outputs."""
+    rows, pairs = _routed_rows(samples_dir)
+    same = counted = 0
+    for (prompt, response), row in zip(pairs, rows):
+        fed = list(prompt) + list(response[:-1])
+        ref = hf_routes(tiny_moe.model, [fed])[0].sort(-1).values
+        engine = torch.tensor(row["routes"]).sort(-1).values
+        agree = (ref == engine).all(-1)[len(prompt) :]  # response tokens only
+        same, counted = same + int(agree.sum()), counted + agree.numel()
+    want = same / counted
+    assert 0.05 < want < 0.5  # random routes: far from 1, the count is not trivial
+    for mode in ("none", "r3"):  # r3 replaces the routes after comparing them
+        got = runs[f"{name}-{mode}-logprobs"]["agreement"]["rollout/route_agreement"]
+        assert got == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["single"] + [case[0] for case in REPLAY_LAYOUTS])
+def test_r3_pins_the_updates_to_the_engine_routes(runs, name):
+    """r3 through a whole update: pi_old's forward and both minibatch steps route as the engine
+    did, so the route change is exactly 0 and the first step sees pi_old's log-probs exactly."""
+    got, ref = runs[f"{name}-r3"], runs["single-r3"]
+    assert got["routes"]["train/moe_route_change"] == 0.0
+    first = got["metrics"][0]
+    assert first["gspo/abs_log_ratio"] == 0.0 and first["gspo/approx_kl"] == 0.0
+    for a, b in zip(ref["metrics"], got["metrics"]):
+        for k in ("gspo/loss", "train/grad_norm", "gspo/abs_log_ratio"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k

@@ -356,4 +356,23 @@ def test_routing_replay_needs_a_moe_model_and_a_known_mode(good, tiny_dense, mon
         f"replay); use loss.routing_replay=none" in err
     )
     err = _main(good + ["loss.routing_replay=r5"], monkeypatch, capsys)
-    assert "loss.routing_replay='r5' (allowed: none, r2)" in err
+    assert "loss.routing_replay='r5' (allowed: none, r2, r3)" in err
+
+
+def test_r3_needs_an_engine_that_records_its_routes(good, monkeypatch, capsys):
+    from gspo_megatron import preflight
+
+    err = _main(
+        good + ["loss.routing_replay=r3", "rollout.capture_routes=never"], monkeypatch, capsys
+    )
+    assert (
+        "loss.routing_replay=r3 replays the engine's routes, but rollout.capture_routes=never does "
+        "not record them; use auto or always" in err
+    )
+    reason = "the installed vLLM lacks the hook route capture uses (def set_capture_fn in ...)"
+    monkeypatch.setattr(preflight, "capture_unavailable", lambda: reason)
+    err = _main(good + ["loss.routing_replay=r3"], monkeypatch, capsys)
+    assert f"loss.routing_replay=r3 needs the engine's routes, but {reason}" in err
+    # Without r3 the route agreement is simply not measured: the run goes ahead.
+    plan = _plan_of(good, monkeypatch)
+    assert plan.capture_routes is False

@@ -9,7 +9,9 @@ import shutil
 import pytest
 import torch
 from conftest import REPO, TinyModel, run_cli
+from transformers import AutoModelForCausalLM
 
+from gspo_megatron.testing.hf_reference import hf_routes
 from gspo_megatron.testing.tiny_model import tiny_moe_config
 
 
@@ -59,6 +61,36 @@ def test_step_sync_then_vllm_matches_trainer(vllm_moe, tmp_path, layout):
     assert r["post_sync"]["rollout/logprob_abs_diff_max"] <= 1e-3
     assert r["greedy_engine"] == r["greedy_trainer"]
     assert all(len(g) == 10 for g in r["greedy_engine"])
+
+    # Route capture: the experts the engine routed every fed token to (prompt, response but its
+    # last token), in every MoE layer, are those transformers' routers choose.
+    sequences = [(p, resp, torch.tensor(routes)) for p, resp, routes in r["first_routes"]]
+    assert len(sequences) == 16
+    for prompt, response, routes in sequences:
+        fed = list(prompt) + list(response[:-1])
+        assert routes.shape == (len(fed), 3, 2)
+        want = hf_routes(vllm_moe.model, [fed])[0]
+        assert torch.equal(routes.sort(-1).values, want.sort(-1).values)
+    # rollout/route_agreement in the pi_old pass equals a direct count against transformers'
+    # routers with the trainer's weights: 1 while they are the engine's, below 1 once the
+    # trainer has taken a step and the engine has not.
+    assert r["pre_step"]["rollout/route_agreement"] == _agreement(vllm_moe.model, sequences) == 1.0
+    moved = AutoModelForCausalLM.from_pretrained(out.parent / "hf_after_step")
+    want = _agreement(moved, sequences)
+    assert r["stale_agreement"]["rollout/route_agreement"] == pytest.approx(want, abs=1e-12)
+    assert want < 1.0
+
+
+def _agreement(model, sequences) -> float:
+    """Fraction of (response token, MoE layer) top-k sets the model's routers choose as the
+    engine did."""
+    same = counted = 0
+    for prompt, response, routes in sequences:
+        fed = list(prompt) + list(response[:-1])
+        ref = hf_routes(model, [fed])[0].sort(-1).values
+        agree = (ref == routes.sort(-1).values).all(-1)[len(prompt) :]
+        same, counted = same + int(agree.sum()), counted + agree.numel()
+    return same / counted
 
 
 def _check(args, **kw):

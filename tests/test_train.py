@@ -31,6 +31,9 @@ def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
         for tag in ("gspo/clip_fraction", "train/lr", "train/grad_norm", "perf/sync_seconds"):
             assert tag in r
         assert r["data/prompts"] == 256 and r["data/skipped_overlong"] == 0
+        # The trainer's routers under pi_old choose the experts the engine routed each response
+        # token to (same weights after every sync; fp32 leaves only near-ties to differ).
+        assert 0.99 <= r["rollout/route_agreement"] <= 1.0
         # The KL penalty to the frozen initial policy: 0 only while the policy is still it.
         assert r["gspo/ref_kl"] >= 0
     assert rows[-1]["gspo/ref_kl"] > 0

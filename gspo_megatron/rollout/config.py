@@ -40,6 +40,11 @@ class RolloutConfig:
     rollouts (vLLM sleep mode level 2; the weights come back through the weight sync)."""
     sync_bucket_mb: int = 512
     """Weight sync moves tensors in all-gather buckets of at most this many MiB."""
+    capture_routes: str = "auto"
+    """MoE: record the experts each layer routes every token to while sampling (for
+    rollout/route_agreement and loss.routing_replay=r3): always, never, or auto (on CPU, where it
+    is free, and whenever r3 needs it). It turns prefix caching off; on GPU it also runs vLLM's V1
+    model runner without CUDA graphs, which costs sampling speed."""
     seed: int = 0
     """Base of the per-prompt sampling seeds (a seed depends on step and prompt index only, so a
     rollout does not depend on which engine served it)."""
@@ -65,6 +70,8 @@ class RolloutConfig:
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
         if not self.kv_cache_gib > 0:
             raise bad("kv_cache_gib", "must be > 0")
+        if self.capture_routes not in ("auto", "always", "never"):
+            raise bad("capture_routes", "allowed: auto, always, never")
 
     @property
     def max_model_len(self) -> int:

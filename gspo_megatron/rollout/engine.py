@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.rollout.routes import RouteCapture
 from gspo_megatron.rollout.weight_sync import SyncStats
 
 
@@ -40,6 +42,9 @@ class Completion:
     token_ids: List[int]
     logprobs: List[float]  # the engine's log-prob of each sampled token
     finish_reason: str  # "stop" (EOS / stop token) or "length"
+    routes: Optional[np.ndarray] = None
+    """With route capture: the engine's expert ids for every token it fed through the model
+    (prompt, then response but its last token) x MoE layer x top-k (``rollout.routes``)."""
 
 
 @dataclass
@@ -130,10 +135,13 @@ class RolloutEngine:
         cfg: RolloutConfig,
         dtype: torch.dtype = torch.float32,
         dummy_weights: bool = False,
+        capture_routes: bool = False,
     ):
         """``dummy_weights``: start from random weights without reading any from ``hf_dir``
         (which then needs only config and tokenizer); the trainer syncs its own in before the
-        first rollout."""
+        first rollout. ``capture_routes``: record the experts each MoE layer routes every token
+        to (``Completion.routes``; no-op for a dense model). It turns prefix caching off and, on
+        GPU, selects vLLM's V1 runner in eager mode (``rollout.routes`` says why)."""
         hf_dir = Path(hf_dir)
         if not (hf_dir / "config.json").is_file():
             raise GspoError(
@@ -171,6 +179,12 @@ class RolloutEngine:
             max_logprobs=1,
             enforce_eager=cfg.enforce_eager or not self.on_gpu,
         )
+        config = json.loads((hf_dir / "config.json").read_text())
+        num_experts = config.get("num_experts") or config.get("num_local_experts") or 0
+        capture_routes = capture_routes and num_experts > 0
+        if capture_routes:
+            kwargs.update(enable_prefix_caching=False, enforce_eager=True)
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         if dummy_weights:
             kwargs["load_format"] = "dummy"
         if self.on_gpu:
@@ -189,6 +203,11 @@ class RolloutEngine:
             raise GspoError(explain_start_failure(err, cfg, self.on_gpu)) from err
         self.start_seconds = time.perf_counter() - t0
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
+        self.routes = (
+            RouteCapture(self._model_runner(), num_experts, config["num_experts_per_tok"])
+            if capture_routes
+            else None
+        )
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -235,6 +254,8 @@ class RolloutEngine:
             for i in mine
         ]
         local: Dict[int, List[Completion]] = {}
+        if self.routes is not None:
+            self.routes.begin()
         if requests:
             outs = self.llm.generate(requests, params, use_tqdm=False)
             for i, out in zip(mine, outs):
@@ -242,6 +263,9 @@ class RolloutEngine:
                     Completion(list(c.token_ids), _sampled_logprobs(c), c.finish_reason or "")
                     for c in out.outputs
                 ]
+                if self.routes is not None:
+                    for c in local[i]:
+                        c.routes = self.routes.routes_of(prompts[i], c.token_ids)
         for i, comps in self._share(local).items():
             groups[i] = comps
         batch = RolloutBatch(
@@ -289,6 +313,8 @@ class RolloutEngine:
         runner.reload_weights(weights_iterator=iter(named_tensors))
         if not self.on_gpu:
             _repack_cpu_experts(runner.get_model())
+        if self.routes is not None:
+            self.routes.bind()
         # Cached prompt KV was computed with the old weights.
         self.llm.reset_prefix_cache()
 

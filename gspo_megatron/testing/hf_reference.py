@@ -2,27 +2,85 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import load_file
 
 
-def hf_logprobs(model, rows: Sequence[Tuple[list, list]]) -> List[List[float]]:
+def hf_logprobs(
+    model, rows: Sequence[Tuple[list, list]], forced_routes: Optional[Sequence] = None
+) -> List[List[float]]:
     """log p(response token | prefix) per row: HF forward of each row alone (no padding),
-    log_softmax in fp64."""
+    log_softmax in fp64. ``forced_routes`` (per row, [positions, MoE layers, top-k] expert ids,
+    -1 = the router's own choice) makes every MoE layer route as given."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for prompt, response in rows:
+        for n, (prompt, response) in enumerate(rows):
             ids = torch.tensor([list(prompt) + list(response)], device=device)
-            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+            forced = None if forced_routes is None else forced_routes[n]
+            with _routing(model, forced=forced):
+                logits = model(ids).logits[0]
+            logp = torch.log_softmax(logits.double(), -1)
             pos = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1, device=device)
             out.append(logp[pos, torch.tensor(response, device=device)].tolist())
     return out
+
+
+def hf_routes(model, sequences: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+    """Per sequence, the expert ids HF's routers choose: [positions, MoE layers, top-k], each
+    sequence run alone (as ``hf_logprobs`` does)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            seen: List[torch.Tensor] = []
+            with _routing(model, seen=seen):
+                model(torch.tensor([list(seq)], device=device))
+            out.append(torch.stack(seen, dim=1).cpu())
+    return out
+
+
+def _routers(model) -> list:
+    """HF's MoE routers in layer order (Qwen3-MoE: ``mlp.gate`` returning (logits, weights,
+    indices))."""
+    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+@contextlib.contextmanager
+def _routing(model, forced=None, seen: Optional[list] = None) -> Iterator[None]:
+    """Observe (``seen``) or force (``forced``) every MoE layer's choices during a forward."""
+    hooks = []
+    for layer, gate in enumerate(_routers(model)):
+
+        def hook(module, inputs, output, layer=layer):
+            logits, weights, indices = output
+            if seen is not None:
+                seen.append(indices.detach().clone())
+            if forced is None:
+                return None
+            want = torch.as_tensor(forced[:, layer]).to(indices.device, torch.long)
+            rows = min(want.shape[0], indices.shape[0])
+            chosen = indices.clone()
+            keep = want[:rows] < 0
+            chosen[:rows] = torch.where(keep, indices[:rows], want[:rows])
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, chosen)
+            if module.norm_topk_prob:
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            return logits, probs.to(logits.dtype), chosen
+
+        hooks.append(gate.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def read_rows(path: Path) -> List[Tuple[list, list]]:

@@ -38,11 +38,11 @@ def main() -> None:
     from gspo_megatron.forward import model_forward
     from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.old_logprobs import compute_old_logprobs
     from gspo_megatron.optim import wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.update import (
         agreed_seq_len,
-        compute_old_logprobs,
         make_microbatches,
         scale_moe_aux_loss,
         train_step,

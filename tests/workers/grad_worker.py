@@ -21,14 +21,16 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from gspo_megatron.batch import Sample
+from gspo_megatron.batch import Sample, zigzag_indices
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
 from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.models.qwen3.model import build_model
+from gspo_megatron.old_logprobs import compute_old_logprobs, observe_route_agreement
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
 from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
 from gspo_megatron.reference import build_reference, fill_ref_logprobs
@@ -51,6 +53,7 @@ def my_samples(case: dict) -> list:
             r["advantage"],
             None if case.get("trainer_old_logprobs") else r.get("old_logprobs"),
             r.get("ref_logprobs") if kl and case["mode"] == "grads" else None,
+            routes=np.array(r["routes"]) if case.get("engine_routes") else None,
         )
         for r in rows
     ]
@@ -82,6 +85,33 @@ def reference_logprobs(reference, samples: list, vocab_size: int) -> dict:
     return {i: lp for part in parts for i, lp in part.items()}
 
 
+def logprobs_by_sample(mbs: list, samples: list, micro_batch_size: int) -> dict:
+    """pi_old's log-prob of every response token (``mb.old_logprobs``), keyed by the sample's
+    json([prompt_ids, response_ids]): CP shards put back in place, gathered from the ranks that
+    hold them (last pipeline stage, TP rank 0, CP rank 0)."""
+    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    mine = {}
+    if ps.is_pipeline_last_stage():
+        for k, mb in enumerate(mbs):
+            seq = mb.tokens.shape[1] * cp
+            full = torch.zeros(mb.tokens.shape[0], seq)
+            full[:, zigzag_indices(seq, cp, cp_rank)] = mb.old_logprobs
+            if cp > 1:
+                dist.all_reduce(full, group=ps.get_context_parallel_group())
+            for j in range(mb.tokens.shape[0]):
+                i = k * micro_batch_size + j
+                if i >= len(samples) or ps.get_tensor_model_parallel_rank() or cp_rank:
+                    continue
+                s = samples[i]
+                p, r = len(s.prompt_ids), len(s.response_ids)
+                mine[json.dumps([s.prompt_ids, s.response_ids])] = full[
+                    j, p - 1 : p - 1 + r
+                ].tolist()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {key: lp for part in parts for key, lp in part.items()}
+
+
 def run_case(case: dict, ckpt: Path) -> dict:
     spec = checkpoint_spec(ckpt)
     layout = ParallelLayout(**case.get("layout", {}))
@@ -103,6 +133,19 @@ def run_case(case: dict, ckpt: Path) -> dict:
         routing_replay=case.get("routing_replay", "none"),
         old_logprobs="rollout" if mine[0].old_logprobs is not None else "trainer",
     )
+    if case["mode"] == "logprobs":  # the pi_old forward alone, as policy_update runs it
+        replay = RoutingReplay(ddp, cfg.routing_replay)
+        seq_len = agreed_seq_len(mine)
+        n_mb = -(-len(mine) // cfg.micro_batch_size)
+        mbs = make_microbatches(mine, cfg.micro_batch_size, seq_len, num_microbatches=n_mb)
+        with replay.old_pass():
+            compute_old_logprobs(ddp, mbs, spec.vocab_size, seq_len)
+        if replay.mode == "r3":
+            observe_route_agreement(ddp, [mbs], spec.vocab_size, seq_len)
+        return {
+            "logprobs": logprobs_by_sample(mbs, mine, cfg.micro_batch_size),
+            "agreement": replay.take_agreement(),
+        }
     if not update:
         per = len(mine)
         seq_len = agreed_seq_len(mine)
@@ -119,7 +162,7 @@ def run_case(case: dict, ckpt: Path) -> dict:
         result["ref_logprobs"] = reference_logprobs(reference, mine, spec.vocab_size)
     optimizer = build_optimizer(ddp, OptimConfig(lr=case.get("lr", 1e-3), clip_grad=1.0))
     if cfg.routing_replay != "none":
-        RoutingReplay(ddp)
+        RoutingReplay(ddp, cfg.routing_replay)
     meter = RouteChangeMeter(ddp) if case.get("route_meter") else None
     update = policy_update(
         ddp, optimizer, mine, cfg, spec.vocab_size, ref_model=reference, route_meter=meter

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 
 def main() -> None:
@@ -35,6 +37,7 @@ def main() -> None:
     from gspo_megatron.rollout.config import RolloutConfig
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
+    from gspo_megatron.routing_replay import RoutingReplay
     from gspo_megatron.testing.generate import greedy_continuation
     from gspo_megatron.testing.hf_reference import read_hf_tensors
     from gspo_megatron.update import policy_update, rollout_logprob_diff
@@ -61,7 +64,8 @@ def main() -> None:
     cfg = RolloutConfig(
         group_size=4, max_prompt_tokens=16, max_new_tokens=12, kv_cache_gib=0.05, sync_bucket_mb=1
     )
-    engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32)
+    engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32, capture_routes=True)
+    replay = RoutingReplay(ddp)  # route agreement with the engine in every pi_old pass
     rng = random.Random(0)
     prompts = [
         [rng.randrange(spec.vocab_size - 2) for _ in range(rng.randint(3, 10))] for _ in range(4)
@@ -77,7 +81,10 @@ def main() -> None:
                 [sum(t % 2 == 0 for t in c.token_ids) / max(len(c.token_ids), 1) for c in group]
             )
             adv = group_advantages(r, len(group)) if rewards else torch.zeros(len(group))
-            out += [Sample(prompt, c.token_ids, float(a), c.logprobs) for c, a in zip(group, adv)]
+            out += [
+                Sample(prompt, c.token_ids, float(a), c.logprobs, routes=c.routes)
+                for c, a in zip(group, adv)
+            ]
         dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         return out[rank::dp]
 
@@ -85,6 +92,11 @@ def main() -> None:
     report["skipped_overlong"] = first.skipped_overlong
     report["skipped_is_none"] = first.groups[2] is None
     report["group_sizes"] = [len(g) for g in first.groups if g is not None]
+    report["first_routes"] = [
+        [prompt, c.token_ids, c.routes.tolist()]
+        for prompt, group in zip(prompts, first.groups)
+        for c in group or []
+    ]
 
     # 2. One optimizer step; pi_old from the trainer, compared with vLLM's sampling log-probs.
     loss_cfg = PolicyLossConfig(num_minibatches=1, micro_batch_size=4, clip_low=0.2, clip_high=0.27)
@@ -92,9 +104,22 @@ def main() -> None:
     report["pre_step"] = result.rollout
     report["step"] = result.steps[0]
 
-    # 3. Before the sync vLLM still scores with the old weights: a visible mismatch.
-    stale = rollout_logprob_diff(ddp, samples_of(first, False), spec.vocab_size, micro_batch_size=4)
+    # 3. Before the sync vLLM still scores with the old weights: a visible mismatch, and the
+    #    trainer's routers now choose otherwise on some tokens (the weights as HF, for the test).
+    with replay.old_pass():
+        stale = rollout_logprob_diff(
+            ddp, samples_of(first, False), spec.vocab_size, micro_batch_size=4
+        )
     report["stale"] = stale
+    report["stale_agreement"] = replay.take_agreement()
+    moved = dict(WeightGatherer(ddp, spec, bucket_bytes=1 << 20))
+    if dist.get_rank() == 0:
+        after = Path(args.out).parent / "hf_after_step"
+        after.mkdir(exist_ok=True)
+        save_file({n: t.contiguous() for n, t in moved.items()}, str(after / "model.safetensors"))
+        for f in Path(args.hf_dir).iterdir():
+            if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+                shutil.copy(f, after / f.name)
 
     # 4. Sync, then sample again and compare.
     stats = engine.sync_from(WeightGatherer(ddp, spec, bucket_bytes=cfg.sync_bucket_mb << 20))
