@@ -92,8 +92,10 @@ def prepare(
     warm_start_steps: int,
     warm_start_lr: float,
     seed: int,
+    model_shape: Optional[dict] = None,
 ) -> None:
-    """Write data, the warm-started HF model and its megatron checkpoint (atomically)."""
+    """Write data, the warm-started HF model and its megatron checkpoint (atomically).
+    ``model_shape``: transformers config fields that replace the demo model's."""
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
         (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -101,7 +103,7 @@ def prepare(
         attention = dict(head_dim=64, num_attention_heads=4, num_key_value_heads=2)
         mlp = dict(intermediate_size=256, moe_intermediate_size=128, mlp_only_layers=[])
         shape = dict(hidden_size=128, num_hidden_layers=2, max_position_embeddings=128)
-        config = tiny_moe_config(**shape, **attention, **mlp)
+        config = tiny_moe_config(**{**shape, **attention, **mlp, **(model_shape or {})})
         model = make_hf_model(config, tmp / "hf", seed=seed)
         write_tokenizer(tmp / "hf")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "hf"))

@@ -286,6 +286,14 @@ def policy_loss(
             "clamp_denominator": clamp_den.detach(),
             "abs_log_ratio_sum": (log_s.detach().abs() * valid).sum(),
             "approx_kl_sum": (approx_kl * valid).sum(),
+            # Token log-ratios logp_t - old_t over response tokens: their spread is what swings
+            # token-level ratios (GRPO) when MoE routes move.
+            "token_log_ratio_sum": _sum_over_group(
+                (token_delta.detach() * mask).sum(1), cp_group
+            ).sum(),
+            "token_log_ratio_sq_sum": _sum_over_group(
+                (token_delta.detach() ** 2 * mask).sum(1), cp_group
+            ).sum(),
         }
         if ref_kl is not None:
             metrics["ref_kl_sum"] = (ref_kl.detach() * valid).sum()
@@ -302,6 +310,12 @@ def finalize_metrics(sums: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         "abs_log_ratio": sums["abs_log_ratio_sum"] / n,
         "approx_kl": sums["approx_kl_sum"] / n,
     }
+    if "token_log_ratio_sq_sum" in sums:
+        tokens = sums["num_tokens"].clamp(min=1.0)
+        mean = sums["token_log_ratio_sum"] / tokens
+        out["token_log_ratio_std"] = (
+            (sums["token_log_ratio_sq_sum"] / tokens - mean**2).clamp(min=0.0).sqrt()
+        )
     if "ref_kl_sum" in sums:
         out["ref_kl"] = sums["ref_kl_sum"] / n
     return out

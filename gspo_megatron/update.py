@@ -235,6 +235,8 @@ def reduce_metrics(
         "clamp_denominator",
         "abs_log_ratio_sum",
         "approx_kl_sum",
+        "token_log_ratio_sum",
+        "token_log_ratio_sq_sum",
         "entropy_sum",
         "entropy_tokens",
     ] + (["ref_kl_sum"] if with_ref_kl else [])

@@ -171,6 +171,7 @@ def _assert_same(ref, got):
         "gspo/clip_fraction",
         "gspo/abs_log_ratio",
         "gspo/approx_kl",
+        "gspo/token_log_ratio_std",
         "train/entropy",
     ):
         assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-7), k

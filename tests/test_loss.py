@@ -202,3 +202,10 @@ def test_group_advantages():
     assert (a[4:] == 0).all() and torch.isfinite(a).all()
     assert torch.allclose(group_advantages(r, 4, scale_by_std=False)[:4], (g - g.mean()).float())
     assert (group_advantages(torch.tensor([0.3, 0.9]), 1) == 0).all()
+
+
+def test_token_log_ratio_spread_is_the_std_over_response_tokens():
+    lp, old, adv, mask = _batch(seed=4, lengths=[7, 3, 0, 5, 1, 6])
+    _, m = policy_loss(lp, old, adv, mask, variant="grpo", clip_low=0.2, clip_high=0.27)
+    deltas = (lp - old)[mask.bool()]
+    assert m["token_log_ratio_std"] == pytest.approx(deltas.std(unbiased=False).item(), rel=1e-9)
