@@ -47,6 +47,9 @@ class MicroBatch:
     (padding, each response's last token)."""
     route_rows: Optional[torch.Tensor] = None
     """[b, S] positions holding a response token the engine routed (route agreement counts these)."""
+    rollout_logprobs: Optional[torch.Tensor] = None
+    """The engine's sampling log-probs (what ``old_logprobs`` starts as; the trainer's pi_old
+    forward replaces ``old_logprobs`` and these stay, for the rollout correction)."""
     routes: Optional[dict] = None
     """Routing replay: local MoE layer index -> [router rows, top-k] expert indices
     (``gspo_megatron.routing_replay``)."""
@@ -103,7 +106,7 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
             routes[i, : n - 1] = fed
             rows[i, p : n - 1] = True
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
-    return MicroBatch(tokens, labels, mask, pos, adv, old, ref, routes, rows)
+    return MicroBatch(tokens, labels, mask, pos, adv, old, ref, routes, rows, rollout_logprobs=old)
 
 
 def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -138,4 +141,5 @@ def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         ref_logprobs=take(mb.ref_logprobs),
         engine_routes=take(mb.engine_routes),
         route_rows=take(mb.route_rows),
+        rollout_logprobs=take(mb.rollout_logprobs),
     )

@@ -130,6 +130,14 @@ class Config:
                 "loss.routing_replay=r3 replays the engine's routes, but "
                 "rollout.capture_routes=never does not record them; use auto or always"
             )
+        if self.loss.per_token and self.model.moe_aux_loss_coeff:
+            # The aux loss is scaled for a per-sequence normaliser (update.scale_moe_aux_loss).
+            raise GspoError(
+                f"loss.variant={self.loss.variant} normalises by tokens, which "
+                f"model.moe_aux_loss_coeff={self.model.moe_aux_loss_coeff} is not scaled "
+                f"for; use model.moe_aux_loss_coeff=0 (the paper's RL setting) or a "
+                f"per-sequence variant"
+            )
         samples = self.train.prompts_per_step * self.rollout.group_size
         if samples % self.loss.num_minibatches:
             raise GspoError(

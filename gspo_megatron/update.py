@@ -39,7 +39,7 @@ from gspo_megatron.batch import (
 )
 from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import label_logprobs, model_forward, run_schedule
-from gspo_megatron.loss import PolicyLossConfig, finalize_metrics, policy_loss
+from gspo_megatron.loss import PolicyLossConfig, policy_loss
 from gspo_megatron.old_logprobs import (
     compute_old_logprobs,
     observe_route_agreement,
@@ -47,6 +47,7 @@ from gspo_megatron.old_logprobs import (
 )
 from gspo_megatron.optim import unwrap
 from gspo_megatron.reference import fill_ref_logprobs
+from gspo_megatron.step_metrics import FROM_LOSS, reduce_metrics, summarise_steps
 
 
 def agreed_seq_len(samples: Sequence[Sample]) -> int:
@@ -96,6 +97,12 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
             "loss.kl_coef > 0 but the micro-batch has no reference log-probs: pass "
             "the reference policy to policy_update (ref_model)"
         )
+    correcting = cfg.rollout_correction != "none"
+    if correcting and mb.rollout_logprobs is None and mb.loss_mask.any():
+        raise ValueError(
+            f"loss.rollout_correction={cfg.rollout_correction} but the micro-batch has no "
+            f"rollout engine log-probs (Sample.old_logprobs)"
+        )
     # The logits are read only here: their storage can take their gradient.
     logp, entropy = label_logprobs(logits, mb, vocab_size, inplace_backward=True)
     mask = mb.loss_mask.to(dev)
@@ -111,14 +118,28 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
         ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
         kl_coef=cfg.kl_coef,
         num_sequences=1.0,
+        num_tokens=1.0,
         cp_group=cp_group,
+        sapo_tau_pos=cfg.sapo_tau_pos,
+        sapo_tau_neg=cfg.sapo_tau_neg,
+        rollout_correction=cfg.rollout_correction,
+        # A filler micro-batch (no tokens) has no engine log-probs; it still joins the
+        # correction's CP collectives.
+        rollout_logprobs=(
+            (mb.old_logprobs if mb.rollout_logprobs is None else mb.rollout_logprobs).to(dev)
+            if correcting
+            else None
+        ),
+        correction_cap=cfg.correction_cap,
+        correction_low=cfg.correction_low,
+        correction_high=cfg.correction_high,
     )
-    count = m["num_sequences"] if ps.get_context_parallel_rank() == 0 else torch.zeros(())
-    sums = {
-        k: v
-        for k, v in m.items()
-        if k.endswith("_sum") or k.startswith("num_") or k.endswith("_denominator")
-    }
+    # megatron divides the summed gradients by the summed counts: sequences, or response tokens
+    # for per-token objectives (cispo); every CP rank holds the same sequences, counted once.
+    count = m["num_tokens"] if cfg.per_token else m["num_sequences"]
+    if ps.get_context_parallel_rank() != 0:
+        count = torch.zeros(())
+    sums = {k: v for k, v in m.items() if k in FROM_LOSS}
     sums["loss_sum"] = loss_sum.detach()
     ent = torch.stack([(entropy.detach() * mask).sum(), mask.float().sum()])
     if cp_group is not None:  # tokens are spread over CP ranks; the metrics above are not
@@ -176,6 +197,7 @@ def train_step(
         store,
         nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0,
         with_ref_kl=bool(cfg.kl_coef),
+        cfg=cfg,
     )
     nonfinite_grads = out.pop("nonfinite_grads")
     if stepping:
@@ -216,66 +238,6 @@ def local_nonfinite_grads(model) -> float:
         return 0.0
     sums = torch.stack([buf.grad_data.sum(dtype=torch.float32) for buf in buffers])
     return float(not bool(torch.isfinite(sums).all()))
-
-
-def reduce_metrics(
-    store: List[dict], nonfinite_grads: float = 0.0, with_ref_kl: bool = False
-) -> Dict[str, float]:
-    """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
-    receives the result (counted once per sequence: TP and CP duplicates contribute zero).
-    ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks;
-    ``with_ref_kl`` adds ``gspo/ref_kl`` (the KL penalty's k3 estimate, when it is on)."""
-    keys = [
-        "loss_sum",
-        "num_sequences",
-        "num_tokens",
-        "clipped_sum",
-        "clip_denominator",
-        "clamp_sum",
-        "clamp_denominator",
-        "abs_log_ratio_sum",
-        "approx_kl_sum",
-        "token_log_ratio_sum",
-        "token_log_ratio_sq_sum",
-        "entropy_sum",
-        "entropy_tokens",
-    ] + (["ref_kl_sum"] if with_ref_kl else [])
-    local = torch.zeros(len(keys) + 1, dtype=torch.float64)
-    local[-1] = nonfinite_grads
-    owner = (
-        ps.is_pipeline_last_stage()
-        and ps.get_tensor_model_parallel_rank() == 0
-        and ps.get_context_parallel_rank() == 0
-    )
-    if owner:
-        for d in store:
-            # A filler micro-batch (no tokens) reports no ref_kl_sum.
-            local[:-1] += torch.tensor([float(d.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(local)
-    sums = {k: torch.tensor(v) for k, v in zip(keys, local.tolist())}
-    out = {f"gspo/{k}": float(v) for k, v in finalize_metrics(sums).items()}
-    n = max(float(sums["num_sequences"]), 1.0)
-    out["gspo/loss"] = float(sums["loss_sum"]) / n
-    out["train/entropy"] = float(sums["entropy_sum"]) / max(float(sums["entropy_tokens"]), 1.0)
-    out["train/sequences"] = float(sums["num_sequences"])
-    out["train/tokens"] = float(sums["num_tokens"])
-    out["nonfinite_grads"] = float(local[-1])
-    return out
-
-
-SUMMED = ("train/sequences", "train/tokens", "train/skipped_steps")
-"""Step metrics that add up over a batch's optimizer steps; the others are averaged."""
-
-
-def summarise_steps(steps: Sequence[Dict[str, float]]) -> Dict[str, float]:
-    """One rollout batch's metrics from its optimizer steps' (sequences, tokens and skipped steps
-    add up; losses, fractions, norms, the LR are averaged)."""
-    out: Dict[str, float] = {}
-    for key in dict.fromkeys(k for s in steps for k in s):  # every key, first-seen order
-        values = [s[key] for s in steps if key in s]
-        out[key] = sum(values) if key in SUMMED else sum(values) / len(values)
-    return out
 
 
 @dataclass
@@ -346,12 +308,16 @@ def policy_update(
             f"{len(samples)} samples per data-parallel rank do not split into "
             f"loss.num_minibatches={k} minibatches"
         )
-    if cfg.old_logprobs == "rollout":
+    if cfg.old_logprobs == "rollout" or cfg.rollout_correction != "none":
         missing = [i for i, s in enumerate(samples) if s.old_logprobs is None]
         if missing:
+            setting = (
+                "loss.old_logprobs=rollout"
+                if cfg.old_logprobs == "rollout"
+                else f"loss.rollout_correction={cfg.rollout_correction}"
+            )
             raise GspoError(
-                f"loss.old_logprobs=rollout but sample {missing[0]} has no rollout "
-                f"log-probs (use loss.old_logprobs=trainer)"
+                f"{setting} needs the engine's log-probs, but sample {missing[0]} has none"
             )
     per = len(samples) // k
     n_mb = max(1, -(-per // cfg.micro_batch_size))

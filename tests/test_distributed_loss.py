@@ -41,6 +41,14 @@ LAYOUTS = [
     ("DP2xEP2", 4, {"ep": 2}),
 ]
 VARIANTS = [("grpo", 2, {"cp": 2}), ("gspo_token", 4, {"tp": 2, "cp": 2})]
+# cispo (token-normalised) and tis (engine-vs-trainer weights) in every single-axis layout.
+CORRECTION_LAYOUTS = [
+    ("TP2", 2, {"tp": 2}),
+    ("PP2", 2, {"pp": 2}),
+    ("CP2", 2, {"cp": 2}),
+    ("EP2", 2, {"ep": 2}),
+    ("DP2", 2, {}),
+]
 UPDATE_LAYOUTS = [("TP2", 2, {"tp": 2}), ("DP2", 2, {})]
 REPLAY_LAYOUTS = [
     ("TP2", 2, {"tp": 2}),
@@ -53,6 +61,12 @@ REPLAY_LAYOUTS = [
 _NARROW = {"clip_low": 0.002, "clip_high": 0.003}
 _UPDATE = {"mode": "update", "trainer_old_logprobs": True, "num_minibatches": 2}
 _KL = {"kl_coef": 0.1}
+# cispo truncates w_t at 1.002: the samples' pi_old is 0.003 from the model, so some are.
+_CISPO = {"variant": "cispo", "clip_high": 0.002}
+# tis: pi_old from the trainer, the samples' log-probs as the engine's, rho_t capped at 1.002.
+_TIS = {"variant": "grpo", "clip_low": 0.2, "clip_high": 0.27, "rollout_correction": "tis"}
+_TIS["correction_cap"] = 1.002
+_SEQ_TIS = {"variant": "gspo", "rollout_correction": "tis", "correction_cap": 1.0005}
 # GRPO with its clip range and a step large enough that routes move between pi_old and the
 # second minibatch: the setting routing replay exists for.
 _MOVING = {**_UPDATE, "variant": "grpo", "clip_low": 0.2, "clip_high": 0.27, "lr": 3e-2}
@@ -81,6 +95,14 @@ def _cases():
     for variant, nproc, layout in VARIANTS:
         cases[f"single-{variant}"] = (1, {"variant": variant, **_NARROW})
         cases[f"{variant}-{nproc}"] = (nproc, {"variant": variant, **_NARROW, "layout": layout})
+    cases.update({"single-cispo": (1, _CISPO), "single-tis": (1, _TIS)})
+    cases["single-seq-tis"], cases["CP2-seq-tis"] = (
+        (1, _SEQ_TIS),
+        (2, {**_SEQ_TIS, "layout": {"cp": 2}}),
+    )
+    for name, nproc, layout in CORRECTION_LAYOUTS:
+        cases[f"{name}-cispo"] = (nproc, {**_CISPO, "layout": layout})
+        cases[f"{name}-tis"] = (nproc, {**_TIS, "layout": layout})
     for name, nproc, layout in UPDATE_LAYOUTS:
         cases[f"{name}-update"] = (nproc, {**_UPDATE, "layout": layout})
     cases["single-moving"], cases["single-r2"] = (1, _MOVING), (1, _R2)
@@ -192,6 +214,36 @@ def test_gspo_loss_and_gradients_match_single_process(runs, name):
 @pytest.mark.parametrize("variant,nproc", [(v, n) for v, n, _ in VARIANTS])
 def test_other_variants_match_single_process(runs, variant, nproc):
     _assert_same(runs[f"single-{variant}"], runs[f"{variant}-{nproc}"])
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CORRECTION_LAYOUTS])
+def test_cispo_matches_single_process(runs, name):
+    """cispo divides by the response tokens of the whole batch: megatron's gradient division
+    by the summed counts must see tokens, from every micro-batch and data-parallel rank."""
+    ref = runs["single-cispo"]
+    assert 0 < ref["metrics"]["gspo/clip_fraction"] < 1  # some token weights truncated
+    _assert_same(ref, runs[f"{name}-cispo"])
+
+
+_CORRECTION_METRICS = (
+    "rollout/correction_weight_mean",
+    "rollout/correction_masked_fraction",
+    "rollout/rho_min",
+    "rollout/rho_max",
+)
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CORRECTION_LAYOUTS] + ["CP2-seq"])
+def test_tis_matches_single_process(runs, name):
+    """tis over the trainer's pi_old and the engine's log-probs (CP-split like the labels):
+    token weights (grpo), and the sequence weight of gspo under CP; the cap binds for some
+    units only, and loss, correction metrics and every gradient equal the single process's."""
+    ref = runs["single-seq-tis" if name == "CP2-seq" else "single-tis"]
+    got = runs[f"{name}-tis"]
+    assert 0 < ref["metrics"]["rollout/correction_masked_fraction"] < 1
+    _assert_same(ref, got)
+    for k in _CORRECTION_METRICS:
+        assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-7), k
 
 
 def test_kl_penalty_gradients_match_single_process_under_cp(runs):

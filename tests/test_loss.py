@@ -16,26 +16,74 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-def ref_objective(lp, old, adv, mask, variant, low, high, clamp=LOG_RATIO_CLAMP):
-    """Per-sequence J_i with plain Python loops; returns the loss (mean over non-empty rows)."""
-    total, count = 0.0, 0
+def ref_objective(
+    lp,
+    old,
+    adv,
+    mask,
+    variant,
+    low,
+    high,
+    clamp=LOG_RATIO_CLAMP,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    correction="none",
+    roll=None,
+    cap=2.0,
+    c_low=0.5,
+    c_high=2.0,
+):
+    """The loss with plain Python loops over sequences and tokens, from the definitions:
+    -(1/N) sum_i c_i J_i, N the non-empty sequences (cispo: the response tokens), c_i the
+    sequence correction (mis; tis for gspo) and c_t the token correction inside J_i (tis,
+    icepop). Gradients flow through ``lp`` where the definitions say (sg[...] = detach)."""
+
+    def ratio(x):
+        return torch.exp(torch.clamp(x, -clamp, clamp))
+
+    token_terms = variant != "gspo"
+    total, count, tokens = 0.0, 0, 0
     for i in range(lp.shape[0]):
         toks = [t for t in range(lp.shape[1]) if mask[i, t]]
         if not toks:
             continue
-        count += 1
+        count, tokens = count + 1, tokens + len(toks)
         a = adv[i]
-        if variant in ("gspo", "gspo_token"):
-            log_s = sum(lp[i, t] - old[i, t] for t in toks) / len(toks)
-            s = torch.exp(torch.clamp(log_s, -clamp, clamp))
-            total = total + torch.minimum(s * a, torch.clamp(s, 1 - low, 1 + high) * a)
+        c_seq, c_tok = 1.0, {t: 1.0 for t in toks}
+        if correction != "none":
+            rho_i = ratio(sum(old[i, t] - roll[i, t] for t in toks) / len(toks))
+            for t in toks:
+                rho_t = ratio(old[i, t] - roll[i, t])
+                if correction == "tis" and token_terms:
+                    c_tok[t] = torch.clamp(rho_t, max=cap)
+                elif correction == "icepop":
+                    c_tok[t] = float(c_low <= rho_t <= c_high)
+            if correction == "tis" and not token_terms:
+                c_seq = torch.clamp(rho_i, max=cap)
+            elif correction == "mis":
+                c_seq = float(c_low <= rho_i <= c_high)
+        log_s = sum(lp[i, t] - old[i, t] for t in toks) / len(toks)
+        s = ratio(log_s)
+        if variant == "gspo":
+            j = torch.minimum(s * a, torch.clamp(s, 1 - low, 1 + high) * a)
         else:
             acc = 0.0
             for t in toks:
-                w = torch.exp(torch.clamp(lp[i, t] - old[i, t], -clamp, clamp))
-                acc = acc + torch.minimum(w * a, torch.clamp(w, 1 - low, 1 + high) * a)
-            total = total + acc / len(toks)
-    return -total / max(count, 1)
+                w = ratio(lp[i, t] - old[i, t])
+                if variant == "gspo_token":
+                    st = s.detach() * torch.exp(lp[i, t] - lp[i, t].detach())
+                    term = torch.minimum(st * a, torch.clamp(st, 1 - low, 1 + high) * a)
+                elif variant == "grpo":
+                    term = torch.minimum(w * a, torch.clamp(w, 1 - low, 1 + high) * a)
+                elif variant == "sapo":
+                    tau = tau_neg if a < 0 else tau_pos
+                    term = torch.sigmoid(tau * (w - 1)) * 4 / tau * a
+                else:  # cispo
+                    term = torch.clamp(w, max=1 + high).detach() * a * lp[i, t]
+                acc = acc + c_tok[t] * term
+            j = acc if variant == "cispo" else acc / len(toks)
+        total = total + c_seq * j
+    return -total / max(tokens if variant == "cispo" else count, 1)
 
 
 def _batch(seed=0, B=6, T=7, spread=0.3, lengths=None):
@@ -55,6 +103,8 @@ REFERENCE_CASES = [
     ("gspo", 0.05, 0.1),
     ("gspo_token", 0.05, 0.1),
     ("grpo", 0.2, 0.27),
+    ("sapo", 0.2, 0.27),
+    ("cispo", 0.2, 0.1),
 ]
 
 
@@ -155,7 +205,7 @@ def test_empty_rows_add_nothing_and_all_empty_is_zero():
     assert all(torch.isfinite(v).all() for v in m.values())
 
 
-@pytest.mark.parametrize("variant", ["gspo", "gspo_token", "grpo"])
+@pytest.mark.parametrize("variant", ["gspo", "gspo_token", "grpo", "sapo", "cispo"])
 def test_extreme_log_ratios_are_clamped_finite(variant):
     lp = torch.tensor([[0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]])
     old = torch.tensor([[-500.0, -800.0, -300.0], [-1.1, -2.0, -0.9]])
@@ -165,7 +215,8 @@ def test_extreme_log_ratios_are_clamped_finite(variant):
     loss, m = policy_loss(x, old, adv, mask, variant=variant, clip_low=0.2, clip_high=0.27)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    expected = 0.5 if variant != "grpo" else 3 / 6  # one of 2 sequences / 3 of 6 tokens
+    token_ratios = variant in ("grpo", "sapo", "cispo")
+    expected = 3 / 6 if token_ratios else 0.5  # 3 of 6 tokens / one of 2 sequences
     assert m["clamp_fraction"] == expected
     ref = ref_objective(lp, old, adv, mask, variant, 0.2, 0.27)
     assert torch.allclose(loss, ref)
@@ -209,3 +260,160 @@ def test_token_log_ratio_spread_is_the_std_over_response_tokens():
     _, m = policy_loss(lp, old, adv, mask, variant="grpo", clip_low=0.2, clip_high=0.27)
     deltas = (lp - old)[mask.bool()]
     assert m["token_log_ratio_std"] == pytest.approx(deltas.std(unbiased=False).item(), rel=1e-9)
+
+
+# -- sapo, cispo ---------------------------------------------------------------------------------
+
+
+def test_sapo_far_from_one_both_signs_and_length_one_rows():
+    """w from ~0.05 to ~20 (a spread of 1.5 in log-ratio), advantages of both signs (so both
+    temperatures), rows of one token: value and gradient equal the reference's; on-policy
+    (w = 1) the gate's slope is 1, so the gradient is GRPO's exactly."""
+    lp, old, adv, mask = _batch(seed=7, spread=1.5, lengths=[1, 7, 1, 4, 1, 6])
+    assert (adv > 0).any() and (adv < 0).any()
+    kw = {"sapo_tau_pos": 0.7, "sapo_tau_neg": 1.3}
+    x = lp.clone().requires_grad_(True)
+    loss, m = policy_loss(x, old, adv, mask, variant="sapo", **kw)
+    loss.backward()
+    y = lp.clone().requires_grad_(True)
+    ref = ref_objective(y, old, adv, mask, "sapo", 0.2, 0.27, tau_pos=0.7, tau_neg=1.3)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-12) and torch.allclose(x.grad, y.grad, rtol=1e-10)
+    assert m["clip_fraction"] == 0
+    grads = {}
+    for variant in ("sapo", "grpo"):
+        x = lp.clone().requires_grad_(True)
+        policy_loss(x, lp, adv, mask, variant=variant, **kw)[0].backward()
+        grads[variant] = x.grad
+    assert torch.allclose(grads["sapo"], grads["grpo"], rtol=1e-12, atol=1e-15)
+
+
+def test_cispo_gradient_flows_only_through_logp_with_a_capped_weight():
+    """d loss / d logp_t = -min(w_t, 1 + clip_high) A_i / (response tokens of the batch): the
+    weight carries no gradient, is truncated where w_t is above the cap (and only there), and
+    every token keeps a gradient (nothing is clipped away)."""
+    lp, old, adv, mask = _batch(seed=8, spread=0.4)
+    high = 0.1
+    x = lp.clone().requires_grad_(True)
+    loss, m = policy_loss(x, old, adv, mask, variant="cispo", clip_high=high)
+    loss.backward()
+    w = torch.exp(lp - old)
+    capped = (w > 1 + high) & mask
+    assert 0 < capped.sum() < mask.sum()
+    want = -torch.clamp(w, max=1 + high) * adv[:, None] / mask.sum() * mask
+    assert torch.allclose(x.grad, want, rtol=1e-12, atol=1e-15)
+    assert m["clip_fraction"] == pytest.approx(float(capped.sum() / mask.sum()))
+
+
+def test_cispo_normalises_by_the_tokens_of_the_whole_batch():
+    """Micro-batches given the global token count add up to the full batch's loss (the
+    sequence count would not)."""
+    lp, old, adv, mask = _batch(seed=9, spread=0.3)
+    full, _ = policy_loss(lp, old, adv, mask, variant="cispo", clip_high=0.2)
+    n = float(mask.sum())
+    parts = [
+        policy_loss(lp[s], old[s], adv[s], mask[s], variant="cispo", clip_high=0.2, num_tokens=n)[0]
+        for s in (slice(0, 2), slice(2, 6))
+    ]
+    assert torch.allclose(full, sum(parts), rtol=1e-12)
+
+
+# -- rollout correction --------------------------------------------------------------------------
+
+CORRECTION_CASES = [
+    (variant, correction)
+    for variant in ("gspo", "gspo_token", "grpo", "sapo", "cispo")
+    for correction in ("tis", "mis", "icepop")
+    if not (variant == "gspo" and correction == "icepop")
+]
+_CORR = {"correction_cap": 1.15, "correction_low": 0.85, "correction_high": 1.2}
+_REF_CORR = {"cap": 1.15, "c_low": 0.85, "c_high": 1.2}
+
+
+def _rollout(old, mask, seed=11, spread=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return old + spread * torch.randn(old.shape, generator=g)
+
+
+@pytest.mark.parametrize("variant,correction", CORRECTION_CASES)
+def test_rollout_correction_matches_reference(variant, correction):
+    """Engine log-probs 0.3 from pi_old's (per token; less per sequence): the cap binds and the
+    range masks for some units and not others, in value and in gradient."""
+    lp, old, adv, mask = _batch(seed=10, spread=0.1)
+    roll = _rollout(old, mask)
+    low, high = (0.2, 0.27) if variant != "gspo" else (0.05, 0.1)
+    x = lp.clone().requires_grad_(True)
+    loss, m = policy_loss(
+        x,
+        old,
+        adv,
+        mask,
+        variant=variant,
+        clip_low=low,
+        clip_high=high,
+        rollout_correction=correction,
+        rollout_logprobs=roll,
+        **_CORR,
+    )
+    loss.backward()
+    y = lp.clone().requires_grad_(True)
+    ref = ref_objective(
+        y, old, adv, mask, variant, low, high, correction=correction, roll=roll, **_REF_CORR
+    )
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(x.grad, y.grad, rtol=1e-10, atol=1e-14)
+    # The metrics, from the definitions: units are tokens for token weights, else sequences.
+    token_form = correction == "icepop" or (correction == "tis" and variant != "gspo")
+    if token_form:
+        rho = torch.exp(old - roll)[mask]
+    else:
+        rho = torch.stack(
+            [torch.exp((old[i] - roll[i])[mask[i]].mean()) for i in range(6) if mask[i].any()]
+        )
+    if correction == "tis":
+        weight, changed = rho.clamp(max=1.15), rho > 1.15
+    else:
+        keep = (rho >= 0.85) & (rho <= 1.2)
+        weight, changed = keep.double(), ~keep
+    assert 0 < changed.sum() < rho.numel()  # the correction binds for some units only
+    assert m["correction_weight_mean"] == pytest.approx(weight.mean().item(), rel=1e-12)
+    assert m["correction_masked_fraction"] == pytest.approx(changed.double().mean().item())
+    assert m["rho_min"] == rho.min() and m["rho_max"] == rho.max()
+
+
+def test_rollout_correction_changes_nothing_when_engine_and_trainer_agree():
+    lp, old, adv, mask = _batch(seed=12, spread=0.2)
+    for variant, correction in CORRECTION_CASES:
+        kw = {"variant": variant, "clip_low": 0.2, "clip_high": 0.27}
+        plain, _ = policy_loss(lp, old, adv, mask, **kw)
+        same, m = policy_loss(
+            lp, old, adv, mask, rollout_correction=correction, rollout_logprobs=old, **kw
+        )
+        assert torch.equal(plain, same), (variant, correction)
+        assert m["correction_weight_mean"] == 1 and m["correction_masked_fraction"] == 0
+
+
+def test_icepop_refuses_an_objective_without_token_terms():
+    lp, old, adv, mask = _batch()
+    with pytest.raises(ValueError, match="icepop"):
+        policy_loss(lp, old, adv, mask, rollout_correction="icepop", rollout_logprobs=old)
+
+
+@pytest.mark.parametrize("variant,correction", CORRECTION_CASES)
+def test_corrections_on_empty_rows_and_extreme_ratios_stay_finite(variant, correction):
+    """No response tokens at all: loss 0, gradient 0, no NaN anywhere. Engine log-probs 800
+    nats away: weights, loss and gradient finite (the log-ratios are clamped)."""
+    lp, old, adv, mask = _batch(seed=13, spread=0.2)
+    kw = {"variant": variant, "clip_low": 0.2, "clip_high": 0.27, "rollout_correction": correction}
+    x = lp.clone().requires_grad_(True)
+    loss, m = policy_loss(x, old, adv, torch.zeros_like(mask), rollout_logprobs=old - 5, **kw)
+    loss.backward()
+    assert loss == 0 and (x.grad == 0).all()
+    assert all(not torch.isnan(v).any() for v in m.values())
+    for far in (old - 800.0, old + 800.0):
+        x = lp.clone().requires_grad_(True)
+        loss, m = policy_loss(x, old, adv, mask, rollout_logprobs=far, **kw)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(m[k]) for k in ("correction_weight_mean", "rho_min", "rho_max"))

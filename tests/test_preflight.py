@@ -117,10 +117,32 @@ def test_torn_latest_pointer_is_refused(tmp_path):
         ("train.max_skipped_steps=0", "train.max_skipped_steps=0 must be >= 1"),
         ("train.collective_timeout_s=0", "train.collective_timeout_s=0.0 must be > 0"),
         ("rollout.max_new_tokens=1000", "= 1016 exceeds the model's max_position_embeddings=128"),
+        # objectives and rollout correction
+        ("loss.variant=ppo", "loss.variant='ppo' (allowed: gspo, gspo_token, grpo, sapo, cispo)"),
+        (
+            "loss.rollout_correction=seq_tis",
+            "loss.rollout_correction='seq_tis' (allowed: none, tis, mis, icepop)",
+        ),
+        ("loss.correction_cap=0", "loss.correction_cap=0.0 must be > 0"),
+        (
+            "loss.correction_low=3",
+            "loss.correction_low=3.0 and loss.correction_high=2.0: need 0 <= low <= high",
+        ),
+        ("loss.rollout_correction=icepop", "icepop masks token terms, but loss.variant=gspo"),
+        (
+            ("loss.rollout_correction=tis", "loss.old_logprobs=rollout"),
+            "loss.old_logprobs=rollout makes them the same (rho = 1)",
+        ),
+        ("loss.sapo_tau_neg=0", "loss.sapo_tau_neg=0.0 must be > 0"),
+        (
+            ("loss.variant=cispo", "model.moe_aux_loss_coeff=0.01"),
+            "loss.variant=cispo normalises by tokens",
+        ),
     ],
 )
 def test_degenerate_or_non_finite_settings(good, monkeypatch, capsys, override, message):
-    assert message in _main(good + [override], monkeypatch, capsys)
+    overrides = [override] if isinstance(override, str) else list(override)
+    assert message in _main(good + overrides, monkeypatch, capsys)
 
 
 def _model_copy(demo_init, tmp_path) -> Path:

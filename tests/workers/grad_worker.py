@@ -9,7 +9,9 @@ Each case writes, on rank 0, the global metrics and every parameter's full gradi
 weights after the update), keyed like the checkpoint, so the test can compare layouts with the
 single process. A case ``{"name", "samples", "layout": {"tp", "pp", "ep", "cp"}, "mode":
 "grads"|"update", "variant", "clip_low", "clip_high", "micro_batch_size", "num_minibatches",
-"trainer_old_logprobs", "kl_coef", "routing_replay", "lr", "route_meter"}``: with ``kl_coef`` the
+"trainer_old_logprobs", "kl_coef", "routing_replay", "lr", "route_meter", "rollout_correction",
+"correction_cap"}``: with a ``rollout_correction`` the grads mode takes the samples' log-probs as
+the engine's and pi_old from a trainer forward first; with ``kl_coef`` the
 grads mode takes the reference log-probs from the samples and the update mode builds the
 reference policy from the checkpoint (``gspo_megatron.reference``) and also reports its log-probs
 per sample; ``route_meter`` reports ``train/moe_route_change`` of the update.
@@ -123,6 +125,8 @@ def run_case(case: dict, ckpt: Path) -> dict:
     ddp = wrap_for_training(model, use_distributed_optimizer=update)
     mine = my_samples(case)
     kl = case.get("kl_coef", 0.0)
+    correction = case.get("rollout_correction", "none")
+    engine_is_old = mine[0].old_logprobs is not None and correction == "none"
     cfg = PolicyLossConfig(
         variant=case.get("variant", "gspo"),
         clip_low=case.get("clip_low", 3e-4),
@@ -131,7 +135,9 @@ def run_case(case: dict, ckpt: Path) -> dict:
         num_minibatches=case.get("num_minibatches", 2),
         kl_coef=kl,
         routing_replay=case.get("routing_replay", "none"),
-        old_logprobs="rollout" if mine[0].old_logprobs is not None else "trainer",
+        old_logprobs="rollout" if engine_is_old else "trainer",
+        rollout_correction=correction,
+        correction_cap=case.get("correction_cap", 2.0),
     )
     if case["mode"] == "logprobs":  # the pi_old forward alone, as policy_update runs it
         replay = RoutingReplay(ddp, cfg.routing_replay)
@@ -152,6 +158,8 @@ def run_case(case: dict, ckpt: Path) -> dict:
         mbs = make_microbatches(
             mine, cfg.micro_batch_size, seq_len, num_microbatches=-(-per // cfg.micro_batch_size)
         )
+        if cfg.old_logprobs == "trainer":
+            compute_old_logprobs(ddp, mbs, spec.vocab_size, seq_len)
         metrics = train_step(ddp, None, mbs, cfg, spec.vocab_size, seq_len)
         with grads_as_data(ddp):
             tensors = gather_full_tensors(ddp)
