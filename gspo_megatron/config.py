@@ -60,6 +60,9 @@ class TrainConfig:
     """Complete checkpoints kept on disk (older ones are deleted after a new one is complete)."""
     seed: int = 1234
     """Seed of the model-parallel RNG and of anything else random in the trainer."""
+    save_rollouts: bool = False
+    """Write every step's trained samples (prompt, answer, response, reward, advantage) to
+    <output_dir>/rollouts/step_N.jsonl, to read what the policy produces."""
     export_hf: bool = False
     """At the end, also write the final policy as an HF model to <output_dir>/hf."""
     max_skipped_steps: int = 3

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -54,6 +55,7 @@ from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
 from gspo_megatron.progress import progress_bar
 from gspo_megatron.rewards.runner import RewardRunner
+from gspo_megatron.sampling import sample_step
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -204,59 +206,67 @@ class Trainer:
         from gspo_megatron.update import policy_update  # megatron: see __init__
 
         cfg, t0 = self.cfg, time.perf_counter()
-        prompts = self.plan.prompts.batch(
-            step, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle
-        )
         # The sync comes right before sampling: on GPU the engine slept through the update with
         # its weights freed (sleep level 2), the sync re-allocates them, fills them with the
-        # current policy and wakes the KV cache.
+        # current policy and wakes the KV cache. It stays awake through every sampling round.
         sync = self.engine.sync_from(self.gatherer)
-        batch = self.engine.generate([p.ids for p in prompts], step=step)
+        rollout = sample_step(
+            lambda ids, round_: self.engine.generate(ids, step=step, round_=round_),
+            self.rewards.score_across_ranks,
+            lambda ids: self.plan.tokenizer.decode(ids, skip_special_tokens=True),
+            self.plan.prompts,
+            step,
+            cfg.train.prompts_per_step,
+            cfg.data.seed,
+            cfg.data.shuffle,
+            cfg.rollout.dynamic_sampling,
+            cfg.rollout.max_sampling_rounds,
+        )
         self.engine.sleep()
-        groups = [(p, g) for p, g in zip(prompts, batch.groups) if g is not None]
-        if not groups:
+        if not rollout.sampled_groups:
             raise GspoError(f"step {step}: every prompt was skipped by the rollout engine")
-        g_size = cfg.rollout.group_size
-        # (prompt, completion) in group order: rewards, advantages and samples all follow it.
-        pairs = [(p, c) for p, g in groups for c in g]
-        texts = [
-            (p.text, self.plan.tokenizer.decode(c.token_ids, skip_special_tokens=True), p.answer)
-            for p, c in pairs
-        ]
-        rewards, reward_stats, first_error = self.rewards.score_across_ranks(texts)
-        if first_error is not None and not self.reward_error_shown:
+        if rollout.first_error is not None and not self.reward_error_shown:
             # Once per run: reward/errors and reward/timeouts count them all; a broken reward
             # function must not drown the progress bar.
             self.reward_error_shown = True
             self._say(
                 f"reward function failed (scored 0 and counted in reward/errors or "
-                f"reward/timeouts; only the first failure is shown): {first_error}"
+                f"reward/timeouts; only the first failure is shown): {rollout.first_error}"
             )
+        g_size = cfg.rollout.group_size
         # float64: large finite rewards stay finite through the group mean and std.
-        r = torch.tensor(rewards, dtype=torch.float64)
-        adv = group_advantages(r, g_size)
+        kept = torch.tensor([x for r in rollout.rewards for x in r], dtype=torch.float64)
+        adv = group_advantages(kept, g_size).tolist() if kept.numel() else []
+        # (prompt, completion) in group order: rewards, advantages and samples all follow it.
+        pairs = [(p, c) for p, g in zip(rollout.prompts, rollout.groups) for c in g]
         samples = [
             Sample(p.ids, c.token_ids, a, c.logprobs, routes=c.routes)
-            for (p, c), a in zip(pairs, adv.tolist())
+            for (p, c), a in zip(pairs, adv)
         ]
+        if cfg.train.save_rollouts and self.rank == 0:
+            self._save_rollouts(step, pairs, kept.tolist(), adv)
         # Every data-parallel rank must get the same number of samples, splitting into the
-        # minibatches; only a prompt the engine skipped could break that (the data set already
-        # drops overlong prompts), and then the remainder is dropped and counted.
+        # minibatches; a prompt the engine skipped, or dynamic sampling ending short of
+        # train.prompts_per_step, can break that: the remainder is dropped and counted.
         dropped = len(samples) % (self.dp * cfg.loss.num_minibatches)
         samples = samples[: len(samples) - dropped]
         t_rollout = time.perf_counter()
-        update = policy_update(
-            self.model,
-            self.optimizer,
-            samples[self.dp_rank :: self.dp],
-            cfg.loss,
-            self.spec.vocab_size,
-            scheduler=self.scheduler,
-            moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
-            route_meter=self.route_meter,
-            ref_model=self.ref_model,
-        )
-
+        update = None
+        if samples:
+            update = policy_update(
+                self.model,
+                self.optimizer,
+                samples[self.dp_rank :: self.dp],
+                cfg.loss,
+                self.spec.vocab_size,
+                scheduler=self.scheduler,
+                moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff,
+                route_meter=self.route_meter,
+                ref_model=self.ref_model,
+            )
+        else:  # dynamic sampling found too few informative groups: nothing to learn from
+            self._say(f"step {step}: no informative group to train on; the update is skipped")
+        r = torch.tensor(rollout.sampled_rewards, dtype=torch.float64)
         by_group = r.reshape(-1, g_size)
         out = {
             "reward/mean": float(r.mean()),
@@ -264,18 +274,37 @@ class Trainer:
             "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean())
             if g_size > 1
             else 1.0,
-            **reward_stats,
-            **batch.stats,
-            **update.metrics,
+            **rollout.stats,
+            **(update.metrics if update is not None else {"train/sequences": 0.0}),
             **sync.metrics,
             **self.plan.prompts.stats,
             "rollout/dropped_samples": float(dropped),
         }
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
-        out["perf/tokens_per_second"] = batch.num_tokens / seconds
+        out["perf/tokens_per_second"] = rollout.num_tokens / seconds
         out["perf/rollout_share"] = (t_rollout - t0) / seconds
-        return out, update.skipped
+        return out, update.skipped if update is not None else []
+
+    def _save_rollouts(self, step: int, pairs, rewards, advantages) -> None:
+        decode = self.plan.tokenizer.decode
+        rows = [
+            {
+                "step": step + 1,
+                "row": p.row,
+                "prompt": p.text,
+                "answer": p.answer,
+                "response": decode(c.token_ids, skip_special_tokens=True),
+                "reward": r,
+                "advantage": a,
+            }
+            for (p, c), r, a in zip(pairs, rewards, advantages)
+        ]
+        (self.out / "rollouts").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            self.out / "rollouts" / f"step_{step + 1:06d}.jsonl",
+            "".join(json.dumps(row) + "\n" for row in rows),
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 

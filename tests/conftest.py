@@ -159,7 +159,7 @@ def multinode_run(demo_init, tmp_path_factory) -> Path:
         procs.append(
             subprocess.Popen(
                 ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
-                + tr.overrides(demo_init, out, **tr.KL)
+                + tr.overrides(demo_init, out, **tr.KL, **tr.DYNAMIC)
                 + ["train.export_hf=true"],
                 cwd=REPO,
                 env=env,

@@ -1,4 +1,5 @@
-"""User reward functions for tests/test_rewards.py (imported by path, in the reward worker)."""
+"""User reward functions for tests/test_rewards.py and the gspo-train runs of tests/train_runs.py
+(imported by path, in the reward worker)."""
 
 import os
 import signal
@@ -61,3 +62,19 @@ def ignores_sigterm_and_hangs(prompt, response, answer):
     """Ignores SIGTERM (as code with its own handler for it can), then hangs as above."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return hangs_after_writing_pid(prompt, response, answer)
+
+
+FLAT_WORDS = {f"w{i}" for i in range(1, 7)}
+"""Answers starting with one of these words score flat (see copy_or_flat)."""
+
+
+def copy_or_flat(prompt, response, answer):
+    """The demo's copy reward, except that every response to a prompt whose answer starts with
+    one of FLAT_WORDS (about 6 prompts in 16) scores 0.5: those groups have all rewards equal, as
+    a solved or hopeless prompt does, and carry no gradient. For gspo-train runs (the reward
+    worker finds this module through PYTHONPATH=tests)."""
+    from gspo_megatron.demo import copy_reward
+
+    if (answer or "").split()[:1] and answer.split()[0] in FLAT_WORDS:
+        return 0.5
+    return copy_reward(prompt, response, answer)

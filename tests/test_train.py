@@ -48,6 +48,31 @@ def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
     assert [e.step for e in acc.Scalars("reward/mean")] == list(range(1, tr.STEPS + 1))
 
 
+def test_dynamic_sampling_trains_only_informative_groups(multinode_run):
+    """rollout.dynamic_sampling over a reward that is flat on some prompts (reward_fns
+    .copy_or_flat): the samples that reached the loss (train.save_rollouts) hold no group of
+    equal rewards and none of the flat prompts; every step still trained on prompts_per_step
+    groups (the extra rounds found enough), which the optimizer's sequence count confirms; and
+    the dumped rewards are the reward function's own."""
+    from reward_fns import FLAT_WORDS, copy_or_flat
+
+    rows = [json.loads(line) for line in (multinode_run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["reward/filtered_groups"] for r in rows) > 0
+    assert any(r["rollout/sampling_rounds"] >= 2 for r in rows)
+    for r in rows:
+        dumped = (multinode_run / "rollouts" / f"step_{r['step']:06d}.jsonl").read_text()
+        samples = [json.loads(line) for line in dumped.splitlines()]
+        assert len(samples) == r["train/sequences"] == 8 * 8  # prompts_per_step x group_size
+        groups = [samples[k : k + 8] for k in range(0, len(samples), 8)]
+        for g in groups:
+            assert len({s["row"] for s in g}) == 1
+            assert len({s["reward"] for s in g}) > 1  # no group of equal rewards
+            assert g[0]["answer"].split()[0] not in FLAT_WORDS
+            for s in g:
+                assert s["reward"] == copy_or_flat(s["prompt"], s["response"], s["answer"])
+        assert len({g[0]["row"] for g in groups}) == 8  # 8 different prompts
+
+
 def test_export_hf_holds_the_final_policy(multinode_run, demo_init):
     """train.export_hf=true: the final checkpoint as an HF model that transformers loads."""
     from transformers import AutoModelForCausalLM
@@ -71,7 +96,7 @@ def test_export_hf_holds_the_final_policy(multinode_run, demo_init):
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, demo_init, tmp_path):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    overrides = tr.overrides(demo_init, out, **tr.KL)
+    overrides = tr.overrides(demo_init, out, **tr.KL, **tr.DYNAMIC)
 
     # 1. Killed while step 2's checkpoint is being written.
     log = tmp_path / "a.log"

@@ -14,6 +14,13 @@ STEPS = 5
 KL = {"loss.kl_coef": 0.01}
 """The reference run and the run killed and resumed against it train with the KL penalty on, so
 the resume also proves the frozen reference comes back the same (other runs keep it off)."""
+DYNAMIC = {
+    "rollout.dynamic_sampling": "true",
+    "rewards.functions": "[{name: 'reward_fns:copy_or_flat', weight: 1.0}]",
+    "train.save_rollouts": "true",
+}
+"""... and with dynamic sampling on, over a reward that is flat on about 6 prompts in 16: the
+groups it drops, the extra rounds and their prompts must come back the same on resume too."""
 
 
 def overrides(init: Path, out: Path, **extra) -> list:
@@ -34,7 +41,7 @@ def overrides(init: Path, out: Path, **extra) -> list:
 def env() -> dict:
     # torchrun sets 1 thread per process only when a node runs several; the two-node launch
     # (1 process per node) would otherwise reduce in a different order than the one-node run.
-    return dict(child_env(), OMP_NUM_THREADS="1")
+    return dict(child_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
 
 
 def torchrun(out_log: Path, overrides, resume: bool = False) -> subprocess.Popen:

@@ -45,6 +45,12 @@ class RolloutConfig:
     rollout/route_agreement and loss.routing_replay=r3): always, never, or auto (on CPU, where it
     is free, and whenever r3 needs it). It turns prefix caching off; on GPU it also runs vLLM's V1
     model runner without CUDA graphs, which costs sampling speed."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (advantage 0: no gradient) and sample more
+    prompts until train.prompts_per_step informative groups are collected (DAPO)."""
+    max_sampling_rounds: int = 3
+    """dynamic_sampling: sampling rounds per step at most; after the last the step trains on the
+    informative groups it has."""
     seed: int = 0
     """Base of the per-prompt sampling seeds (a seed depends on step and prompt index only, so a
     rollout does not depend on which engine served it)."""
@@ -70,6 +76,8 @@ class RolloutConfig:
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
         if not self.kv_cache_gib > 0:
             raise bad("kv_cache_gib", "must be > 0")
+        if self.max_sampling_rounds < 1:
+            raise bad("max_sampling_rounds", "must be >= 1 (1 = no extra rounds)")
         if self.capture_routes not in ("auto", "always", "never"):
             raise bad("capture_routes", "allowed: auto, always, never")
 

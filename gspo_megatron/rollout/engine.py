@@ -61,6 +61,21 @@ class RolloutBatch:
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for g in self.groups if g for c in g)
 
+    def summary(self) -> Dict[str, float]:
+        """The ``rollout/*`` metrics of these groups (and ``perf/rollout_seconds``)."""
+        comps = [c for g in self.groups if g for c in g]
+        lengths = torch.tensor([len(c.token_ids) for c in comps] or [0], dtype=torch.float64)
+        return {
+            "rollout/tokens": float(self.num_tokens),
+            "rollout/response_length_mean": float(lengths.mean()),
+            "rollout/response_length_max": float(lengths.max()),
+            "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps)
+            / max(len(comps), 1),
+            "perf/rollout_seconds": self.seconds,
+            "rollout/skipped_overlong": float(self.skipped_overlong),
+            "rollout/skipped_empty": float(self.skipped_empty),
+        }
+
 
 def _quiet_vllm() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -211,8 +226,14 @@ class RolloutEngine:
 
     # -- sampling ----------------------------------------------------------------------------
 
-    def _seed(self, step: int, index: int) -> int:
-        return zlib.crc32(f"{self.cfg.seed}/{step}/{index}".encode()) & 0x7FFFFFFF
+    def _seed(self, step: int, index: int, round_: int = 0) -> int:
+        # Round 0 keeps the key it always had: dynamic sampling off samples what it always did.
+        key = (
+            f"{self.cfg.seed}/{step}/{index}"
+            if round_ == 0
+            else f"{self.cfg.seed}/{step}/r{round_}/{index}"
+        )
+        return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
     def generate(
         self,
@@ -221,9 +242,11 @@ class RolloutEngine:
         n: Optional[int] = None,
         greedy: bool = False,
         max_new_tokens: Optional[int] = None,
+        round_: int = 0,
     ) -> RolloutBatch:
         """Sample ``n`` (default ``group_size``) responses per prompt. Collective: every rank
-        passes the same prompts and gets the same result."""
+        passes the same prompts and gets the same result. The sampling seeds depend on (rollout
+        seed, ``step``, ``round_`` (dynamic sampling's extra rounds), prompt index) only."""
         from vllm import SamplingParams
 
         cfg = self.cfg
@@ -248,7 +271,7 @@ class RolloutEngine:
                 top_k=0 if greedy else cfg.top_k,
                 max_tokens=max_new_tokens or cfg.max_new_tokens,
                 logprobs=0,
-                seed=None if greedy else self._seed(step, i),
+                seed=None if greedy else self._seed(step, i, round_),
                 detokenize=False,
             )
             for i in mine
@@ -271,18 +294,7 @@ class RolloutEngine:
         batch = RolloutBatch(
             groups, skipped_overlong=overlong, skipped_empty=empty, seconds=time.perf_counter() - t0
         )
-        comps = [c for g in groups if g for c in g]
-        lengths = torch.tensor([len(c.token_ids) for c in comps] or [0], dtype=torch.float64)
-        batch.stats = {
-            "rollout/tokens": float(batch.num_tokens),
-            "rollout/response_length_mean": float(lengths.mean()),
-            "rollout/response_length_max": float(lengths.max()),
-            "rollout/truncated_fraction": sum(c.finish_reason == "length" for c in comps)
-            / max(len(comps), 1),
-            "perf/rollout_seconds": batch.seconds,
-            "rollout/skipped_overlong": float(overlong),
-            "rollout/skipped_empty": float(empty),
-        }
+        batch.stats = batch.summary()
         return batch
 
     def _share(self, local: Dict[int, object]) -> Dict[int, object]:

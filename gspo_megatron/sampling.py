@@ -1,0 +1,138 @@
+"""A step's rollout: prompts -> groups of responses -> rewards, with dynamic sampling.
+
+A group whose rewards are all equal has advantage 0 for every member: it adds nothing to the
+gradient and only dilutes the batch. With ``rollout.dynamic_sampling`` (DAPO) such groups are
+dropped and more prompts are sampled, round after round, until ``train.prompts_per_step``
+informative groups are collected or ``rollout.max_sampling_rounds`` is reached; the step then
+trains on what it has.
+
+Everything is a function of (seed, step, round): round 0 is the step's own prompts
+(``PromptSet.batch``); round r > 0 draws prompts not yet used in the step with
+``random.Random(f"{seed}/{step}/{r}")``, and the engine seeds each prompt's sampling from
+(rollout seed, step, round, index). A resumed run therefore samples exactly what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from gspo_megatron.data import Prompt, PromptSet
+from gspo_megatron.rollout.engine import Completion, RolloutBatch
+
+Scorer = Callable[[List[Tuple[str, str, Optional[str]]]], Tuple[List[float], Dict, Optional[str]]]
+"""texts (prompt, response, answer) -> (rewards, reward metrics, first reward error or None):
+``RewardRunner.score_across_ranks``."""
+
+
+@dataclass
+class StepRollout:
+    """The groups that reach the loss, in order, with their rewards, and the step's metrics."""
+
+    prompts: List[Prompt] = field(default_factory=list)
+    groups: List[List[Completion]] = field(default_factory=list)
+    rewards: List[List[float]] = field(default_factory=list)
+    sampled_rewards: List[float] = field(default_factory=list)
+    """Every response's reward of every round (what the policy scored, kept or not)."""
+    sampled_groups: int = 0
+    filtered_groups: int = 0
+    rounds: int = 0
+    num_tokens: int = 0
+    stats: Dict[str, float] = field(default_factory=dict)
+    first_error: Optional[str] = None
+
+
+def informative(rewards: Sequence[float]) -> bool:
+    """A group with some spread in its rewards (non-zero advantages)."""
+    return max(rewards) != min(rewards)
+
+
+def draw_more(
+    prompt_set: PromptSet, used: set, count: int, seed: int, step: int, round_: int
+) -> List[Prompt]:
+    """``count`` prompts of ``prompt_set`` whose rows are not in ``used``, drawn with a generator
+    seeded by (seed, step, round) (fewer if the set runs out)."""
+    free = [p for p in prompt_set.prompts if p.row not in used]
+    rng = random.Random(f"{seed}/{step}/{round_}")
+    return rng.sample(free, min(count, len(free)))
+
+
+def sample_step(
+    generate: Callable[[List[List[int]], int], RolloutBatch],
+    score: Scorer,
+    decode: Callable[[List[int]], str],
+    prompt_set: PromptSet,
+    step: int,
+    prompts_per_step: int,
+    data_seed: int,
+    shuffle: bool,
+    dynamic: bool,
+    max_rounds: int,
+) -> StepRollout:
+    """Sample, score and (with ``dynamic``) filter one step's groups. ``generate(ids, round)``
+    samples a group per prompt (None for a prompt the engine skipped); collective, like
+    ``score``. Every rank gets the same result."""
+    out = StepRollout()
+    prompts = prompt_set.batch(step, prompts_per_step, data_seed, shuffle)
+    used = {p.row for p in prompts}
+    batches, reward_parts = [], []
+    for round_ in range(max_rounds if dynamic else 1):
+        if round_:
+            need = prompts_per_step - len(out.groups)
+            # Draw for the keep rate seen so far (at least 1 in 4): one more round, not many.
+            rate = max(len(out.groups) / max(out.sampled_groups, 1), 0.25)
+            prompts = draw_more(prompt_set, used, math.ceil(need / rate), data_seed, step, round_)
+            used |= {p.row for p in prompts}
+            if not prompts:
+                break
+        batch = generate([p.ids for p in prompts], round_)
+        batches.append(batch)
+        out.rounds = round_ + 1
+        got = [(p, g) for p, g in zip(prompts, batch.groups) if g is not None]
+        texts = [(p.text, decode(c.token_ids), p.answer) for p, g in got for c in g]
+        rewards, stats, error = score(texts)
+        reward_parts.append((stats, len(texts)))
+        out.first_error = out.first_error or error
+        out.sampled_rewards += rewards
+        k = 0
+        for p, g in got:
+            r = rewards[k : k + len(g)]
+            k += len(g)
+            out.sampled_groups += 1
+            if dynamic and not informative(r):
+                out.filtered_groups += 1
+            elif len(out.groups) < prompts_per_step:
+                out.prompts.append(p)
+                out.groups.append(g)
+                out.rewards.append(r)
+        if len(out.groups) >= prompts_per_step:
+            break
+    merged = RolloutBatch(
+        [g for b in batches for g in b.groups],
+        skipped_overlong=sum(b.skipped_overlong for b in batches),
+        skipped_empty=sum(b.skipped_empty for b in batches),
+        seconds=sum(b.seconds for b in batches),
+    )
+    out.num_tokens = merged.num_tokens
+    out.stats = {**merged.summary(), **merge_reward_stats(reward_parts)}
+    if dynamic:
+        out.stats["rollout/sampling_rounds"] = float(out.rounds)
+        out.stats["reward/filtered_groups"] = float(out.filtered_groups)
+    return out
+
+
+def merge_reward_stats(parts: Sequence[Tuple[Dict[str, float], int]]) -> Dict[str, float]:
+    """One step's reward metrics from its rounds' (metrics, responses scored): counts and times
+    add up, per-function means are weighted by the responses scored."""
+    n = sum(count for _, count in parts) or 1
+    merged: Dict[str, float] = {}
+    for key in dict.fromkeys(k for stats, _ in parts for k in stats):
+        values = [(stats[key], count) for stats, count in parts if key in stats]
+        if key in ("reward/errors", "reward/timeouts") or key.startswith("perf/"):
+            merged[key] = sum(v for v, _ in values)
+        else:
+            merged[key] = sum(v * count for v, count in values) / n
+    return merged
