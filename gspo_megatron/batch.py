@@ -47,6 +47,11 @@ class MicroBatch:
     (padding, each response's last token)."""
     route_rows: Optional[torch.Tensor] = None
     """[b, S] positions holding a response token the engine routed (route agreement counts these)."""
+    segments: Optional[torch.Tensor] = None
+    """Packed micro-batches (``gspo_megatron.packing``): [1, S] which sequence each position
+    belongs to, -1 for padding; ``advantages`` then holds one value per sequence."""
+    attention_segments: Optional[torch.Tensor] = None
+    """``segments`` of the whole row, before the CP split (the attention mask needs them all)."""
     rollout_logprobs: Optional[torch.Tensor] = None
     """The engine's sampling log-probs (what ``old_logprobs`` starts as; the trainer's pi_old
     forward replaces ``old_logprobs`` and these stay, for the rollout correction)."""
@@ -142,4 +147,6 @@ def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         engine_routes=take(mb.engine_routes),
         route_rows=take(mb.route_rows),
         rollout_logprobs=take(mb.rollout_logprobs),
+        segments=take(mb.segments),
+        attention_segments=mb.segments if mb.segments is not None else None,
     )

@@ -141,6 +141,19 @@ class Config:
                 f"for; use model.moe_aux_loss_coeff=0 (the paper's RL setting) or a "
                 f"per-sequence variant"
             )
+        budget = self.loss.max_tokens_per_microbatch
+        if budget and budget < self.rollout.max_model_len:
+            raise GspoError(
+                f"loss.max_tokens_per_microbatch={budget} is less than a sample can be "
+                f"(rollout.max_prompt_tokens + rollout.max_new_tokens = "
+                f"{self.rollout.max_model_len}); raise it or use 0"
+            )
+        if budget and self.model.moe_aux_loss_coeff:
+            raise GspoError(
+                f"loss.max_tokens_per_microbatch={budget} packs a varying number of sequences "
+                f"per micro-batch, which model.moe_aux_loss_coeff is not scaled for; use "
+                f"model.moe_aux_loss_coeff=0 (the paper's RL setting) or padded micro-batches"
+            )
         samples = self.train.prompts_per_step * self.rollout.group_size
         if samples % self.loss.num_minibatches:
             raise GspoError(

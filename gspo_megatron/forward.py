@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from gspo_megatron import routing_replay
 from gspo_megatron.batch import MicroBatch
 from gspo_megatron.logprobs import tp_group, vocab_parallel_logprobs
+from gspo_megatron.packing import packed_attention_mask
 
 
 def device() -> torch.device:
@@ -36,8 +37,13 @@ def model_forward(model, mb: MicroBatch) -> torch.Tensor:
     stage, hidden states elsewhere (pipeline input arrives through set_input_tensor)."""
     dev = device()
     cp = parallel_state.get_context_parallel_world_size()
-    # Under CP the attention builds its own zigzag causal mask.
-    mask = causal_mask(mb.tokens.shape[1], dev) if cp == 1 else None
+    if mb.attention_segments is not None:
+        # Packed sequences: causal within each sequence, over the whole (un-split) row; under
+        # CP the attention picks its zigzag rows and columns out of it.
+        mask = packed_attention_mask(mb.attention_segments.to(dev))
+    else:
+        # Under CP the attention builds its own zigzag causal mask.
+        mask = causal_mask(mb.tokens.shape[1], dev) if cp == 1 else None
     replay = routing_replay.of(model)
     with replay.micro_batch(mb) if replay is not None else contextlib.nullcontext():
         return model(mb.tokens.to(dev), mb.position_ids.to(dev), mask)

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,12 +40,14 @@ from gspo_megatron.batch import (
 from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import PolicyLossConfig, policy_loss
+from gspo_megatron.models.qwen3.model import have_transformer_engine
 from gspo_megatron.old_logprobs import (
     compute_old_logprobs,
     observe_route_agreement,
     reduce_logprob_diff,
 )
 from gspo_megatron.optim import unwrap
+from gspo_megatron.packing import packed_minibatches, unpacked
 from gspo_megatron.reference import fill_ref_logprobs
 from gspo_megatron.step_metrics import FROM_LOSS, reduce_metrics, summarise_steps
 
@@ -83,6 +85,33 @@ def make_microbatches(
     ]
 
 
+def build_minibatches(
+    samples: Sequence[Sample], cfg: PolicyLossConfig
+) -> Tuple[List[List[MicroBatch]], int]:
+    """This rank's samples -> ``cfg.num_minibatches`` lists of CP-sharded micro-batches and the
+    row length all ranks use: ``micro_batch_size`` rows padded to the longest sequence of any
+    rank, or, with ``max_tokens_per_microbatch``, packed rows (``gspo_megatron.packing``)."""
+    k = cfg.num_minibatches
+    per = len(samples) // k
+    parts = [samples[i * per : (i + 1) * per] for i in range(k)]
+    if cfg.max_tokens_per_microbatch:
+        if have_transformer_engine():
+            raise GspoError(
+                "loss.max_tokens_per_microbatch > 0: packed sequences run on megatron's local "
+                "attention with a block-diagonal mask; Transformer Engine's packed (THD) "
+                "attention is not wired up yet: use loss.max_tokens_per_microbatch=0 here"
+            )
+        multiple = sequence_multiple(
+            ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+        )
+        packed, seq_len = packed_minibatches(parts, cfg.max_tokens_per_microbatch, multiple)
+        cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        return [[cp_shard(mb, cp, cp_rank) for mb in mbs] for mbs in packed], seq_len
+    seq_len = agreed_seq_len(samples)
+    n_mb = max(1, -(-per // cfg.micro_batch_size))
+    return [make_microbatches(p, cfg.micro_batch_size, seq_len, n_mb) for p in parts], seq_len
+
+
 def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: torch.Tensor):
     dev = logits.device
     if mb.old_logprobs is None:
@@ -105,6 +134,9 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
         )
     # The logits are read only here: their storage can take their gradient.
     logp, entropy = label_logprobs(logits, mb, vocab_size, inplace_backward=True)
+    row_mask = mb.loss_mask.to(dev)
+    # The loss sees one row per sequence; a packed row is unpacked here (gspo_megatron.packing).
+    mb, logp = unpacked(mb, logp)
     mask = mb.loss_mask.to(dev)
     cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
     loss_sum, m = policy_loss(
@@ -141,7 +173,7 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
         count = torch.zeros(())
     sums = {k: v for k, v in m.items() if k in FROM_LOSS}
     sums["loss_sum"] = loss_sum.detach()
-    ent = torch.stack([(entropy.detach() * mask).sum(), mask.float().sum()])
+    ent = torch.stack([(entropy.detach() * row_mask).sum(), row_mask.float().sum()])
     if cp_group is not None:  # tokens are spread over CP ranks; the metrics above are not
         dist.all_reduce(ent, group=cp_group)
     sums["entropy_sum"], sums["entropy_tokens"] = ent[0], ent[1]
@@ -301,7 +333,6 @@ def policy_update(
             f"loss.routing_replay={cfg.routing_replay} needs "
             f"routing_replay.RoutingReplay(model, '{cfg.routing_replay}')"
         )
-    seq_len = agreed_seq_len(samples)
     k = cfg.num_minibatches
     if len(samples) % k:
         raise GspoError(
@@ -319,12 +350,7 @@ def policy_update(
             raise GspoError(
                 f"{setting} needs the engine's log-probs, but sample {missing[0]} has none"
             )
-    per = len(samples) // k
-    n_mb = max(1, -(-per // cfg.micro_batch_size))
-    minibatches = [
-        make_microbatches(samples[i * per : (i + 1) * per], cfg.micro_batch_size, seq_len, n_mb)
-        for i in range(k)
-    ]
+    minibatches, seq_len = build_minibatches(samples, cfg)
     have_engine = torch.tensor([float(any(s.old_logprobs is not None for s in samples))])
     if dist.is_initialized():
         dist.all_reduce(have_engine, op=dist.ReduceOp.MAX)

@@ -134,6 +134,17 @@ def test_torn_latest_pointer_is_refused(tmp_path):
             "loss.old_logprobs=rollout makes them the same (rho = 1)",
         ),
         ("loss.sapo_tau_neg=0", "loss.sapo_tau_neg=0.0 must be > 0"),
+        # padding-free micro-batches
+        ("loss.max_tokens_per_microbatch=-1", "loss.max_tokens_per_microbatch=-1 must be >= 0"),
+        (
+            "loss.max_tokens_per_microbatch=20",
+            "loss.max_tokens_per_microbatch=20 is less than a sample can be (rollout."
+            "max_prompt_tokens + rollout.max_new_tokens = 24)",
+        ),
+        (
+            ("loss.max_tokens_per_microbatch=64", "model.moe_aux_loss_coeff=0.01"),
+            "loss.max_tokens_per_microbatch=64 packs a varying number of sequences",
+        ),
         (
             ("loss.variant=cispo", "model.moe_aux_loss_coeff=0.01"),
             "loss.variant=cispo normalises by tokens",

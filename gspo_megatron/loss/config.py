@@ -49,7 +49,11 @@ class PolicyLossConfig:
     """Where pi_old's log-probs come from: trainer (a forward pass before the first step) or
     rollout (the engine's sampling log-probs)."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch per data-parallel rank."""
+    """Sequences per micro-batch per data-parallel rank (padded micro-batches)."""
+    max_tokens_per_microbatch: int = 0
+    """Padding-free micro-batches: pack whole sequences end to end into rows of at most this
+    many tokens (attention kept within each sequence) instead of micro_batch_size rows padded
+    to the longest; 0 = off. At least rollout.max_prompt_tokens + rollout.max_new_tokens."""
     routing_replay: str = "none"
     """MoE routing replay: none (GSPO needs none), r2 (every update of a rollout batch routes each
     token to the experts the pi_old forward chose; the paper's GRPO baseline), r3 (pi_old's forward
@@ -72,6 +76,11 @@ class PolicyLossConfig:
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
             if not getattr(self, name) > 0:
                 raise GspoError(f"loss.{name}={getattr(self, name)} must be > 0")
+        if self.max_tokens_per_microbatch < 0:
+            raise GspoError(
+                f"loss.max_tokens_per_microbatch={self.max_tokens_per_microbatch} must be >= 0 "
+                f"(0 = padded micro-batches)"
+            )
         if self.num_minibatches < 1 or self.micro_batch_size < 1:
             raise GspoError("loss.num_minibatches and loss.micro_batch_size must be >= 1")
         if self.kl_coef < 0:

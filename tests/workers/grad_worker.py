@@ -10,7 +10,7 @@ weights after the update), keyed like the checkpoint, so the test can compare la
 single process. A case ``{"name", "samples", "layout": {"tp", "pp", "ep", "cp"}, "mode":
 "grads"|"update", "variant", "clip_low", "clip_high", "micro_batch_size", "num_minibatches",
 "trainer_old_logprobs", "kl_coef", "routing_replay", "lr", "route_meter", "rollout_correction",
-"correction_cap"}``: with a ``rollout_correction`` the grads mode takes the samples' log-probs as
+"correction_cap", "max_tokens_per_microbatch"}``: with a ``rollout_correction`` the grads mode takes the samples' log-probs as
 the engine's and pi_old from a trainer forward first; with ``kl_coef`` the
 grads mode takes the reference log-probs from the samples and the update mode builds the
 reference policy from the checkpoint (``gspo_megatron.reference``) and also reports its log-probs
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,13 @@ from gspo_megatron.reference import build_reference, fill_ref_logprobs
 from gspo_megatron.route_change import RouteChangeMeter
 from gspo_megatron.routing_replay import RoutingReplay
 from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
-from gspo_megatron.update import agreed_seq_len, make_microbatches, policy_update, train_step
+from gspo_megatron.update import (
+    agreed_seq_len,
+    build_minibatches,
+    make_microbatches,
+    policy_update,
+    train_step,
+)
 
 
 def my_samples(case: dict) -> list:
@@ -138,6 +145,7 @@ def run_case(case: dict, ckpt: Path) -> dict:
         old_logprobs="rollout" if engine_is_old else "trainer",
         rollout_correction=correction,
         correction_cap=case.get("correction_cap", 2.0),
+        max_tokens_per_microbatch=case.get("max_tokens_per_microbatch", 0),
     )
     if case["mode"] == "logprobs":  # the pi_old forward alone, as policy_update runs it
         replay = RoutingReplay(ddp, cfg.routing_replay)
@@ -153,11 +161,7 @@ def run_case(case: dict, ckpt: Path) -> dict:
             "agreement": replay.take_agreement(),
         }
     if not update:
-        per = len(mine)
-        seq_len = agreed_seq_len(mine)
-        mbs = make_microbatches(
-            mine, cfg.micro_batch_size, seq_len, num_microbatches=-(-per // cfg.micro_batch_size)
-        )
+        [mbs], seq_len = build_minibatches(mine, replace(cfg, num_minibatches=1))
         if cfg.old_logprobs == "trainer":
             compute_old_logprobs(ddp, mbs, spec.vocab_size, seq_len)
         metrics = train_step(ddp, None, mbs, cfg, spec.vocab_size, seq_len)

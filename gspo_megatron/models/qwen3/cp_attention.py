@@ -3,7 +3,8 @@
 On GPU, TE's attention runs context parallelism as a ring. megatron's local attention refuses
 CP > 1, so without TE this module stands in: each rank all-gathers the keys and values of the
 whole sequence over the CP group (the backward pass reduce-scatters their gradients), and
-attends from its own queries with a causal mask built from the zigzag positions. Memory is
+attends from its own queries with a causal mask built from the zigzag positions (and, for packed
+sequences, the given mask over the whole row). Memory is
 O(sequence) for K/V per rank, which is fine for the CPU path it serves.
 """
 
@@ -72,6 +73,10 @@ class AllGatherCPAttention(MegatronModule):
         v = value_all.repeat_interleave(rep, dim=2).permute(1, 2, 0, 3)  # [b, nh, S, hd]
         scores = torch.matmul(q.float(), k.float()) * self.softmax_scale  # [b, nh, sq, S]
         masked = key_pos[None, :] > q_pos[:, None]
+        if attention_mask is not None:
+            # Packed sequences: a [b, 1, S, S] mask over the whole row (True = masked) keeps
+            # each sequence to itself; take this rank's query rows, keys in gathered order.
+            masked = masked | attention_mask[:, :, q_pos][:, :, :, key_pos]
         scores = scores.masked_fill(masked, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         out = torch.matmul(probs, v)  # [b, nh, sq, hd]

@@ -27,6 +27,7 @@ from megatron.core.transformer import TransformerConfig
 
 from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
 from gspo_megatron.models.qwen3.norm import Qwen3RMSNorm
+from gspo_megatron.models.qwen3.packed_attention import SegmentedDotProductAttention
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.parallel import ParallelLayout
 
@@ -129,8 +130,9 @@ def _replace_norms(spec_obj, norm_cls) -> None:
 
 
 def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
-    """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm (and,
-    for context parallelism, the all-gather CP attention that megatron's local spec lacks)."""
+    """Decoder block spec: TE when available, else megatron local modules + Qwen3RMSNorm, with
+    the all-gather CP attention that megatron's local spec lacks under context parallelism, and
+    otherwise its attention run per sequence on packed rows."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
     )
@@ -140,8 +142,11 @@ def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     block.layer_specs = [copy.deepcopy(s) for s in block.layer_specs]
     for layer_spec in block.layer_specs:
         _replace_norms(layer_spec, Qwen3RMSNorm)
+        attention = layer_spec.submodules.self_attention.submodules
         if config.context_parallel_size > 1:
-            layer_spec.submodules.self_attention.submodules.core_attention = AllGatherCPAttention
+            attention.core_attention = AllGatherCPAttention
+        else:  # attends within each sequence of a packed row (unpacked rows: megatron's own)
+            attention.core_attention = SegmentedDotProductAttention
     block.layer_norm = Qwen3RMSNorm
     return block
 
