@@ -1,6 +1,16 @@
-"""Benchmarks of the RL step's update, side by side in one run.
+"""Benchmarks of the RL step, side by side with a baseline in one run.
 
+    python tools/bench_step.py step [--steps 12 --nproc 2]
     python tools/bench_step.py long-tail [--samples 64 --budget 1024 --micro-batch-size 4]
+
+step: the demo's RL step (its warm-started model, data, copy reward; 16 prompts x 8 responses,
+4 minibatch steps), once through gspo-train (torchrun, launch/configs/tiny_cpu.yaml, the
+quickstart's settings) and once as a plain single-process loop of the kind widely used for
+small models (transformers generate; the reward; a no-grad forward for pi_old; one
+forward/backward per minibatch with the same GSPO loss and torch AdamW; no weight sync).
+Prints, per phase (rollout, reward, pi_old forward, update, sync, whole step), the median
+seconds after two warm-up steps and the tokens per second for each, the ratio, and the time
+from launch to the end of the run.
 
 long-tail: response lengths drawn log-uniformly from 8 to 512 tokens (16-token prompts), as a
 reasoning run's are; one policy update (forward, backward, optimizer step over the whole batch)
@@ -110,9 +120,190 @@ def long_tail(args) -> dict:
     return {"mode": "long-tail", "speedup": speedup, **results}
 
 
+PHASES = (
+    ("rollout", "perf/rollout_seconds"),
+    ("reward", "perf/reward_seconds"),
+    ("pi_old forward", "perf/old_logprob_seconds"),
+    ("update", "perf/train_seconds"),
+    ("sync", "perf/sync_seconds"),
+    ("step", "perf/step_seconds"),
+)
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else float("nan")
+
+
+def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path) -> dict:
+    """gspo-train on the demo for ``steps`` steps; per-phase medians from its metrics."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-port", str(_free_port()), "-m", "gspo_megatron.train"]
+    cmd += ["--config", str(repo / "launch/configs/tiny_cpu.yaml")]
+    cmd += [f"model.ckpt={init / 'mcore'}", f"data.path={init / 'train.jsonl'}"]
+    cmd += [f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=0"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"gspo-train failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]
+    result = {name: _median([r[key] for r in rows if key in r]) for name, key in PHASES}
+    result["rollout tokens"] = _median([r["rollout/tokens"] for r in rows])
+    result["train tokens"] = _median([r["train/tokens"] for r in rows])
+    result["wall"] = wall
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def baseline_steps(init: Path, steps: int) -> dict:
+    """The plain loop: same model, prompts, sampling settings, reward, loss and optimizer
+    settings as the demo's config, in one process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gspo_megatron.config import load_config
+    from gspo_megatron.data import DataConfig, load_prompts
+    from gspo_megatron.demo import copy_reward
+    from gspo_megatron.loss import group_advantages, policy_loss
+
+    t_start = time.perf_counter()
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "launch/configs/tiny_cpu.yaml")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(init / "hf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(init / "hf")
+    data = DataConfig(path=str(init / "train.jsonl"))
+    prompt_set = load_prompts(data, tok, cfg.rollout.max_prompt_tokens)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    eos, g, k = tok.eos_token_id, cfg.rollout.group_size, cfg.loss.num_minibatches
+    rows = []
+    for step in range(steps):
+        times = {}
+        t0 = time.perf_counter()
+        prompts = prompt_set.batch(step, cfg.train.prompts_per_step, data.seed, data.shuffle)
+        width = max(len(p.ids) for p in prompts)
+        ids = torch.tensor([[eos] * (width - len(p.ids)) + p.ids for p in prompts])
+        attn = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts])
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=cfg.rollout.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                num_return_sequences=g,
+                pad_token_id=eos,
+                eos_token_id=eos,
+            )[:, width:].tolist()
+        responses = []
+        for seq in out:  # up to and including the first EOS, as an engine returns it
+            responses.append(seq[: seq.index(eos) + 1] if eos in seq else seq)
+        t1 = time.perf_counter()
+        times["rollout"] = t1 - t0
+        texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+        rewards = [
+            copy_reward(prompts[i // g].text, t, prompts[i // g].answer)
+            for i, t in enumerate(texts)
+        ]
+        adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), g)
+        t2 = time.perf_counter()
+        times["reward"] = t2 - t1
+        seqs = [prompts[i // g].ids + r for i, r in enumerate(responses)]
+        n = max(len(s) for s in seqs)
+        tokens = torch.tensor([s + [eos] * (n - len(s)) for s in seqs])
+        mask = torch.zeros(len(seqs), n - 1, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            p = len(prompts[i // g].ids)
+            mask[i, p - 1 : len(s) - 1] = True
+
+        def logprobs(x):
+            logits = model(input_ids=x).logits[:, :-1].float()
+            return torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0]
+
+        with torch.no_grad():
+            old = logprobs(tokens)
+        t3 = time.perf_counter()
+        times["pi_old forward"] = t3 - t2
+        model.train()
+        per = len(seqs) // k
+        for j in range(k):
+            sl = slice(j * per, (j + 1) * per)
+            loss, _ = policy_loss(
+                logprobs(tokens[sl]),
+                old[sl],
+                adv[sl],
+                mask[sl],
+                clip_low=cfg.loss.clip_low,
+                clip_high=cfg.loss.clip_high,
+            )
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            opt.step()
+        t4 = time.perf_counter()
+        times["update"] = t4 - t3
+        times["sync"] = 0.0
+        times["step"] = t4 - t0
+        times["rollout tokens"] = sum(len(r) for r in responses)
+        times["train tokens"] = int(mask.sum())
+        rows.append(times)
+    result = {name: _median([r[name] for r in rows[2:]]) for name, _ in PHASES}
+    result["rollout tokens"] = _median([r["rollout tokens"] for r in rows[2:]])
+    result["train tokens"] = _median([r["train tokens"] for r in rows[2:]])
+    result["wall"] = time.perf_counter() - t_start
+    return result
+
+
+def step(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        init = args.init
+        if init is None:
+            from gspo_megatron.demo import prepare
+
+            init = tmp / "init"
+            prepare(init, 2048, 16, 4, 15, 3e-3, 0)
+        ours = gspo_train_steps(init, args.steps, args.nproc, tmp / "run")
+        base = baseline_steps(init, args.steps)
+    print(f"median over steps 3..{args.steps} (16 prompts x 8 responses, 4 minibatch steps)")
+    print(f"{'phase':16} {'gspo-train s':>12} {'baseline s':>11} {'ratio':>6}")
+    for name, _ in PHASES:
+        ratio = ours[name] / base[name] if base[name] else float("nan")
+        print(f"{name:16} {ours[name]:>12.3f} {base[name]:>11.3f} {ratio:>6.2f}")
+    for name, phase in (("rollout tok/s", "rollout"), ("update tok/s", "update")):
+        key = "rollout tokens" if phase == "rollout" else "train tokens"
+        a, b = ours[key] / ours[phase], base[key] / base[phase]
+        print(f"{name:16} {a:>12.0f} {b:>11.0f} {a / b:>6.2f}")
+    print(
+        f"{'launch to end':16} {ours['wall']:>12.1f} {base['wall']:>11.1f} "
+        f"{ours['wall'] / base['wall']:>6.2f}   ({args.steps} steps)"
+    )
+    return {"mode": "step", "gspo_train": ours, "baseline": base}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
+    st = sub.add_parser("step", help="the demo's RL step: gspo-train vs a plain loop")
+    st.add_argument("--steps", type=int, default=12)
+    st.add_argument("--nproc", type=int, default=2, help="gspo-train processes (the demo's 2)")
+    st.add_argument("--init", type=Path, help="a prepared demo (default: made in a temp dir)")
     lt = sub.add_parser("long-tail", help="padded vs packed micro-batches, long-tail lengths")
     lt.add_argument("--samples", type=int, default=64)
     lt.add_argument("--budget", type=int, default=1024, help="loss.max_tokens_per_microbatch")
@@ -121,7 +312,7 @@ def main() -> None:
     lt.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    result = long_tail(args)
+    result = long_tail(args) if args.mode == "long-tail" else step(args)
     result.update(
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         date=datetime.date.today().isoformat(),
