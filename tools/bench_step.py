@@ -135,7 +135,7 @@ def _median(values):
     return values[len(values) // 2] if values else float("nan")
 
 
-def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path) -> dict:
+def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()) -> dict:
     """gspo-train on the demo for ``steps`` steps; per-phase medians from its metrics."""
     import subprocess
 
@@ -145,6 +145,7 @@ def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path) -> dict:
     cmd += ["--config", str(repo / "launch/configs/tiny_cpu.yaml")]
     cmd += [f"model.ckpt={init / 'mcore'}", f"data.path={init / 'train.jsonl'}"]
     cmd += [f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=0"]
+    cmd += list(overrides)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
@@ -279,7 +280,7 @@ def step(args) -> dict:
 
             init = tmp / "init"
             prepare(init, 2048, 16, 4, 15, 3e-3, 0)
-        ours = gspo_train_steps(init, args.steps, args.nproc, tmp / "run")
+        ours = gspo_train_steps(init, args.steps, args.nproc, tmp / "run", args.overrides)
         base = baseline_steps(init, args.steps)
     print(f"median over steps 3..{args.steps} (16 prompts x 8 responses, 4 minibatch steps)")
     print(f"{'phase':16} {'gspo-train s':>12} {'baseline s':>11} {'ratio':>6}")
@@ -304,6 +305,9 @@ def main() -> None:
     st.add_argument("--steps", type=int, default=12)
     st.add_argument("--nproc", type=int, default=2, help="gspo-train processes (the demo's 2)")
     st.add_argument("--init", type=Path, help="a prepared demo (default: made in a temp dir)")
+    st.add_argument(
+        "overrides", nargs="*", help="config overrides for the gspo-train run (key=value)"
+    )
     lt = sub.add_parser("long-tail", help="padded vs packed micro-batches, long-tail lengths")
     lt.add_argument("--samples", type=int, default=64)
     lt.add_argument("--budget", type=int, default=1024, help="loss.max_tokens_per_microbatch")
