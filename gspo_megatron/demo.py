@@ -25,12 +25,8 @@ import random
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from gspo_megatron.checkpoint.atomic import atomic_dir
-from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
-from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
+# torch, transformers and the converter are imported where the model is made, not here: the
+# reward worker imports this module for copy_reward, and those imports cost it seconds.
 
 SEPARATOR = "w0"
 
@@ -58,6 +54,8 @@ def warm_start(
     model, tokenizer, rows: List[dict], steps: int, lr: float, batch: int, seed: int
 ) -> List[float]:
     """Next-token cross-entropy on the answer (and EOS) of solved rows; returns the losses."""
+    import torch
+
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -96,6 +94,13 @@ def prepare(
 ) -> None:
     """Write data, the warm-started HF model and its megatron checkpoint (atomically).
     ``model_shape``: transformers config fields that replace the demo model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gspo_megatron.checkpoint.atomic import atomic_dir
+    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+    from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
+
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
         (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
