@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from gspo_megatron.data import Prompt, PromptSet
-from gspo_megatron.rollout.engine import Completion, RolloutBatch
+
+if TYPE_CHECKING:  # the engine module imports vLLM and megatron: not at gspo-train's start-up
+    from gspo_megatron.rollout.engine import Completion, RolloutBatch
 
 Scorer = Callable[[List[Tuple[str, str, Optional[str]]]], Tuple[List[float], Dict, Optional[str]]]
 """texts (prompt, response, answer) -> (rewards, reward metrics, first reward error or None):
@@ -33,7 +35,7 @@ class StepRollout:
     """The groups that reach the loss, in order, with their rewards, and the step's metrics."""
 
     prompts: List[Prompt] = field(default_factory=list)
-    groups: List[List[Completion]] = field(default_factory=list)
+    groups: List[List["Completion"]] = field(default_factory=list)
     rewards: List[List[float]] = field(default_factory=list)
     sampled_rewards: List[float] = field(default_factory=list)
     """Every response's reward of every round (what the policy scored, kept or not)."""
@@ -61,7 +63,7 @@ def draw_more(
 
 
 def sample_step(
-    generate: Callable[[List[List[int]], int], RolloutBatch],
+    generate: Callable[[List[List[int]], int], "RolloutBatch"],
     score: Scorer,
     decode: Callable[[List[int]], str],
     prompt_set: PromptSet,
@@ -75,6 +77,8 @@ def sample_step(
     """Sample, score and (with ``dynamic``) filter one step's groups. ``generate(ids, round)``
     samples a group per prompt (None for a prompt the engine skipped); collective, like
     ``score``. Every rank gets the same result."""
+    from gspo_megatron.rollout.engine import RolloutBatch
+
     out = StepRollout()
     prompts = prompt_set.batch(step, prompts_per_step, data_seed, shuffle)
     used = {p.row for p in prompts}

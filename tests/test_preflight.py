@@ -409,3 +409,17 @@ def test_r3_needs_an_engine_that_records_its_routes(good, monkeypatch, capsys):
     # Without r3 the route agreement is simply not measured: the run goes ahead.
     plan = _plan_of(good, monkeypatch)
     assert plan.capture_routes is False
+
+
+def test_gspo_train_starts_without_the_heavy_imports():
+    """The pre-flight answers bad input in a second or two: importing gspo-train's module pulls
+    in neither vLLM nor megatron-core nor transformers (the Trainer imports them, after it)."""
+    code = (
+        "import sys, gspo_megatron.train; "
+        "print(sorted({k.split('.')[0] for k in sys.modules} & "
+        "{'vllm', 'megatron', 'transformers', 'tensorboard'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
