@@ -147,6 +147,5 @@ def cp_shard(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         engine_routes=take(mb.engine_routes),
         route_rows=take(mb.route_rows),
         rollout_logprobs=take(mb.rollout_logprobs),
-        segments=take(mb.segments),
-        attention_segments=mb.segments if mb.segments is not None else None,
+        segments=take(mb.segments),  # attention_segments stay whole: the mask needs them all
     )

@@ -139,7 +139,7 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         kwargs = {}
         if "RANK" not in os.environ:  # not under torchrun: a private one-rank group
-            kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            kwargs = dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         torch.distributed.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -165,7 +165,8 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

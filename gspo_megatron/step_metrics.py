@@ -9,7 +9,7 @@ optimizer steps of one rollout batch into the batch's metrics.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,19 +42,16 @@ FROM_LOSS = REDUCED + REF_KL + CORRECTION + RANGE
 
 
 def reduce_metrics(
-    store: List[dict],
-    nonfinite_grads: float = 0.0,
-    with_ref_kl: bool = False,
-    cfg: Optional[PolicyLossConfig] = None,
+    store: List[dict], cfg: PolicyLossConfig, nonfinite_grads: float = 0.0
 ) -> Dict[str, float]:
     """Sum per-micro-batch sums on the last stage, then over data-parallel ranks; every rank
     receives the result (counted once per sequence: TP and CP duplicates contribute zero).
-    ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks;
-    ``with_ref_kl`` adds ``gspo/ref_kl`` (the KL penalty's k3 estimate, when it is on); a
-    ``cfg`` with a rollout correction adds its ``rollout/*`` metrics, and one of a per-token
-    objective reports the loss per response token (what it is normalised by)."""
-    correcting = cfg is not None and cfg.rollout_correction != "none"
-    keys = list(REDUCED) + (list(REF_KL) if with_ref_kl else [])
+    ``nonfinite_grads`` (every rank's own flag) comes back summed over all ranks. ``cfg``
+    decides the extras: ``gspo/ref_kl`` (the KL penalty's k3 estimate) when the penalty is on,
+    the rollout correction's ``rollout/*`` metrics when it is on, and the loss per response
+    token for a per-token objective (what it is normalised by)."""
+    correcting = cfg.rollout_correction != "none"
+    keys = list(REDUCED) + (list(REF_KL) if cfg.kl_coef else [])
     keys += list(CORRECTION) if correcting else []
     local = torch.zeros(len(keys) + 1, dtype=torch.float64)
     local[-1] = nonfinite_grads
@@ -85,7 +82,7 @@ def reduce_metrics(
         out["rollout/rho_max"] = float(extremes[0]) if seen else float("nan")
         out["rollout/rho_min"] = -float(extremes[1]) if seen else float("nan")
     n = max(float(sums["num_sequences"]), 1.0)
-    if cfg is not None and cfg.per_token:
+    if cfg.per_token:
         n = max(float(sums["num_tokens"]), 1.0)
     out["gspo/loss"] = float(sums["loss_sum"]) / n
     out["train/entropy"] = float(sums["entropy_sum"]) / max(float(sums["entropy_tokens"]), 1.0)

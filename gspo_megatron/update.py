@@ -226,10 +226,7 @@ def train_step(
     stepping = optimizer is not None and step_optimizer
     # The gradient check rides on the metrics' all-reduce: no collective of its own.
     out = reduce_metrics(
-        store,
-        nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0,
-        with_ref_kl=bool(cfg.kl_coef),
-        cfg=cfg,
+        store, cfg, nonfinite_grads=local_nonfinite_grads(model) if stepping else 0.0
     )
     nonfinite_grads = out.pop("nonfinite_grads")
     if stepping:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from gspo_megatron.parallel import free_port
 from gspo_megatron.testing.hf_reference import hf_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import (
     make_hf_model,
@@ -22,12 +22,6 @@ from gspo_megatron.testing.tiny_model import (
 REPO = Path(__file__).resolve().parents[1]
 # Test helpers (train_runs, reward functions imported by path) live beside the tests.
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict:

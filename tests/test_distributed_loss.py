@@ -42,23 +42,10 @@ LAYOUTS = [
 ]
 VARIANTS = [("grpo", 2, {"cp": 2}), ("gspo_token", 4, {"tp": 2, "cp": 2})]
 # cispo (token-normalised) and tis (engine-vs-trainer weights) in every single-axis layout.
-CORRECTION_LAYOUTS = [
-    ("TP2", 2, {"tp": 2}),
-    ("PP2", 2, {"pp": 2}),
-    ("CP2", 2, {"cp": 2}),
-    ("EP2", 2, {"ep": 2}),
-    ("DP2", 2, {}),
-]
+CORRECTION_LAYOUTS = LAYOUTS[:5]  # TP2, PP2, CP2, EP2, DP2
 # Packed micro-batches (loss.max_tokens_per_microbatch): rows of up to 48 tokens hold 1-3 of the
 # samples (11-25 tokens each) end to end.
-PACKED_LAYOUTS = [
-    ("single", 1, {}),
-    ("TP2", 2, {"tp": 2}),
-    ("PP2", 2, {"pp": 2}),
-    ("CP2", 2, {"cp": 2}),
-    ("EP2", 2, {"ep": 2}),
-    ("DP2", 2, {}),
-]
+PACKED_LAYOUTS = [("single", 1, {})] + CORRECTION_LAYOUTS
 _PACKED = {"max_tokens_per_microbatch": 48}
 UPDATE_LAYOUTS = [("TP2", 2, {"tp": 2}), ("DP2", 2, {})]
 REPLAY_LAYOUTS = [

@@ -139,9 +139,11 @@ def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()
     """gspo-train on the demo for ``steps`` steps; per-phase medians from its metrics."""
     import subprocess
 
+    from gspo_megatron.parallel import free_port
+
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    cmd += ["--master-port", str(_free_port()), "-m", "gspo_megatron.train"]
+    cmd += ["--master-port", str(free_port()), "-m", "gspo_megatron.train"]
     cmd += ["--config", str(repo / "launch/configs/tiny_cpu.yaml")]
     cmd += [f"model.ckpt={init / 'mcore'}", f"data.path={init / 'train.jsonl'}"]
     cmd += [f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=0"]
@@ -158,14 +160,6 @@ def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()
     result["train tokens"] = _median([r["train/tokens"] for r in rows])
     result["wall"] = wall
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def baseline_steps(init: Path, steps: int) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ from pathlib import Path
 import torch
 
 from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+from gspo_megatron.parallel import free_port
 from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import random_rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
@@ -79,7 +73,7 @@ def main() -> int:
             "--nproc-per-node",
             nproc,
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             "-m",
             "gspo_megatron.score",
             "--ckpt",

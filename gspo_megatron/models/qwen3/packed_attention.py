@@ -28,18 +28,18 @@ class SegmentedDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that attends within each packed sequence separately."""
 
     def forward(self, query, key, value, attention_mask, *args, **kwargs):
-        packed = (
+        one_row = (
             attention_mask is not None
             and attention_mask.shape[0] == 1
             and query.shape[0] == attention_mask.shape[-1]
-            and bool(attention_mask[0, 0].diagonal(-1).any())
         )
-        if not packed:
+        runs = sequence_runs(attention_mask) if one_row else []
+        if len(runs) < 2:  # not packed, or one sequence: megatron's attention as it is
             return super().forward(query, key, value, attention_mask, *args, **kwargs)
         parts = [
             super(SegmentedDotProductAttention, self).forward(
                 query[s:e], key[s:e], value[s:e], attention_mask[:, :, s:e, s:e], *args, **kwargs
             )
-            for s, e in sequence_runs(attention_mask)
+            for s, e in runs
         ]
         return torch.cat(parts, dim=0)
