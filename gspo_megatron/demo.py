@@ -2,7 +2,7 @@
 
     python -m gspo_megatron.demo --out outputs/quickstart/init [--warm-start-steps 15]
 
-Writes, under ``--out``: ``train.jsonl`` (prompts like ``w5 w12 w3 w0``, answer ``w5 w12 w3``:
+Writes, under ``--out``: ``train.jsonl`` (prompts like ``w5 w2 w7 w3 w0``, answer ``w5 w2 w7 w3``:
 repeat the words before the separator ``w0``), ``hf/`` (a random tiny Qwen3-MoE and its
 word-level tokenizer, after a short supervised warm start) and ``mcore/`` (the same model as a
 megatron-core checkpoint, the trainer's ``model.ckpt``).
@@ -29,6 +29,10 @@ from typing import List, Optional
 # reward worker imports this module for copy_reward, and those imports cost it seconds.
 
 SEPARATOR = "w0"
+
+# The quickstart's task. 8 words, 4 per problem: measured to learn within its 30 steps (reward
+# 0.30 -> 0.94; with 16 words it took 120 steps to climb from 0.09 to 0.85).
+DEFAULTS = dict(rows=2048, alphabet=8, length=4, warm_start_steps=15, warm_start_lr=3e-3, seed=0)
 
 
 def make_rows(n: int, seed: int, alphabet: int, length: int) -> List[dict]:
@@ -130,12 +134,13 @@ def main(argv=None) -> None:
         prog="python -m gspo_megatron.demo", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--alphabet", type=int, default=16, help="distinct words (w1..wN)")
-    ap.add_argument("--length", type=int, default=4, help="words per problem")
-    ap.add_argument("--warm-start-steps", type=int, default=15)
-    ap.add_argument("--warm-start-lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    d = DEFAULTS
+    ap.add_argument("--rows", type=int, default=d["rows"])
+    ap.add_argument("--alphabet", type=int, default=d["alphabet"], help="distinct words (w1..wN)")
+    ap.add_argument("--length", type=int, default=d["length"], help="words per problem")
+    ap.add_argument("--warm-start-steps", type=int, default=d["warm_start_steps"])
+    ap.add_argument("--warm-start-lr", type=float, default=d["warm_start_lr"])
+    ap.add_argument("--seed", type=int, default=d["seed"])
     a = ap.parse_args(argv)
     prepare(a.out, a.rows, a.alphabet, a.length, a.warm_start_steps, a.warm_start_lr, a.seed)
 

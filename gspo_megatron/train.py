@@ -21,6 +21,7 @@ with a non-finite loss or gradient is skipped (``update.train_step``), and
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -395,6 +396,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     trainer.close()
 
 
+def cli() -> None:
+    """gspo-train: ``main``, then a quick exit after a finished run."""
+    main()
+    _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """Run the exit hooks (logging, multiprocessing's children, vLLM's), flush, and end the
+    process without the interpreter's teardown: its last garbage collection walks every object
+    vLLM, megatron and transformers made, 1.8 s of each rank's exit on the demo, for memory the
+    OS takes back. (gc.freeze() skips the walk too, but then triton's bindings report their
+    objects as leaked, a page of noise.) Everything the run wrote is closed before this."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
     """One line for a collective that failed because of another rank (gloo and NCCL report
     these as RuntimeErrors carrying the transport's text), else None."""
@@ -415,4 +434,4 @@ def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

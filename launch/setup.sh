@@ -17,8 +17,22 @@ MCORE_PIN="megatron-core==0.16.1"
 STAMP="$VENV/.gspo-setup-stamp"
 WANT=$(cat launch/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && \
-   "$VENV/bin/python" -c "import torch, megatron.core, transformers, vllm, gspo_megatron" 2>/dev/null; then
+# The quick check reads package metadata instead of importing torch, megatron-core and vLLM (10 s
+# here): the pins still installed, every package findable, and torchvision (which breaks
+# transformers' Qwen3-MoE import, see below) not back.
+quick_check() {
+  "$VENV/bin/python" - "$TORCH_PIN" "$MCORE_PIN" 2>/dev/null <<'PY'
+import importlib.metadata as md, importlib.util, sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    assert md.version(name).split("+")[0] == version, pin
+for module in ("torch", "megatron.core", "transformers", "vllm", "gspo_megatron"):
+    assert importlib.util.find_spec(module) is not None, module
+assert importlib.util.find_spec("torchvision") is None, "torchvision"
+PY
+}
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && quick_check; then
   echo "setup: .venv is up to date"
   exit 0
 fi

@@ -409,3 +409,45 @@ def test_ctrl_c_ends_the_trainer_even_if_the_function_ignores_sigterm(tmp_path):
         trainer.kill()
         if _running(worker):
             worker.kill()
+
+
+_MAIN = """
+import os, sys
+with open(sys.argv[1] if __name__ == "__main__" else os.environ["MARKS"], "a") as f:
+    f.write(__name__ + "\\n")  # one line per import of this module, in any process
+
+def shout(prompt, response, answer):
+    return 0.5
+
+if __name__ == "__main__":
+    from gspo_megatron.rewards.runner import RewardConfig, RewardFn, RewardRunner
+    runner = RewardRunner(RewardConfig(functions=[RewardFn(sys.argv[2])], timeout_s=60))
+    print(runner.score([("p", "r", None)])[0][0])
+    runner.close()
+"""
+
+
+@pytest.mark.parametrize(
+    "function, imports, score",
+    [
+        # A reward elsewhere: the worker does not re-import the trainer's main module.
+        ("reward_fns:length_bonus", ["__main__"], "0.1"),
+        # A reward defined in __main__ still works: the worker imports it, as multiprocessing does.
+        ("__main__:shout", ["__main__", "__mp_main__"], "0.5"),
+    ],
+)
+def test_the_worker_imports_the_trainers_main_module_only_for_a_reward_in_it(
+    tmp_path, function, imports, score
+):
+    (tmp_path / "trainer_main.py").write_text(_MAIN)
+    marks = tmp_path / "marks.txt"
+    path = os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer_main", str(marks), function],
+        env=dict(os.environ, PYTHONPATH=path, MARKS=str(marks)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == [score]
+    assert marks.read_text().split() == imports

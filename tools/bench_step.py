@@ -270,10 +270,10 @@ def step(args) -> dict:
         tmp = Path(tmp)
         init = args.init
         if init is None:
-            from gspo_megatron.demo import prepare
+            from gspo_megatron.demo import DEFAULTS, prepare
 
             init = tmp / "init"
-            prepare(init, 2048, 16, 4, 15, 3e-3, 0)
+            prepare(init, **DEFAULTS)
         ours = gspo_train_steps(init, args.steps, args.nproc, tmp / "run", args.overrides)
         base = baseline_steps(init, args.steps)
     print(f"median over steps 3..{args.steps} (16 prompts x 8 responses, 4 minibatch steps)")

@@ -11,6 +11,7 @@ It ignores Ctrl-C (the trainer decides what that means) and dies with the traine
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
@@ -18,6 +19,7 @@ import os
 import reprlib
 import signal
 import sys
+import types
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Optional, Sequence, Tuple
@@ -105,6 +107,24 @@ class _Died:
     reason: str
 
 
+@contextlib.contextmanager
+def _main_module_hidden(names: Sequence[str]):
+    """A spawned child imports the parent's main module first (multiprocessing does it so that
+    functions defined there can be unpickled). The trainer's main module is gspo-train's, and
+    importing it (torch and all) cost every fresh worker 3.4 s on the demo before it could
+    import the reward functions: a first step waiting on it, and each worker restart after a
+    timeout again. The worker needs none of it, unless a reward function lives in __main__."""
+    if any(str(n).startswith("__main__:") for n in names):
+        yield
+        return
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class Worker:
     """One worker process and its pipe. Spawned at once; `wait_ready` waits for its imports."""
 
@@ -115,7 +135,8 @@ class Worker:
         self.failed: Optional[str] = None
         """Why this worker cannot score (it is gone then)."""
         try:
-            self.proc.start()
+            with _main_module_hidden(names):
+                self.proc.start()
         except OSError as err:  # no process to be had (EAGAIN, ENOMEM): errors, not a crash
             self.failed = f"reward worker could not be spawned: {describe(err)}"
         child.close()  # else the worker's death would not show as EOF on our end
