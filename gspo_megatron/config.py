@@ -58,6 +58,11 @@ class TrainConfig:
     """Checkpoint every K steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted after a new one is complete)."""
+    async_save: bool = False
+    """Write checkpoints in the background: the step after a save goes on while a forked process
+    writes the files (tensors are staged to host memory first); the checkpoint is named complete
+    (renamed from its temporary name, `latest` updated) only once every rank's files are written,
+    so a crash mid-write leaves the previous one in force. One save in flight at a time."""
     seed: int = 1234
     """Seed of the model-parallel RNG and of anything else random in the trainer."""
     save_rollouts: bool = False

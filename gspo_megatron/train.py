@@ -125,6 +125,7 @@ class Trainer:
         # pre-flight, and gspo-train --check, must answer bad input without seconds of imports.
         from megatron.core import parallel_state as ps
 
+        from gspo_megatron.checkpoint.async_save import AsyncSaver
         from gspo_megatron.metrics import MetricsLogger
         from gspo_megatron.models.qwen3.model import build_model
         from gspo_megatron.reference import build_reference
@@ -191,6 +192,7 @@ class Trainer:
         self.reward_error_shown = False
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
+        self.saver = AsyncSaver() if cfg.train.async_save else None
         if self.rank == 0:
             atomic_write_text(
                 self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -316,6 +318,8 @@ class Trainer:
             bar.update(self.state.step)
             for step in range(self.state.step, cfg.train.steps):
                 metrics, skipped = self.step(step)
+                if self.saver is not None:  # the previous step's checkpoint, if written by now
+                    self.saver.poll()
                 self.state.step = step + 1
                 self.metrics.log(self.state.step, metrics)
                 self.skips.update(skipped, self.state.step, last_complete_note(root))
@@ -335,7 +339,10 @@ class Trainer:
                         self.hf_dir,
                         cfg.train.keep_checkpoints,
                         needed_bytes=self.plan.checkpoint_bytes,
+                        saver=self.saver,
                     )
+        if self.saver is not None:
+            self.saver.finish()
         if cfg.train.export_hf:
             self._export(root)
 
@@ -352,6 +359,9 @@ class Trainer:
         dist.barrier(group=wait_group)
 
     def close(self, engine: bool = True) -> None:
+        saver = getattr(self, "saver", None)
+        if saver is not None and saver.in_flight:  # only when the run failed: never completed
+            saver.abort()
         for part in ("rewards", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:

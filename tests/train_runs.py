@@ -22,6 +22,10 @@ DYNAMIC = {
 """... and with dynamic sampling on, over a reward that is flat on about 6 prompts in 16: the
 groups it drops, the extra rounds and their prompts must come back the same on resume too."""
 
+ASYNC_SAVE = {"train.async_save": "true"}
+"""The killed and resumed run writes its checkpoints in the background; the reference writes
+them synchronously: the two must hold the same bytes."""
+
 
 def overrides(init: Path, out: Path, **extra) -> list:
     base = {

@@ -288,6 +288,7 @@ def save_checkpoint(
     hf_source: Path,
     keep: int,
     needed_bytes: int = 0,
+    saver=None,
 ) -> Path:
     """Write ``root/step_N`` atomically (collective) and point ``latest`` at it; keep it and the
     ``keep - 1`` newest complete checkpoints before it. Returns the checkpoint directory.
@@ -295,12 +296,40 @@ def save_checkpoint(
     ``needed_bytes``: the space a checkpoint takes (the previous one's size when there is one):
     checked before anything is written. A save that cannot be completed (no space, a write
     error) stops the run with one line, the partial directory removed and the last complete
-    checkpoint untouched."""
+    checkpoint untouched. ``saver`` (an ``async_save.AsyncSaver``): the files are written in the
+    background and the checkpoint completes at a later ``saver.poll()`` or ``saver.finish()``
+    (a save still in flight is finished first)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
+    if saver is not None:
+        saver.finish()
     final = root / step_dir_name(state.step)
     partial = root / (final.name + PARTIAL)
+    _start(root, final, partial, needed_bytes)
+    try:
+        _forked_results_queue()
+        request = dist_checkpointing.save(
+            _sharded_state(model, optimizer, scheduler, state, is_loading=False),
+            str(partial),
+            async_sharded_save=saver is not None,
+        )
+    except BaseException as err:
+        _failed(err, root, final, partial)
+    if saver is None:
+        _complete(root, final, partial, hf_source, state.step, keep)
+    else:
+        saver.schedule(
+            request,
+            lambda: _complete(root, final, partial, hf_source, state.step, keep),
+            lambda err: _failed(err, root, final, partial),
+        )
+    return final
+
+
+def _start(root: Path, final: Path, partial: Path, needed_bytes: int) -> None:
+    """Rank 0 clears killed writers' leftovers, checks the space and makes the partial
+    directory; every rank learns whether the save can go ahead."""
     problem = None
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -318,28 +347,24 @@ def save_checkpoint(
     problem = _agree(problem)
     if problem is not None:
         raise TrainingStopped(f"{problem}; {last_complete_note(root)}")
+
+
+def _complete(
+    root: Path, final: Path, partial: Path, hf_source: Path, step: int, keep: int
+) -> None:
+    """Once every rank's files are written: the HF config and tokenizer, the step, fsync, then
+    the rename that makes the checkpoint complete, ``latest``, pruning (collective)."""
     try:
-        _forked_results_queue()
-        dist_checkpointing.save(
-            _sharded_state(model, optimizer, scheduler, state, is_loading=False), str(partial)
-        )
         _barrier()
         if _rank() == 0:
             (partial / HF_SUBDIR).mkdir(exist_ok=True)
             for f in Path(hf_source).iterdir():
                 if f.is_file():
                     shutil.copy2(f, partial / HF_SUBDIR / f.name)
-            (partial / TRAINER_STATE).write_text(json.dumps({"step": state.step}) + "\n")
+            (partial / TRAINER_STATE).write_text(json.dumps({"step": step}) + "\n")
             _fsync_tree(partial)
     except BaseException as err:
-        if _rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "CheckpointException":
-            raise TrainingStopped(
-                f"writing checkpoint {final} failed ({_first_line(err)}); "
-                f"{last_complete_note(root)}"
-            ) from None
-        raise
+        _failed(err, root, final, partial)
     if _rank() == 0:
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
@@ -347,7 +372,17 @@ def save_checkpoint(
         atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, keep, final)
     _barrier()
-    return final
+
+
+def _failed(err: BaseException, root: Path, final: Path, partial: Path) -> None:
+    """A save that broke: the partial directory goes; write errors become one line."""
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "CheckpointException":
+        raise TrainingStopped(
+            f"writing checkpoint {final} failed ({_first_line(err)}); {last_complete_note(root)}"
+        ) from None
+    raise err
 
 
 def _forked_results_queue() -> None:
