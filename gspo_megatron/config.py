@@ -8,6 +8,7 @@ Sections owned elsewhere are reused as they are: ``parallel`` (ParallelLayout), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -72,6 +73,15 @@ class TrainConfig:
     """At the end, also write the final policy as an HF model to <output_dir>/hf."""
     max_skipped_steps: int = 3
     """Optimizer steps skipped in a row (non-finite loss or gradient norm) that stop the run."""
+    eval_every: int = 0
+    """Validation every K steps (0 = off): data.eval_path's prompts sampled on the colocated
+    engines right after the step's weight sync (the policy after the updates so far), scored by
+    the rewards, logged as eval/* (mean reward, pass@1 .. pass@eval_k); gspo-eval's sampling
+    and seeds, so gspo-eval on the same checkpoint gives the same figures."""
+    eval_k: int = 4
+    """Samples per held-out prompt in validation (pass@k up to it)."""
+    eval_pass_threshold: float = 1.0
+    """A validation sample passes (pass@k) at a reward >= this."""
     collective_timeout_s: float = 1800.0
     """A collective that waits longer (a hung or dead rank) ends the run; it must exceed the
     longest legitimate wait (the slowest engine's rollout, a checkpoint write)."""
@@ -88,6 +98,13 @@ class TrainConfig:
             )
         if not self.collective_timeout_s > 0:
             raise GspoError(f"train.collective_timeout_s={self.collective_timeout_s} must be > 0")
+        if self.eval_every < 0 or self.eval_k < 1:
+            raise GspoError(
+                f"train.eval_every={self.eval_every} must be >= 0 (0 = off) and "
+                f"train.eval_k={self.eval_k} >= 1"
+            )
+        if not math.isfinite(self.eval_pass_threshold):
+            raise GspoError(f"train.eval_pass_threshold={self.eval_pass_threshold}: not finite")
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,13 @@ class Config:
             raise GspoError(f"model.ckpt={self.model.ckpt}: no such checkpoint directory")
         if not Path(self.data.path).is_file():
             raise GspoError(f"data.path={self.data.path}: no such data file")
+        if self.train.eval_every and not self.data.eval_path:
+            raise GspoError(
+                f"train.eval_every={self.train.eval_every} needs held-out prompts: set "
+                f"data.eval_path (or train.eval_every=0)"
+            )
+        if self.train.eval_every and not Path(self.data.eval_path).is_file():
+            raise GspoError(f"data.eval_path={self.data.eval_path}: no such data file")
         # Settings that run but cannot learn: every group's advantages would be 0.
         if self.rollout.group_size < 2:
             raise GspoError(

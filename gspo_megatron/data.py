@@ -43,6 +43,9 @@ class DataConfig:
     """A new permutation of the rows every epoch (seeded)."""
     seed: int = 0
     """Seed of the epoch permutations."""
+    eval_path: str = ""
+    """Held-out prompts (same format and fields) for validation during training
+    (train.eval_every); read in file order."""
 
     def validate(self) -> None:
         if not self.path:

@@ -2,7 +2,8 @@
 
     python -m gspo_megatron.demo --out outputs/quickstart/init [--warm-start-steps 15]
 
-Writes, under ``--out``: ``train.jsonl`` (prompts like ``w5 w2 w7 w3 w0``, answer ``w5 w2 w7 w3``:
+Writes, under ``--out``: ``held_out.jsonl`` (64 problems that are not in the training rows,
+for validation), ``train.jsonl`` (prompts like ``w5 w2 w7 w3 w0``, answer ``w5 w2 w7 w3``:
 repeat the words before the separator ``w0``), ``hf/`` (a random tiny Qwen3-MoE and its
 word-level tokenizer, after a short supervised warm start) and ``mcore/`` (the same model as a
 megatron-core checkpoint, the trainer's ``model.ckpt``).
@@ -32,6 +33,8 @@ SEPARATOR = "w0"
 
 # The quickstart's task. 8 words, 4 per problem: measured to learn within its 30 steps (reward
 # 0.30 -> 0.94; with 16 words it took 120 steps to climb from 0.09 to 0.85).
+HELD_OUT = 64
+"""Held-out problems written beside the training rows (held_out.jsonl)."""
 DEFAULTS = dict(rows=2048, alphabet=8, length=4, warm_start_steps=15, warm_start_lr=3e-3, seed=0)
 
 
@@ -108,6 +111,14 @@ def prepare(
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
         (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+        # Held-out problems for validation (train.eval_every): none of them in train.jsonl.
+        seen = {r["prompt"] for r in data}
+        held = [
+            r
+            for r in make_rows(4 * HELD_OUT, seed + 1, alphabet, length)
+            if r["prompt"] not in seen
+        ]
+        (tmp / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held[:HELD_OUT]))
         # 2 MoE layers, hidden 128; head_dim 64: a size vLLM's CPU attention runs.
         attention = dict(head_dim=64, num_attention_heads=4, num_key_value_heads=2)
         mlp = dict(intermediate_size=256, moe_intermediate_size=128, mlp_only_layers=[])

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from gspo_megatron.errors import GspoError, exit_on_error
 
@@ -227,9 +227,7 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
 
     from gspo_megatron.checkpoint.atomic import atomic_write_text
     from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.passk import summarize
     from gspo_megatron.progress import progress_bar
-    from gspo_megatron.rewards.builtin import final_answer
     from gspo_megatron.rewards.runner import RewardRunner
     from gspo_megatron.rollout.config import RolloutConfig
     from gspo_megatron.rollout.engine import RolloutEngine
@@ -250,52 +248,24 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
     engine = RolloutEngine(hf_dir, rollout, dtype)
     rank = dist.get_rank()  # (the engine's teardown ends the process group)
     runner = RewardRunner(p.rewards)
-    rows: List[dict] = []
     try:
         with progress_bar(total=len(prompts), desc="gspo-eval", unit="prompt") as bar:
-            for call, start in enumerate(range(0, len(prompts), CHUNK)):
-                chunk = prompts[start : start + CHUNK]
-                batch = engine.generate(
-                    [q.ids for q in chunk], step=call, greedy=p.temperature == 0
-                )
-                items, comps = [], []
-                for q, group in zip(chunk, batch.groups):
-                    for c in group:
-                        text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                        items.append((q.text, text, q.answer))
-                        comps.append(c)
-                totals, _stats, _err = runner.score_across_ranks(items)
-                for i, q in enumerate(chunk):
-                    mine = range(i * p.n, (i + 1) * p.n)
-                    rows.append(
-                        {
-                            "row": q.row,
-                            "prompt": q.text,
-                            "answer": q.answer,
-                            "samples": [
-                                {
-                                    "response": items[j][1],
-                                    "reward": totals[j],
-                                    "tokens": len(comps[j].token_ids),
-                                    "finish_reason": comps[j].finish_reason,
-                                }
-                                for j in mine
-                            ],
-                        }
-                    )
-                bar.update(len(chunk))
+            rows = sample_and_score(
+                engine.generate,
+                runner.score_across_ranks,
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                prompts,
+                p.n,
+                greedy=p.temperature == 0,
+                progress=bar.update,
+            )
     finally:
         runner.close()
         engine.close()
     if rank != 0:
         return None
-    rewards = [[s["reward"] for s in r["samples"]] for r in rows]
-    answers = [[final_answer(s["response"]) for s in r["samples"]] for r in rows]
-    samples = [s for r in rows for s in r["samples"]]
     summary = {
-        **summarize(rewards, p.k, p.pass_threshold, answers),
-        "mean_response_tokens": sum(s["tokens"] for s in samples) / len(samples),
-        "truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+        **summarize_rows(rows, p.k, p.pass_threshold),
         "model": str(p.ckpt or p.hf_dir),
         "data": str(p.data.path),
         "temperature": p.temperature,
@@ -309,6 +279,60 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
     atomic_write_text(p.out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(p.out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def sample_and_score(
+    generate: Callable,
+    score: Callable,
+    decode: Callable,
+    prompts: Sequence,
+    n: int,
+    greedy: bool = False,
+    progress: Optional[Callable[[int], object]] = None,
+) -> List[dict]:
+    """``n`` responses per prompt from the engines (collective), scored across ranks; per
+    prompt a row of its samples. gspo-eval and the trainer's validation both sample through
+    here, with seeds keyed by (seed, "eval", call, position in the call): the same policy gives
+    the same rows in either, on any number of engines."""
+    rows: List[dict] = []
+    for call, start in enumerate(range(0, len(prompts), CHUNK)):
+        chunk = prompts[start : start + CHUNK]
+        batch = generate([q.ids for q in chunk], step=call, n=n, greedy=greedy, stream="eval")
+        items, comps = [], []
+        for q, group in zip(chunk, batch.groups):
+            for c in group:
+                items.append((q.text, decode(c.token_ids), q.answer))
+                comps.append(c)
+        totals = score(items)[0]
+        for i, q in enumerate(chunk):
+            samples = [
+                {
+                    "response": items[j][1],
+                    "reward": totals[j],
+                    "tokens": len(comps[j].token_ids),
+                    "finish_reason": comps[j].finish_reason,
+                }
+                for j in range(i * n, (i + 1) * n)
+            ]
+            rows.append({"row": q.row, "prompt": q.text, "answer": q.answer, "samples": samples})
+        if progress is not None:
+            progress(len(chunk))
+    return rows
+
+
+def summarize_rows(rows: List[dict], k: int, threshold: float) -> Dict[str, float]:
+    """``passk.summarize`` over the rows, with the mean response length and truncated share."""
+    from gspo_megatron.passk import summarize
+    from gspo_megatron.rewards.builtin import final_answer
+
+    rewards = [[s["reward"] for s in r["samples"]] for r in rows]
+    answers = [[final_answer(s["response"]) for s in r["samples"]] for r in rows]
+    samples = [s for r in rows for s in r["samples"]]
+    return {
+        **summarize(rewards, k, threshold, answers),
+        "mean_response_tokens": sum(s["tokens"] for s in samples) / len(samples),
+        "truncated_fraction": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+    }
 
 
 def one_line(summary: dict, out: Path) -> str:

@@ -10,7 +10,7 @@ problem is one ``GspoError`` line; gspo-train turns it into exit status 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -51,6 +51,8 @@ class Plan:
     """Estimated size of one training checkpoint (checked against free space before saves)."""
     capture_routes: bool = False
     """Whether the engine records its MoE routes (rollout/route_agreement, r3)."""
+    eval_prompts: Optional[PromptSet] = None
+    """data.eval_path's prompts, in file order, when validation is on (train.eval_every)."""
 
 
 def preflight(
@@ -100,6 +102,20 @@ def preflight(
         spec.vocab_size,
         require_answers=needs_answer,
     )
+    eval_prompts = None
+    if cfg.train.eval_every:
+        eval_prompts = load_prompts(
+            replace(cfg.data, path=cfg.data.eval_path, shuffle=False),
+            tokenizer,
+            cfg.rollout.max_prompt_tokens,
+            spec.vocab_size,
+            require_answers=needs_answer,
+        )
+        if not eval_prompts.prompts:
+            raise GspoError(
+                f"data.eval_path={cfg.data.eval_path}: no prompt fits in "
+                f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}"
+            )
     out = Path(cfg.train.output_dir)
     check_writable_dir(out, "train.output_dir")
     start = resume_point(
@@ -111,7 +127,9 @@ def preflight(
         spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR
     )
     check_free_space(out, checkpoint_bytes, "a training checkpoint (model + optimizer state)")
-    return Plan(cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes, capture_routes)
+    return Plan(
+        cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes, capture_routes, eval_prompts
+    )
 
 
 def load_tokenizer(hf_dir: Path):

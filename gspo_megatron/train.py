@@ -213,6 +213,8 @@ class Trainer:
         # its weights freed (sleep level 2), the sync re-allocates them, fills them with the
         # current policy and wakes the KV cache. It stays awake through every sampling round.
         sync = self.engine.sync_from(self.gatherer)
+        every = cfg.train.eval_every
+        validation = self._validate() if every and step % every == 0 else {}
         rollout = sample_step(
             lambda ids, round_: self.engine.generate(ids, step=step, round_=round_),
             self.rewards.score_across_ranks,
@@ -280,6 +282,7 @@ class Trainer:
             **rollout.stats,
             **(update.metrics if update is not None else {"train/sequences": 0.0}),
             **sync.metrics,
+            **validation,
             **self.plan.prompts.stats,
             "rollout/dropped_samples": float(dropped),
         }
@@ -288,6 +291,24 @@ class Trainer:
         out["perf/tokens_per_second"] = rollout.num_tokens / seconds
         out["perf/rollout_share"] = (t_rollout - t0) / seconds
         return out, update.skipped if update is not None else []
+
+    def _validate(self) -> Dict[str, float]:
+        """The held-out prompts on the engines, which hold the policy just synced (gspo-eval's
+        sampling and seeds: gspo-eval on the same checkpoint gives these figures)."""
+        from gspo_megatron.evaluate import sample_and_score, summarize_rows
+
+        cfg, t0 = self.cfg.train, time.perf_counter()
+        rows = sample_and_score(
+            self.engine.generate,
+            self.rewards.score_across_ranks,
+            lambda ids: self.plan.tokenizer.decode(ids, skip_special_tokens=True),
+            self.plan.eval_prompts.prompts,
+            cfg.eval_k,
+        )
+        summary = summarize_rows(rows, cfg.eval_k, cfg.eval_pass_threshold)
+        out = {f"eval/{k}": v for k, v in summary.items() if k != "samples_per_prompt"}
+        out["perf/eval_seconds"] = time.perf_counter() - t0
+        return out
 
     def _save_rollouts(self, step: int, pairs, rewards, advantages) -> None:
         decode = self.plan.tokenizer.decode

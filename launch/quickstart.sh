@@ -14,7 +14,8 @@ export PYTHONWARNINGS=ignore
 OUT=outputs/quickstart
 PY=.venv/bin/python
 START=$(date +%s)
-if [ ! -f "$OUT/init/mcore/metadata.json" ]; then
+# (held_out.jsonl: an init/ from before the demo had validation is made again)
+if [ ! -f "$OUT/init/mcore/metadata.json" ] || [ ! -f "$OUT/init/held_out.jsonl" ]; then
   $PY -m gspo_megatron.demo --out "$OUT/init"
 fi
 # A fresh run each time (the demo is about watching it learn); use --resume by hand to continue.

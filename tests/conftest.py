@@ -153,7 +153,7 @@ def multinode_run(demo_init, tmp_path_factory) -> Path:
         procs.append(
             subprocess.Popen(
                 ["bash", "launch/multinode.sh", "launch/configs/tiny_cpu.yaml"]
-                + tr.overrides(demo_init, out, **tr.KL, **tr.DYNAMIC)
+                + tr.overrides(demo_init, out, **tr.KL, **tr.DYNAMIC, **tr.validation(demo_init))
                 + ["train.export_hf=true"],
                 cwd=REPO,
                 env=env,

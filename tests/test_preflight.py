@@ -105,6 +105,7 @@ def test_torn_latest_pointer_is_refused(tmp_path):
     [
         ("rollout.group_size=1", "rollout.group_size=1: advantages are normalised within a group"),
         ("rollout.temperature=0", "rollout.temperature=0 is greedy decoding"),
+        ("train.eval_k=0", "train.eval_k=0 >= 1"),
         ("optim.adam_beta1=1.0", "optim.adam_beta1=1.0 must be in [0, 1)"),
         ("optim.adam_beta2=-0.1", "optim.adam_beta2=-0.1 must be in [0, 1)"),
         ("optim.adam_eps=0", "optim.adam_eps=0.0 must be > 0"),
@@ -436,3 +437,19 @@ def test_metrics_reader_imports_neither_torch_nor_tensorboard():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_held_out_prompts_are_checked_like_the_training_rows(good, monkeypatch, capsys, tmp_path):
+    """data.eval_path goes through the training reader in the pre-flight: a row without the
+    answer a reward needs is one line naming the file and the row."""
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "w1 w0", "answer": "w1"}\n{"prompt": "w2 w0"}\n')
+    argv = good + [f"data.eval_path={held}", "train.eval_every=2"]
+    argv += ["rewards.functions=[{name: exact_match, weight: 1}]"]
+    err = _main(argv, monkeypatch, capsys)
+    assert str(held) in err and "answer" in err
+
+
+def test_validation_without_held_out_prompts(good, monkeypatch, capsys):
+    err = _main(good + ["data.eval_path=''", "train.eval_every=5"], monkeypatch, capsys)
+    assert "train.eval_every=5 needs held-out prompts: set data.eval_path" in err

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import sys
 import time
 
 import torch
 import train_runs as tr
+from conftest import REPO
 
 
 def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
@@ -99,7 +101,9 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, d
     checkpoint written while the next step trained must hold the state of its own step."""
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    overrides = tr.overrides(demo_init, out, **tr.KL, **tr.DYNAMIC, **tr.ASYNC_SAVE)
+    overrides = tr.overrides(
+        demo_init, out, **tr.KL, **tr.DYNAMIC, **tr.ASYNC_SAVE, **tr.validation(demo_init)
+    )
 
     # 1. Killed while step 2's checkpoint is being written.
     log = tmp_path / "a.log"
@@ -145,6 +149,9 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, d
     ref = [json.loads(x) for x in (multinode_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, tr.STEPS + 1))  # each step logged once
     assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in ref]
+    held = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows]
+    assert held == [{k: v for k, v in r.items() if k.startswith("eval/")} for r in ref]
+    assert [bool(h) for h in held] == [True, False, True, False, True]
     assert not list(ckpts.glob("*.partial"))
 
 
@@ -167,3 +174,26 @@ def test_skip_guard_stops_after_the_limit_in_a_row():
         "loss or gradient norm (last in step 4); the last complete "
         "checkpoint is B."
     )
+
+
+def test_validation_equals_gspo_eval_of_the_same_checkpoint(multinode_run, demo_init, tmp_path):
+    """Step 5's validation sampled the policy after 4 updates on the trainer's two engines,
+    synced in memory; gspo-eval reads checkpoint step_000004 from disk into one engine, with
+    the run's own config (its data fields, rewards and prompt length): the same figures."""
+    rows = [json.loads(x) for x in (multinode_run / "metrics.jsonl").read_text().splitlines()]
+    logged = {k.removeprefix("eval/"): v for k, v in rows[4].items() if k.startswith("eval/")}
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "gspo_megatron.evaluate"]
+    cmd += ["--model", str(multinode_run / "checkpoints" / "step_000004")]
+    cmd += [
+        "--config",
+        str(multinode_run / "config.yaml"),
+        "--data",
+        str(demo_init / "held_out.jsonl"),
+    ]
+    cmd += ["--k", "4", "--max-new-tokens", "8", "--kv-cache-gib", "0.05", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert logged["mean_reward"] > 0 and set(logged) <= set(summary)
+    assert {k: summary[k] for k in logged} == logged

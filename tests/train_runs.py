@@ -22,6 +22,14 @@ DYNAMIC = {
 """... and with dynamic sampling on, over a reward that is flat on about 6 prompts in 16: the
 groups it drops, the extra rounds and their prompts must come back the same on resume too."""
 
+
+def validation(init: Path) -> dict:
+    """Validation on the demo's held-out problems at steps 1, 3, 5 (policies after 0, 2, 4
+    updates): the resumed run must log the same eval/* figures, and gspo-eval on step 4's
+    checkpoint must give step 5's."""
+    return {"data.eval_path": init / "held_out.jsonl", "train.eval_every": 2, "train.eval_k": 4}
+
+
 ASYNC_SAVE = {"train.async_save": "true"}
 """The killed and resumed run writes its checkpoints in the background; the reference writes
 them synchronously: the two must hold the same bytes."""
@@ -37,6 +45,10 @@ def overrides(init: Path, out: Path, **extra) -> list:
         "train.keep_checkpoints": 2,
         "train.prompts_per_step": 8,
         "loss.micro_batch_size": 4,
+        # tiny_cpu.yaml validates every 5 steps on the quickstart's held-out file: the tests'
+        # demo has its own, and validation is on only where a test asks (validation()).
+        "data.eval_path": init / "held_out.jsonl",
+        "train.eval_every": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -147,6 +147,7 @@ def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()
     cmd += ["--config", str(repo / "launch/configs/tiny_cpu.yaml")]
     cmd += [f"model.ckpt={init / 'mcore'}", f"data.path={init / 'train.jsonl'}"]
     cmd += [f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=0"]
+    cmd += ["train.eval_every=0"]  # the step itself, as the plain loop has no validation
     cmd += list(overrides)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()

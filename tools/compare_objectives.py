@@ -133,6 +133,7 @@ def train(name: str, init: Path, out: Path, steps: int, nproc: int, seed: int) -
         "rollout.max_new_tokens": WORDS + 8,
         "loss.num_minibatches": 4,
         "train.prompts_per_step": 8,
+        "train.eval_every": 0,
         **RUNS[name],
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

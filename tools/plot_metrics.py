@@ -44,6 +44,11 @@ def plot(rows, out: Path) -> None:
         alpha=0.15,
         label="± reward/std",
     )
+    held = [
+        (r["step"], r["eval/mean_reward"]) for r in rows if r.get("eval/mean_reward") is not None
+    ]
+    if held:  # validation (train.eval_every): the held-out reward of the policy at that step
+        a.plot(*zip(*held), "o-", color="tab:green", label="eval/mean_reward (held out)")
     a.set_ylabel("reward")
     a.set_ylim(-0.05, 1.05)
     a.legend(loc="lower right")
@@ -79,9 +84,11 @@ def main(argv=None) -> None:
     out = args.out or args.run / "curves.png"
     plot(rows, out)
     first, last = first_last_tenth([r["reward/mean"] for r in rows])
+    held = [r["eval/mean_reward"] for r in rows if r.get("eval/mean_reward") is not None]
+    held_out = f"; held-out reward {held[0]:.3f} -> {held[-1]:.3f}" if held else ""
     print(
         f"{len(rows)} steps; mean reward first 10%: {first:.3f}, last 10%: {last:.3f} "
-        f"(gain {last - first:+.3f}); plot: {out}"
+        f"(gain {last - first:+.3f}){held_out}; plot: {out}"
     )
 
 

@@ -231,13 +231,15 @@ class RolloutEngine:
 
     # -- sampling ----------------------------------------------------------------------------
 
-    def _seed(self, step: int, index: int, round_: int = 0) -> int:
+    def _seed(self, step: int, index: int, round_: int = 0, stream: str = "") -> int:
         # Round 0 keeps the key it always had: dynamic sampling off samples what it always did.
         key = (
             f"{self.cfg.seed}/{step}/{index}"
             if round_ == 0
             else f"{self.cfg.seed}/{step}/r{round_}/{index}"
         )
+        if stream:  # evaluation's own seeds, apart from the training rollouts'
+            key = f"{stream}/{key}"
         return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
     def generate(
@@ -248,10 +250,12 @@ class RolloutEngine:
         greedy: bool = False,
         max_new_tokens: Optional[int] = None,
         round_: int = 0,
+        stream: str = "",
     ) -> RolloutBatch:
         """Sample ``n`` (default ``group_size``) responses per prompt. Collective: every rank
         passes the same prompts and gets the same result. The sampling seeds depend on (rollout
-        seed, ``step``, ``round_`` (dynamic sampling's extra rounds), prompt index) only."""
+        seed, ``step``, ``round_`` (dynamic sampling's extra rounds), prompt index) only;
+        ``stream`` (e.g. "eval") keys a sequence of seeds apart from the training rollouts'."""
         from vllm import SamplingParams
 
         cfg = self.cfg
@@ -276,7 +280,7 @@ class RolloutEngine:
                 top_k=0 if greedy else cfg.top_k,
                 max_tokens=max_new_tokens or cfg.max_new_tokens,
                 logprobs=0,
-                seed=None if greedy else self._seed(step, i, round_),
+                seed=None if greedy else self._seed(step, i, round_, stream),
                 detokenize=False,
             )
             for i in mine
