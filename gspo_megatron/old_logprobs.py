@@ -8,6 +8,7 @@ through ``routing_replay``, the routers' choices with the engine's (``rollout/ro
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Sequence
 
 import torch
@@ -49,6 +50,65 @@ def compute_old_logprobs(
         if not keep_rollout:
             mb.old_logprobs = lp
     return diff
+
+
+def fuse(microbatches: Sequence[MicroBatch]) -> MicroBatch:
+    """Micro-batches of one row length stacked into one (the rows of each, in order)."""
+    fields = {}
+    for f in dataclasses.fields(MicroBatch):
+        values = [getattr(mb, f.name) for mb in microbatches]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if not tensors:
+            fields[f.name] = None
+        elif len(tensors) + values.count(None) == len(values):
+            # An all-filler micro-batch carries no engine log-probs or routes: its rows hold
+            # nothing (no loss-mask positions), and "no expert" is -1 in the routes.
+            fill = -1 if f.name == "engine_routes" else 0
+            like = tensors[0]
+            fields[f.name] = torch.cat(
+                [v if v is not None else torch.full_like(like, fill) for v in values]
+            )
+        else:  # routes (replay) and packing's segments are per micro-batch by nature
+            raise ValueError(f"micro-batches with '{f.name}' cannot be stacked")
+    return MicroBatch(**fields)
+
+
+def compute_old_logprobs_stacked(
+    model,
+    minibatches: List[List[MicroBatch]],
+    rows: int,
+    vocab_size: int,
+    seq_len: int,
+    keep_rollout: bool = False,
+    route_meter=None,
+) -> List[torch.Tensor]:
+    """``compute_old_logprobs`` for every micro-batch of every minibatch, in forwards of up to
+    ``rows`` rows (``loss.logprob_micro_batch_size``): each stacked micro-batch is scored once
+    and its log-probs go back to its members. ``route_meter`` records pi_old's routes of the
+    last minibatch's first micro-batch (its rows of the stacked forward), as the per-minibatch
+    pass does. Returns the per-forward [sum, max, tokens] differences from the engine."""
+    flat = [mb for mbs in minibatches for mb in mbs]
+    b = flat[0].tokens.shape[0]
+    per = max(1, rows // b)
+    watched = minibatches[-1][0]
+    diffs = []
+    for start in range(0, len(flat), per):
+        members = flat[start : start + per]
+        stacked = fuse(members)
+        at = next((j for j, mb in enumerate(members) if mb is watched), None)
+        if route_meter is not None and at is not None:
+            mask = torch.zeros_like(stacked.loss_mask)
+            mask[at * b : (at + 1) * b] = watched.loss_mask
+            route_meter.start("record", mask)
+        diffs.append(
+            compute_old_logprobs(model, [stacked], vocab_size, seq_len, keep_rollout=keep_rollout)
+        )
+        if route_meter is not None:
+            route_meter.stop()
+        if not keep_rollout and stacked.old_logprobs is not None:
+            for j, mb in enumerate(members):
+                mb.old_logprobs = stacked.old_logprobs[j * b : (j + 1) * b]
+    return diffs
 
 
 def observe_route_agreement(model, minibatches, vocab_size: int, seq_len: int) -> None:

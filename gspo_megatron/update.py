@@ -43,6 +43,7 @@ from gspo_megatron.loss import PolicyLossConfig, policy_loss
 from gspo_megatron.models.qwen3.model import have_transformer_engine
 from gspo_megatron.old_logprobs import (
     compute_old_logprobs,
+    compute_old_logprobs_stacked,
     observe_route_agreement,
     reduce_logprob_diff,
 )
@@ -359,8 +360,24 @@ def policy_update(
     if old_forward or (measure_rollout_diff and have_engine.item()):
         keep = cfg.old_logprobs == "rollout"
         diffs = []
+        stack = (
+            cfg.logprob_micro_batch_size > cfg.micro_batch_size
+            and cfg.routing_replay == "none"
+            and not cfg.max_tokens_per_microbatch
+        )
         with replay.old_pass() if replay is not None else contextlib.nullcontext():
-            for i, mbs in enumerate(minibatches):
+            if stack:  # fewer, larger forwards (loss.logprob_micro_batch_size)
+                diffs = compute_old_logprobs_stacked(
+                    model,
+                    minibatches,
+                    cfg.logprob_micro_batch_size,
+                    vocab_size,
+                    seq_len,
+                    keep_rollout=keep,
+                    route_meter=route_meter,
+                )
+                recorded = watch
+            for i, mbs in enumerate([] if stack else minibatches):
                 if watch and i == k - 1:  # pi_old's routes: last minibatch, first micro-batch
                     route_meter.start("record", mbs[0].loss_mask)
                     recorded = True

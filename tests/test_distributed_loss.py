@@ -73,6 +73,9 @@ _R2 = {**_MOVING, "routing_replay": "r2"}
 # Samples carrying "engine" routes drawn at random (as far from the trainer's own as it gets).
 _ROUTED = {"samples": "routed", "engine_routes": True, "trainer_old_logprobs": True}
 _R3 = {**_MOVING, **_ROUTED, "routing_replay": "r3"}
+# pi_old scored in forwards of 4 rows: two micro-batches of 2 stacked per call.
+_STACKED = {"logprob_micro_batch_size": 4}
+STACKED_LAYOUTS = [("single", 1, {})] + CORRECTION_LAYOUTS
 
 
 def _cases():
@@ -108,6 +111,11 @@ def _cases():
     for name, nproc, layout in UPDATE_LAYOUTS:
         cases[f"{name}-update"] = (nproc, {**_UPDATE, "layout": layout})
     cases["single-moving"], cases["single-r2"] = (1, _MOVING), (1, _R2)
+    for name, nproc, layout in STACKED_LAYOUTS:
+        cases[f"{name}-update-stacked"] = (nproc, {**_UPDATE, **_STACKED, "layout": layout})
+    cases["single-moving-stacked"] = (1, {**_MOVING, **_STACKED})
+    cases["single-routed-update"] = (1, {**_UPDATE, **_ROUTED})
+    cases["single-routed-update-stacked"] = (1, {**_UPDATE, **_ROUTED, **_STACKED})
     for name, nproc, layout in [("single", 1, {})] + REPLAY_LAYOUTS:
         if nproc > 1:
             cases[f"{name}-r2"] = (nproc, {**_R2, "layout": layout})
@@ -299,6 +307,35 @@ def test_minibatch_updates_match_single_process(runs, name):
         # Adam divides by sqrt(v): fp32 reduction-order noise in tiny gradients shows up in the
         # update, so compare to the step size (lr 1e-3) rather than to the weights.
         assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+
+
+@pytest.mark.parametrize("name", [case[0] for case in STACKED_LAYOUTS])
+def test_stacked_pi_old_forward_matches_one_forward_per_micro_batch(runs, name):
+    """loss.logprob_micro_batch_size=4 (two micro-batches of 2 per pi_old forward) against the
+    single process's one forward per micro-batch: the same minibatch steps and weights. The
+    first step's ratio is 1 to float precision, not bitwise: a row's log-probs from a forward of
+    4 rows differ in the last bits from those of a forward of 2 (a matrix product's summation
+    order depends on the batch)."""
+    ref, got = runs["single-update"], runs[f"{name}-update-stacked"]
+    assert got["metrics"][0]["gspo/abs_log_ratio"] < 1e-6
+    for a, b in zip(ref["metrics"], got["metrics"]):
+        for k in ("gspo/loss", "train/grad_norm", "gspo/clip_fraction", "gspo/abs_log_ratio"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for key, w in ref["tensors"].items():
+        assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+
+
+def test_stacked_pi_old_forward_keeps_the_route_metrics(runs):
+    """The route change (pi_old's routes of the last minibatch's first micro-batch, recorded
+    from its rows of a stacked forward) and the engine-route agreement are those of the
+    unstacked pass."""
+    moving, stacked = runs["single-moving"]["routes"], runs["single-moving-stacked"]["routes"]
+    assert moving["train/moe_route_change"] > 0
+    assert stacked == moving
+    plain = runs["single-routed-update"]["rollout"]
+    got = runs["single-routed-update-stacked"]["rollout"]
+    assert 0 < plain["rollout/route_agreement"] < 1
+    assert got["rollout/route_agreement"] == plain["rollout/route_agreement"]
 
 
 def test_reference_policy_is_the_initial_checkpoint_and_penalises_drift(

@@ -146,6 +146,7 @@ def run_case(case: dict, ckpt: Path) -> dict:
         rollout_correction=correction,
         correction_cap=case.get("correction_cap", 2.0),
         max_tokens_per_microbatch=case.get("max_tokens_per_microbatch", 0),
+        logprob_micro_batch_size=case.get("logprob_micro_batch_size", 0),
     )
     if case["mode"] == "logprobs":  # the pi_old forward alone, as policy_update runs it
         replay = RoutingReplay(ddp, cfg.routing_replay)
@@ -173,13 +174,14 @@ def run_case(case: dict, ckpt: Path) -> dict:
     if reference is not None:
         result["ref_logprobs"] = reference_logprobs(reference, mine, spec.vocab_size)
     optimizer = build_optimizer(ddp, OptimConfig(lr=case.get("lr", 1e-3), clip_grad=1.0))
-    if cfg.routing_replay != "none":
+    if cfg.routing_replay != "none" or case.get("engine_routes"):  # replay, or agreement
         RoutingReplay(ddp, cfg.routing_replay)
     meter = RouteChangeMeter(ddp) if case.get("route_meter") else None
     update = policy_update(
         ddp, optimizer, mine, cfg, spec.vocab_size, ref_model=reference, route_meter=meter
     )
     result.update(metrics=update.steps, routes=update.routes, tensors=gather_full_tensors(ddp))
+    result["rollout"] = update.rollout
     return result
 
 
