@@ -417,22 +417,3 @@ def test_corrections_on_empty_rows_and_extreme_ratios_stay_finite(variant, corre
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
         assert all(torch.isfinite(m[k]) for k in ("correction_weight_mean", "rho_min", "rho_max"))
-
-
-@pytest.mark.parametrize(
-    "other, named",
-    [
-        ({"routing_replay": "r2"}, "loss.routing_replay=r2 (routes recorded per micro-batch)"),
-        ({"max_tokens_per_microbatch": 64}, "loss.max_tokens_per_microbatch (packed rows"),
-    ],
-)
-def test_stacked_pi_old_forward_is_refused_where_it_cannot_stack(other, named):
-    from gspo_megatron.errors import GspoError
-    from gspo_megatron.loss import PolicyLossConfig
-
-    cfg = PolicyLossConfig(micro_batch_size=2, logprob_micro_batch_size=8, **other)
-    with pytest.raises(GspoError) as err:
-        cfg.validate()
-    assert str(err.value).startswith("loss.logprob_micro_batch_size=8 stacks padded")
-    assert named in str(err.value)
-    PolicyLossConfig(micro_batch_size=2, logprob_micro_batch_size=2, **other).validate()

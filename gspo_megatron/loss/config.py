@@ -53,8 +53,9 @@ class PolicyLossConfig:
     logprob_micro_batch_size: int = 0
     """Rows per forward pass in pi_old's scoring (no gradients, so no activations are kept):
     consecutive micro-batches of every minibatch are stacked up to this many rows, fewer and
-    larger calls; 0 = micro_batch_size (one forward per micro-batch). Padded micro-batches
-    without routing replay only (replay records and replays routes per micro-batch). pi_old
+    larger calls; 0 = micro_batch_size (one forward per micro-batch). Used with padded
+    micro-batches without routing replay; ignored with replay (it records and replays routes
+    per micro-batch) and with max_tokens_per_microbatch (packed rows are sized by it). pi_old
     then differs from the first update's own forward in the last bits (~1e-8: a matrix
     product's summation order depends on the batch), so the first ratio is 1 to float
     precision rather than exactly."""
@@ -93,17 +94,6 @@ class PolicyLossConfig:
             raise GspoError(
                 f"loss.logprob_micro_batch_size={self.logprob_micro_batch_size} must be >= 0 "
                 f"(0 = loss.micro_batch_size)"
-            )
-        stacking = self.logprob_micro_batch_size > self.micro_batch_size
-        if stacking and (self.routing_replay != "none" or self.max_tokens_per_microbatch):
-            other = (
-                f"loss.routing_replay={self.routing_replay} (routes recorded per micro-batch)"
-                if self.routing_replay != "none"
-                else "loss.max_tokens_per_microbatch (packed rows are a micro-batch each)"
-            )
-            raise GspoError(
-                f"loss.logprob_micro_batch_size={self.logprob_micro_batch_size} stacks padded "
-                f"micro-batches for pi_old's forward, which {other} rules out: set it to 0"
             )
         if self.num_minibatches < 1 or self.micro_batch_size < 1:
             raise GspoError("loss.num_minibatches and loss.micro_batch_size must be >= 1")
