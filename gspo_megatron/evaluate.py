@@ -202,22 +202,11 @@ def plan(args: argparse.Namespace) -> EvalPlan:
 def load_eval_prompts(p: EvalPlan, tokenizer, vocab_size: int):
     """The training reader, in file order (no shuffle), answers required if a reward needs them."""
     from gspo_megatron.data import load_prompts
-    from gspo_megatron.rewards.builtin import NEEDS_ANSWER
+    from gspo_megatron.preflight import reward_needing_answers
 
-    needing = [f.name for f in p.rewards.functions if f.name in NEEDS_ANSWER and f.weight]
-    if needing and not p.data.answer_field:
-        raise GspoError(
-            f"reward {needing[0]} compares with a reference answer but the answer field is "
-            f"empty; pass --answer-field"
-        )
+    needing = reward_needing_answers(p.rewards, p.data.answer_field, "--rewards", "--answer-field")
     data = replace(p.data, shuffle=False)
-    return load_prompts(
-        data,
-        tokenizer,
-        p.max_prompt_tokens,
-        vocab_size,
-        require_answers=needing[0] if needing else "",
-    )
+    return load_prompts(data, tokenizer, p.max_prompt_tokens, vocab_size, require_answers=needing)
 
 
 def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
@@ -371,11 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def cli() -> None:
-    """gspo-eval: ``main``, then a quick exit (see gspo_megatron.train.cli)."""
-    from gspo_megatron.train import _exit_without_teardown
+    """gspo-eval: ``main``, then a quick exit."""
+    from gspo_megatron.procutil import exit_without_teardown
 
     main()
-    _exit_without_teardown()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes
 from gspo_megatron.parallel import check_layout
 from gspo_megatron.rewards.builtin import NEEDS_ANSWER
+from gspo_megatron.rewards.runner import RewardConfig
 from gspo_megatron.rollout.routes import capture_unavailable
 
 if TYPE_CHECKING:  # transformers stays out of the import until the tokenizer is loaded
@@ -94,7 +95,7 @@ def preflight(
         )
     check_kv_cache_fits(cfg)
     tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
-    needs_answer = reward_needing_answers(cfg)
+    needs_answer = reward_needing_answers(cfg.rewards, cfg.data.answer_field)
     prompts = load_prompts(
         cfg.data,
         tokenizer,
@@ -154,14 +155,20 @@ def load_tokenizer(hf_dir: Path):
     return tokenizer
 
 
-def reward_needing_answers(cfg: Config) -> str:
+def reward_needing_answers(
+    rewards: RewardConfig,
+    answer_field: str,
+    where: str = "rewards.functions",
+    setting: str = "data.answer_field",
+) -> str:
     """The first built-in reward that compares with the reference answer ('' if none): every
-    call would fail without one."""
-    needing = [f.name for f in cfg.rewards.functions if f.name in NEEDS_ANSWER and f.weight]
-    if needing and not cfg.data.answer_field:
+    call would fail without one, so an empty answer field is refused (``where`` names the
+    rewards and ``setting`` the field as the user gave them: config keys, or gspo-eval's flags)."""
+    needing = [f.name for f in rewards.functions if f.name in NEEDS_ANSWER and f.weight]
+    if needing and not answer_field:
         raise GspoError(
-            f"rewards.functions: {needing[0]} compares with a reference answer but "
-            f"data.answer_field is empty; name the answer column"
+            f"{where}: {needing[0]} compares with a reference answer but {setting} is empty; "
+            f"name the answer column"
         )
     return needing[0] if needing else ""
 

@@ -21,7 +21,6 @@ with a non-finite loss or gradient is skipped (``update.train_step``), and
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import json
 import os
@@ -54,6 +53,7 @@ from gspo_megatron.loss import group_advantages
 from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
 from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
+from gspo_megatron.procutil import exit_without_teardown
 from gspo_megatron.progress import progress_bar
 from gspo_megatron.rewards.runner import RewardRunner
 from gspo_megatron.sampling import sample_step
@@ -430,19 +430,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def cli() -> None:
     """gspo-train: ``main``, then a quick exit after a finished run."""
     main()
-    _exit_without_teardown()
-
-
-def _exit_without_teardown() -> None:
-    """Run the exit hooks (logging, multiprocessing's children, vLLM's), flush, and end the
-    process without the interpreter's teardown: its last garbage collection walks every object
-    vLLM, megatron and transformers made, 1.8 s of each rank's exit on the demo, for memory the
-    OS takes back. (gc.freeze() skips the walk too, but then triton's bindings report their
-    objects as leaked, a page of noise.) Everything the run wrote is closed before this."""
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()
 
 
 def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
