@@ -145,17 +145,8 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
         mb.old_logprobs.to(dev),
         mb.advantages.to(dev),
         mask,
-        variant=cfg.variant,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
+        cfg,
         ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
-        kl_coef=cfg.kl_coef,
-        num_sequences=1.0,
-        num_tokens=1.0,
-        cp_group=cp_group,
-        sapo_tau_pos=cfg.sapo_tau_pos,
-        sapo_tau_neg=cfg.sapo_tau_neg,
-        rollout_correction=cfg.rollout_correction,
         # A filler micro-batch (no tokens) has no engine log-probs; it still joins the
         # correction's CP collectives.
         rollout_logprobs=(
@@ -163,9 +154,9 @@ def _loss_func(cfg: PolicyLossConfig, vocab_size: int, mb: MicroBatch, logits: t
             if correcting
             else None
         ),
-        correction_cap=cfg.correction_cap,
-        correction_low=cfg.correction_low,
-        correction_high=cfg.correction_high,
+        num_sequences=1.0,
+        num_tokens=1.0,
+        cp_group=cp_group,
     )
     # megatron divides the summed gradients by the summed counts: sequences, or response tokens
     # for per-token objectives (cispo); every CP rank holds the same sequences, counted once.

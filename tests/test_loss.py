@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo_megatron.loss import LOG_RATIO_CLAMP, group_advantages, policy_loss
+from gspo_megatron.loss import LOG_RATIO_CLAMP, PolicyLossConfig, group_advantages, policy_loss
+
+_CALL = ("ref_logprobs", "rollout_logprobs", "num_sequences", "num_tokens")
+
+
+def loss_of(lp, old, adv, mask, **kw):
+    """policy_loss with the ``loss:`` settings among ``kw`` made into its PolicyLossConfig."""
+    call = {k: kw.pop(k) for k in _CALL if k in kw}
+    return policy_loss(lp, old, adv, mask, PolicyLossConfig(**kw), **call)
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +127,7 @@ def test_every_objective_has_a_reference_case():
 def test_value_and_gradient_match_reference(variant, low, high):
     lp, old, adv, mask = _batch(spread=0.1)
     x = lp.clone().requires_grad_(True)
-    loss, metrics = policy_loss(x, old, adv, mask, variant=variant, clip_low=low, clip_high=high)
+    loss, metrics = loss_of(x, old, adv, mask, variant=variant, clip_low=low, clip_high=high)
     loss.backward()
     y = lp.clone().requires_grad_(True)
     ref = ref_objective(y, old, adv, mask, variant, low, high)
@@ -134,7 +142,7 @@ def test_gspo_token_equals_gspo_in_value_and_gradient():
     out = {}
     for variant in ("gspo", "gspo_token"):
         x = lp.clone().requires_grad_(True)
-        loss, m = policy_loss(x, old, adv, mask, variant=variant, clip_low=0.01, clip_high=0.012)
+        loss, m = loss_of(x, old, adv, mask, variant=variant, clip_low=0.01, clip_high=0.012)
         loss.backward()
         out[variant] = (loss.detach(), x.grad, m["clip_fraction"])
     assert 0 < out["gspo"][2] < 1  # some sequences clipped, some not: both branches exercised
@@ -146,7 +154,7 @@ def test_gspo_gradient_is_uniform_over_tokens_and_scaled_by_length():
     """Unclipped: d loss / d logp_t = -s_i A_i / |y_i| / num_sequences for every token of i."""
     lp, old, adv, mask = _batch(seed=1, spread=0.0)  # s_i = 1: inside any clip range
     x = lp.clone().requires_grad_(True)
-    loss, _ = policy_loss(x, old, adv, mask, variant="gspo")
+    loss, _ = loss_of(x, old, adv, mask, variant="gspo")
     loss.backward()
     n = mask.sum(1)
     for i in range(lp.shape[0]):
@@ -168,7 +176,7 @@ def test_clip_boundaries(adv_sign, side):
     adv = torch.full((2,), adv_sign)
     mask = torch.ones(2, 1, dtype=torch.bool)
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(x, old, adv, mask, variant="gspo", clip_low=low, clip_high=high)
+    loss, m = loss_of(x, old, adv, mask, variant="gspo", clip_low=low, clip_high=high)
     loss.backward()
     # PPO's rule: clipping binds (gradient 0) when the ratio is past the bound in the direction
     # the advantage pushes: above 1+high for A>0, below 1-low for A<0.
@@ -188,18 +196,18 @@ def test_clip_boundaries(adv_sign, side):
 def test_length_one_responses():
     lp, old, adv, mask = _batch(seed=2, lengths=[1, 1, 1, 1, 1, 1], spread=0.0001)
     for variant, lo, hi in (("gspo", 3e-4, 4e-4), ("grpo", 0.2, 0.27)):
-        loss, _ = policy_loss(lp, old, adv, mask, variant=variant, clip_low=lo, clip_high=hi)
+        loss, _ = loss_of(lp, old, adv, mask, variant=variant, clip_low=lo, clip_high=hi)
         assert torch.allclose(loss, ref_objective(lp, old, adv, mask, variant, lo, hi))
 
 
 def test_empty_rows_add_nothing_and_all_empty_is_zero():
     lp, old, adv, mask = _batch()
     keep = mask.any(1)
-    full, _ = policy_loss(lp, old, adv, mask)
-    only, _ = policy_loss(lp[keep], old[keep], adv[keep], mask[keep])
+    full, _ = loss_of(lp, old, adv, mask)
+    only, _ = loss_of(lp[keep], old[keep], adv[keep], mask[keep])
     assert torch.allclose(full, only)
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(x, old, adv, torch.zeros_like(mask))
+    loss, m = loss_of(x, old, adv, torch.zeros_like(mask))
     loss.backward()
     assert loss == 0 and torch.isfinite(x.grad).all() and (x.grad == 0).all()
     assert all(torch.isfinite(v).all() for v in m.values())
@@ -212,7 +220,7 @@ def test_extreme_log_ratios_are_clamped_finite(variant):
     adv = torch.tensor([1.0, -1.0])
     mask = torch.ones(2, 3, dtype=torch.bool)
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(x, old, adv, mask, variant=variant, clip_low=0.2, clip_high=0.27)
+    loss, m = loss_of(x, old, adv, mask, variant=variant, clip_low=0.2, clip_high=0.27)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     token_ratios = variant in ("grpo", "sapo", "cispo")
@@ -224,9 +232,9 @@ def test_extreme_log_ratios_are_clamped_finite(variant):
 
 def test_num_sequences_normalises_across_microbatches():
     lp, old, adv, mask = _batch(seed=5)
-    full, _ = policy_loss(lp, old, adv, mask)
+    full, _ = loss_of(lp, old, adv, mask)
     parts = sum(
-        policy_loss(lp[s], old[s], adv[s], mask[s], num_sequences=5)[0]
+        loss_of(lp[s], old[s], adv[s], mask[s], num_sequences=5)[0]
         for s in (slice(0, 2), slice(2, 6))
     )
     assert torch.allclose(full, parts)
@@ -235,8 +243,8 @@ def test_num_sequences_normalises_across_microbatches():
 def test_kl_penalty_k3():
     lp, old, adv, mask = _batch(seed=6)
     ref_lp = lp + 0.2 * torch.randn_like(lp)
-    base, _ = policy_loss(lp, old, adv, mask)
-    with_kl, m = policy_loss(lp, old, adv, mask, ref_logprobs=ref_lp, kl_coef=0.1)
+    base, _ = loss_of(lp, old, adv, mask)
+    with_kl, m = loss_of(lp, old, adv, mask, ref_logprobs=ref_lp, kl_coef=0.1)
     d = ref_lp - lp
     k3 = torch.exp(d) - d - 1
     per_seq = [(k3[i][mask[i]]).mean() for i in range(6) if mask[i].any()]
@@ -257,7 +265,7 @@ def test_group_advantages():
 
 def test_token_log_ratio_spread_is_the_std_over_response_tokens():
     lp, old, adv, mask = _batch(seed=4, lengths=[7, 3, 0, 5, 1, 6])
-    _, m = policy_loss(lp, old, adv, mask, variant="grpo", clip_low=0.2, clip_high=0.27)
+    _, m = loss_of(lp, old, adv, mask, variant="grpo", clip_low=0.2, clip_high=0.27)
     deltas = (lp - old)[mask.bool()]
     assert m["token_log_ratio_std"] == pytest.approx(deltas.std(unbiased=False).item(), rel=1e-9)
 
@@ -273,7 +281,7 @@ def test_sapo_far_from_one_both_signs_and_length_one_rows():
     assert (adv > 0).any() and (adv < 0).any()
     kw = {"sapo_tau_pos": 0.7, "sapo_tau_neg": 1.3}
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(x, old, adv, mask, variant="sapo", **kw)
+    loss, m = loss_of(x, old, adv, mask, variant="sapo", **kw)
     loss.backward()
     y = lp.clone().requires_grad_(True)
     ref = ref_objective(y, old, adv, mask, "sapo", 0.2, 0.27, tau_pos=0.7, tau_neg=1.3)
@@ -283,7 +291,7 @@ def test_sapo_far_from_one_both_signs_and_length_one_rows():
     grads = {}
     for variant in ("sapo", "grpo"):
         x = lp.clone().requires_grad_(True)
-        policy_loss(x, lp, adv, mask, variant=variant, **kw)[0].backward()
+        loss_of(x, lp, adv, mask, variant=variant, **kw)[0].backward()
         grads[variant] = x.grad
     assert torch.allclose(grads["sapo"], grads["grpo"], rtol=1e-12, atol=1e-15)
 
@@ -295,7 +303,7 @@ def test_cispo_gradient_flows_only_through_logp_with_a_capped_weight():
     lp, old, adv, mask = _batch(seed=8, spread=0.4)
     high = 0.1
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(x, old, adv, mask, variant="cispo", clip_high=high)
+    loss, m = loss_of(x, old, adv, mask, variant="cispo", clip_high=high)
     loss.backward()
     w = torch.exp(lp - old)
     capped = (w > 1 + high) & mask
@@ -309,10 +317,10 @@ def test_cispo_normalises_by_the_tokens_of_the_whole_batch():
     """Micro-batches given the global token count add up to the full batch's loss (the
     sequence count would not)."""
     lp, old, adv, mask = _batch(seed=9, spread=0.3)
-    full, _ = policy_loss(lp, old, adv, mask, variant="cispo", clip_high=0.2)
+    full, _ = loss_of(lp, old, adv, mask, variant="cispo", clip_high=0.2)
     n = float(mask.sum())
     parts = [
-        policy_loss(lp[s], old[s], adv[s], mask[s], variant="cispo", clip_high=0.2, num_tokens=n)[0]
+        loss_of(lp[s], old[s], adv[s], mask[s], variant="cispo", clip_high=0.2, num_tokens=n)[0]
         for s in (slice(0, 2), slice(2, 6))
     ]
     assert torch.allclose(full, sum(parts), rtol=1e-12)
@@ -343,7 +351,7 @@ def test_rollout_correction_matches_reference(variant, correction):
     roll = _rollout(old, mask)
     low, high = (0.2, 0.27) if variant != "gspo" else (0.05, 0.1)
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(
+    loss, m = loss_of(
         x,
         old,
         adv,
@@ -386,8 +394,8 @@ def test_rollout_correction_changes_nothing_when_engine_and_trainer_agree():
     lp, old, adv, mask = _batch(seed=12, spread=0.2)
     for variant, correction in CORRECTION_CASES:
         kw = {"variant": variant, "clip_low": 0.2, "clip_high": 0.27}
-        plain, _ = policy_loss(lp, old, adv, mask, **kw)
-        same, m = policy_loss(
+        plain, _ = loss_of(lp, old, adv, mask, **kw)
+        same, m = loss_of(
             lp, old, adv, mask, rollout_correction=correction, rollout_logprobs=old, **kw
         )
         assert torch.equal(plain, same), (variant, correction)
@@ -397,7 +405,7 @@ def test_rollout_correction_changes_nothing_when_engine_and_trainer_agree():
 def test_icepop_refuses_an_objective_without_token_terms():
     lp, old, adv, mask = _batch()
     with pytest.raises(ValueError, match="icepop"):
-        policy_loss(lp, old, adv, mask, rollout_correction="icepop", rollout_logprobs=old)
+        loss_of(lp, old, adv, mask, rollout_correction="icepop", rollout_logprobs=old)
 
 
 @pytest.mark.parametrize("variant,correction", CORRECTION_CASES)
@@ -407,13 +415,55 @@ def test_corrections_on_empty_rows_and_extreme_ratios_stay_finite(variant, corre
     lp, old, adv, mask = _batch(seed=13, spread=0.2)
     kw = {"variant": variant, "clip_low": 0.2, "clip_high": 0.27, "rollout_correction": correction}
     x = lp.clone().requires_grad_(True)
-    loss, m = policy_loss(x, old, adv, torch.zeros_like(mask), rollout_logprobs=old - 5, **kw)
+    loss, m = loss_of(x, old, adv, torch.zeros_like(mask), rollout_logprobs=old - 5, **kw)
     loss.backward()
     assert loss == 0 and (x.grad == 0).all()
     assert all(not torch.isnan(v).any() for v in m.values())
     for far in (old - 800.0, old + 800.0):
         x = lp.clone().requires_grad_(True)
-        loss, m = policy_loss(x, old, adv, mask, rollout_logprobs=far, **kw)
+        loss, m = loss_of(x, old, adv, mask, rollout_logprobs=far, **kw)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
         assert all(torch.isfinite(m[k]) for k in ("correction_weight_mean", "rho_min", "rho_max"))
+
+
+# -- float64 exactness ---------------------------------------------------------------------------
+
+# The two sides sum the same <= 42 token terms of size <= ~3 in different orders: the rounding
+# bound is 42 x 2.2e-16 (fp64 eps) x 3 ~ 3e-14, the observed difference <= 2.2e-16. A setting
+# rounded to float32 anywhere (1.05 -> 1.0499999523) moves the loss by ~1e-8.
+FP64_ATOL = 1e-14
+
+
+@pytest.mark.parametrize(
+    "variant,correction", [(v, "none") for v, _, _ in REFERENCE_CASES[1:]] + CORRECTION_CASES
+)
+def test_every_objective_meets_its_fp64_reference_with_float32_as_the_default(variant, correction):
+    """The loss runs in the log-probs' dtype whatever torch's default dtype is: with float64
+    inputs and the default left at float32 (as in a program that did not change it), value and
+    gradient equal the fp64 reference to rounding. SAPO's temperatures, built from Python floats,
+    once became float32 tensors here."""
+    low, high = dict((v, (lo, hi)) for v, lo, hi in REFERENCE_CASES[1:])[variant]
+    for seed in range(5):
+        lp, old, adv, mask = _batch(seed=seed, spread=0.1)
+        roll = _rollout(old, mask)
+        torch.set_default_dtype(torch.float32)
+        try:
+            kw = {"variant": variant, "clip_low": low, "clip_high": high}
+            kw.update(sapo_tau_pos=0.7, sapo_tau_neg=1.3)
+            if correction != "none":
+                kw.update(rollout_correction=correction, rollout_logprobs=roll, **_CORR)
+            x = lp.clone().requires_grad_(True)
+            loss, _ = loss_of(x, old, adv, mask, **kw)
+            loss.backward()
+        finally:
+            torch.set_default_dtype(torch.float64)
+        assert loss.dtype == torch.float64
+        y = lp.clone().requires_grad_(True)
+        extra = {} if correction == "none" else {"correction": correction, "roll": roll}
+        ref = ref_objective(
+            y, old, adv, mask, variant, low, high, tau_pos=0.7, tau_neg=1.3, **extra, **_REF_CORR
+        )
+        ref.backward()
+        assert abs(loss.item() - ref.item()) <= FP64_ATOL, (variant, correction, seed)
+        assert (x.grad - y.grad).abs().max().item() <= FP64_ATOL, (variant, correction, seed)

@@ -245,8 +245,7 @@ def baseline_steps(init: Path, steps: int) -> dict:
                 old[sl],
                 adv[sl],
                 mask[sl],
-                clip_low=cfg.loss.clip_low,
-                clip_high=cfg.loss.clip_high,
+                cfg.loss,
             )
             opt.zero_grad()
             loss.backward()

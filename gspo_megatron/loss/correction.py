@@ -17,12 +17,15 @@ objective's terms and never carry a gradient of their own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 from gspo_megatron.loss.groups import extreme_over_group, sum_over_group
+
+if TYPE_CHECKING:  # config.py imports this module for CORRECTIONS
+    from gspo_megatron.loss.config import PolicyLossConfig
 
 CORRECTIONS = ("none", "tis", "mis", "icepop")
 """``loss.rollout_correction``: the allowed values."""
@@ -45,22 +48,23 @@ def uses_token_weights(kind: str, token_terms: bool) -> bool:
 
 @torch.no_grad()
 def correction_weights(
-    kind: str,
+    cfg: "PolicyLossConfig",
+    *,
     old_logprobs: torch.Tensor,
     rollout_logprobs: torch.Tensor,
     mask: torch.Tensor,
     valid: torch.Tensor,
     seq_mean: Callable[[torch.Tensor], torch.Tensor],
     token_terms: bool,
-    cap: float,
-    low: float,
-    high: float,
     log_ratio_clamp: float,
     cp_group=None,
 ) -> Correction:
-    """The correction ``kind`` (one of CORRECTIONS but none) for a batch: ``mask`` [B, T]
-    response tokens in the log-probs' dtype, ``valid`` [B] non-empty sequences, ``seq_mean``
-    the CP-aware per-sequence mean of ``policy_loss``."""
+    """``cfg.rollout_correction`` (one of CORRECTIONS but none, with its cap / range) for a
+    batch: ``mask`` [B, T] response tokens in the log-probs' dtype, ``valid`` [B] non-empty
+    sequences, ``seq_mean`` the CP-aware per-sequence mean of ``policy_loss``, ``token_terms``
+    whether the objective's J_i is made of token terms."""
+    kind, cap = cfg.rollout_correction, cfg.correction_cap
+    low, high = cfg.correction_low, cfg.correction_high
     if kind == "icepop" and not token_terms:
         raise ValueError("icepop masks token terms: the objective has one ratio per sequence")
     delta = torch.where(mask > 0, old_logprobs - rollout_logprobs, torch.zeros_like(mask))

@@ -11,33 +11,44 @@ in ``OBJECTIVES`` and one reference case in ``tests/test_loss.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 
 from gspo_megatron.loss.groups import sum_over_group
 
+if TYPE_CHECKING:  # config.py imports this module for the registry
+    from gspo_megatron.loss.config import PolicyLossConfig
 
-@dataclass
+
+@dataclass(frozen=True)
 class Ratios:
     """What every objective starts from, for B sequences of T positions (response tokens only
-    where ``mask`` is set; CP shards already summed where a sequence is concerned)."""
+    where ``mask`` is set; CP shards already summed where a sequence is concerned). Built by
+    keyword in ``policy_loss``."""
 
-    logprobs: torch.Tensor  # [B, T] logp_t under pi_theta (carries the gradient)
-    token_delta: torch.Tensor  # [B, T] logp_t - old_t on response tokens, 0 elsewhere
-    mask: torch.Tensor  # [B, T] response tokens, in the log-probs' dtype
-    adv: torch.Tensor  # [B] A_i
-    n_tok: torch.Tensor  # [B] |y_i|
-    valid: torch.Tensor  # [B] |y_i| > 0
-    log_s: torch.Tensor  # [B] log s_i, clamped
-    seq_mean: Callable[[torch.Tensor], torch.Tensor]  # [B, T] -> [B]: (1/|y_i|) sum_t x_it
-    seq_sum: Callable[[torch.Tensor], torch.Tensor]  # [B, T] -> [B]: sum_t x_it
-    clip_low: float
-    clip_high: float
+    logprobs: torch.Tensor
+    """[B, T] logp_t under pi_theta (carries the gradient)."""
+    token_delta: torch.Tensor
+    """[B, T] logp_t - old_t on response tokens, 0 elsewhere."""
+    mask: torch.Tensor
+    """[B, T] response tokens, in the log-probs' dtype."""
+    adv: torch.Tensor
+    """[B] A_i, in the log-probs' dtype."""
+    n_tok: torch.Tensor
+    """[B] |y_i|."""
+    valid: torch.Tensor
+    """[B] |y_i| > 0."""
+    log_s: torch.Tensor
+    """[B] log s_i, clamped."""
+    seq_mean: Callable[[torch.Tensor], torch.Tensor]
+    """[B, T] -> [B]: (1/|y_i|) sum_t x_it, over CP shards."""
+    seq_sum: Callable[[torch.Tensor], torch.Tensor]
+    """[B, T] -> [B]: sum_t x_it, over CP shards."""
+    cfg: "PolicyLossConfig"
+    """The loss settings (clips, SAPO temperatures)."""
     log_ratio_clamp: float
     cp_group: object
-    sapo_tau_pos: float = 1.0
-    sapo_tau_neg: float = 1.05
     token_weight: Optional[torch.Tensor] = None
     """[B, T] detached rollout-correction weight of each token term (None: 1)."""
 
@@ -81,7 +92,7 @@ def gspo(r: Ratios) -> Terms:
     """GSPO, one ratio per sequence, clipped per sequence:
     J_i = min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i),  s_i = exp(log s_i)."""
     s = torch.exp(r.log_s)
-    objective, binds = _clipped_objective(s, r.adv, r.clip_low, r.clip_high)
+    objective, binds = _clipped_objective(s, r.adv, r.cfg.clip_low, r.cfg.clip_high)
     return Terms(objective, (binds & r.valid).float().sum(), r.valid.float().sum())
 
 
@@ -92,7 +103,7 @@ def gspo_token(r: Ratios) -> Terms:
     s = torch.exp(r.log_s)
     # Value s_i on every token; gradient of token t flows through its own logp_t.
     s_tok = s.detach()[:, None] * torch.exp(r.logprobs - r.logprobs.detach())
-    term, binds = _clipped_objective(s_tok, r.adv[:, None], r.clip_low, r.clip_high)
+    term, binds = _clipped_objective(s_tok, r.adv[:, None], r.cfg.clip_low, r.cfg.clip_high)
     # All tokens of a sequence share s_i, so the clip decision is per sequence.
     clipped = (binds[:, 0] & r.valid).float().sum() if binds.shape[1] else torch.zeros(())
     return Terms(r.seq_mean(r.weighted(term)), clipped, r.valid.float().sum())
@@ -102,7 +113,7 @@ def grpo(r: Ratios) -> Terms:
     """GRPO, token-level ratios (the baseline GSPO replaces; pass GRPO's 0.2 / 0.27 clips):
     J_i = (1/|y_i|) sum_t min(w_it A_i, clip(w_it) A_i),  w_it = exp(logp_t - old_t)."""
     w, clamped = _token_ratios(r)
-    term, binds = _clipped_objective(w, r.adv[:, None], r.clip_low, r.clip_high)
+    term, binds = _clipped_objective(w, r.adv[:, None], r.cfg.clip_low, r.cfg.clip_high)
     n = r.n_tok.sum()
     return Terms(r.seq_mean(r.weighted(term)), _token_count(r, binds), n, clamped, n)
 
@@ -115,7 +126,11 @@ def sapo(r: Ratios) -> Terms:
     advantages, tau_neg > tau_pos) where GRPO's clip cuts it off. Nothing is clipped
     (clip_fraction 0)."""
     w, clamped = _token_ratios(r)
-    tau = torch.where(r.adv < 0, r.sapo_tau_neg, r.sapo_tau_pos).to(w.dtype)[:, None]
+    # The temperatures in the ratios' dtype: Python floats in torch.where become float32
+    # tensors, and an fp64 loss would then run on 1.05 rounded to float32.
+    tau_neg = torch.tensor(r.cfg.sapo_tau_neg, dtype=w.dtype, device=w.device)
+    tau_pos = torch.tensor(r.cfg.sapo_tau_pos, dtype=w.dtype, device=w.device)
+    tau = torch.where(r.adv < 0, tau_neg, tau_pos)[:, None]
     gate = torch.sigmoid(tau * (w - 1.0)) * (4.0 / tau)
     n = r.n_tok.sum()
     objective = r.seq_mean(r.weighted(gate * r.adv[:, None]))
@@ -128,7 +143,7 @@ def cispo(r: Ratios) -> Terms:
     gradient, so every token keeps a gradient (no token is clipped away); clip_fraction counts
     the tokens whose weight was truncated."""
     w, clamped = _token_ratios(r)
-    cap = 1.0 + r.clip_high
+    cap = 1.0 + r.cfg.clip_high
     weight = w.clamp(max=cap).detach()
     n = r.n_tok.sum()
     objective = r.seq_sum(r.weighted(weight * r.adv[:, None] * r.logprobs))

@@ -23,12 +23,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from gspo_megatron.loss.config import PolicyLossConfig
 from gspo_megatron.loss.correction import correction_weights
 from gspo_megatron.loss.groups import sum_over_group
-from gspo_megatron.loss.objectives import OBJECTIVES, Ratios
+from gspo_megatron.loss.objectives import OBJECTIVES, Ratios, Terms
 
 # exp(20) ~ 4.9e8: finite in fp32 with room to spare; a larger ratio carries no information.
 LOG_RATIO_CLAMP = 20.0
+_DEFAULT = PolicyLossConfig()
 
 
 def policy_loss(
@@ -36,32 +38,25 @@ def policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    variant: str = "gspo",
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
+    cfg: PolicyLossConfig = _DEFAULT,
+    *,
     ref_logprobs: Optional[torch.Tensor] = None,
-    kl_coef: float = 0.0,
+    rollout_logprobs: Optional[torch.Tensor] = None,
     num_sequences: Optional[float] = None,
+    num_tokens: Optional[float] = None,
     cp_group=None,
     log_ratio_clamp: float = LOG_RATIO_CLAMP,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    rollout_correction: str = "none",
-    rollout_logprobs: Optional[torch.Tensor] = None,
-    correction_cap: float = 2.0,
-    correction_low: float = 0.5,
-    correction_high: float = 2.0,
-    num_tokens: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Policy loss over a batch of B sequences, with the objective ``OBJECTIVES[variant]``.
+    """Policy loss over a batch of B sequences, with the objective ``OBJECTIVES[cfg.variant]``
+    and the settings of the ``loss:`` section (``cfg``: clips, SAPO temperatures, rollout
+    correction, KL coefficient).
 
     logprobs, old_logprobs, response_mask (and ref_logprobs, rollout_logprobs): [B, T];
-    advantages: [B]. The keyword arguments are named like the ``loss.*`` config keys
-    (``PolicyLossConfig``); ``rollout_logprobs`` are the engine's sampling log-probs, needed by
-    a ``rollout_correction`` other than none. Returns (loss, metrics). ``metrics`` holds
-    detached tensors: the means below, plus ``*_sum``, ``num_*``, ``*_denominator``,
-    ``correction_units`` and ``rho_min`` / ``rho_max`` entries that add up (or min / max)
-    correctly across micro-batches and ranks:
+    advantages: [B]. ``rollout_logprobs`` are the engine's sampling log-probs, needed by a
+    ``cfg.rollout_correction`` other than none; ``ref_logprobs`` the reference policy's, for
+    ``cfg.kl_coef`` > 0. Returns (loss, metrics). ``metrics`` holds detached tensors: the means
+    below, plus ``*_sum``, ``num_*``, ``*_denominator``, ``correction_units`` and ``rho_min`` /
+    ``rho_max`` entries that add up (or min / max) correctly across micro-batches and ranks:
       clip_fraction   sequences clipped (gspo, gspo_token) or tokens clipped (token variants)
       abs_log_ratio   mean |log s_i| (sequence log-ratio, all variants)
       clamp_fraction  how often a log-ratio hit +-log_ratio_clamp
@@ -69,19 +64,14 @@ def policy_loss(
       ref_kl          mean k3 KL to the reference policy (when ref_logprobs is given)
       correction_weight_mean, correction_masked_fraction   (with a rollout correction)
     """
-    if variant not in OBJECTIVES:
-        raise ValueError(f"variant '{variant}' is not one of {', '.join(OBJECTIVES)}")
-    objective_kind = OBJECTIVES[variant]
+    if cfg.variant not in OBJECTIVES:
+        raise ValueError(f"variant '{cfg.variant}' is not one of {', '.join(OBJECTIVES)}")
+    objective_kind = OBJECTIVES[cfg.variant]
     # Compute in the log-probs' dtype (fp32 in training; fp64 in the reference tests).
     mask = response_mask.to(logprobs.dtype)
-    adv = advantages.to(logprobs.dtype)
     n_tok = sum_over_group(mask.sum(dim=1), cp_group)  # [B]
     valid = n_tok > 0
     denom = n_tok.clamp(min=1.0)
-    if num_sequences is None:
-        num_sequences = float(valid.sum().item())
-    if num_tokens is None:
-        num_tokens = float(n_tok.sum().item())
 
     def seq_sum(x_bt: torch.Tensor) -> torch.Tensor:
         """sum_t x_it over response tokens, across CP shards."""
@@ -92,22 +82,19 @@ def policy_loss(
         return seq_sum(x_bt) / denom
 
     correction = None
-    if rollout_correction != "none":
+    if cfg.rollout_correction != "none":
         if rollout_logprobs is None:
-            raise ValueError(f"rollout_correction={rollout_correction} needs rollout_logprobs")
+            raise ValueError(f"rollout_correction={cfg.rollout_correction} needs rollout_logprobs")
         correction = correction_weights(
-            rollout_correction,
-            old_logprobs,
-            rollout_logprobs.to(logprobs.dtype),
-            mask,
-            valid,
-            seq_mean,
-            objective_kind.token_terms,
-            correction_cap,
-            correction_low,
-            correction_high,
-            log_ratio_clamp,
-            cp_group,
+            cfg,
+            old_logprobs=old_logprobs,
+            rollout_logprobs=rollout_logprobs.to(logprobs.dtype),
+            mask=mask,
+            valid=valid,
+            seq_mean=seq_mean,
+            token_terms=objective_kind.token_terms,
+            log_ratio_clamp=log_ratio_clamp,
+            cp_group=cp_group,
         )
 
     token_delta = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
@@ -116,67 +103,78 @@ def policy_loss(
     log_s = log_s.clamp(-log_ratio_clamp, log_ratio_clamp)
     terms = objective_kind.fn(
         Ratios(
-            logprobs,
-            token_delta,
-            mask,
-            adv,
-            n_tok,
-            valid,
-            log_s,
-            seq_mean,
-            seq_sum,
-            clip_low,
-            clip_high,
-            log_ratio_clamp,
-            cp_group,
-            sapo_tau_pos,
-            sapo_tau_neg,
-            None if correction is None else correction.token_weight,
+            logprobs=logprobs,
+            token_delta=token_delta,
+            mask=mask,
+            adv=advantages.to(logprobs.dtype),
+            n_tok=n_tok,
+            valid=valid,
+            log_s=log_s,
+            seq_mean=seq_mean,
+            seq_sum=seq_sum,
+            cfg=cfg,
+            log_ratio_clamp=log_ratio_clamp,
+            cp_group=cp_group,
+            token_weight=None if correction is None else correction.token_weight,
         )
     )
     objective = terms.objective
     if correction is not None and correction.seq_weight is not None:
         objective = objective * correction.seq_weight
-
-    if ref_logprobs is not None and kl_coef != 0.0:
-        d = (ref_logprobs - logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)
-        k3 = torch.where(mask > 0, torch.exp(d) - d - 1.0, torch.zeros_like(d))
+    ref_kl = None
+    if ref_logprobs is not None and cfg.kl_coef != 0.0:
+        k3 = _k3(ref_logprobs, logprobs, mask, log_ratio_clamp)
         ref_kl = seq_mean(k3)
         # Per-token objectives weigh every token the same: the penalty is summed like J_i.
-        objective = objective - kl_coef * (seq_sum(k3) if objective_kind.per_token else ref_kl)
-    else:
-        ref_kl = None
+        objective = objective - cfg.kl_coef * (seq_sum(k3) if objective_kind.per_token else ref_kl)
 
     objective = torch.where(valid, objective, torch.zeros_like(objective))
-    normaliser = num_tokens if objective_kind.per_token else num_sequences
+    if objective_kind.per_token:
+        normaliser = float(n_tok.sum().item()) if num_tokens is None else num_tokens
+    else:
+        normaliser = float(valid.sum().item()) if num_sequences is None else num_sequences
     loss = -objective.sum() / max(float(normaliser), 1.0)
 
     with torch.no_grad():
-        n_valid = valid.float().sum()
-        approx_kl = seq_mean(0.5 * token_delta.detach() ** 2)
-        if terms.clamped is not None:
-            clamp_count = terms.clamped
-        clamp_den = n_valid if terms.clamp_units is None else terms.clamp_units
-        metrics = {
-            "num_sequences": n_valid,
-            "num_tokens": n_tok.sum(),
-            "clipped_sum": terms.clipped.detach(),
-            "clip_denominator": terms.clip_units.detach(),
-            "clamp_sum": clamp_count.detach(),
-            "clamp_denominator": clamp_den.detach(),
-            "abs_log_ratio_sum": (log_s.detach().abs() * valid).sum(),
-            "approx_kl_sum": (approx_kl * valid).sum(),
-            # Token log-ratios logp_t - old_t over response tokens: their spread is what swings
-            # token-level ratios (GRPO) when MoE routes move.
-            "token_log_ratio_sum": seq_sum(token_delta.detach()).sum(),
-            "token_log_ratio_sq_sum": seq_sum(token_delta.detach() ** 2).sum(),
-        }
+        metrics = _metrics(
+            terms, n_tok, valid, log_s, token_delta.detach(), clamp_count, seq_mean, seq_sum
+        )
         if ref_kl is not None:
             metrics["ref_kl_sum"] = (ref_kl.detach() * valid).sum()
         if correction is not None:
             metrics.update(correction.metrics)
         metrics.update(finalize_metrics(metrics))
     return loss, metrics
+
+
+def _k3(ref_logprobs, logprobs, mask, log_ratio_clamp: float) -> torch.Tensor:
+    """[B, T] the k3 estimate exp(d) - d - 1 of KL(pi || pi_ref), d = ref - logp (clamped), on
+    response tokens."""
+    d = (ref_logprobs - logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)
+    return torch.where(mask > 0, torch.exp(d) - d - 1.0, torch.zeros_like(d))
+
+
+def _metrics(
+    terms: Terms, n_tok, valid, log_s, token_delta, clamp_count, seq_mean, seq_sum
+) -> Dict[str, torch.Tensor]:
+    """The sums and counts behind the loss's metrics (``finalize_metrics`` makes the means)."""
+    n_valid = valid.float().sum()
+    if terms.clamped is not None:  # token-ratio objectives count their own clamped tokens
+        clamp_count = terms.clamped
+    return {
+        "num_sequences": n_valid,
+        "num_tokens": n_tok.sum(),
+        "clipped_sum": terms.clipped.detach(),
+        "clip_denominator": terms.clip_units.detach(),
+        "clamp_sum": clamp_count.detach(),
+        "clamp_denominator": (n_valid if terms.clamp_units is None else terms.clamp_units).detach(),
+        "abs_log_ratio_sum": (log_s.detach().abs() * valid).sum(),
+        "approx_kl_sum": (seq_mean(0.5 * token_delta**2) * valid).sum(),
+        # Token log-ratios logp_t - old_t over response tokens: their spread is what swings
+        # token-level ratios (GRPO) when MoE routes move.
+        "token_log_ratio_sum": seq_sum(token_delta).sum(),
+        "token_log_ratio_sq_sum": seq_sum(token_delta**2).sum(),
+    }
 
 
 def finalize_metrics(sums: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
