@@ -20,7 +20,7 @@ from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.optim import OptimConfig
 from gspo_megatron.parallel import ParallelLayout
 from gspo_megatron.rewards.runner import RewardConfig
-from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.rollout.config import RolloutConfig, max_samples_per_prompt
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,12 @@ class TrainConfig:
     writes the files (tensors are staged to host memory first); the checkpoint is named complete
     (renamed from its temporary name, `latest` updated) only once every rank's files are written,
     so a crash mid-write leaves the previous one in force. One save in flight at a time."""
+    reshardable_checkpoints: bool = True
+    """Save the optimizer state in a layout-free form (megatron's fully_reshardable: gathered
+    over each data-parallel group at save), so that --resume may change parallel.* and the
+    number of ranks; false stores each rank's flat shard as it is (dp_reshardable: no gather,
+    faster saves at scale), and a resume may then change only the number of data-parallel
+    ranks."""
     seed: int = 1234
     """Seed of the model-parallel RNG and of anything else random in the trainer."""
     save_rollouts: bool = False
@@ -137,6 +143,11 @@ class Config:
             raise GspoError(
                 f"train.eval_every={self.train.eval_every} needs held-out prompts: set "
                 f"data.eval_path (or train.eval_every=0)"
+            )
+        if self.train.eval_k > max_samples_per_prompt():
+            raise GspoError(
+                f"train.eval_k={self.train.eval_k}: vLLM samples at most "
+                f"{max_samples_per_prompt()} responses per prompt (VLLM_MAX_N_SEQUENCES)"
             )
         if self.train.eval_every and not Path(self.data.eval_path).is_file():
             raise GspoError(f"data.eval_path={self.data.eval_path}: no such data file")

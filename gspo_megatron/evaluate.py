@@ -93,12 +93,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> EvalPlan:
     """Every check that needs no model: one line each, before anything heavy."""
+    from gspo_megatron.checkpoint.atomic import check_writable_dir
     from gspo_megatron.checkpoint.model import checkpoint_spec
     from gspo_megatron.config import load_config
     from gspo_megatron.data import DataConfig
     from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
     from gspo_megatron.rewards.registry import resolve
     from gspo_megatron.rewards.runner import RewardConfig, RewardFn
+    from gspo_megatron.rollout.config import max_samples_per_prompt
 
     n = args.n if args.n is not None else args.k
     if args.k < 1:
@@ -109,6 +111,11 @@ def plan(args: argparse.Namespace) -> EvalPlan:
         )
     if not args.temperature >= 0:
         raise GspoError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if n > max_samples_per_prompt():
+        raise GspoError(
+            f"--n {n}: vLLM samples at most {max_samples_per_prompt()} responses per prompt "
+            f"(its VLLM_MAX_N_SEQUENCES)"
+        )
     if args.temperature == 0 and n > 1:
         raise GspoError(
             f"--temperature 0 (greedy) gives one response per prompt: --n {n} must be 1"
@@ -181,6 +188,8 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     out = Path(args.out)
     if (out / "summary.json").exists() and not args.overwrite:
         raise GspoError(f"--out {out}: holds an evaluation already (pass --overwrite to replace)")
+    # Where the results go is checked before the sampling they would otherwise be lost after.
+    check_writable_dir(out, "--out")
     return EvalPlan(
         hf_dir=hf_dir,
         ckpt=ckpt,

@@ -10,24 +10,26 @@ problem is one ``GspoError`` line; gspo-train turns it into exit status 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import psutil
 import torch
 
 from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
-from gspo_megatron.checkpoint.training import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
+from gspo_megatron.checkpoint.run_dir import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
 from gspo_megatron.config import Config
 from gspo_megatron.data import PromptSet, load_prompts
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes
 from gspo_megatron.parallel import check_layout
+from gspo_megatron.resume import Change, resume_changes
 from gspo_megatron.rewards.builtin import NEEDS_ANSWER
 from gspo_megatron.rewards.runner import RewardConfig
 from gspo_megatron.rollout.routes import capture_unavailable
+from gspo_megatron.run_lock import check_run_lock
 
 if TYPE_CHECKING:  # transformers stays out of the import until the tokenizer is loaded
     from transformers import PreTrainedTokenizerBase
@@ -54,6 +56,8 @@ class Plan:
     """Whether the engine records its MoE routes (rollout/route_agreement, r3)."""
     eval_prompts: Optional[PromptSet] = None
     """data.eval_path's prompts, in file order, when validation is on (train.eval_every)."""
+    resume_changes: List[Change] = field(default_factory=list)
+    """The config keys a resume changes (``gspo_megatron.resume``), applied from its next step."""
 
 
 def preflight(
@@ -119,17 +123,29 @@ def preflight(
             )
     out = Path(cfg.train.output_dir)
     check_writable_dir(out, "train.output_dir")
+    check_run_lock(out)  # before resume_point: another run's checkpoints are not ours to resume
     start = resume_point(
         out / CHECKPOINTS, resume or resume_from is not None, resume_from, cfg.train.output_dir
     )
+    changes = []
     if start is not None:  # the run's weights must fit the model being built
         check_same_shapes(spec, checkpoint_spec(start), f"{start} (vs model.ckpt={cfg.model.ckpt})")
+        changes = resume_changes(cfg, start)
     checkpoint_bytes = estimate_checkpoint_bytes(
         spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR
     )
     check_free_space(out, checkpoint_bytes, "a training checkpoint (model + optimizer state)")
     return Plan(
-        cfg, spec, prompts, tokenizer, start, dp, checkpoint_bytes, capture_routes, eval_prompts
+        cfg,
+        spec,
+        prompts,
+        tokenizer,
+        start,
+        dp,
+        checkpoint_bytes,
+        capture_routes,
+        eval_prompts,
+        changes,
     )
 
 

@@ -37,25 +37,32 @@ from gspo_megatron.batch import Sample
 from gspo_megatron.checkpoint.atomic import atomic_write_text
 from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
 from gspo_megatron.checkpoint.model import HF_SUBDIR, load_model_checkpoint
-from gspo_megatron.checkpoint.training import (
+from gspo_megatron.checkpoint.optimizer_state import DP_RESHARDABLE, RESHARDABLE
+from gspo_megatron.checkpoint.run_dir import (
     CHECKPOINTS,
     TrainState,
     last_complete_note,
     latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
     set_aside_newer,
 )
+from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 from gspo_megatron.config import Config, load_config
 from gspo_megatron.config_io import to_dict
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
-from gspo_megatron.loss import group_advantages
+from gspo_megatron.loss.advantages import (
+    equal_reward_groups,
+    group_advantages,
+    reward_mean_std,
+    silent_groups,
+)
 from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
 from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
 from gspo_megatron.procutil import exit_without_teardown
 from gspo_megatron.progress import progress_bar
+from gspo_megatron.resume import record_config
 from gspo_megatron.rewards.runner import RewardRunner
+from gspo_megatron.run_lock import RunLock
 from gspo_megatron.sampling import sample_step
 
 
@@ -189,14 +196,15 @@ class Trainer:
         # GPU: free the engine's memory until the first step's sync brings the weights in.
         self.engine.sleep()
         self.rewards = RewardRunner(cfg.rewards)
-        self.reward_error_shown = False
+        self.reward_error_shown = self.silent_groups_shown = False
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
         self.saver = AsyncSaver() if cfg.train.async_save else None
+        self.config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        for change in plan.resume_changes:
+            self._say(f"resume: {change} (applies from step {self.state.step + 1})")
         if self.rank == 0:
-            atomic_write_text(
-                self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False)
-            )
+            record_config(self.out, cfg, plan.resume_changes, self.state.step)
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
@@ -229,7 +237,7 @@ class Trainer:
         )
         self.engine.sleep()
         if not rollout.sampled_groups:
-            raise GspoError(f"step {step}: every prompt was skipped by the rollout engine")
+            raise GspoError(f"step {step + 1}: every prompt was skipped by the rollout engine")
         if rollout.first_error is not None and not self.reward_error_shown:
             # Once per run: reward/errors and reward/timeouts count them all; a broken reward
             # function must not drown the progress bar.
@@ -239,9 +247,19 @@ class Trainer:
                 f"reward/timeouts; only the first failure is shown): {rollout.first_error}"
             )
         g_size = cfg.rollout.group_size
-        # float64: large finite rewards stay finite through the group mean and std.
+        # float64, scaled per group: any finite reward gives finite advantages.
         kept = torch.tensor([x for r in rollout.rewards for x in r], dtype=torch.float64)
-        adv = group_advantages(kept, g_size).tolist() if kept.numel() else []
+        adv_t = group_advantages(kept, g_size) if kept.numel() else torch.zeros(0)
+        adv = adv_t.tolist()
+        silent = silent_groups(kept, adv_t, g_size) if kept.numel() else 0
+        if silent and not self.silent_groups_shown:
+            self.silent_groups_shown = True  # once per run; reward/zero_advantage_groups counts
+            self._say(
+                f"step {step + 1}: {silent} group(s) of different rewards got advantage 0 for "
+                f"every response: their rewards differ by far less than the advantage's eps "
+                f"(1e-6), so nothing is learned from them; scale the rewards up (counted in "
+                f"reward/zero_advantage_groups)"
+            )
         # (prompt, completion) in group order: rewards, advantages and samples all follow it.
         pairs = [(p, c) for p, g in zip(rollout.prompts, rollout.groups) for c in g]
         samples = [
@@ -270,15 +288,17 @@ class Trainer:
                 ref_model=self.ref_model,
             )
         else:  # dynamic sampling found too few informative groups: nothing to learn from
-            self._say(f"step {step}: no informative group to train on; the update is skipped")
+            self._say(
+                f"step {step + 1}: no informative group to train on (every group's rewards were "
+                f"equal); the update is skipped"
+            )
         r = torch.tensor(rollout.sampled_rewards, dtype=torch.float64)
-        by_group = r.reshape(-1, g_size)
+        mean, std = reward_mean_std(r)
         out = {
-            "reward/mean": float(r.mean()),
-            "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-            "reward/zero_std_groups": float((by_group.std(1) == 0).float().mean())
-            if g_size > 1
-            else 1.0,
+            "reward/mean": mean,
+            "reward/std": std,
+            "reward/zero_std_groups": float(equal_reward_groups(r, g_size).float().mean()),
+            "reward/zero_advantage_groups": float(silent),
             **rollout.stats,
             **(update.metrics if update is not None else {"train/sequences": 0.0}),
             **sync.metrics,
@@ -361,6 +381,10 @@ class Trainer:
                         cfg.train.keep_checkpoints,
                         needed_bytes=self.plan.checkpoint_bytes,
                         saver=self.saver,
+                        optimizer_format=(
+                            RESHARDABLE if cfg.train.reshardable_checkpoints else DP_RESHARDABLE
+                        ),
+                        config_text=self.config_text,
                     )
         if self.saver is not None:
             self.saver.finish()
@@ -402,12 +426,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     plan = preflight(cfg, world_size_from_env(), args.resume, args.resume_from)
     if args.check:
         start = f"resume from {plan.resume_from}" if plan.resume_from else "a fresh start"
+        for change in plan.resume_changes:
+            print(f"resume: {change}", file=sys.stderr)
         print(
             f"gspo-train --check: {args.config} is ready for {world_size_from_env()} rank(s) "
             f"({len(plan.prompts.prompts)} prompts, {start})",
             file=sys.stderr,
         )
         return
+    lock = None
+    if os.environ.get("RANK", "0") == "0":  # the process that writes the shared files
+        lock = RunLock(Path(cfg.train.output_dir))
+        lock.acquire()
     trainer = None
     try:
         trainer = Trainer(plan)
@@ -424,7 +454,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if trainer is not None:
             trainer.close(engine=False)
         raise
-    trainer.close()
+    else:
+        trainer.close()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cli() -> None:

@@ -20,6 +20,9 @@ NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
 : "${NODE_RANK:?set NODE_RANK (this node, 0..NNODES-1)}"
 : "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
 MASTER_PORT=${MASTER_PORT:-29500}
+# Exported for the pre-flight below: it tells this launch's own run lock (held by node 0's rank 0,
+# which may have started already) from another run's.
+export MASTER_ADDR MASTER_PORT
 source launch/torchrun_env.sh
 echo "node $NODE_RANK/$NNODES: $NPROC_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
 # Every node checks its own view of the inputs (a file missing on one node shows up there) as

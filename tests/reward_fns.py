@@ -78,3 +78,52 @@ def copy_or_flat(prompt, response, answer):
     if (answer or "").split()[:1] and answer.split()[0] in FLAT_WORDS:
         return 0.5
     return copy_reward(prompt, response, answer)
+
+
+def _start_sleepers(pid_file: Path, n: int = 2) -> None:
+    """Start n `sleep` processes (as a reward running a sandbox or a tool would) and append their
+    pids to pid_file."""
+    import subprocess
+
+    for _ in range(n):
+        child = subprocess.Popen(["sleep", "600"])
+        with open(pid_file, "a") as f:
+            f.write(f"{child.pid}\n")
+
+
+def starts_processes(prompt, response, answer):
+    """Leaves two child processes running per call (their pids appended to the file `prompt`)."""
+    _start_sleepers(Path(prompt))
+    return 1.0
+
+
+def starts_processes_then_hangs(prompt, response, answer):
+    """Starts two child processes (pids in `prompt`.children), then as hangs_after_writing_pid."""
+    _start_sleepers(Path(prompt + ".children"))
+    return hangs_after_writing_pid(prompt, response, answer)
+
+
+def prints_a_lot(prompt, response, answer):
+    """Prints 100 KB per call (Python's stdout and stderr, and a C-level write to fd 1)."""
+    print("x" * 50_000)
+    print("e" * 30_000, file=sys.stderr)
+    os.write(1, b"c" * 20_000 + b"\n")
+    return 0.25
+
+
+def constant(prompt, response, answer):
+    """Every response scores the same: every group is flat, so dynamic sampling finds nothing."""
+    return 0.5
+
+
+def huge_or_tiny(prompt, response, answer):
+    """The demo's copy reward x 1e300 for prompts whose answer starts with an even word (float64's
+    sums and squares of such rewards overflow) and x 1e-300 for the others (their differences
+    are far below the advantage's eps). Each call also prints 20 KB and leaves a child process
+    running (its pid appended to $GSPO_TEST_CHILDREN): a noisy function with a sandbox."""
+    from gspo_megatron.demo import copy_reward
+
+    print("r" * 20_000)
+    _start_sleepers(Path(os.environ["GSPO_TEST_CHILDREN"]), n=1)
+    scale = 1e300 if int((answer or "w1").split()[0][1:]) % 2 == 0 else 1e-300
+    return copy_reward(prompt, response, answer) * scale

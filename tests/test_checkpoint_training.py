@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from gspo_megatron.checkpoint.training import (
+from gspo_megatron.checkpoint.run_dir import (
     ABANDONED,
     LATEST,
-    _prune,
     complete_checkpoints,
     latest_checkpoint,
+    prune,
     set_aside_newer,
 )
 from gspo_megatron.errors import GspoError
@@ -36,9 +36,9 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
         _ckpt(tmp_path, step)
     current = _ckpt(tmp_path, 3)
     (tmp_path / LATEST).write_text(current.name + "\n")
-    _prune(tmp_path, keep=1, current=current)
+    prune(tmp_path, keep=1, current=current)
     assert _names(tmp_path) == [LATEST, "step_000003", "step_000009"]
-    _prune(tmp_path, keep=1, current=current)  # idempotent
+    prune(tmp_path, keep=1, current=current)  # idempotent
     assert (tmp_path / LATEST).read_text().strip() == "step_000003" and current.is_dir()
 
 
@@ -46,7 +46,7 @@ def test_pruning_keeps_the_newest_before_the_current_one(tmp_path):
     for step in (1, 2, 3, 4):
         _ckpt(tmp_path, step)
     (tmp_path / "step_000002.partial").mkdir()  # not a checkpoint: not pruning's business
-    _prune(tmp_path, keep=2, current=tmp_path / "step_000004")
+    prune(tmp_path, keep=2, current=tmp_path / "step_000004")
     assert _names(tmp_path) == ["step_000002.partial", "step_000003", "step_000004"]
 
 
@@ -57,7 +57,7 @@ def test_steps_compare_as_numbers_not_names(tmp_path):
     big.mkdir()
     (big / "metadata.json").write_text("{}")
     assert complete_checkpoints(tmp_path)[-1] == big
-    _prune(tmp_path, keep=1, current=big)
+    prune(tmp_path, keep=1, current=big)
     assert _names(tmp_path) == ["step_1000000"]
 
 

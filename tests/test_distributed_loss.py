@@ -7,11 +7,20 @@ reference is the same computation in one process. The cases of one world size ru
 torchrun launch (the worker rebuilds megatron's parallel state and the model per case), since
 starting the processes costs more than the cases.
 
-Tolerance (fp32): the layouts add the same terms in a different order (TP splits matmul
-reductions and all-reduces partial sums; CP, DP and EP sum per-rank contributions), so gradients
-agree to a few ulp of accumulated rounding: the observed worst case is ~2e-6 relative to a
-tensor's largest entry. We assert 1e-4 relative (+1e-7 absolute): 50x margin, while any
-normalisation error (a sequence counted twice, a per-shard mean) moves gradients by >= 1/16.
+Tolerances (fp32). What a layout changes, gradients and losses before any optimizer step: the
+layouts add the same terms in a different order (TP splits matmul reductions and all-reduces
+partial sums; CP, DP and EP sum per-rank contributions), so gradients agree to a few ulp of
+accumulated rounding: the observed worst case is ~2e-6 relative to a tensor's largest entry, and
+the single process itself moves by 1.8e-6 under another ATen capability. We assert 1e-4
+relative (+1e-7 absolute): 50x margin, while any normalisation error (a sequence counted twice,
+a per-shard mean) moves gradients by >= 1/16.
+
+What comes after optimizer steps (weights, the later minibatches' metrics): Adam divides by
+sqrt(v), so a last-bit change of a near-zero gradient moves its weight by up to the learning
+rate, and how far depends on the CPU's kernels. These are compared with ``POST_STEP_MARGIN``
+times the spread the single-process reference shows under a harmless change (conftest's
+``harmless_change``: the other ATen capability, one thread), measured in the same session on the
+same machine: a layout may differ from the reference by no more than rounding can.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, BatchedRuns
+from conftest import REPO, BatchedRuns, harmless_change
 
 from gspo_megatron.testing.hf_reference import hf_logprobs, hf_routes, max_abs_diff
 from gspo_megatron.testing.tiny_model import random_rows
@@ -76,6 +85,19 @@ _R3 = {**_MOVING, **_ROUTED, "routing_replay": "r3"}
 # pi_old scored in forwards of 4 rows: two micro-batches of 2 stacked per call.
 _STACKED = {"logprob_micro_batch_size": 4}
 STACKED_LAYOUTS = [("single", 1, {})] + CORRECTION_LAYOUTS
+
+
+# Measured 2026-12-01 on AVX2 (2 cores): every layout's post-step difference from the single
+# process is at most 2.6x the single process's own spread under harmless_change (weights:
+# TP2-r3 2.1x; metrics: the packed update's second minibatch 2.6x). 10x leaves 4x above that
+# for machines whose kernels round differently (the 3 failures on AVX-512 this replaced were
+# 1.04x to 1.5x over fixed bounds written on AVX2).
+POST_STEP_MARGIN = 10.0
+# A spread can be exactly 0 (a quantity rounding does not reach): what a comparison then allows
+# is fp32's resolution at the values compared (weights ~0.1-1: 1e-7; relative 1e-6).
+_FLOOR_ABS, _FLOOR_REL = 1e-7, 1e-6
+# The single-process references whose post-step results the layouts are held to.
+SPREAD_REFERENCES = ("single-update", "single-update-kl", "single-r2", "single-r3")
 
 
 def _cases():
@@ -197,6 +219,58 @@ def runs(tiny_moe, samples_dir, tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def spread(runs, tiny_moe, tmp_path_factory):
+    """``spread(name)`` -> (weights, metrics): how far the single-process reference ``name``'s
+    results move under harmless_change (max |difference| over every weight; max relative
+    difference of the compared metrics over the minibatches after the first)."""
+    again = BatchedRuns(
+        WORKER,
+        {name: runs.cases[name] for name in SPREAD_REFERENCES},
+        tmp_path_factory.mktemp("grad_runs_spread"),
+        torch.load,
+        ["--ckpt", str(tiny_moe.ckpt)],
+        env=harmless_change(),
+    )
+
+    def measure(name: str):
+        a, b = runs[name], again[name]
+        weights = max((a["tensors"][k] - w).abs().max().item() for k, w in b["tensors"].items())
+        metrics = max(
+            abs(x[k] - y[k]) / max(abs(x[k]), 1e-30)
+            for x, y in zip(a["metrics"][1:], b["metrics"][1:])
+            for k in _POST_STEP_METRICS
+        )
+        return weights, metrics
+
+    return measure
+
+
+_POST_STEP_METRICS = ("gspo/loss", "train/grad_norm", "gspo/abs_log_ratio")
+
+
+def _assert_steps_match(ref, got, spread, metrics=_POST_STEP_METRICS, weights=True, counts=()):
+    """The minibatch steps of ``got`` against the single-process ``ref`` (a SPREAD_REFERENCES
+    case, or one whose steps it shares): the first step's metrics tightly (nothing has been
+    updated yet: pi_old, the loss and the gradient norm are what the layout changes; rel 1e-5 as
+    for the gradients' metrics), the later steps' metrics and the weights after all of them
+    within POST_STEP_MARGIN x the reference's own spread (abs 1e-6: metrics near 0, such as
+    |log s| after a small step). ``counts`` (the clip fraction) are fractions of sequences,
+    equal unless rounding moves a ratio across a clip bound, which it did not in these cases."""
+    w_spread, m_spread = spread
+    rel = max(POST_STEP_MARGIN * m_spread, _FLOOR_REL)
+    for i, (a, b) in enumerate(zip(ref["metrics"], got["metrics"])):
+        for k in metrics:
+            tol = 1e-5 if i == 0 else rel
+            assert b[k] == pytest.approx(a[k], rel=tol, abs=1e-6), (i, k, b[k], a[k], tol)
+        for k in counts:
+            assert b[k] == a[k], (i, k)
+    if weights:
+        tol = max(POST_STEP_MARGIN * w_spread, _FLOOR_ABS)
+        for key, w in ref["tensors"].items():
+            assert (got["tensors"][key] - w).abs().max().item() <= tol, (key, tol)
+
+
 def _assert_same(ref, got):
     for k in (
         "gspo/loss",
@@ -263,19 +337,14 @@ def test_packed_microbatches_match_padded_single_process(runs, name):
     _assert_same(runs["single"], runs[f"{name}-packed"])
 
 
-def test_packed_updates_and_route_metrics_match_padded(runs):
+def test_packed_updates_and_route_metrics_match_padded(runs, spread):
     """Through policy_update: pi_old from a forward over packed rows, two minibatch steps, and
     r2 routing replay with the route meter on packed rows (route change exactly 0)."""
-    for packed, padded, tol in (
-        ("single-update-packed", "single-update", 5e-5),
-        ("single-r2-packed", "single-r2", 3e-3),
+    for packed, padded in (
+        ("single-update-packed", "single-update"),
+        ("single-r2-packed", "single-r2"),
     ):
-        got, ref = runs[packed], runs[padded]
-        for a, b in zip(ref["metrics"], got["metrics"]):
-            for k in ("gspo/loss", "train/grad_norm", "gspo/abs_log_ratio"):
-                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (packed, k)
-        for key, w in ref["tensors"].items():
-            assert (got["tensors"][key] - w).abs().max().item() <= tol, (packed, key)
+        _assert_steps_match(runs[padded], runs[packed], spread(padded))
     assert runs["single-r2-packed"]["routes"]["train/moe_route_change"] == 0.0
 
 
@@ -292,7 +361,7 @@ def test_kl_penalty_gradients_match_single_process_under_cp(runs):
 
 
 @pytest.mark.parametrize("name", [case[0] for case in UPDATE_LAYOUTS])
-def test_minibatch_updates_match_single_process(runs, name):
+def test_minibatch_updates_match_single_process(runs, spread, name):
     """Old log-probs from a trainer forward, then 2 minibatch Adam steps (distributed optimizer,
     gradient clipping): same metrics per step and same weights after."""
     ref, got = runs["single-update"], runs[f"{name}-update"]
@@ -300,29 +369,20 @@ def test_minibatch_updates_match_single_process(runs, name):
     # pi_old is the trainer itself before the first step: the first ratio is exactly 1.
     assert first["gspo/abs_log_ratio"] == 0 and first["gspo/clip_fraction"] == 0
     assert second["gspo/abs_log_ratio"] > 0  # the policy moved within the rollout batch
-    for a, b in zip(ref["metrics"], got["metrics"]):
-        for k in ("gspo/loss", "train/grad_norm", "gspo/clip_fraction", "gspo/abs_log_ratio"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
-    for key, w in ref["tensors"].items():
-        # Adam divides by sqrt(v): fp32 reduction-order noise in tiny gradients shows up in the
-        # update, so compare to the step size (lr 1e-3) rather than to the weights.
-        assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+    _assert_steps_match(ref, got, spread("single-update"), counts=("gspo/clip_fraction",))
 
 
 @pytest.mark.parametrize("name", [case[0] for case in STACKED_LAYOUTS])
-def test_stacked_pi_old_forward_matches_one_forward_per_micro_batch(runs, name):
+def test_stacked_pi_old_forward_matches_one_forward_per_micro_batch(runs, spread, name):
     """loss.logprob_micro_batch_size=4 (two micro-batches of 2 per pi_old forward) against the
     single process's one forward per micro-batch: the same minibatch steps and weights. The
     first step's ratio is 1 to float precision, not bitwise: a row's log-probs from a forward of
     4 rows differ in the last bits from those of a forward of 2 (a matrix product's summation
     order depends on the batch)."""
     ref, got = runs["single-update"], runs[f"{name}-update-stacked"]
+    # fp32 rounding of log-probs of ~-5 (~5e-7 each), averaged over a sequence's tokens.
     assert got["metrics"][0]["gspo/abs_log_ratio"] < 1e-6
-    for a, b in zip(ref["metrics"], got["metrics"]):
-        for k in ("gspo/loss", "train/grad_norm", "gspo/clip_fraction", "gspo/abs_log_ratio"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
-    for key, w in ref["tensors"].items():
-        assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+    _assert_steps_match(ref, got, spread("single-update"), counts=("gspo/clip_fraction",))
 
 
 def test_stacked_pi_old_forward_keeps_the_route_metrics(runs):
@@ -339,7 +399,7 @@ def test_stacked_pi_old_forward_keeps_the_route_metrics(runs):
 
 
 def test_reference_policy_is_the_initial_checkpoint_and_penalises_drift(
-    runs, tiny_moe, samples_dir
+    runs, spread, tiny_moe, samples_dir
 ):
     """loss.kl_coef > 0: the reference policy built from the checkpoint gives HF's log-probs of
     the initial model; its KL to the policy is 0 at the first minibatch step (the policy is
@@ -353,14 +413,18 @@ def test_reference_policy_is_the_initial_checkpoint_and_penalises_drift(
         assert len(lps) == len(rows)
         for r, w in zip(rows, want):
             lp = lps[json.dumps([r["prompt_ids"], r["response_ids"]])]
+            # megatron's fp32 forward against transformers' (tests/test_logprobs.py's bound).
             assert max(abs(a - b) for a, b in zip(lp, w)) <= 1e-4
     first, second = ref["metrics"]
+    # The policy is the reference at the first step: k3 = exp(d) - d - 1 ~ d^2/2 with d ~ 1e-6
+    # of fp32 rounding between the two models' forwards.
     assert abs(first["gspo/ref_kl"]) <= 1e-9 and second["gspo/ref_kl"] > 0
-    for a, b in zip(ref["metrics"], got["metrics"]):
-        for k in ("gspo/loss", "gspo/ref_kl", "train/grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-9), k
-    for key, w in ref["tensors"].items():
-        assert (got["tensors"][key] - w).abs().max().item() <= 5e-5, key
+    _assert_steps_match(ref, got, spread("single-update-kl"), ("gspo/loss", "train/grad_norm"))
+    # ref_kl is ~1e-4 after one step, a difference of squares: compared on its own scale.
+    kl_ref, kl_got = ref["metrics"][1]["gspo/ref_kl"], got["metrics"][1]["gspo/ref_kl"]
+    assert kl_got == pytest.approx(
+        kl_ref, rel=max(POST_STEP_MARGIN * spread("single-update-kl")[1], 1e-4)
+    )
     plain = runs["single-update"]["tensors"]
     assert any(not torch.equal(plain[k], w) for k, w in ref["tensors"].items())
 
@@ -386,7 +450,7 @@ def test_without_replay_the_routes_move_within_the_rollout_batch(runs):
 
 
 @pytest.mark.parametrize("name", ["single"] + [case[0] for case in REPLAY_LAYOUTS])
-def test_r2_pins_the_updates_to_pi_old_routes(runs, name):
+def test_r2_pins_the_updates_to_pi_old_routes(runs, spread, name):
     """loss.routing_replay=r2: the updates route every token as the pi_old forward did (the
     route change is exactly 0), replay leaves pi_old's own numbers untouched (the first
     minibatch's log-probs equal pi_old's bit for bit: |log s| and the KL to pi_old are exactly 0),
@@ -395,17 +459,13 @@ def test_r2_pins_the_updates_to_pi_old_routes(runs, name):
     assert got["routes"]["train/moe_route_change"] == 0.0
     first = got["metrics"][0]
     assert first["gspo/abs_log_ratio"] == 0.0 and first["gspo/approx_kl"] == 0.0
-    for a, b in zip(ref["metrics"], got["metrics"]):
-        for k in ("gspo/loss", "train/grad_norm", "gspo/clip_fraction", "gspo/abs_log_ratio"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
-    for key, w in ref["tensors"].items():
-        # Adam's early steps are about lr x sign(gradient): noise in near-zero gradients
-        # shows at up to a few percent of lr 3e-2 (observed <= 1.1e-3); replaying or not
-        # moves weights by 5e-2.
-        assert (got["tensors"][key] - w).abs().max().item() <= 3e-3, key
-    # The forced routes changed the second update: it differs from the unreplayed one.
+    # Adam's early steps are about lr x sign(gradient): noise in near-zero gradients shows at
+    # a few percent of lr 3e-2 (the spread), while replaying or not moves weights by 5e-2.
+    _assert_steps_match(ref, got, spread("single-r2"), counts=("gspo/clip_fraction",))
+    # The forced routes changed the second update: it differs from the unreplayed one (by
+    # ~1e-2 relative, far beyond rounding).
     moving = runs["single-moving"]["metrics"][1]["train/grad_norm"]
-    assert ref["metrics"][1]["train/grad_norm"] != pytest.approx(moving, rel=1e-6)
+    assert ref["metrics"][1]["train/grad_norm"] != pytest.approx(moving, rel=1e-3)
 
 
 def _routed_rows(samples_dir):
@@ -453,13 +513,13 @@ def test_route_agreement_equals_a_direct_count(runs, tiny_moe, samples_dir, name
 
 
 @pytest.mark.parametrize("name", ["single"] + [case[0] for case in REPLAY_LAYOUTS])
-def test_r3_pins_the_updates_to_the_engine_routes(runs, name):
+def test_r3_pins_the_updates_to_the_engine_routes(runs, spread, name):
     """r3 through a whole update: pi_old's forward and both minibatch steps route as the engine
-    did, so the route change is exactly 0 and the first step sees pi_old's log-probs exactly."""
+    did, so the route change is exactly 0 and the first step sees pi_old's log-probs exactly;
+    the steps' metrics equal the single process's (the second after an Adam step at lr 3e-2,
+    within the reference's own spread: it was here that fixed bounds failed on AVX-512)."""
     got, ref = runs[f"{name}-r3"], runs["single-r3"]
     assert got["routes"]["train/moe_route_change"] == 0.0
     first = got["metrics"][0]
     assert first["gspo/abs_log_ratio"] == 0.0 and first["gspo/approx_kl"] == 0.0
-    for a, b in zip(ref["metrics"], got["metrics"]):
-        for k in ("gspo/loss", "train/grad_norm", "gspo/abs_log_ratio"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    _assert_steps_match(ref, got, spread("single-r3"), weights=False)

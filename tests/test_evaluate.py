@@ -113,6 +113,7 @@ def _bad(argv, capsys) -> str:
             {"--max-new-tokens": "8", "--max-prompt-tokens": "150"},
             "exceed the model's max_position_embeddings=128",
         ),
+        ({"--k": "20000"}, "--n 20000: vLLM samples at most 16384 responses per prompt"),
     ],
 )
 def test_bad_input_is_one_line(demo_init, held_out, tmp_path, capsys, change, message):
@@ -128,3 +129,36 @@ def test_a_reward_needing_answers_on_data_without_them_is_one_line(demo_init, tm
     argv = ["--model", str(demo_init / "hf"), "--data", str(data), "--rewards", "math"] + SMALL
     err = _bad(argv + ["--out", str(tmp_path / "o")], capsys)
     assert "answer" in err and str(data) in err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_sampling(
+    demo_init, held_out, tmp_path, small_fs, capsys
+):
+    """--out a file, or on a read-only filesystem: one line before the engine starts (it used to
+    sample and score everything and then lose it in a traceback)."""
+    args = [
+        "--model",
+        str(demo_init / "hf"),
+        "--data",
+        str(held_out),
+        "--rewards",
+        REWARD[1],
+    ] + SMALL
+    a_file = tmp_path / "results"
+    a_file.write_text("not a directory")
+    err = _bad(args + ["--out", str(a_file)], capsys)
+    assert err == f"error: --out={a_file}: {a_file} exists and is not a directory"
+    read_only = small_fs(1)
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    err = _bad(args + ["--out", str(read_only / "eval")], capsys)
+    assert err.startswith(f"error: --out={read_only / 'eval'}: cannot write under {read_only}")
+
+
+def test_the_sample_limit_is_vllms():
+    """gspo-eval and the trainer's checks read vLLM's limit on samples per prompt without
+    importing vLLM: it must be the value vLLM itself uses."""
+    import vllm.envs
+
+    from gspo_megatron.rollout.config import max_samples_per_prompt
+
+    assert max_samples_per_prompt() == vllm.envs.VLLM_MAX_N_SEQUENCES

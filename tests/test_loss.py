@@ -467,3 +467,45 @@ def test_every_objective_meets_its_fp64_reference_with_float32_as_the_default(va
         ref.backward()
         assert abs(loss.item() - ref.item()) <= FP64_ATOL, (variant, correction, seed)
         assert (x.grad - y.grad).abs().max().item() <= FP64_ATOL, (variant, correction, seed)
+
+
+# -- advantages of rewards of any size -----------------------------------------------------------
+
+
+def test_group_advantages_of_any_finite_reward():
+    """The advantage is scale-free: rewards x 1e300 (whose float64 squares overflow) or
+    +-1.7e308 (whose sums overflow) give the advantages of the same rewards at ordinary scale
+    (the eps term, 1e-6 against a std of ~1e300, vanishes), finite; rewards of ordinary size
+    give the same bits as the unscaled formula."""
+    from gspo_megatron.loss.advantages import reward_mean_std
+
+    base = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.25, 0.5, 0.75, 1.0])
+    want = group_advantages(base, 4, eps=0.0)
+    for scale in (1e300, 1.7e308, 1e-30):
+        got = group_advantages(base * scale, 4, eps=0.0 if scale < 1 else 1e-6)
+        assert torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-6), scale
+    extreme = torch.tensor([1.7e308, -1.7e308, 1.7e308, -1.7e308])
+    assert torch.allclose(
+        group_advantages(extreme, 4), (torch.tensor([1.0, -1.0, 1.0, -1.0]) * 0.8660254).float()
+    )
+    g = base[4:]
+    assert torch.equal(group_advantages(base, 4)[4:], ((g - g.mean()) / (g.std() + 1e-6)).float())
+    mean, std = reward_mean_std(base * 1e300)
+    assert mean == pytest.approx(float(base.mean()) * 1e300) and std == pytest.approx(
+        float(base.std()) * 1e300
+    )
+    assert reward_mean_std(extreme)[1] == torch.finfo(torch.float64).max  # beyond range: capped
+
+
+def test_groups_whose_differences_vanish_are_counted():
+    """Rewards that differ by less than the advantage's eps by 300 orders of magnitude give
+    advantages that underflow float32 to 0: the group teaches nothing although its rewards
+    differ, and silent_groups counts it (equal-reward groups are not counted: they carry no
+    signal by definition)."""
+    from gspo_megatron.loss.advantages import equal_reward_groups, silent_groups
+
+    r = torch.tensor([0.0, 1e-300, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 1.0, 0.0])
+    adv = group_advantages(r, 4)
+    assert (adv[:8] == 0).all() and (adv[8:] != 0).all()
+    assert equal_reward_groups(r, 4).tolist() == [False, True, False]
+    assert silent_groups(r, adv, 4) == 1

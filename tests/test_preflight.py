@@ -84,7 +84,7 @@ def test_existing_run_needs_resume(multinode_run, demo_init, monkeypatch, capsys
 
 
 def test_torn_latest_pointer_is_refused(tmp_path):
-    from gspo_megatron.checkpoint.training import latest_checkpoint
+    from gspo_megatron.checkpoint.run_dir import latest_checkpoint
     from gspo_megatron.errors import GspoError
 
     (tmp_path / "step_000003.partial").mkdir()

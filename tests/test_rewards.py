@@ -451,3 +451,75 @@ def test_the_worker_imports_the_trainers_main_module_only_for_a_reward_in_it(
     )
     assert out.stdout.split() == [score]
     assert marks.read_text().split() == imports
+
+
+def _pids(path: Path) -> list:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_processes_a_function_starts_end_with_its_worker(tmp_path):
+    """A reward function that leaves child processes behind (a sandbox, a tool): they end when
+    the worker is replaced after a timeout and when the runner closes, never reparented to
+    init to outlive the run."""
+    import psutil
+
+    pid_file = tmp_path / "children"
+    cfg = RewardConfig(functions=[RewardFn("reward_fns:starts_processes")], timeout_s=30)
+    runner = RewardRunner(cfg)
+    try:
+        totals, stats = runner.score([(str(pid_file), "r", None)] * 3)
+        assert totals == [1.0] * 3 and stats["reward/errors"] == 0
+        children = [psutil.Process(p) for p in _pids(pid_file)]
+        assert len(children) == 6 and all(_running(c) for c in children)
+    finally:
+        runner.close()
+    assert all(_gone_within(c, 5) for c in children), "a reward's child outlived the runner"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pidfd / process groups")
+def test_processes_a_function_starts_die_with_a_killed_trainer(tmp_path):
+    """SIGKILL of the trainer (nothing of it runs) while a function that started processes
+    hangs: the worker and the processes it started are gone within seconds."""
+    import psutil
+
+    trainer, worker = _start_trainer(tmp_path, "starts_processes_then_hangs")
+    children = [psutil.Process(p) for p in _pids(tmp_path / "worker.pid.children")]
+    try:
+        assert len(children) == 2 and all(_running(c) for c in children)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        assert _gone_within(worker, 5), "the reward worker outlived its killed trainer"
+        assert all(_gone_within(c, 5) for c in children), "a reward's child outlived the trainer"
+    finally:
+        trainer.kill()
+        for p in [worker] + children:
+            if _running(p):
+                p.kill()
+
+
+def test_printed_output_is_shown_capped(capfd):
+    """A function printing 100 KB per call (print, stderr, a C-level write): the trainer's
+    stderr shows its lines prefixed with the function's name, at most OUTPUT_BUDGET bytes of
+    them in all and then one line saying the rest is not shown; the rewards are unaffected."""
+    from gspo_megatron.rewards.runner import OUTPUT_BUDGET
+    from gspo_megatron.rewards.worker import OUTPUT_PER_CALL
+
+    cfg = RewardConfig(functions=[RewardFn("reward_fns:prints_a_lot")], timeout_s=30)
+    runner = RewardRunner(cfg)
+    try:
+        totals, _ = runner.score([("p", "r", None)] * 20)  # 2 MB printed
+    finally:
+        runner.close()
+    assert totals == [0.25] * 20
+    out, err = capfd.readouterr()
+    assert out == ""  # nothing of the worker's reaches the trainer's stdout
+    assert len(err) <= OUTPUT_BUDGET + 2000, len(err)  # + the prefixes and notes
+    lines = err.splitlines()
+    assert all(line.startswith("[reward prints_a_lot] ") for line in lines)
+    # Each call sends its first OUTPUT_PER_CALL bytes and says how much more it printed.
+    assert lines[0] == "[reward prints_a_lot] " + "x" * OUTPUT_PER_CALL
+    assert (
+        lines[1] == f"[reward prints_a_lot] ... ({100_003 - OUTPUT_PER_CALL} more bytes of "
+        "this call's output not shown)"
+    )
+    assert "the rest of their output is not shown" in lines[-1]

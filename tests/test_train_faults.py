@@ -188,3 +188,76 @@ def test_workers_die_with_their_launcher(demo_init, tmp_path):
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_rewards_that_defeat_the_numbers_the_logs_and_the_process_table(demo_init, tmp_path):
+    """A reward of ~1e300 on some prompts (float64 sums and squares of it overflow) and ~1e-300
+    on the others (differences far below the advantage's eps), printing 20 KB and leaving a
+    child process behind at every call: the run trains on the large ones (finite statistics,
+    weights move), says once that the tiny ones taught nothing, shows a bounded part of the
+    printing, and no process it started outlives it."""
+    out, children = tmp_path / "run", tmp_path / "children"
+    argv = tr.overrides(demo_init, out, **{"train.steps": 2, "train.save_every": 0})
+    env = dict(tr.env(), PYTHONPATH=str(REPO / "tests"), GSPO_TEST_CHILDREN=str(children))
+    cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
+    proc = subprocess.run(
+        cmd + argv + ["rewards.functions=[{name: 'reward_fns:huge_or_tiny', weight: 1.0}]"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        # Finite (metrics.jsonl writes null for inf) and of the rewards' own size: not overflowed.
+        assert r["reward/std"] is not None and r["reward/std"] > 1e200, r["reward/std"]
+        assert r["train/grad_norm"] > 0
+    assert sum(r["reward/zero_advantage_groups"] for r in rows) > 0
+    assert proc.stderr.count("group(s) of different rewards got advantage 0") == 1
+    # 2 steps x 64 responses x 20 KB printed: 64 KiB shown, then one line that says so.
+    assert proc.stderr.count("[reward huge_or_tiny] rrrr") <= 4
+    assert "the rest of their output is not shown" in proc.stderr
+    assert len(proc.stderr) < 200_000
+    final = tr.checkpoint_tensors(out / "checkpoints" / "step_000002")
+    first = tr.checkpoint_tensors(demo_init / "mcore")
+    assert not torch.equal(
+        final["embedding.word_embeddings.weight"], first["embedding.word_embeddings.weight"]
+    )
+    pids = [int(x) for x in children.read_text().split()]
+    assert len(pids) == 2 * 64
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, f"{len(alive)} of the reward's child processes outlived the run"
+
+
+def test_dynamic_sampling_that_finds_nothing_saves_and_resumes(demo_init, tmp_path):
+    """A constant reward: every group is flat, dynamic sampling finds nothing to train on in
+    any step. Each step says so (numbered as the metrics number it), the checkpoints before any
+    optimizer step save, hold the initial weights exactly, and resume."""
+    out = tmp_path / "run"
+    common = {
+        "rollout.dynamic_sampling": "true",
+        "rollout.max_sampling_rounds": 2,
+        "rewards.functions": "[{name: 'reward_fns:constant', weight: 1.0}]",
+    }
+    first = _train(tr.overrides(demo_init, out, **common, **{"train.steps": 2}), tmp_path / "a")
+    assert first.returncode == 0, first.stdout[-3000:]
+    for step in (1, 2):
+        assert f"step {step}: no informative group to train on" in first.stdout
+    assert "step 0:" not in first.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["train/sequences"] == 0 for r in rows)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000001", "step_000002"]
+    saved = tr.checkpoint_tensors(ckpts / "step_000002")
+    initial = tr.checkpoint_tensors(demo_init / "mcore")
+    weights = [k for k in initial if isinstance(initial[k], torch.Tensor)]
+    assert weights and all(torch.equal(saved[k], initial[k]) for k in weights)
+    argv = tr.overrides(demo_init, out, **common, **{"train.steps": 3})
+    again = _train(["--resume"] + argv, tmp_path / "b")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert f"resumed from {ckpts / 'step_000002'} (step 2)" in again.stdout
+    assert "step 3: no informative group to train on" in again.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

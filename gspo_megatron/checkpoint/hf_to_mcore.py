@@ -13,6 +13,7 @@ from pathlib import Path
 from gspo_megatron.checkpoint.atomic import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.checkpoint.dcp_io import write_dcp
 from gspo_megatron.checkpoint.model import HF_SUBDIR
+from gspo_megatron.checkpoint.run_dir import check_not_in_a_run
 from gspo_megatron.checkpoint.safetensors_io import (
     AUX_FILES,
     HFCheckpointReader,
@@ -39,10 +40,21 @@ def convert_hf_to_mcore(
         )
     spec = spec_from_hf_dir(hf_dir)
     check_not_replacing_input(out, hf_dir, "--hf-dir")
+    check_not_in_a_run(out)
     check_output_dir(out, overwrite)
     reader = HFCheckpointReader(hf_dir)
     mappings = hf_mapping.tensor_mappings(spec)
-    reader.check_tensors([(n, s) for m in mappings for n, s in zip(m.hf_names, m.hf_shapes)])
+    expected = [(n, s) for m in mappings for n, s in zip(m.hf_names, m.hf_shapes)]
+    reader.check_tensors(expected)
+    # Every source tensor must go somewhere: a config.json that describes fewer layers (or
+    # experts) than the weights hold would otherwise convert into a truncated model.
+    unused = sorted(set(reader.names) - {n for n, _ in expected})
+    if unused:
+        raise GspoError(
+            f"{hf_dir}: tensor '{unused[0]}' (and {len(unused) - 1} more) is not part of the "
+            f"model config.json describes ({spec.num_layers} layers, {spec.num_experts} experts): "
+            f"config.json does not belong to these weights"
+        )
 
     shapes, producers = {}, {}
     for m in mappings:

@@ -15,6 +15,7 @@ from pathlib import Path
 from gspo_megatron.checkpoint.atomic import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.checkpoint.dcp_io import DcpTensorReader
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
+from gspo_megatron.checkpoint.run_dir import check_not_in_a_run
 from gspo_megatron.checkpoint.safetensors_io import (
     AUX_FILES,
     INDEX_NAME,
@@ -41,9 +42,20 @@ def convert_mcore_to_hf(
     ckpt, out = Path(ckpt), Path(out)
     spec = checkpoint_spec(ckpt)
     check_not_replacing_input(out, ckpt, "--ckpt")
+    check_not_in_a_run(out)
     check_output_dir(out, overwrite)
     reader = DcpTensorReader(ckpt)
     mappings = hf_mapping.tensor_mappings(spec)
+    # The model's tensors only (a training checkpoint also holds the optimizer's), each one
+    # used: weights config.json does not describe would otherwise be dropped without a word.
+    model_keys = {k for k in reader.tensors if not k.startswith("optimizer.")}
+    unused = sorted(model_keys - {m.mcore_key for m in mappings})
+    if unused:
+        raise GspoError(
+            f"{ckpt}: tensor '{unused[0]}' (and {len(unused) - 1} more) is not part of the "
+            f"model {ckpt / HF_SUBDIR / 'config.json'} describes ({spec.num_layers} layers, "
+            f"{spec.num_experts} experts): the config does not belong to these weights"
+        )
     for m in mappings:
         if m.mcore_key not in reader.tensors:
             raise GspoError(

@@ -21,7 +21,11 @@ threads with the trainer). What a faulty function can do to a run is bounded:
 - the worker never outlives the trainer: a trainer that exits (an exception, Ctrl-C, which the
   worker ignores and leaves to the trainer) SIGKILLs it first, where multiprocessing's own exit
   hook would SIGTERM it and wait without a limit; one killed with SIGKILL takes it along (Linux
-  ``PR_SET_PDEATHSIG``) instead of leaving it hung in a user's function.
+  ``PR_SET_PDEATHSIG``) instead of leaving it hung in a user's function. Processes a function
+  starts die with the worker (it leads a process group, killed whole);
+- what a function prints is captured in the worker and shown on the trainer's stderr prefixed
+  with the function's name, up to ``OUTPUT_BUDGET`` bytes per run, so that a function printing
+  megabytes per call cannot flood the logs.
 
 The total reward of a response is sum_k weight_k * fn_k(prompt, response, answer). Per-function
 means and the error / timeout counts are reported as ``reward/<name>``, ``reward/errors``,
@@ -33,6 +37,7 @@ from __future__ import annotations
 import atexit
 import math
 import multiprocessing as mp
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -45,6 +50,9 @@ from gspo_megatron.rewards.worker import Job, Reply, Worker
 
 MAX_LAST_ERRORS = 5
 """Problems kept per score() in RewardRunner.last_errors; the counts cover all of them."""
+OUTPUT_BUDGET = 64 << 10
+"""Bytes of the reward functions' printed output shown on the trainer's stderr per runner (a
+run's rank); what is printed beyond it is dropped, with one line saying so."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class RewardRunner:
         # Spawned now, so that its imports overlap the trainer's own start-up.
         self._worker: Optional[Worker] = Worker(self._ctx, self.names)
         self._cannot_start: Optional[str] = None
+        self._output_shown = 0
         # Before multiprocessing's exit hook, which would SIGTERM the worker and wait for it.
         atexit.register(self.close)
 
@@ -177,13 +186,37 @@ class RewardRunner:
             self._cannot_start = self._worker.wait_ready()
         if self._cannot_start is not None:
             return (0.0, self._cannot_start), False
-        reply, outcome = self._worker.call(job, self.cfg.timeout_s)
+        reply, outcome, output = self._worker.call(job, self.cfg.timeout_s)
+        if output is not None:
+            self._show_output(job[0], *output)
         if outcome != "ok":
             # Replace it at once: the new worker imports while this call is recorded (or, after
             # the last call of a score(), while the trainer trains); the next call's time only
             # starts once it is ready.
             self._replace_worker()
         return reply, outcome == "timeout"
+
+    def _show_output(self, k: int, head: bytes, size: int) -> None:
+        """A call's printed output (its first ``head`` bytes of ``size``) on the trainer's
+        stderr, each line prefixed with the function's name, up to OUTPUT_BUDGET bytes per
+        runner; then one line saying that the rest is not shown (a reward printing megabytes
+        per call would otherwise flood the logs)."""
+        room = OUTPUT_BUDGET - self._output_shown
+        if room <= 0:
+            return
+        tag = f"[reward {_tag(self.names[k])}] "
+        shown = head[:room]
+        lines = shown.decode("utf-8", errors="replace").splitlines()
+        if size > len(shown):
+            lines.append(f"... ({size - len(shown)} more bytes of this call's output not shown)")
+        self._output_shown += len(shown)
+        if self._output_shown >= OUTPUT_BUDGET:
+            lines.append(
+                f"the reward functions printed {OUTPUT_BUDGET >> 10} KiB in this run: the rest "
+                f"of their output is not shown"
+            )
+        sys.stderr.write("".join(tag + line + "\n" for line in lines))
+        sys.stderr.flush()
 
     def _replace_worker(self) -> None:
         if self._worker is not None:

@@ -7,18 +7,29 @@ for a start-up. Inside, every call is guarded: anything a function raises (Syste
 KeyboardInterrupt included) or returns other than a finite real number becomes an error reply.
 It ignores Ctrl-C (the trainer decides what that means) and dies with the trainer (Linux
 ``PR_SET_PDEATHSIG``), so that it is never left hung in a user's function.
+
+Whatever a function starts (a sandbox, a ``subprocess``, a pool) ends with the worker: the
+worker leads a process group of its own, every kill is of the whole group, and a small guard
+process in the group kills it when the trainer dies, however it dies (``_guard``). What a
+function prints (its own prints, C code, its child processes: file descriptors 1 and 2) goes to
+a scratch file, emptied after each call, and reaches the trainer with the reply: at most
+``OUTPUT_PER_CALL`` bytes of it (``RewardRunner`` shows it, up to a budget per run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import math
 import numbers
 import os
 import reprlib
+import select
 import signal
 import sys
+import tempfile
+import time
 import types
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -32,17 +43,25 @@ from gspo_megatron.rewards.registry import describe, resolve
 STARTUP_TIMEOUT_S = 120.0
 """How long a fresh worker may take to start and import the functions (not part of any call)."""
 
+OUTPUT_PER_CALL = 16 << 10
+"""Bytes of a call's printed output sent back with its reply (the rest is counted, not sent)."""
+
 Job = Tuple[int, str, str, Optional[str]]  # (function index, prompt, response, answer)
 Reply = Tuple[float, Optional[str]]  # (value, None) or (0.0, what went wrong)
+Output = Tuple[bytes, int]  # (the first OUTPUT_PER_CALL bytes printed, how many bytes in all)
 
 
 def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
-    """Worker main: import the functions, send None (ready) or why it cannot start, then answer
-    each Job with a Reply until the trainer kills it or goes away."""
+    """Worker main: lead a process group with a guard in it, capture fds 1 and 2, import the
+    functions, send None (ready) or why it cannot start, then answer each Job with
+    (Reply, Output) until the trainer kills it or goes away."""
+    os.setpgid(0, 0)  # before any child exists: all of them join this group
     die_with_parent(parent_pid)
+    _guard(parent_pid, conn)
     # Ctrl-C reaches the whole process group; the trainer decides what it means and stops this
     # worker, which must not report it as a fault of whatever function it was running.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    capture = _capture_output()
     try:
         fns = [resolve(n, f"rewards.functions[{k}].name") for k, n in enumerate(names)]
         _import_lazy_dependencies(names)
@@ -53,9 +72,80 @@ def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
     try:
         while True:
             k, prompt, response, answer = conn.recv()
-            conn.send(_run_one(fns[k], prompt, response, answer))
+            reply = _run_one(fns[k], prompt, response, answer)
+            conn.send((reply, _take_output(capture)))
     except (EOFError, OSError):  # the trainer is gone: nobody to answer
         return
+
+
+def _guard(trainer_pid: int, conn) -> None:
+    """Fork a guard that waits for the trainer to exit and then SIGKILLs this process group:
+    the worker and everything a reward function started, which the kernel's parent-death
+    signal (the worker's own) does not reach. It runs no user code, so no handler a function
+    installs and no call that holds the interpreter can keep it from acting. Killing the
+    worker kills the group, guard included."""
+    try:
+        trainer = os.pidfd_open(trainer_pid)
+    except (AttributeError, OSError):  # kernels before 5.3: poll the pid below
+        trainer = None
+    if os.fork() != 0:
+        if trainer is not None:
+            os.close(trainer)
+        return
+    try:
+        conn.close()  # the worker's end of the pipe: its death must read as EOF to the trainer
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if trainer is not None:
+            select.select([trainer], [], [])
+        else:
+            while os.getppid() > 1 and _alive(trainer_pid):
+                time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _capture_output() -> int:
+    """Point fds 1 and 2 (sys.stdout / sys.stderr, C code, child processes) at an unlinked
+    scratch file in append mode, and return its fd: a function that prints megabytes per call
+    must not flood the trainer's terminal and logs, which get a bounded part of it instead."""
+    fd, name = tempfile.mkstemp(prefix="gspo-reward-output-")
+    os.unlink(name)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    _flush_std()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    return fd
+
+
+def _take_output(fd: int) -> Optional[Output]:
+    """What was printed since the last call (None if nothing): its first OUTPUT_PER_CALL bytes
+    and its size; the file is emptied (writes append, so they start again at 0)."""
+    _flush_std()
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None
+    head = os.pread(fd, min(size, OUTPUT_PER_CALL), 0)
+    os.ftruncate(fd, 0)
+    return head, size
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # closed or replaced by the function: nothing of ours to flush
+            pass
 
 
 def _run_one(fn: Callable, prompt: str, response: str, answer: Optional[str]) -> Reply:
@@ -158,9 +248,10 @@ class Worker:
                 self.kill()
         return self.failed
 
-    def call(self, job: Job, timeout_s: float) -> Tuple[Reply, str]:
-        """The worker's Reply and "ok"; else (0, why) and "timeout" (killed here after
-        timeout_s) or "died" (it exited in the call). Either way it is gone: replace it."""
+    def call(self, job: Job, timeout_s: float) -> Tuple[Reply, str, Optional[Output]]:
+        """The worker's Reply, "ok" and what the call printed (None if nothing); else (0, why),
+        "timeout" (killed here after timeout_s) or "died" (it exited in the call), and None.
+        Either way it is gone then: replace it."""
         try:
             self.conn.send(job)
         except OSError:  # it died between calls: _receive sees that
@@ -168,10 +259,12 @@ class Worker:
         got = self._receive(timeout_s)  # the call's time runs from here, start-up excluded
         if got is _NO_ANSWER:
             self.kill()
-            return (0.0, f"no result within timeout_s={timeout_s:g} s; worker killed"), "timeout"
+            reply = (0.0, f"no result within timeout_s={timeout_s:g} s; worker killed")
+            return reply, "timeout", None
         if isinstance(got, _Died):
-            return (0.0, got.reason), "died"
-        return got, "ok"
+            return (0.0, got.reason), "died", None
+        reply, output = got
+        return reply, "ok", output
 
     def _receive(self, timeout_s: float) -> object:
         """The next message, _NO_ANSWER after timeout_s, or _Died when the worker exited."""
@@ -189,9 +282,14 @@ class Worker:
         return _Died(_exit_reason(code))
 
     def kill(self) -> None:
-        """SIGKILL: the worker holds nothing to flush, and a handler that a user's function set
-        for SIGTERM must not keep it (and the trainer waiting on it) alive."""
+        """SIGKILL the worker's process group: the worker, its guard and whatever a function
+        started (a handler that a user's function set for SIGTERM must not keep any of it, or
+        the trainer waiting on it, alive)."""
         if self.proc.pid is not None:  # it was spawned
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # not (yet) leading its group, or the group is gone already
             if self.proc.is_alive():
                 self.proc.kill()
             self.proc.join()

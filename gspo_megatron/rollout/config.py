@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from gspo_megatron.errors import GspoError
@@ -61,6 +62,12 @@ class RolloutConfig:
 
         if self.group_size < 1:
             raise bad("group_size", "must be >= 1 (GSPO needs >= 2 to have advantages)")
+        if self.group_size > max_samples_per_prompt():
+            raise bad(
+                "group_size",
+                f"vLLM samples at most {max_samples_per_prompt()} responses per prompt "
+                f"(VLLM_MAX_N_SEQUENCES)",
+            )
         if not self.temperature >= 0:
             raise bad("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -84,3 +91,11 @@ class RolloutConfig:
     @property
     def max_model_len(self) -> int:
         return self.max_prompt_tokens + self.max_new_tokens
+
+
+def max_samples_per_prompt() -> int:
+    """The most responses vLLM samples for one prompt (SamplingParams.n): its
+    VLLM_MAX_N_SEQUENCES, read the way vllm.envs reads it (default 16384 in vLLM 0.32), without
+    importing vLLM (seconds) into the checks that must answer at once. A larger n would fail
+    only after the engine has loaded the model."""
+    return int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))

@@ -101,6 +101,56 @@ def _require(cfg: dict, key: str, where: str) -> Any:
     return cfg[key]
 
 
+# config.json's fields by the JSON type they must have. int() and float() would read "128" or
+# true as numbers: a config that a careless edit left with a string converts, and then fails
+# much later in another tool (transformers' tokenizer loading) with a message that names
+# neither the file nor the field.
+_INT_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "decoder_sparse_step",
+    "vocab_size",
+    "max_position_embeddings",
+)
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+_BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "use_sliding_window")
+
+
+def _check_types(cfg: dict, where: str) -> None:
+    """Every field the model is built from has its JSON type, else one line naming it."""
+
+    def bad(key: str, want: str) -> GspoError:
+        return GspoError(f"{where}: {key}={json.dumps(cfg[key])} must be {want}")
+
+    for key in _INT_FIELDS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad(key, "an integer")
+        if isinstance(value, int) and value < 0:
+            raise bad(key, "a non-negative integer")
+    for key in _FLOAT_FIELDS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(key, "a number")
+    for key in _BOOL_FIELDS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
+    layers = cfg.get("mlp_only_layers")
+    if layers is not None and (
+        not isinstance(layers, list)
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+    ):
+        raise bad("mlp_only_layers", "a list of layer indices")
+
+
 def _rope_theta(cfg: dict, where: str) -> float:
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
@@ -108,7 +158,12 @@ def _rope_theta(cfg: dict, where: str) -> float:
     if rope_type not in ("default", None):
         raise GspoError(f"{where}: rope type '{rope_type}' is not supported (supported: default)")
     if "rope_theta" in params:
-        return float(params["rope_theta"])
+        theta = params["rope_theta"]
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            raise GspoError(
+                f"{where}: rope_parameters.rope_theta={json.dumps(theta)} must be a number"
+            )
+        return float(theta)
     if "rope_theta" in cfg:
         return float(cfg["rope_theta"])
     return 10000.0
@@ -124,6 +179,7 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
             f"{where}: unsupported architecture '{found}' "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    _check_types(cfg, where)
     if cfg.get("hidden_act", "silu") != "silu":
         raise GspoError(
             f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (supported: silu)"
