@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+# PYTHON chose the interpreter .venv is made with (PYTHON=python3.12 bash launch/quickstart.sh);
+# from here on everything runs in .venv.
+export PYTHON=.venv/bin/python
 export PYTHONWARNINGS=ignore
 OUT=outputs/quickstart
 PY=.venv/bin/python

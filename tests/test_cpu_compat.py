@@ -35,6 +35,8 @@ def test_rotary_embedding_runs_on_cpu_and_matches_formula():
     inv = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
     freqs = torch.outer(torch.arange(6, dtype=torch.float32), inv)
     assert emb.device.type == "cpu"
+    # The same fp32 products as the formula's (allclose's rtol 1e-5 leaves room for a fused
+    # multiply-add in megatron's kernel): a device or layout mix-up is O(1) off.
     assert torch.allclose(emb[:, 0, 0], torch.cat([freqs, freqs], -1))
 
 
@@ -57,6 +59,7 @@ def test_router_gemm_without_transformer_engine():
     assert moe_utils.te_general_gemm is None
     x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)
     out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+    # One fp32 matmul of 4-element dot products against another: within allclose's rtol 1e-5.
     assert torch.allclose(out, x @ w.t())
 
 

@@ -486,6 +486,8 @@ def test_r3_forward_routes_every_token_as_the_engine_did(runs, tiny_moe, samples
     forced = [np.array(r["routes"]) for r in rows]
     want = hf_logprobs(tiny_moe.model, pairs, forced_routes=forced)
     got = _by_row(runs[f"{name}-r3-logprobs"], rows)
+    # fp32 megatron against HF's fp64 log_softmax: test_score_parity's bound (~1e-6 observed);
+    # a route on the wrong token moves log-probs by > 1e-2 (the last assertion).
     assert max_abs_diff(got, want) <= 1e-4
     natural = _by_row(runs[f"{name}-none-logprobs"], rows)
     assert max_abs_diff(natural, hf_logprobs(tiny_moe.model, pairs)) <= 1e-4
@@ -509,6 +511,7 @@ def test_route_agreement_equals_a_direct_count(runs, tiny_moe, samples_dir, name
     assert 0.05 < want < 0.5  # random routes: far from 1, the count is not trivial
     for mode in ("none", "r3"):  # r3 replaces the routes after comparing them
         got = runs[f"{name}-{mode}-logprobs"]["agreement"]["rollout/route_agreement"]
+        # The same integer counts on both sides: only the float division's rounding is allowed.
         assert got == pytest.approx(want, abs=1e-12)
 
 

@@ -57,6 +57,7 @@ def test_hf_model_and_its_checkpoint_on_one_and_two_engines_sample_the_same(
     samples = [s for r in hf["rows"] for s in r["samples"]]
     assert len(samples) == 24 * 4 and len({s["response"] for s in samples}) > 24  # sampled
     rewards = [[s["reward"] for s in r["samples"]] for r in hf["rows"]]
+    # Float sums of the same 96 rewards in another order: pytest.approx's default rel 1e-6.
     assert hf["summary"]["mean_reward"] == pytest.approx(sum(map(sum, rewards)) / 96)
     assert hf["summary"]["pass@1"] == pytest.approx(sum(x >= 1.0 for r in rewards for x in r) / 96)
 

@@ -31,6 +31,7 @@ def test_tiny_step_reports_the_tokens_and_flops_it_ran(tmp_path):
     step = json.loads((tmp_path / "gpu_check.json").read_text())["step"]
     assert step["tokens"] == 2 * 48
     assert step["train_flops"] == train_flops(gpu_check.tiny_slice(48), [48, 48])
+    # The same division of the reported figures, in float64 (tflops ~1e-3 on CPU).
     assert abs(step["tflops"] - step["train_flops"] / step["step_seconds"] / 1e12) < 1e-12
     assert "step tiny (demo)" in out.stdout
 

@@ -161,3 +161,37 @@ def test_a_resume_takes_the_configs_learning_rate_not_the_checkpoints(reshard):
     step with the new peak: 1e-4 + 0.8 x (5e-3 - 1e-4) at step 4."""
     _, runs = reshard
     assert runs["TP2-lr"]["lr"] == pytest.approx(1e-4 + 0.8 * (5e-3 - 1e-4), rel=1e-12)
+
+
+def test_gspo_train_resumes_a_data_parallel_run_in_tensor_parallel(
+    multinode_run, demo_init, tmp_path
+):
+    """The reference run (2 data-parallel ranks) resumed from its step 4 in TP2, by gspo-train:
+    the change is printed, the step samples exactly what the reference sampled (the engine got
+    the same weights, bit for bit, from the other layout), and its update matches the
+    reference's step 5 (a documented bound: 4 minibatch Adam steps at lr 1e-3 from a restored
+    state, where only TP's reduction order differs; measured <= 3e-6 on AVX2 and under
+    ATEN_CPU_CAPABILITY=default, 2026-12-01; 1e-4 allowed, where a resume that lost the Adam
+    step count moves weights by ~2e-3)."""
+    out = tmp_path / "run"
+    start = multinode_run / "checkpoints" / "step_000004"
+    overrides = tr.overrides(
+        demo_init, out, **tr.KL, **tr.DYNAMIC, **tr.validation(demo_init), **{"parallel.tp": 2}
+    )
+    log = tmp_path / "log"
+    proc = tr.torchrun(log, ["--resume-from", str(start)] + overrides)
+    tr.wait(proc, log)
+    text = log.read_text()
+    assert "resume: parallel.tp: 1 -> 2 (applies from step 5)" in text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (multinode_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5]
+    assert rows[0]["reward/mean"] == ref[4]["reward/mean"]
+    got = tr.checkpoint_tensors(out / "checkpoints" / "step_000005")
+    want = tr.checkpoint_tensors(multinode_run / "checkpoints" / "step_000005")
+    weights = [k for k, v in want.items() if isinstance(v, torch.Tensor) and "." in k]
+    assert sorted(k for k, v in got.items() if isinstance(v, torch.Tensor)) == sorted(
+        k for k, v in want.items() if isinstance(v, torch.Tensor)
+    )
+    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in weights)
+    assert worst <= 1e-4, worst

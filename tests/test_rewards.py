@@ -63,7 +63,8 @@ def test_runner_weights_errors_and_timeouts():
         took = time.perf_counter() - t0
     finally:
         runner.close()
-    # exact + 0.5 * length/10 + 0 (raises) + 0.25 * hangs (1 unless it hung)
+    # exact + 0.5 * length/10 + 0 (raises) + 0.25 * hangs (1 unless it hung); float sums of the
+    # weighted terms, hence approx (rel 1e-6)
     assert totals[0] == pytest.approx(1.0 + 0.5 * 0.2 + 0.25)
     assert totals[1] == pytest.approx(0.0 + 0.5 * 0.4 + 0.0)  # hung: scored 0, run went on
     assert totals[2] == pytest.approx(0.0 + 0.5 * 0.2 + 0.25)
@@ -183,7 +184,7 @@ def test_exits_interrupts_and_killed_workers_are_errors_and_the_run_goes_on():
     finally:
         runner.close()
     # length_bonus of a one-word response is 0.1; misbehaves gives 1 when it behaves.
-    assert first[0] == pytest.approx([1.1, 0.1, 0.1, 0.1, 0.1, 1.1, 0.1])
+    assert first[0] == pytest.approx([1.1, 0.1, 0.1, 0.1, 0.1, 1.1, 0.1])  # float sums
     assert (first[1]["reward/errors"], first[1]["reward/timeouts"]) == (5, 0)
     assert first[1]["reward/length_bonus"] == pytest.approx(0.1)
     assert second[0] == pytest.approx([1.1, 0.1, 1.1])

@@ -108,4 +108,5 @@ def test_round_reward_metrics_merge_weighted_by_responses():
         ]
     )
     assert merged["reward/errors"] == 3.0 and merged["perf/reward_seconds"] == 3.0
+    # A weighted mean of float means (rel 1e-6, pytest.approx's default).
     assert merged["reward/fn"] == pytest.approx((0.5 * 30 + 0.1 * 10) / 40)

@@ -6,7 +6,8 @@ the layouts of one world size share a launch); the command line itself
 (`python -m gspo_megatron.score`) runs under torchrun with two data-parallel ranks, where row
 order is at stake. The reference is HF's forward of each row on its own with an fp64
 log_softmax. Tolerance 1e-4 (fp32 accumulation order differs between layouts; the observed
-differences are ~1e-6).
+differences are ~1e-6 on AVX2 and under ATEN_CPU_CAPABILITY=default: 100x margin, while a
+wrong weight or position moves log-probs by ~1).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ def test_multinode_script_runs_two_nodes_on_loopback(multinode_run):
     rows = [json.loads(line) for line in (multinode_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, tr.STEPS + 1))
     for r in rows:
-        # The engine samples with exactly the trainer's weights after every sync.
+        # The engine samples with exactly the trainer's weights after every sync (fp32 kernels on
+        # both sides: ~1e-6 per token; the suite's fp32 log-prob bound is 1e-4).
         assert r["rollout/logprob_abs_diff_mean"] < 1e-4
         assert 0.0 <= r["reward/mean"] <= 1.0
         assert 0.0 <= r["train/moe_route_change"] <= 1.0
