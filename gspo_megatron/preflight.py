@@ -19,7 +19,12 @@ import torch
 
 from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
-from gspo_megatron.checkpoint.run_dir import CHECKPOINTS, estimate_checkpoint_bytes, resume_point
+from gspo_megatron.checkpoint.run_dir import (
+    CHECKPOINTS,
+    estimate_checkpoint_bytes,
+    read_trainer_state,
+    resume_point,
+)
 from gspo_megatron.config import Config
 from gspo_megatron.data import PromptSet, load_prompts
 from gspo_megatron.errors import GspoError
@@ -58,6 +63,8 @@ class Plan:
     """data.eval_path's prompts, in file order, when validation is on (train.eval_every)."""
     resume_changes: List[Change] = field(default_factory=list)
     """The config keys a resume changes (``gspo_megatron.resume``), applied from its next step."""
+    steps_done: int = 0
+    """Steps the checkpoint resumed from has done (train.steps of them: the run is complete)."""
 
 
 def preflight(
@@ -146,6 +153,7 @@ def preflight(
         capture_routes,
         eval_prompts,
         changes,
+        int(read_trainer_state(start).get("step", 0)) if start is not None else 0,
     )
 
 

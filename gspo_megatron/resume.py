@@ -6,8 +6,10 @@ wrote it (``step_N/config.yaml``; for checkpoints written before that file exist
 
 - **refused**, one line naming the key and why: the settings the checkpoint's state is bound to
   (``REFUSED``), a parallel layout other than the saved one when the checkpoint's optimizer state
-  is bound to its layout (``train.reshardable_checkpoints: false``), and ``train.steps`` not
-  beyond the step reached (there would be nothing to do);
+  is bound to its layout (``train.reshardable_checkpoints: false``), and ``train.steps`` below
+  the step reached (a run cannot be trained backwards); ``train.steps`` equal to it is a
+  complete run, which gspo-train reports and leaves as it is (exit 0: a requeued job that
+  always passes --resume ends cleanly once its run is done);
 - **applied** from the next step, every other key, each printed as ``resume: key: old -> new``:
   the parallel layout and the number of ranks (the checkpoint reshards on load), the learning
   rate schedule and Adam's hyper-parameters (the optimizer and scheduler keep the config's
@@ -94,7 +96,7 @@ def resume_changes(cfg, checkpoint: Path) -> List[Change]:
     """The keys of ``cfg`` that differ from the config ``checkpoint`` was trained with, each
     allowed (returned, to be printed) or refused (GspoError, the first one)."""
     step = int(read_trainer_state(checkpoint).get("step", -1))
-    if 0 <= step and cfg.train.steps <= step:
+    if 0 <= step and cfg.train.steps < step:
         raise GspoError(
             f"train.steps={cfg.train.steps}: the run has done {step} steps already "
             f"({checkpoint}); raise train.steps to continue it"
@@ -123,12 +125,16 @@ def resume_changes(cfg, checkpoint: Path) -> List[Change]:
     return changes
 
 
-def record_config(out: Path, cfg, changes: List[Change], step: int) -> Optional[Path]:
-    """Keep the config a run starts with: ``config.yaml`` on its first start (never rewritten
-    afterwards), and on a resume that changed something ``config.resume-K.yaml``. Returns the
-    file written (None: nothing new to keep)."""
+def config_text(cfg) -> str:
+    """The resolved config as YAML: what the run directory and every checkpoint keep."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def record_config(out: Path, text: str, changes: List[Change], step: int) -> Optional[Path]:
+    """Keep the config (``text``, ``config_text``) a run starts with: ``config.yaml`` on its
+    first start (never rewritten afterwards), and on a resume that changed something
+    ``config.resume-K.yaml``. Returns the file written (None: nothing new to keep)."""
     out = Path(out)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     first = out / CONFIG_FILE
     if not first.exists():
         atomic_write_text(first, text)

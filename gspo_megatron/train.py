@@ -31,7 +31,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from gspo_megatron.batch import Sample
 from gspo_megatron.checkpoint.atomic import atomic_write_text
@@ -47,7 +46,6 @@ from gspo_megatron.checkpoint.run_dir import (
 )
 from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 from gspo_megatron.config import Config, load_config
-from gspo_megatron.config_io import to_dict
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
 from gspo_megatron.loss.advantages import (
     equal_reward_groups,
@@ -60,7 +58,7 @@ from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
 from gspo_megatron.procutil import exit_without_teardown
 from gspo_megatron.progress import progress_bar
-from gspo_megatron.resume import record_config
+from gspo_megatron.resume import config_text, record_config
 from gspo_megatron.rewards.runner import RewardRunner
 from gspo_megatron.run_lock import RunLock
 from gspo_megatron.sampling import sample_step
@@ -200,11 +198,11 @@ class Trainer:
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
         self.saver = AsyncSaver() if cfg.train.async_save else None
-        self.config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        self.config_text = config_text(cfg)
         for change in plan.resume_changes:
             self._say(f"resume: {change} (applies from step {self.state.step + 1})")
         if self.rank == 0:
-            record_config(self.out, cfg, plan.resume_changes, self.state.step)
+            record_config(self.out, self.config_text, plan.resume_changes, self.state.step)
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
@@ -424,6 +422,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     plan = preflight(cfg, world_size_from_env(), args.resume, args.resume_from)
+    if plan.resume_from is not None and plan.steps_done == cfg.train.steps:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"gspo-train: the run is complete: {plan.resume_from} is step {plan.steps_done} "
+                f"of train.steps={cfg.train.steps}; nothing to do (raise train.steps to go on)",
+                file=sys.stderr,
+            )
+        return
     if args.check:
         start = f"resume from {plan.resume_from}" if plan.resume_from else "a fresh start"
         for change in plan.resume_changes:

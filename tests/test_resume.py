@@ -17,13 +17,12 @@ import pytest
 import torch
 import train_runs as tr
 import yaml
-from conftest import REPO, BatchedRuns
+from conftest import REPO, BatchedRuns, run_cli
 
 from gspo_megatron.checkpoint.optimizer_state import DP_RESHARDABLE, RESHARDABLE
 from gspo_megatron.config import load_config
-from gspo_megatron.config_io import to_dict
 from gspo_megatron.errors import GspoError
-from gspo_megatron.resume import record_config, resume_changes
+from gspo_megatron.resume import config_text, record_config, resume_changes
 
 WORKER = str(REPO / "tests" / "workers" / "reshard_worker.py")
 LAYOUTS = [("TP2", 2, {"tp": 2}), ("EP2", 2, {"ep": 2}), ("PP2", 2, {"pp": 2}), ("single", 1, {})]
@@ -43,7 +42,7 @@ def _checkpoint(out: Path, step: int, cfg, optimizer_format: str = RESHARDABLE) 
     ckpt.mkdir(parents=True)
     record = {"step": step, "world_size": 2, "optimizer_format": optimizer_format}
     (ckpt / "trainer_state.json").write_text(json.dumps(record))
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (ckpt / "config.yaml").write_text(config_text(cfg))
     return ckpt
 
 
@@ -65,7 +64,6 @@ def test_a_resume_applies_and_names_every_change(tmp_path):
         ("train.seed=7", "train.seed=7 on resume: the run was trained with 1234 and the run's"),
         ("model.dtype=bf16", "model.dtype=bf16 on resume: the run was trained with fp32"),
         ("optim.use_distributed_optimizer=false", "optim.use_distributed_optimizer=false on"),
-        ("train.steps=4", "train.steps=4: the run has done 4 steps already"),
         ("train.steps=3", "train.steps=3: the run has done 4 steps already"),
     ],
 )
@@ -92,18 +90,18 @@ def test_every_config_a_run_starts_with_is_kept(tmp_path):
     """The first start writes config.yaml, never rewritten; a resume that changed something
     keeps its own config beside it, saying what changed; one that changed nothing adds nothing."""
     first = _cfg(tmp_path)
-    assert record_config(tmp_path, first, [], 0) == tmp_path / "config.yaml"
+    assert record_config(tmp_path, config_text(first), [], 0) == tmp_path / "config.yaml"
     original = (tmp_path / "config.yaml").read_text()
     ckpt = _checkpoint(tmp_path, 4, first)
-    assert record_config(tmp_path, first, resume_changes(first, ckpt), 4) is None
+    assert record_config(tmp_path, config_text(first), resume_changes(first, ckpt), 4) is None
     changed = _cfg(tmp_path, "optim.lr=0.1")
-    path = record_config(tmp_path, changed, resume_changes(changed, ckpt), 4)
+    path = record_config(tmp_path, config_text(changed), resume_changes(changed, ckpt), 4)
     assert path == tmp_path / "config.resume-1.yaml"
     header, body = path.read_text().split("\n", 1)
     assert header.startswith("# resumed at step 4 (") and header.endswith("optim.lr: 0.001 -> 0.1")
     assert yaml.safe_load(body)["optim"]["lr"] == 0.1
     assert (tmp_path / "config.yaml").read_text() == original
-    assert record_config(tmp_path, changed, resume_changes(changed, ckpt), 4).name == (
+    assert record_config(tmp_path, config_text(changed), resume_changes(changed, ckpt), 4).name == (
         "config.resume-2.yaml"
     )
 
@@ -195,3 +193,30 @@ def test_gspo_train_resumes_a_data_parallel_run_in_tensor_parallel(
     )
     worst = max((got[k].float() - want[k].float()).abs().max().item() for k in weights)
     assert worst <= 1e-4, worst
+
+
+def test_resuming_a_complete_run_says_so_and_changes_nothing(multinode_run, demo_init):
+    """--resume of a run that has done its train.steps (a requeued job that always passes
+    --resume): one line and exit 0, before any heavy work, nothing written; fewer steps than
+    done is refused."""
+    before = sorted(
+        (p.relative_to(multinode_run), p.stat().st_mtime_ns) for p in multinode_run.rglob("*")
+    )
+    overrides = tr.overrides(
+        demo_init, multinode_run, **tr.KL, **tr.DYNAMIC, **tr.validation(demo_init)
+    )
+    argv = ["-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml", "--resume"]
+    tests = {"PYTHONPATH": str(REPO / "tests")}  # the run's reward function lives there
+    done = run_cli(argv + overrides + ["train.export_hf=true"], env=tests)
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("gspo-train: the run is complete: ") and "step 5 of train.steps=5" in last
+    )
+    fewer = run_cli(argv + overrides + ["train.steps=4"], check=False, env=tests)
+    assert (
+        fewer.returncode == 2 and "train.steps=4: the run has done 5 steps already" in fewer.stderr
+    )
+    after = sorted(
+        (p.relative_to(multinode_run), p.stat().st_mtime_ns) for p in multinode_run.rglob("*")
+    )
+    assert after == before

@@ -129,11 +129,15 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(multinode_run, d
         tr.kill_tree(proc)
     latest = (ckpts / "latest").read_text().strip()
 
-    # 3. Resumed to the end, from the newest complete checkpoint (never the torn one).
+    # 3. Resumed to the end, from the newest complete checkpoint (never the torn one); a run
+    # the kill came too late for is complete, and says so.
     log = tmp_path / "c.log"
     proc = tr.torchrun(log, overrides, resume=True)
     tr.wait(proc, log)
-    assert f"resumed from {ckpts / latest} " in log.read_text()
+    if latest == f"step_{tr.STEPS:06d}":
+        assert "gspo-train: the run is complete: " in log.read_text()
+    else:
+        assert f"resumed from {ckpts / latest} " in log.read_text()
 
     # The last checkpoint, and the one before it (written while the last step trained).
     for step in (tr.STEPS - 1, tr.STEPS):

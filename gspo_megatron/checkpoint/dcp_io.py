@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import queue
+import signal
 import threading
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem, _write_files_fro
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.futures import Future
 
-from gspo_megatron.errors import GspoError
+from gspo_megatron.errors import GspoError, Terminated
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -210,6 +211,40 @@ def _first_cause(errors: list) -> BaseException:
 
 
 @contextlib.contextmanager
+def _noting_signals(noted: list):
+    """Record SIGINT / SIGTERM in ``noted`` before their handlers (which raise) run. A signal
+    that lands inside torch.save's C++ writer raises in the Python write callback it calls,
+    where the C++ side swallows the exception and either reports 'unexpected pos' (seen in a
+    CI run: exit 1 and a traceback instead of 130 and one line) or writes on to the end (exit
+    0, the user's Ctrl-C ignored; 2 of 15 runs of the signal test): the interrupt must win."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum, frame):
+        noted.append(signum)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(noted: list) -> BaseException:
+    """The exception a noted signal's handler raised (which the writer may have swallowed)."""
+    return KeyboardInterrupt() if noted[0] == signal.SIGINT else Terminated()
+
+
+@contextlib.contextmanager
 def _single_process():
     """DCP warns on every call without a process group that it assumes one process, which is
     the point here: two lines of noise per conversion."""
@@ -253,12 +288,17 @@ def write_dcp(
         str(out_dir), max_file_bytes=max(2 * largest, 16 * 1024**2), thread_count=io_threads
     )
     planner = _LazySavePlanner(producers, on_tensor)
+    noted: list = []
     try:
-        with _single_process():
+        with _single_process(), _noting_signals(noted):
             dcp.save(placeholders, storage_writer=writer, planner=planner, no_dist=True)
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
+        if noted:  # Ctrl-C or SIGTERM, whatever the writer made of it
+            raise _interrupt(noted) from None
         # The real cause: a full disk (hidden by torch.save), Ctrl-C, a bad source shard.
         raise _first_cause([*writer.write_errors, planner.error, root_cause(err)]) from None
+    if noted:  # swallowed where the C++ writer called back into Python, and the write went on
+        raise _interrupt(noted)
     (Path(out_dir) / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
     common = io.BytesIO()  # torch.save straight to a file would hide a write error's errno
     torch.save({}, common)
