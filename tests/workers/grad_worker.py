@@ -19,7 +19,6 @@ per sample; ``route_meter`` reports ``train/moe_route_change`` of the update.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from cases import run_cases
 from megatron.core import parallel_state as ps
 
 from gspo_megatron.batch import Sample, zigzag_indices
@@ -35,7 +35,7 @@ from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.models.qwen3.model import build_model
 from gspo_megatron.old_logprobs import compute_old_logprobs, observe_route_agreement
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
+from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
 from gspo_megatron.reference import build_reference, fill_ref_logprobs
 from gspo_megatron.route_change import RouteChangeMeter
 from gspo_megatron.routing_replay import RoutingReplay
@@ -185,19 +185,5 @@ def run_case(case: dict, ckpt: Path) -> dict:
     return result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True, type=Path)
-    ap.add_argument("--cases", required=True, type=Path, help="JSON list of cases")
-    ap.add_argument("--out", required=True, help="torch.save of {case name: result}")
-    args = ap.parse_args()
-    results = {
-        case["name"]: run_case(case, args.ckpt) for case in json.loads(args.cases.read_text())
-    }
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
-    shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    run_cases(run_case)

@@ -17,34 +17,27 @@ LR the scheduler reports.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from cases import run_cases
 from megatron.core import parallel_state as ps
+from samples import random_samples
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from samples import random_samples  # noqa: E402
-
-from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec, load_model_checkpoint  # noqa: E402
-from gspo_megatron.checkpoint.run_dir import TrainState  # noqa: E402
-from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint  # noqa: E402
-from gspo_megatron.loss import PolicyLossConfig  # noqa: E402
-from gspo_megatron.models.qwen3.model import build_model  # noqa: E402
-from gspo_megatron.optim import (  # noqa: E402
+from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec, load_model_checkpoint
+from gspo_megatron.checkpoint.run_dir import TrainState
+from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
+from gspo_megatron.loss import PolicyLossConfig
+from gspo_megatron.models.qwen3.model import build_model
+from gspo_megatron.optim import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
     wrap_for_training,
 )
-from gspo_megatron.parallel import ParallelLayout, init_distributed, shutdown  # noqa: E402
-from gspo_megatron.testing.gather import gather_full_tensors  # noqa: E402
-from gspo_megatron.update import policy_update  # noqa: E402
+from gspo_megatron.parallel import ParallelLayout, init_distributed
+from gspo_megatron.testing.gather import gather_full_tensors
+from gspo_megatron.update import policy_update
 
 SAMPLES = random_samples(16, seed=11)
 LOSS = PolicyLossConfig(
@@ -85,17 +78,5 @@ def run_case(case: dict, ckpt: Path) -> dict:
     return {"tensors": gather_full_tensors(ddp), "lr": scheduler.get_lr(optimizer.param_groups[0])}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True, type=Path)
-    ap.add_argument("--cases", required=True, type=Path, help="JSON list of cases")
-    ap.add_argument("--out", required=True, help="torch.save of {case name: result}")
-    args = ap.parse_args()
-    results = {c["name"]: run_case(c, args.ckpt) for c in json.loads(args.cases.read_text())}
-    if dist.get_rank() == 0:
-        torch.save(results, args.out)
-    shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    run_cases(run_case)
