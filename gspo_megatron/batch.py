@@ -29,6 +29,10 @@ class Sample:
     routes: Optional[Any] = None
     """The engine's expert ids for every token it fed through the model (the prompt, then the
     response but its last token): [len(prompt) + len(response) - 1, MoE layers, top-k]."""
+    response_mask: Optional[List[int]] = None
+    """Per response token, 1 where the model sampled it and 0 where the environment wrote it
+    (multi-turn episodes: tool results, user turns, template separators). Only tokens with 1
+    are trained on and counted in |y_i|; None = every response token is the model's."""
 
 
 @dataclass
@@ -96,7 +100,8 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
         tokens[i, :n] = torch.as_tensor(ids)
         labels[i, : n - 1] = tokens[i, 1:n]
         # Response token j sits at p + j and is predicted at position p + j - 1.
-        mask[i, p - 1 : p - 1 + r] = True
+        own = _model_tokens(s)
+        mask[i, p - 1 : p - 1 + r] = own
         adv[i] = s.advantage
         if old is not None and s.old_logprobs is not None:
             old[i, p - 1 : p - 1 + r] = torch.as_tensor(s.old_logprobs, dtype=torch.float32)
@@ -109,9 +114,20 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
                     f"sample routes {tuple(fed.shape)} do not cover its {n - 1} fed tokens"
                 )
             routes[i, : n - 1] = fed
-            rows[i, p : n - 1] = True
+            # A token the engine fed while sampling: the model's own (response token j at p + j).
+            rows[i, p : n - 1] = own[: r - 1]
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
     return MicroBatch(tokens, labels, mask, pos, adv, old, ref, routes, rows, rollout_logprobs=old)
+
+
+def _model_tokens(s: Sample) -> torch.Tensor:
+    """[len(response)] bool: which response tokens the model sampled."""
+    r = len(s.response_ids)
+    if s.response_mask is None:
+        return torch.ones(r, dtype=torch.bool)
+    if len(s.response_mask) != r:
+        raise ValueError(f"response_mask has {len(s.response_mask)} entries for {r} tokens")
+    return torch.as_tensor(s.response_mask, dtype=torch.bool)
 
 
 def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:

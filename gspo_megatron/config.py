@@ -20,6 +20,7 @@ from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.optim import OptimConfig
 from gspo_megatron.parallel import ParallelLayout
 from gspo_megatron.rewards.runner import RewardConfig
+from gspo_megatron.rollout.agent_config import AgentConfig
 from gspo_megatron.rollout.config import RolloutConfig, max_samples_per_prompt
 
 
@@ -122,6 +123,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -132,6 +134,7 @@ class Config:
         self.data.validate()
         self.rewards.validate()
         self.rollout.validate(world_size)
+        self.agent.validate(self.rollout.max_new_tokens, self.rollout.max_model_len)
         self.loss.validate()
         self.optim.validate()
         self.train.validate()
@@ -173,6 +176,15 @@ class Config:
                 "loss.routing_replay=r3 replays the engine's routes, but "
                 "rollout.capture_routes=never does not record them; use auto or always"
             )
+        if self.agent.enabled and self.loss.routing_replay == "r3":
+            # Each turn's engine call re-reads the transcript as its prompt (from the prefix
+            # cache): the routes the engine used for a token are spread over the turn that
+            # sampled it and the turns that re-read it, which no placement here reassembles.
+            raise GspoError(
+                "loss.routing_replay=r3 replays the engine's routes, which multi-turn episodes "
+                "(agent.environment) do not assemble across turns; use loss.routing_replay=r2 "
+                "(pi_old's routes, any number of turns) or none"
+            )
         if self.loss.per_token and self.model.moe_aux_loss_coeff:
             # The aux loss is scaled for a per-sequence normaliser (update.scale_moe_aux_loss).
             raise GspoError(
@@ -205,6 +217,8 @@ class Config:
         """Whether the engine records its routes (MoE models): rollout.capture_routes=always, or auto
         where it costs nothing (CPU: the engine runs eagerly anyway) or r3 needs it."""
         setting = self.rollout.capture_routes
+        if self.agent.enabled:  # a turn's routes cover one engine call (see the r3 refusal)
+            return False
         return setting == "always" or (
             setting == "auto" and (not on_gpu or self.loss.routing_replay == "r3")
         )

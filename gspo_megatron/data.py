@@ -62,6 +62,8 @@ class Prompt:
     ids: List[int]
     answer: Optional[str]
     row: int  # 0-based row in the file
+    fields: Optional[dict] = None
+    """The whole data row (what a multi-turn environment is made from)."""
 
 
 @dataclass
@@ -204,7 +206,13 @@ def load_prompts(
                 f"{require_answers} reward compares with it (data.answer_field)"
             )
         prompts.append(
-            Prompt(row[cfg.prompt_field], ids, None if answer is None else str(answer), i)
+            Prompt(
+                row[cfg.prompt_field],
+                ids,
+                None if answer is None else str(answer),
+                i,
+                {k: v for k, v in row.items() if k != "__line__"},
+            )
         )
     if not prompts:
         raise GspoError(

@@ -106,6 +106,8 @@ def preflight(
         )
     check_kv_cache_fits(cfg)
     tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
+    if cfg.agent.enabled:
+        check_agent(cfg, tokenizer, Path(cfg.model.ckpt) / HF_SUBDIR)
     needs_answer = reward_needing_answers(cfg.rewards, cfg.data.answer_field)
     prompts = load_prompts(
         cfg.data,
@@ -177,6 +179,41 @@ def load_tokenizer(hf_dir: Path):
             f"HF directory that has its tokenizer files, or copy them into {hf_dir}"
         )
     return tokenizer
+
+
+def check_agent(cfg: Config, tokenizer, hf_dir: Path) -> None:
+    """Multi-turn episodes: the environment class imports and has the contract's methods; the
+    tokenizer has a prefix-stable chat template, the end-of-turn token and the tool-call tags."""
+    from gspo_megatron.rollout.agent_config import end_of_turn_id
+    from gspo_megatron.rollout.env_pool import check_environment
+    from gspo_megatron.rollout.tool_calls import CLOSE, OPEN
+    from gspo_megatron.rollout.transcript import ChatRenderer
+
+    check_environment(cfg.agent.environment)
+    eot = end_of_turn_id(tokenizer)
+    if eot is None:
+        raise GspoError(
+            f"{hf_dir}: the tokenizer has no end-of-turn token (<|im_end|> or an EOS) to end "
+            f"assistant turns with (agent.environment)"
+        )
+    vocab = tokenizer.get_vocab()
+    if cfg.agent.tool_call_format == "qwen3" and not (OPEN in vocab and CLOSE in vocab):
+        raise GspoError(
+            f"{hf_dir}: agent.tool_call_format=qwen3 writes tool calls between {OPEN} and "
+            f"{CLOSE}, which this tokenizer has no tokens for (not a Qwen3 chat tokenizer)"
+        )
+    renderer = ChatRenderer(tokenizer, eot)
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    try:
+        renderer.opening(probe[:1], None)
+        renderer.environment(probe, [{"role": "tool", "content": "3"}], None)
+    except GspoError as err:
+        raise GspoError(f"{hf_dir}: {err}") from None
+    except Exception as err:  # the template's own Jinja errors
+        raise GspoError(
+            f"{hf_dir}: the chat template fails on a user/assistant/tool conversation "
+            f"({type(err).__name__}: {err})"
+        ) from None
 
 
 def reward_needing_answers(

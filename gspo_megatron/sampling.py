@@ -63,7 +63,7 @@ def draw_more(
 
 
 def sample_step(
-    generate: Callable[[List[List[int]], int], "RolloutBatch"],
+    generate: Callable[[List[Prompt], int], "RolloutBatch"],
     score: Scorer,
     decode: Callable[[List[int]], str],
     prompt_set: PromptSet,
@@ -76,7 +76,9 @@ def sample_step(
 ) -> StepRollout:
     """Sample, score and (with ``dynamic``) filter one step's groups. ``generate(ids, round)``
     samples a group per prompt (None for a prompt the engine skipped); collective, like
-    ``score``. Every rank gets the same result."""
+    ``score``. Every rank gets the same result. Multi-turn episodes are scored on their last
+    assistant turn, plus their environment's per-turn rewards; an episode whose environment
+    failed scores 0 (``episode_rewards``)."""
     from gspo_megatron.rollout.engine import RolloutBatch
 
     out = StepRollout()
@@ -92,12 +94,13 @@ def sample_step(
             used |= {p.row for p in prompts}
             if not prompts:
                 break
-        batch = generate([p.ids for p in prompts], round_)
+        batch = generate(prompts, round_)
         batches.append(batch)
         out.rounds = round_ + 1
         got = [(p, g) for p, g in zip(prompts, batch.groups) if g is not None]
-        texts = [(p.text, decode(c.token_ids), p.answer) for p, g in got for c in g]
+        texts = [(p.text, response_text(c, decode), p.answer) for p, g in got for c in g]
         rewards, stats, error = score(texts)
+        rewards = episode_rewards(rewards, [c for _, g in got for c in g])
         reward_parts.append((stats, len(texts)))
         out.first_error = out.first_error or error
         out.sampled_rewards += rewards
@@ -119,6 +122,7 @@ def sample_step(
         skipped_overlong=sum(b.skipped_overlong for b in batches),
         skipped_empty=sum(b.skipped_empty for b in batches),
         seconds=sum(b.seconds for b in batches),
+        extra=merge_extra([b.extra for b in batches]),
     )
     out.num_tokens = merged.num_tokens
     out.stats = {**merged.summary(), **merge_reward_stats(reward_parts)}
@@ -126,6 +130,36 @@ def sample_step(
         out.stats["rollout/sampling_rounds"] = float(out.rounds)
         out.stats["reward/filtered_groups"] = float(out.filtered_groups)
     return out
+
+
+def response_text(c: "Completion", decode: Callable[[List[int]], str]) -> str:
+    """What the reward functions score: a multi-turn episode's last assistant turn, else the
+    whole response."""
+    return c.agent.final_text if c.agent is not None else decode(c.token_ids)
+
+
+def episode_rewards(rewards: Sequence[float], comps: Sequence["Completion"]) -> List[float]:
+    """Multi-turn episodes: the reward functions' score plus the environment's per-turn rewards
+    (``agent.turn_rewards``), 0 for an episode whose environment failed; others unchanged."""
+    out = []
+    for r, c in zip(rewards, comps):
+        if c.agent is not None:
+            r = 0.0 if c.agent.failure is not None else r + c.agent.env_reward
+        out.append(float(r))
+    return out
+
+
+def merge_extra(parts: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """Rounds' extra rollout metrics (``agent/*``): counts add up, means are averaged."""
+    merged: Dict[str, float] = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        values = [p[key] for p in parts if key in p]
+        mean = key.endswith("_mean") or key in MEAN_KEYS
+        merged[key] = sum(values) / len(values) if mean else sum(values)
+    return merged
+
+
+MEAN_KEYS = ("agent/tool_calls", "agent/model_tokens", "agent/env_tokens")
 
 
 def merge_reward_stats(parts: Sequence[Tuple[Dict[str, float], int]]) -> Dict[str, float]:

@@ -172,6 +172,11 @@ class Trainer:
             dummy_weights=True,
             capture_routes=plan.capture_routes,
         )
+        self.agent = None
+        if cfg.agent.enabled:
+            from gspo_megatron.rollout.episodes import make_runner
+
+            self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
         self.state = TrainState()
         if plan.resume_from is not None and self.rank == 0:
             for path in set_aside_newer(self.out / CHECKPOINTS, plan.resume_from):
@@ -222,7 +227,7 @@ class Trainer:
         every = cfg.train.eval_every
         validation = self._validate() if every and step % every == 0 else {}
         rollout = sample_step(
-            lambda ids, round_: self.engine.generate(ids, step=step, round_=round_),
+            lambda prompts, round_: self._generate(prompts, step, round_),
             self.rewards.score_across_ranks,
             lambda ids: self.plan.tokenizer.decode(ids, skip_special_tokens=True),
             self.plan.prompts,
@@ -261,7 +266,14 @@ class Trainer:
         # (prompt, completion) in group order: rewards, advantages and samples all follow it.
         pairs = [(p, c) for p, g in zip(rollout.prompts, rollout.groups) for c in g]
         samples = [
-            Sample(p.ids, c.token_ids, a, c.logprobs, routes=c.routes)
+            Sample(
+                p.ids if c.prompt_ids is None else c.prompt_ids,
+                c.token_ids,
+                a,
+                c.logprobs,
+                routes=c.routes,
+                response_mask=c.loss_mask,
+            )
             for (p, c), a in zip(pairs, adv)
         ]
         if cfg.train.save_rollouts and self.rank == 0:
@@ -310,6 +322,14 @@ class Trainer:
         out["perf/rollout_share"] = (t_rollout - t0) / seconds
         return out, update.skipped if update is not None else []
 
+    def _generate(self, prompts, step: int, round_: int):
+        """A group per prompt: single responses from the engines, or multi-turn episodes."""
+        if self.agent is not None:
+            from gspo_megatron.rollout.episodes import agent_rollout
+
+            return agent_rollout(self.agent, prompts, self.cfg.rollout.group_size, step, round_)
+        return self.engine.generate([p.ids for p in prompts], step=step, round_=round_)
+
     def _validate(self) -> Dict[str, float]:
         """The held-out prompts on the engines, which hold the policy just synced (gspo-eval's
         sampling and seeds: gspo-eval on the same checkpoint gives these figures)."""
@@ -339,6 +359,7 @@ class Trainer:
                 "response": decode(c.token_ids, skip_special_tokens=True),
                 "reward": r,
                 "advantage": a,
+                **({} if c.agent is None else episode_row(c)),
             }
             for (p, c), r, a in zip(pairs, rewards, advantages)
         ]
@@ -405,6 +426,8 @@ class Trainer:
         saver = getattr(self, "saver", None)
         if saver is not None and saver.in_flight:  # only when the run failed: never completed
             saver.abort()
+        if getattr(self, "agent", None) is not None:
+            self.agent.envs.close()
         for part in ("rewards", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
@@ -471,6 +494,26 @@ def cli() -> None:
     """gspo-train: ``main``, then a quick exit after a finished run."""
     main()
     exit_without_teardown()
+
+
+def episode_row(c) -> dict:
+    """A multi-turn episode's record for train.save_rollouts: its messages, its ids (opening,
+    then the rest) with their mask, and what happened."""
+    rec = c.agent
+    return {
+        "messages": rec.messages,
+        "prompt_ids": c.prompt_ids,
+        "ids": c.token_ids,
+        "mask": c.loss_mask,
+        "turns": rec.turns,
+        "tool_calls": rec.tool_calls,
+        "malformed_calls": rec.malformed_calls,
+        "env_reward": rec.env_reward,
+        "failure": rec.failure,
+        "failure_detail": rec.failure_detail,
+        "truncated": rec.truncated,
+        "metadata": rec.metadata,
+    }
 
 
 def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:

@@ -159,6 +159,16 @@ def demo_init(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def agent_init(tmp_path_factory) -> Path:
+    """The agent demo's init/ (BPE chat tokenizer, warm-started tiny MoE), smaller."""
+    from gspo_megatron.agent_demo import prepare
+
+    out = tmp_path_factory.mktemp("agent_demo") / "init"
+    prepare(out, rows=256, warm_start_steps=20, warm_start_lr=2e-3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def multinode_run(demo_init, tmp_path_factory) -> Path:
     """The reference: two 'nodes' of one process each, launched by launch/multinode.sh."""
     import train_runs as tr

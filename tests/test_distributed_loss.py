@@ -85,6 +85,14 @@ _R3 = {**_MOVING, **_ROUTED, "routing_replay": "r3"}
 # pi_old scored in forwards of 4 rows: two micro-batches of 2 stacked per call.
 _STACKED = {"logprob_micro_batch_size": 4}
 STACKED_LAYOUTS = [("single", 1, {})] + CORRECTION_LAYOUTS
+# Multi-turn samples: responses with environment spans (mask 0) holding garbage log-probs.
+_MT = {"samples": "multiturn", "kl_coef": 0.1}
+MULTI_TURN_LAYOUTS = [
+    ("TP2", 2, {"tp": 2}),
+    ("PP2", 2, {"pp": 2}),
+    ("CP2", 2, {"cp": 2}),
+    ("EP2", 2, {"ep": 2}),
+]
 
 
 # Measured 2026-12-01 on AVX2 (2 cores): every layout's post-step difference from the single
@@ -97,7 +105,7 @@ POST_STEP_MARGIN = 10.0
 # is fp32's resolution at the values compared (weights ~0.1-1: 1e-7; relative 1e-6).
 _FLOOR_ABS, _FLOOR_REL = 1e-7, 1e-6
 # The single-process references whose post-step results the layouts are held to.
-SPREAD_REFERENCES = ("single-update", "single-update-kl", "single-r2", "single-r3")
+SPREAD_REFERENCES = ("single-update", "single-update-kl", "single-r2", "single-r3", "single-mt-r2")
 
 
 def _cases():
@@ -138,6 +146,14 @@ def _cases():
     cases["single-moving-stacked"] = (1, {**_MOVING, **_STACKED})
     cases["single-routed-update"] = (1, {**_UPDATE, **_ROUTED})
     cases["single-routed-update-stacked"] = (1, {**_UPDATE, **_ROUTED, **_STACKED})
+    cases["single-mt"] = (1, _MT)
+    cases["single-mt-garbage"] = (1, {**_MT, "samples": "multiturn_garbage"})
+    cases["single-mt-packed"] = (1, {**_MT, **_PACKED})
+    for name, nproc, layout in MULTI_TURN_LAYOUTS:
+        cases[f"{name}-mt"] = (nproc, {**_MT, "layout": layout})
+    cases["TP2-mt-packed"] = (2, {**_MT, **_PACKED, "layout": {"tp": 2}})
+    cases["single-mt-r2"] = (1, {**_R2, "samples": "multiturn"})
+    cases["EP2-mt-r2"] = (2, {**_R2, "samples": "multiturn", "layout": {"ep": 2}})
     for name, nproc, layout in [("single", 1, {})] + REPLAY_LAYOUTS:
         if nproc > 1:
             cases[f"{name}-r2"] = (nproc, {**_R2, "layout": layout})
@@ -194,6 +210,22 @@ def samples_dir(tiny_moe, tmp_path_factory):
         ]
         routed.append({**row, "routes": picks})
     (root / "routed.json").write_text(json.dumps(routed))
+    # multiturn: main's rows as episodes: each response's middle third (at least one token) is
+    # the environment's (mask 0), its engine and reference log-probs garbage; in
+    # multiturn_garbage other garbage, which must change nothing.
+    for name, seed in (("multiturn", 7), ("multiturn_garbage", 8)):
+        rng_g = random.Random(seed)
+        episodes = []
+        for row in main:
+            n = len(row["response_ids"])
+            a, b = n // 3, max(n // 3 + 1, 2 * n // 3)
+            mask = [0 if a <= j < b else 1 for j in range(n)]
+            noisy = {
+                k: [x if m else rng_g.uniform(-30, 5) for x, m in zip(row[k], mask)]
+                for k in ("old_logprobs", "ref_logprobs")
+            }
+            episodes.append({**row, "response_mask": mask, **noisy})
+        (root / f"{name}.json").write_text(json.dumps(episodes))
     return root
 
 
@@ -271,6 +303,13 @@ def _assert_steps_match(ref, got, spread, metrics=_POST_STEP_METRICS, weights=Tr
             assert (got["tensors"][key] - w).abs().max().item() <= tol, (key, tol)
 
 
+# Metrics made of log-ratios logp - old (~1e-3 here) carry the log-probs' absolute rounding,
+# not a relative one: fp32 log-softmax at |logp| ~ 5 over the layouts' other summation orders
+# moves logp by ~1e-7, and a mean over a few tokens (multi-turn rows with few model tokens)
+# keeps that. 1e-6 is 10x it; counting one environment token's garbage would move them by ~1.
+_LOG_RATIO_METRICS = ("gspo/abs_log_ratio", "gspo/approx_kl", "gspo/token_log_ratio_std")
+
+
 def _assert_same(ref, got):
     for k in (
         "gspo/loss",
@@ -280,7 +319,8 @@ def _assert_same(ref, got):
         "gspo/token_log_ratio_std",
         "train/entropy",
     ):
-        assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-7), k
+        floor = 1e-6 if k in _LOG_RATIO_METRICS else 1e-7
+        assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=floor), k
     assert got["metrics"]["train/sequences"] == ref["metrics"]["train/sequences"]
     assert got["tensors"].keys() == ref["tensors"].keys()
     for key, g in ref["tensors"].items():
@@ -328,6 +368,34 @@ def test_tis_matches_single_process(runs, name):
     _assert_same(ref, got)
     for k in _CORRECTION_METRICS:
         assert got["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("name", [c[0] for c in MULTI_TURN_LAYOUTS] + ["single", "TP2"])
+def test_multi_turn_samples_match_single_process(runs, name):
+    """Responses with environment spans (mask 0), KL term on: loss, metrics and every gradient
+    equal the single process's in every layout and packed."""
+    got = f"{name}-mt-packed" if name in ("single", "TP2") else f"{name}-mt"
+    _assert_same(runs["single-mt"], runs[got])
+
+
+def test_environment_tokens_log_probs_change_nothing(runs):
+    """Other garbage as the engine's and the reference's log-probs of the environment's tokens:
+    the same loss, metrics and gradients, bit for bit; and the environment spans matter (the
+    same rows without them train otherwise)."""
+    a, b = runs["single-mt"], runs["single-mt-garbage"]
+    assert a["metrics"] == b["metrics"]
+    for key, g in a["tensors"].items():
+        assert torch.equal(g, b["tensors"][key]), key
+    assert a["metrics"]["gspo/loss"] != runs["single-kl"]["metrics"]["gspo/loss"]
+
+
+def test_multi_turn_route_metrics_under_r2(runs, spread):
+    """r2 on multi-turn samples: the routes replayed on every token (the environment's
+    included, they condition the model's), route change exactly 0; EP2 steps as the single
+    process."""
+    assert runs["single-mt-r2"]["routes"]["train/moe_route_change"] == 0.0
+    assert runs["EP2-mt-r2"]["routes"]["train/moe_route_change"] == 0.0
+    _assert_steps_match(runs["single-mt-r2"], runs["EP2-mt-r2"], spread("single-mt-r2"))
 
 
 @pytest.mark.parametrize("name", [case[0] for case in PACKED_LAYOUTS])

@@ -517,3 +517,84 @@ def test_groups_whose_differences_vanish_are_counted():
     assert (adv[:8] == 0).all() and (adv[8:] != 0).all()
     assert equal_reward_groups(r, 4).tolist() == [False, True, False]
     assert silent_groups(r, adv, 4) == 1
+
+
+def _multi_turn_batch(seed=20):
+    """Rows of a multi-turn episode's response: model turns between environment spans (tool
+    results, template separators; mask 0), one row with a single model token, one with none.
+    Environment positions hold garbage log-probs: nothing of them may reach the loss."""
+    lp, old, adv, _ = _batch(seed=seed, B=6, T=12, spread=0.2)
+    pattern = [
+        "111001110011",
+        "000000000100",
+        "000000000000",
+        "110000011111",
+        "011101110110",
+        "111111000000",
+    ]
+    mask = torch.tensor([[c == "1" for c in row] for row in pattern])
+    return lp, old, adv, mask
+
+
+def _garbage(x, mask, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(mask, x, 40 * torch.randn(x.shape, generator=g) - 20)
+
+
+MULTI_TURN_CASES = [(v, lo, hi, "none") for v, lo, hi in REFERENCE_CASES] + [
+    (v, 0.2, 0.27, c) for v, c in CORRECTION_CASES
+]
+
+
+@pytest.mark.parametrize("variant,low,high,correction", MULTI_TURN_CASES)
+def test_multi_turn_masks_count_only_the_models_tokens(variant, low, high, correction):
+    """Every objective (and correction, and the KL term) on a response whose mask has holes
+    equals the fp64 reference over the model's tokens only, |y_i| counting them alone; the
+    log-probs at environment positions (trainer's, pi_old's, the engine's, the reference's)
+    change neither the value nor the gradient, and no gradient reaches them."""
+    lp, old, adv, mask = _multi_turn_batch()
+    roll = _rollout(old, mask)
+    kw = dict(variant=variant, clip_low=low, clip_high=high)
+    if correction != "none":
+        kw.update(rollout_correction=correction, rollout_logprobs=roll, **_CORR)
+    x = lp.clone().requires_grad_(True)
+    loss, m = loss_of(x, old, adv, mask, **kw)
+    loss.backward()
+    y = lp.clone().requires_grad_(True)
+    ref = ref_objective(
+        y, old, adv, mask, variant, low, high, correction=correction, roll=roll, **_REF_CORR
+    )
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(x.grad, y.grad, rtol=1e-10, atol=1e-14)
+    assert m["num_tokens"] == mask.sum() and m["num_sequences"] == 5
+    # Garbage wherever the environment wrote: bit for bit the same loss, gradient and metrics.
+    z = _garbage(lp, mask, 1).requires_grad_(True)
+    kw2 = dict(kw)
+    if correction != "none":
+        kw2["rollout_logprobs"] = _garbage(roll, mask, 3)
+    loss2, m2 = loss_of(z, _garbage(old, mask, 2), adv, mask, **kw2)
+    loss2.backward()
+    assert torch.equal(loss2, loss)
+    assert torch.equal(z.grad, x.grad)
+    assert not z.grad[~mask].any()
+    for k, v in m.items():
+        assert torch.equal(m2[k], v), k
+
+
+def test_multi_turn_kl_penalty_ignores_environment_tokens():
+    lp, old, adv, mask = _multi_turn_batch(seed=21)
+    ref_lp = lp + 0.1
+    x = lp.clone().requires_grad_(True)
+    loss, m = loss_of(x, old, adv, mask, kl_coef=0.1, ref_logprobs=ref_lp)
+    loss.backward()
+    z = _garbage(lp, mask, 4).requires_grad_(True)
+    loss2, m2 = loss_of(
+        z, _garbage(old, mask, 5), adv, mask, kl_coef=0.1, ref_logprobs=_garbage(ref_lp, mask, 6)
+    )
+    loss2.backward()
+    assert torch.equal(loss2, loss) and torch.equal(z.grad, x.grad)
+    assert torch.equal(m2["ref_kl"], m["ref_kl"])
+    # k3 at d = 0.1 on every model token: the mean over the model's tokens of each row.
+    k3 = torch.exp(torch.tensor(0.1)) - 0.1 - 1
+    assert m["ref_kl"].item() == pytest.approx(k3.item(), rel=1e-12)

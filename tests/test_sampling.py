@@ -20,10 +20,13 @@ def _set(n=40):
     return PromptSet([Prompt(f"p{i}", [i + 1], str(i), i) for i in range(n)])
 
 
-def _generate(ids, round_):
+def _generate(prompts, round_):
     """G responses per prompt: token ids (prompt id, j); the round shows in the logprobs."""
     return RolloutBatch(
-        [[Completion([i[0], j], [float(round_)] * 2, "stop") for j in range(G)] for i in ids]
+        [
+            [Completion([p.ids[0], j], [float(round_)] * 2, "stop") for j in range(G)]
+            for p in prompts
+        ]
     )
 
 

@@ -3,7 +3,8 @@
     python tools/plot_metrics.py --run outputs/quickstart/run [--out curves.png]
 
 Reads ``<run>/metrics.jsonl`` (written by gspo-train), draws ``reward/mean`` (with its
-per-step spread) and ``gspo/clip_fraction`` against the step, and prints the mean reward over
+per-step spread) and ``gspo/clip_fraction`` (and, for multi-turn runs, ``agent/tool_calls``)
+against the step, and prints the mean reward over
 the first and last 10% of steps, the demo's success measure.
 """
 
@@ -56,7 +57,13 @@ def plot(rows, out: Path) -> None:
     b.plot(steps, clip, color="tab:red", label="gspo/clip_fraction")
     b.set_ylabel("clipped sequences")
     b.set_xlabel("GSPO step")
-    b.set_ylim(0, 1)
+    top = 1.0
+    if any("agent/tool_calls" in r for r in rows):  # multi-turn episodes (agent.environment)
+        calls = [r.get("agent/tool_calls") or 0.0 for r in rows]
+        b.plot(steps, calls, color="tab:purple", label="agent/tool_calls (per episode)")
+        b.set_ylabel("clipped sequences / tool calls")
+        top = max(1.0, max(calls) * 1.05)
+    b.set_ylim(0, top)
     b.legend(loc="upper right")
     b.grid(alpha=0.3)
     fig.suptitle("GSPO training curves")

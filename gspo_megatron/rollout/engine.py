@@ -37,6 +37,9 @@ from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.routes import RouteCapture
 from gspo_megatron.rollout.weight_sync import SyncStats
 
+CPU_BATCHED_TOKENS = 2048
+"""CPU: tokens vLLM schedules per engine step at least (its default), whole prompts only."""
+
 
 @dataclass
 class Completion:
@@ -46,6 +49,13 @@ class Completion:
     routes: Optional[np.ndarray] = None
     """With route capture: the engine's expert ids for every token it fed through the model
     (prompt, then response but its last token) x MoE layer x top-k (``rollout.routes``)."""
+    loss_mask: Optional[List[int]] = None
+    """Multi-turn episodes: per token, 1 where the model sampled it, 0 where the environment
+    wrote it (``rollout.transcript``); ``logprobs`` is 0.0 at those."""
+    prompt_ids: Optional[List[int]] = None
+    """Multi-turn episodes: the opening the environment gave (else the data set's prompt)."""
+    agent: Optional[object] = None
+    """Multi-turn episodes: the ``EpisodeRecord`` (messages, turns, tool calls, failures)."""
 
 
 @dataclass
@@ -57,6 +67,8 @@ class RolloutBatch:
     skipped_empty: int = 0
     seconds: float = 0.0
     stats: Dict[str, float] = field(default_factory=dict)
+    extra: Dict[str, float] = field(default_factory=dict)
+    """Further metrics of how the groups were made (multi-turn episodes: ``agent/*``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +87,7 @@ class RolloutBatch:
             "perf/rollout_seconds": self.seconds,
             "rollout/skipped_overlong": float(self.skipped_overlong),
             "rollout/skipped_empty": float(self.skipped_empty),
+            **self.extra,
         }
 
 
@@ -216,6 +229,14 @@ class RolloutEngine:
             # An explicit size: vLLM's CPU default (a fraction of host RAM) is far too large
             # next to a trainer, and it lets vLLM skip its warm-up.
             kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * (1 << 30)))
+            # No prefill split over engine steps: vLLM rewinds a seeded request's generator after
+            # a partial prefill (its sampled token is discarded), which CPU generators cannot do
+            # ("CPU Generator does not use offset"): long prompts, e.g. multi-turn transcripts,
+            # would end the run. Whole prefills, at least one full-length prompt per step.
+            kwargs.update(
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(cfg.max_model_len, CPU_BATCHED_TOKENS),
+            )
         t0 = time.perf_counter()
         try:
             self.llm = LLM(**kwargs)
@@ -310,6 +331,45 @@ class RolloutEngine:
         )
         batch.stats = batch.summary()
         return batch
+
+    def sample_turns(
+        self, requests: Sequence[Tuple[int, Sequence[int], int, str]], stop_token_id: int
+    ) -> Dict[int, "Completion"]:
+        """One response per request (episode index, token prompt, max new tokens, seed key),
+        stopping at ``stop_token_id`` (included in the ids): a turn of every live multi-turn
+        episode. Collective like ``generate``; an episode is served by engine
+        ``index % num_engines`` whatever else is live, so its environment stays on one rank."""
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        mine = [r for r in requests if r[0] % self.num_engines == self.engine_index]
+        local: Dict[int, Completion] = {}
+        if mine:
+            params = [
+                SamplingParams(
+                    n=1,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    top_k=cfg.top_k,
+                    max_tokens=max_tokens,
+                    logprobs=0,
+                    seed=zlib.crc32(f"{cfg.seed}/{key}".encode()) & 0x7FFFFFFF,
+                    stop_token_ids=[stop_token_id],
+                    detokenize=False,
+                )
+                for _, _, max_tokens, key in mine
+            ]
+            stance = contextlib.nullcontext() if self.on_gpu else _eager()
+            with stance:
+                outs = self.llm.generate(
+                    [{"prompt_token_ids": list(r[1])} for r in mine], params, use_tqdm=False
+                )
+            for r, out in zip(mine, outs):
+                c = out.outputs[0]
+                local[r[0]] = Completion(
+                    list(c.token_ids), _sampled_logprobs(c), c.finish_reason or ""
+                )
+        return self._share(local)
 
     def _share(self, local: Dict[int, object]) -> Dict[int, object]:
         """Every engine's {prompt index: result}, merged, on every rank. TP ranks of one engine

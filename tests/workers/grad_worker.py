@@ -63,6 +63,7 @@ def my_samples(case: dict) -> list:
             None if case.get("trainer_old_logprobs") else r.get("old_logprobs"),
             r.get("ref_logprobs") if kl and case["mode"] == "grads" else None,
             routes=np.array(r["routes"]) if case.get("engine_routes") else None,
+            response_mask=r.get("response_mask"),
         )
         for r in rows
     ]

@@ -1,0 +1,323 @@
+"""Multi-turn episodes: the model and an environment taking turns, every live episode together.
+
+A step's episodes (``group_size`` per prompt) advance in lockstep: each turn is one batched
+engine call over every live episode (its token prompt is the whole transcript so far; the
+engine's prefix cache reuses the KV of what it saw last turn), then one concurrent round of the
+environments' ``step`` calls (``EnvPool``: a process per episode), so a tool that takes 100 ms
+costs about 100 ms per turn for the whole batch.
+
+Placement under torchrun: an episode is served by engine ``index % num_engines``, and that
+engine's first rank runs its environment; replies are shared with every rank after each round
+(every rank holds every transcript, as every rank holds every completion of a single-turn
+rollout), so the engine calls stay collective and identical everywhere.
+
+An episode ends when the environment says done, after ``agent.max_turns`` turns, when its
+tokens reach ``agent.max_episode_tokens`` (truncated, counted), or when its environment fails
+(raises, hangs, exits, returns something that is not messages): then it scores 0 and is counted;
+the run goes on. See ``transcript`` for how the ids are kept exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch.distributed as dist
+
+from gspo_megatron.rollout.agent_config import AgentConfig
+from gspo_megatron.rollout.tool_calls import parse_tool_calls
+from gspo_megatron.rollout.transcript import ChatRenderer, Transcript
+
+TurnRequest = Tuple[int, List[int], int, str]
+"""(episode index, token prompt, max new tokens, seed key) for one engine call."""
+
+
+@dataclass
+class EpisodeRecord:
+    """What an episode did, beside its ids (``Completion.agent``)."""
+
+    messages: List[dict] = field(default_factory=list)
+    turns: int = 0
+    tool_calls: int = 0
+    malformed_calls: int = 0
+    env_reward: float = 0.0
+    failure: Optional[str] = None
+    """None, or how the environment failed: error, timeout, exit, invalid."""
+    failure_detail: str = ""
+    truncated: bool = False
+    cut_observations: int = 0
+    closed_by_env: int = 0
+    final_text: str = ""
+    """The last assistant turn's text: what the reward functions score."""
+    model_tokens: int = 0
+    env_tokens: int = 0
+    metadata: dict = field(default_factory=dict)
+
+
+class SharedEnvs:
+    """The environments of this rank's engine's episodes (on its first rank), with every
+    reply shared with every rank."""
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def __init__(self, pool, num_engines: int = 1, engine_index: int = 0, lead: bool = True):
+        self.pool, self.num_engines, self.engine_index = pool, num_engines, engine_index
+        self.lead = lead
+
+    def _mine(self, keys) -> list:
+        return [k for k in keys if k % self.num_engines == self.engine_index] if self.lead else []
+
+    def reset(self, rows: Dict[int, dict]) -> Dict[int, object]:
+        mine = self._mine(rows)
+        return _share(self.pool.reset({k: rows[k] for k in mine}) if mine else {})
+
+    def step(self, calls: Dict[int, Tuple[str, list]]) -> Dict[int, object]:
+        mine = self._mine(calls)
+        return _share(self.pool.step({k: calls[k] for k in mine}) if mine else {})
+
+    def finish(self, keys: Sequence[int]) -> Dict[int, dict]:
+        return _share({k: self.pool.finish(k) for k in self._mine(keys)})
+
+
+def _share(local: dict) -> dict:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+@dataclass
+class _Live:
+    index: int
+    transcript: Optional[Transcript]
+    record: EpisodeRecord
+    done: bool = False
+    stepped: bool = False
+    """A model turn was sampled this turn: the environment answers it."""
+    trailing: List[dict] = field(default_factory=list)
+
+
+class EpisodeRunner:
+    """Runs groups of episodes; ``sample(requests)`` is the engine (collective: every rank
+    passes the same requests and gets every completion)."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        renderer: ChatRenderer,
+        envs: SharedEnvs,
+        sample: Callable[[List[TurnRequest]], Dict[int, object]],
+        max_new_tokens: int,
+        max_model_len: int,
+    ):
+        self.cfg, self.renderer, self.envs, self.sample = cfg, renderer, envs, sample
+        self.per_turn = cfg.tokens_per_turn(max_new_tokens)
+        self.budget = cfg.episode_tokens(max_model_len)
+
+    def run(
+        self, rows: Sequence[dict], fallback_ids: Sequence[List[int]], seed_key: Callable
+    ) -> Tuple[List[Transcript], List[EpisodeRecord]]:
+        """One episode per row, all together. ``fallback_ids``: each row's prompt as the data
+        set rendered it, the prompt of an episode whose environment failed to open;
+        ``seed_key(index, turn)`` keys the engine's sampling seed of a turn."""
+        t0 = time.perf_counter()
+        self.env_seconds = 0.0
+        eps = [_Live(i, None, EpisodeRecord()) for i in range(len(rows))]
+        replies = self._timed(self.envs.reset, {i: dict(row) for i, row in enumerate(rows)})
+        for e in eps:
+            reply = replies[e.index]
+            if reply.failure is not None:
+                self._fail(e, reply, fallback_ids[e.index])
+                continue
+            messages = self._cut(e, reply.messages)
+            tools = getattr(reply, "tools", None)
+            e.transcript = Transcript(self.renderer.opening(messages, tools), messages, tools)
+            if len(e.transcript) + 1 >= self.budget:
+                e.record.truncated = e.done = True
+        for turn in range(self.cfg.max_turns):
+            live = [e for e in eps if not e.done]
+            if not live:
+                break
+            self._model_turn(live, turn, seed_key)
+            self._env_turn(live, turn)
+        self._finish(eps)
+        self.seconds = time.perf_counter() - t0
+        return [e.transcript for e in eps], [e.record for e in eps]
+
+    def _model_turn(self, live: List[_Live], turn: int, seed_key: Callable) -> None:
+        requests = []
+        for e in live:
+            room = self.budget - len(e.transcript) - 1  # the end-of-turn token may be appended
+            if room < 1:
+                e.record.truncated = e.done = True
+                continue
+            ids = e.transcript.prompt_ids + e.transcript.ids
+            requests.append((e.index, ids, min(self.per_turn, room), seed_key(e.index, turn)))
+        outs = self.sample(requests)
+        asked = {r[0] for r in requests}
+        for e in live:
+            if e.index not in asked:
+                continue
+            out = outs[e.index]
+            e.record.final_text = e.transcript.add_model_turn(
+                self.renderer, out.token_ids, out.logprobs
+            )
+            e.record.turns += 1
+            e.stepped = True
+            if len(e.transcript) + 1 >= self.budget and out.finish_reason == "length":
+                e.record.truncated = True
+
+    def _env_turn(self, live: List[_Live], turn: int) -> None:
+        calls = {}
+        for e in live:
+            if not e.stepped:
+                continue
+            e.stepped = False
+            parsed = parse_tool_calls(e.record.final_text, self.cfg.max_tool_calls_per_turn)
+            e.record.tool_calls += sum(c.error is None for c in parsed)
+            e.record.malformed_calls += sum(c.error is not None for c in parsed)
+            calls[e.index] = (e.record.final_text, [c.as_dict() for c in parsed])
+        if not calls:
+            return
+        replies = self._timed(self.envs.step, calls)
+        last = turn == self.cfg.max_turns - 1
+        for e in live:
+            if e.index not in calls:
+                continue
+            reply = replies[e.index]
+            if reply.failure is not None:
+                self._fail(e, reply)
+                continue
+            if reply.reward is not None and self.cfg.turn_rewards == "sum":
+                e.record.env_reward += float(reply.reward)
+            if reply.done or last or e.record.truncated:
+                e.done = True
+                e.trailing = list(reply.messages)  # recorded, never sampled after: no ids
+                continue
+            messages = self._cut(e, reply.messages)
+            ids = e.transcript.environment_ids(self.renderer, messages)
+            if len(e.transcript) + len(ids) + 1 >= self.budget:
+                e.record.truncated = e.done = True  # no room left for a model turn after it
+                continue
+            e.transcript.add_environment(messages, ids)
+
+    def _timed(self, fn, arg):
+        t0 = time.perf_counter()
+        try:
+            return fn(arg)
+        finally:
+            self.env_seconds += time.perf_counter() - t0
+
+    def _cut(self, e: _Live, messages: List[dict]) -> List[dict]:
+        out = []
+        for m in messages:
+            content, cut = self.renderer.cut_observation(
+                m["content"], self.cfg.max_observation_tokens
+            )
+            e.record.cut_observations += cut
+            out.append({**m, "content": content})
+        return out
+
+    def _fail(self, e: _Live, reply, fallback: Optional[List[int]] = None) -> None:
+        e.done = True
+        e.record.failure, e.record.failure_detail = reply.failure, reply.detail
+        if e.transcript is None:  # failed before its opening: nothing sampled, nothing to learn
+            e.transcript = Transcript(list(fallback or []), [])
+
+    def _finish(self, eps: List[_Live]) -> None:
+        alive = [e.index for e in eps if e.record.failure is None]
+        metadata = self.envs.finish(alive)
+        for e in eps:
+            t, rec = e.transcript, e.record
+            rec.metadata = metadata.get(e.index, {}) or {}
+            rec.messages = list(t.messages) + e.trailing
+            rec.closed_by_env = t.closed_by_env
+            rec.model_tokens, rec.env_tokens = t.model_tokens, t.env_tokens
+            if rec.failure is not None:
+                rec.env_reward = 0.0
+
+
+def agent_stats(records: Sequence[EpisodeRecord]) -> Dict[str, float]:
+    """The ``agent/*`` metrics of a step's episodes: per-episode means of turns, tool calls and
+    tokens; counts of malformed calls, failed environments and truncated episodes."""
+    n = max(len(records), 1)
+    return {
+        "agent/turns_mean": sum(r.turns for r in records) / n,
+        "agent/tool_calls": sum(r.tool_calls for r in records) / n,
+        "agent/malformed_calls": float(sum(r.malformed_calls for r in records)),
+        "agent/env_errors": float(sum(r.failure in ("error", "exit", "invalid") for r in records)),
+        "agent/env_timeouts": float(sum(r.failure == "timeout" for r in records)),
+        "agent/truncated_episodes": float(sum(r.truncated for r in records)),
+        "agent/cut_observations": float(sum(r.cut_observations for r in records)),
+        "agent/model_tokens": sum(r.model_tokens for r in records) / n,
+        "agent/env_tokens": sum(r.env_tokens for r in records) / n,
+    }
+
+
+def agent_rollout(
+    runner: EpisodeRunner,
+    prompts: Sequence,
+    group_size: int,
+    step: int,
+    round_: int = 0,
+    stream: str = "",
+):
+    """``group_size`` episodes per prompt (a ``data.Prompt``), as a RolloutBatch whose
+    completions carry their mask, opening and ``EpisodeRecord``. Sampling seeds are keyed by
+    (stream, step, round, prompt index, member, turn): any engine count samples the same."""
+    from gspo_megatron.rollout.engine import Completion, RolloutBatch
+
+    rows, fallback = [], []
+    for p in prompts:
+        for _ in range(group_size):
+            rows.append(dict(p.fields or {}))
+            fallback.append(list(p.ids))
+
+    def seed_key(index: int, turn: int) -> str:
+        i, member = divmod(index, group_size)
+        return f"{stream}/{step}/{round_}/{i}/{member}/t{turn}"
+
+    transcripts, records = runner.run(rows, fallback, seed_key)
+    comps = [
+        Completion(
+            list(t.ids),
+            list(t.logprobs),
+            "length" if rec.truncated else "stop",
+            loss_mask=list(t.mask),
+            prompt_ids=list(t.prompt_ids),
+            agent=rec,
+        )
+        for t, rec in zip(transcripts, records)
+    ]
+    groups = [comps[k * group_size : (k + 1) * group_size] for k in range(len(prompts))]
+    extra = agent_stats(records)
+    extra["perf/agent_env_seconds"] = runner.env_seconds
+    return RolloutBatch(groups, seconds=runner.seconds, extra=extra)
+
+
+def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
+    """The runner of a colocated ``engine`` (``RolloutEngine``): each engine's first rank holds
+    the environment processes of the episodes that engine samples."""
+    from gspo_megatron.rollout.agent_config import end_of_turn_id
+    from gspo_megatron.rollout.env_pool import EnvPool
+
+    lead = engine.rank % rollout.engine_tp == 0
+    pool = EnvPool(cfg.environment, cfg.step_timeout_s) if lead else None
+    envs = SharedEnvs(pool, engine.num_engines, engine.engine_index, lead)
+    eot = end_of_turn_id(tokenizer)
+    runner = EpisodeRunner(
+        cfg,
+        ChatRenderer(tokenizer, eot),
+        envs,
+        lambda requests: engine.sample_turns(requests, eot),
+        rollout.max_new_tokens,
+        rollout.max_model_len,
+    )
+    return runner

@@ -1,0 +1,53 @@
+"""Environments for the episode-runner tests (imported by path: "episode_envs:Class")."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+class Scripted:
+    """The row says how it behaves at its turn ``fail_at`` (``mode``: ok, raise, hang, exit,
+    garbage); otherwise each step answers with a tool message and a reward of 0.25, and the
+    episode ends after ``turns`` turns."""
+
+    def __init__(self, row):
+        self.row, self.turn = row, 0
+
+    def reset(self):
+        return [{"role": "user", "content": self.row["prompt"]}]
+
+    def step(self, text):
+        self.turn += 1
+        if self.turn == self.row.get("fail_at", 0):
+            mode = self.row["mode"]
+            if mode == "raise":
+                raise RuntimeError("the tool broke")
+            if mode == "hang":
+                time.sleep(60)
+            if mode == "exit":
+                os._exit(3)
+            if mode == "garbage":
+                return 42
+        done = self.turn >= self.row.get("turns", 2)
+        return [{"role": "tool", "content": f"seen {len(text)} chars"}], done, 0.25
+
+    def metadata(self):
+        return {"turns_seen": self.turn}
+
+
+class Chatty(Scripted):
+    """Answers with a long observation (cut by agent.max_observation_tokens)."""
+
+    def step(self, text):
+        self.turn += 1
+        return [{"role": "user", "content": " ".join(f"v{i}" for i in range(300))}], False, None
+
+
+from gspo_megatron.agent_demo import LookupEnv  # noqa: E402
+
+
+class LookupWithSchemas(LookupEnv):
+    """The demo's environment with its tool's schema rendered into the system turn."""
+
+    render_tools = True

@@ -1,0 +1,201 @@
+"""Multi-turn episodes end to end but for the engine: the real environment processes
+(``EnvPool``), the real transcript and tool-call parsing, with a scripted sampler standing in
+for vLLM (its turns are fixed texts, so every expected id is known; test_agent_rollout runs the
+real engine). Checks the episode's ids and mask against the chat template, the tool
+environment, the limits and the failure accounting."""
+
+from __future__ import annotations
+
+import pytest
+from episode_envs import LookupWithSchemas
+from transformers import AutoTokenizer
+
+from gspo_megatron.agent_demo import value_reward
+from gspo_megatron.data import Prompt
+from gspo_megatron.rollout.agent_config import AgentConfig, end_of_turn_id
+from gspo_megatron.rollout.engine import Completion
+from gspo_megatron.rollout.env_pool import EnvPool
+from gspo_megatron.rollout.episodes import EpisodeRunner, SharedEnvs, agent_rollout
+from gspo_megatron.sampling import episode_rewards
+from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat_tok")
+    write_chat_tokenizer(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+class ScriptedSampler:
+    """Turn t of every episode samples ``script(index, t)`` (a text) and then <|im_end|>,
+    cut to the request's max tokens like an engine (finish 'length')."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script, self.eot = tok, script, end_of_turn_id(tok)
+        self.requests = []
+
+    def __call__(self, requests):
+        self.requests.append(requests)
+        out = {}
+        for index, _prompt, max_tokens, key in requests:
+            turn = int(key.rsplit("/t", 1)[1])
+            ids = self.tok.encode(self.script(index, turn), add_special_tokens=False) + [self.eot]
+            stop = len(ids) <= max_tokens
+            ids = ids[:max_tokens]
+            out[index] = Completion(ids, [-0.1] * len(ids), "stop" if stop else "length")
+        return out
+
+
+def runner(tok, env, script, **cfg):
+    cfg = AgentConfig(environment=env, **{"step_timeout_s": 5.0, **cfg})
+    from gspo_megatron.rollout.transcript import ChatRenderer
+
+    pool = EnvPool(env, cfg.step_timeout_s)
+    sampler = ScriptedSampler(tok, script)
+    r = EpisodeRunner(
+        cfg, ChatRenderer(tok, end_of_turn_id(tok)), SharedEnvs(pool), sampler, 64, 1024
+    )
+    return r, sampler, pool
+
+
+CALL = '<tool_call>\n{"name": "lookup", "arguments": {}}\n</tool_call>'
+
+
+def test_tool_episode_ids_mask_and_reward(tok):
+    """The demo's lookup episode (the tool's schema rendered in the system turn) with a policy that calls the tool right, then answers with
+    what it read: ids equal the template's rendering of the conversation (with the tools in the
+    system turn), mask 1 on the model's two turns only, the final answer rewarded."""
+    rows = [
+        {"prompt": f"What is stored under k{i}?", "key": f"k{i}", "answer": v}
+        for i, v in ((3, "teal"), (8, "gold"))
+    ]
+    prompts = [Prompt(r["prompt"], [1], r["answer"], i, r) for i, r in enumerate(rows)]
+
+    def script(index, turn):
+        row = rows[index // 2]
+        if turn == 0:
+            return CALL
+        return row["answer"] if index % 2 == 0 else "red"
+
+    r, sampler, pool = runner(tok, "episode_envs:LookupWithSchemas", script)
+    with pool:
+        batch = agent_rollout(r, prompts, 2, step=0)
+    comps = [c for g in batch.groups for c in g]
+    assert len(comps) == 4 and [len(reqs) for reqs in sampler.requests] == [4, 4]
+    specs = LookupWithSchemas(rows[0]).tool_specs()
+    assert specs[0]["function"]["name"] == "lookup"
+    eot = end_of_turn_id(tok)
+    for k, c in enumerate(comps):
+        row = rows[k // 2]
+        rec = c.agent
+        assert rec.failure is None and rec.turns == 2 and rec.tool_calls == 1
+        final = row["answer"] if k % 2 == 0 else "red"
+        assert rec.final_text == final
+        conversation = LookupWithSchemas(row).reset() + [
+            {"role": "assistant", "content": CALL},
+            {"role": "tool", "content": row["answer"]},
+            {"role": "assistant", "content": final},
+        ]
+        assert rec.messages == conversation
+        text = tok.apply_chat_template(conversation, tools=specs, tokenize=False)
+        assert c.prompt_ids + c.token_ids == tok.encode(text[:-1], add_special_tokens=False)
+        turn1 = tok.encode(CALL, add_special_tokens=False) + [eot]
+        turn2 = tok.encode(final, add_special_tokens=False) + [eot]
+        between = len(c.token_ids) - len(turn1) - len(turn2)
+        assert c.loss_mask == [1] * len(turn1) + [0] * between + [1] * len(turn2)
+        assert [x for x, m in zip(c.logprobs, c.loss_mask) if not m] == [0.0] * between
+        # The second turn's request is the whole transcript so far, as a token prompt.
+        (second,) = [q for q in sampler.requests[1] if q[0] == k]
+        assert second[1] == c.prompt_ids + c.token_ids[: len(turn1) + between]
+    rewards = [
+        value_reward("", c.agent.final_text, rows[k // 2]["answer"]) for k, c in enumerate(comps)
+    ]
+    assert rewards == [1.0, 0.0, 1.0, 0.0]
+    assert batch.extra["agent/turns_mean"] == 2.0 and batch.extra["agent/tool_calls"] == 1.0
+    assert batch.extra["agent/env_tokens"] > 0 and batch.extra["agent/malformed_calls"] == 0
+
+
+def test_malformed_calls_become_error_observations_and_are_counted(tok):
+    rows = [{"prompt": "What is stored under k1?", "key": "k1", "answer": "red"}]
+    prompts = [Prompt(rows[0]["prompt"], [1], "red", 0, rows[0])]
+    texts = ['<tool_call>{"name": "lookup", "arguments": [1]}</tool_call>', "red"]
+    r, _, pool = runner(tok, "gspo_megatron.agent_demo:LookupEnv", lambda i, t: texts[t])
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    rec = batch.groups[0][0].agent
+    assert rec.malformed_calls == 1 and rec.tool_calls == 0 and rec.turns == 2
+    assert rec.messages[3]["role"] == "tool"
+    assert rec.messages[3]["content"].startswith('error: the "arguments" of lookup must be')
+    assert batch.extra["agent/malformed_calls"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "mode,failure",
+    [
+        ("raise", "error"),
+        ("hang", "timeout"),
+        ("exit", "exit"),
+        ("garbage", "invalid"),
+    ],
+)
+def test_an_environment_that_fails_costs_its_episode_only(tok, mode, failure):
+    """One episode's environment fails at its second step; the other finishes its three turns.
+    The failed one keeps what it sampled (mask and all), scores 0 whatever the rewards say, and
+    is counted; the run goes on."""
+    rows = [
+        {"prompt": "a", "turns": 3},
+        {"prompt": "b", "turns": 3, "fail_at": 2, "mode": mode},
+    ]
+    prompts = [Prompt(r["prompt"], [1], None, i, r) for i, r in enumerate(rows)]
+    r, _, pool = runner(tok, "episode_envs:Scripted", lambda i, t: f"turn {t}", step_timeout_s=1.0)
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    ok, bad = batch.groups[0][0], batch.groups[1][0]
+    assert ok.agent.failure is None and ok.agent.turns == 3
+    assert ok.agent.env_reward == pytest.approx(0.75)
+    assert ok.agent.metadata == {"turns_seen": 3}
+    assert bad.agent.failure == failure and bad.agent.turns == 2 and bad.agent.metadata == {}
+    assert sum(bad.loss_mask) > 0 and len(bad.loss_mask) == len(bad.token_ids)
+    assert episode_rewards([0.5, 0.5], [ok, bad]) == [1.25, 0.0]
+    key = "agent/env_timeouts" if failure == "timeout" else "agent/env_errors"
+    assert batch.extra[key] == 1.0
+
+
+def test_the_episode_token_limit_truncates_and_is_counted(tok):
+    """Turns of ~10 tokens against an episode of at most 40: the episode stops within it,
+    truncated and counted; its last turn closed by the environment's end-of-turn token."""
+    rows = [{"prompt": "a", "turns": 100}]
+    prompts = [Prompt("a", [1], None, 0, rows[0])]
+    r, _, pool = runner(
+        tok,
+        "episode_envs:Scripted",
+        lambda i, t: "one two three four five six seven eight",
+        max_episode_tokens=40,
+        max_turns=10,
+    )
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    c = batch.groups[0][0]
+    assert len(c.prompt_ids) + len(c.token_ids) <= 40
+    assert c.agent.truncated and c.finish_reason == "length"
+    assert batch.extra["agent/truncated_episodes"] == 1.0
+    assert c.token_ids[-1] == end_of_turn_id(tok)
+
+
+def test_turn_limit_and_long_observations(tok):
+    rows = [{"prompt": "a"}]
+    prompts = [Prompt("a", [1], None, 0, rows[0])]
+    r, _, pool = runner(
+        tok, "episode_envs:Chatty", lambda i, t: "ok", max_turns=3, max_observation_tokens=20
+    )
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    rec = batch.groups[0][0].agent
+    assert rec.turns == 3 and not rec.truncated
+    assert rec.cut_observations == 2  # the third turn's observation is never rendered
+    observations = [m["content"] for m in rec.messages[1:] if m["role"] == "user"]
+    # The last turn's answer is recorded as the environment gave it (never rendered, no ids).
+    assert len(observations) == 3
+    assert all(o.endswith(" [truncated]") for o in observations[:2])
+    assert not observations[2].endswith(" [truncated]")
