@@ -166,7 +166,8 @@ class Config:
                 "rollout.temperature=0 is greedy decoding: the group's responses are "
                 "identical and every advantage is 0; use a temperature > 0 (1.0)"
             )
-        if not any(f.weight for f in self.rewards.functions):
+        env_rewards = self.agent.enabled and self.agent.turn_rewards == "sum"
+        if not env_rewards and not any(f.weight for f in self.rewards.functions):
             raise GspoError(
                 "rewards.functions: every weight is 0, so every reward and advantage "
                 "is 0; give at least one function a non-zero weight"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.sampling import episode_rewards, response_text
 
 CHUNK = 64
 """Prompts per engine call: seeds are (seed, call, position in the call), so a fixed chunk
@@ -55,6 +56,8 @@ class EvalPlan:
     seed: int
     kv_cache_gib: float
     out: Path
+    agent: object = None
+    """--config's agent section when it runs multi-turn episodes (AgentConfig), else None."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -149,10 +152,15 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     if args.config is not None:
         cfg = load_config(Path(args.config))
         data, rewards = cfg.data, cfg.rewards
+        agent = cfg.agent if cfg.agent.enabled else None
         if max_prompt is None:
             max_prompt = cfg.rollout.max_prompt_tokens
     else:
-        data, rewards = DataConfig(), None
+        data, rewards, agent = DataConfig(), None, None
+    if agent is not None:
+        from gspo_megatron.rollout.env_pool import check_environment
+
+        check_environment(agent.environment)
     if args.data is not None:
         data = replace(data, path=args.data)
     if args.prompt_field is not None:
@@ -205,6 +213,7 @@ def plan(args: argparse.Namespace) -> EvalPlan:
         seed=args.seed,
         kv_cache_gib=args.kv_cache_gib,
         out=out,
+        agent=agent,
     )
 
 
@@ -246,10 +255,15 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
     engine = RolloutEngine(hf_dir, rollout, dtype)
     rank = dist.get_rank()  # (the engine's teardown ends the process group)
     runner = RewardRunner(p.rewards)
+    episodes = None
+    if p.agent is not None:  # multi-turn episodes, as the training config runs them
+        from gspo_megatron.rollout.episodes import make_runner
+
+        episodes = make_runner(p.agent, rollout, tokenizer, engine)
     try:
         with progress_bar(total=len(prompts), desc="gspo-eval", unit="prompt") as bar:
             rows = sample_and_score(
-                engine.generate,
+                groups_of(engine, episodes),
                 runner.score_across_ranks,
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                 prompts,
@@ -259,6 +273,8 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
             )
     finally:
         runner.close()
+        if episodes is not None:
+            episodes.envs.close()
         engine.close()
     if rank != 0:
         return None
@@ -279,6 +295,19 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
     return summary
 
 
+def groups_of(engine, episodes=None) -> Callable:
+    """``generate(prompts, step=, n=, greedy=, stream=)`` for ``sample_and_score``: the
+    engine's single responses, or multi-turn episodes (an ``EpisodeRunner``) on it."""
+    if episodes is None:
+        return lambda prompts, **kw: engine.generate([q.ids for q in prompts], **kw)
+    from gspo_megatron.rollout.episodes import agent_rollout
+
+    def run(prompts, step, n, greedy, stream):
+        return agent_rollout(episodes, prompts, n, step, stream=stream, greedy=greedy)
+
+    return run
+
+
 def sample_and_score(
     generate: Callable,
     score: Callable,
@@ -295,13 +324,13 @@ def sample_and_score(
     rows: List[dict] = []
     for call, start in enumerate(range(0, len(prompts), CHUNK)):
         chunk = prompts[start : start + CHUNK]
-        batch = generate([q.ids for q in chunk], step=call, n=n, greedy=greedy, stream="eval")
+        batch = generate(chunk, step=call, n=n, greedy=greedy, stream="eval")
         items, comps = [], []
         for q, group in zip(chunk, batch.groups):
             for c in group:
-                items.append((q.text, decode(c.token_ids), q.answer))
+                items.append((q.text, response_text(c, decode), q.answer))
                 comps.append(c)
-        totals = score(items)[0]
+        totals = episode_rewards(score(items)[0], comps)
         for i, q in enumerate(chunk):
             samples = [
                 {
@@ -309,6 +338,7 @@ def sample_and_score(
                     "reward": totals[j],
                     "tokens": len(comps[j].token_ids),
                     "finish_reason": comps[j].finish_reason,
+                    **episode_summary(comps[j]),
                 }
                 for j in range(i * n, (i + 1) * n)
             ]
@@ -316,6 +346,20 @@ def sample_and_score(
         if progress is not None:
             progress(len(chunk))
     return rows
+
+
+def episode_summary(c) -> dict:
+    """A multi-turn sample's turns, tool calls and failure ({} for a single response)."""
+    if c.agent is None:
+        return {}
+    rec = c.agent
+    return {
+        "turns": rec.turns,
+        "tool_calls": rec.tool_calls,
+        "malformed_calls": rec.malformed_calls,
+        "failure": rec.failure,
+        "messages": rec.messages,
+    }
 
 
 def summarize_rows(rows: List[dict], k: int, threshold: float) -> Dict[str, float]:

@@ -333,11 +333,11 @@ class Trainer:
     def _validate(self) -> Dict[str, float]:
         """The held-out prompts on the engines, which hold the policy just synced (gspo-eval's
         sampling and seeds: gspo-eval on the same checkpoint gives these figures)."""
-        from gspo_megatron.evaluate import sample_and_score, summarize_rows
+        from gspo_megatron.evaluate import groups_of, sample_and_score, summarize_rows
 
         cfg, t0 = self.cfg.train, time.perf_counter()
         rows = sample_and_score(
-            self.engine.generate,
+            groups_of(self.engine, self.agent),
             self.rewards.score_across_ranks,
             lambda ids: self.plan.tokenizer.decode(ids, skip_special_tokens=True),
             self.plan.eval_prompts.prompts,

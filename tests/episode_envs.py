@@ -51,3 +51,15 @@ class LookupWithSchemas(LookupEnv):
     """The demo's environment with its tool's schema rendered into the system turn."""
 
     render_tools = True
+
+
+class Flaky(LookupEnv):
+    """The demo's environment, except that its step raises for rows whose colour is red and
+    hangs for gold ones: the run must go on, those episodes counted and scored 0."""
+
+    def step(self, assistant_text, tool_calls):
+        if self.row["answer"] == "red":
+            raise RuntimeError("flaky tool")
+        if self.row["answer"] == "gold":
+            time.sleep(60)
+        return super().step(assistant_text, tool_calls)

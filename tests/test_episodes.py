@@ -199,3 +199,29 @@ def test_turn_limit_and_long_observations(tok):
     assert len(observations) == 3
     assert all(o.endswith(" [truncated]") for o in observations[:2])
     assert not observations[2].endswith(" [truncated]")
+
+
+def test_the_readme_environment_runs_as_documented(tok, tmp_path, monkeypatch):
+    """The README's example environment, as printed there, in the pool: wrong guesses get
+    hints, the right one ends the episode with its reward."""
+    import re
+    import sys
+
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Multi-turn episodes with tools") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "readme_game.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("readme_game", None)
+    rows = [{"prompt": "guess", "answer": "42"}]
+    prompts = [Prompt("guess", [1], "42", 0, rows[0])]
+    guesses = ["50", "a lot", "40", "42"]
+    r, _, pool = runner(tok, "readme_game:GuessTheNumber", lambda i, t: guesses[t], max_turns=8)
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    rec = batch.groups[0][0].agent
+    assert rec.turns == 4 and rec.env_reward == 1.0 and rec.failure is None
+    hints = [m["content"] for m in rec.messages if m["role"] == "user"][1:]
+    assert hints == ["Lower.", "A number, please.", "Higher."]

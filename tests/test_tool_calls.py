@@ -27,7 +27,7 @@ def test_malformed_calls_are_errors_not_dropped():
         '<tool_call>{"arguments": {}}</tool_call>': 'no "name" string',
         '<tool_call>{"name": "f", "arguments": [1]}</tool_call>': '"arguments" of f must be',
         '<tool_call>{"name": "f", "arguments": {}}': "is never closed",
-        'x</tool_call>': "without an opening",
+        "x</tool_call>": "without an opening",
     }
     for text, why in cases.items():
         (call,) = parse_tool_calls(text)
@@ -108,5 +108,9 @@ def test_schema_from_annotations():
     assert s["description"] == "First line."
     assert s["parameters"]["required"] == ["name", "count", "ratio", "flag"]
     assert [v["type"] for v in s["parameters"]["properties"].values()] == [
-        "string", "integer", "number", "boolean", "string",
+        "string",
+        "integer",
+        "number",
+        "boolean",
+        "string",
     ]

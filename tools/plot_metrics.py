@@ -51,7 +51,8 @@ def plot(rows, out: Path) -> None:
     if held:  # validation (train.eval_every): the held-out reward of the policy at that step
         a.plot(*zip(*held), "o-", color="tab:green", label="eval/mean_reward (held out)")
     a.set_ylabel("reward")
-    a.set_ylim(-0.05, 1.05)
+    # Rewards in [0, 1] for the demos' functions; an environment's per-turn rewards add to it.
+    a.set_ylim(-0.05, max([1.05] + [m + sd + 0.05 for m, sd in zip(reward, std)]))
     a.legend(loc="lower right")
     a.grid(alpha=0.3)
     b.plot(steps, clip, color="tab:red", label="gspo/clip_fraction")

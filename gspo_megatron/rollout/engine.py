@@ -333,7 +333,10 @@ class RolloutEngine:
         return batch
 
     def sample_turns(
-        self, requests: Sequence[Tuple[int, Sequence[int], int, str]], stop_token_id: int
+        self,
+        requests: Sequence[Tuple[int, Sequence[int], int, str]],
+        stop_token_id: int,
+        greedy: bool = False,
     ) -> Dict[int, "Completion"]:
         """One response per request (episode index, token prompt, max new tokens, seed key),
         stopping at ``stop_token_id`` (included in the ids): a turn of every live multi-turn
@@ -348,12 +351,12 @@ class RolloutEngine:
             params = [
                 SamplingParams(
                     n=1,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k,
+                    temperature=0.0 if greedy else cfg.temperature,
+                    top_p=1.0 if greedy else cfg.top_p,
+                    top_k=0 if greedy else cfg.top_k,
                     max_tokens=max_tokens,
                     logprobs=0,
-                    seed=zlib.crc32(f"{cfg.seed}/{key}".encode()) & 0x7FFFFFFF,
+                    seed=None if greedy else zlib.crc32(f"{cfg.seed}/{key}".encode()) & 0x7FFFFFFF,
                     stop_token_ids=[stop_token_id],
                     detokenize=False,
                 )

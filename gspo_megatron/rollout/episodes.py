@@ -118,6 +118,7 @@ class EpisodeRunner:
         max_model_len: int,
     ):
         self.cfg, self.renderer, self.envs, self.sample = cfg, renderer, envs, sample
+        self.greedy = False  # (agent_rollout sets it per call: evaluation may be greedy)
         self.per_turn = cfg.tokens_per_turn(max_new_tokens)
         self.budget = cfg.episode_tokens(max_model_len)
 
@@ -141,12 +142,16 @@ class EpisodeRunner:
             e.transcript = Transcript(self.renderer.opening(messages, tools), messages, tools)
             if len(e.transcript) + 1 >= self.budget:
                 e.record.truncated = e.done = True
+        self.turn_seconds = []  # (engine, environments) per turn
         for turn in range(self.cfg.max_turns):
             live = [e for e in eps if not e.done]
             if not live:
                 break
+            t1 = time.perf_counter()
             self._model_turn(live, turn, seed_key)
+            t2, env_before = time.perf_counter(), self.env_seconds
             self._env_turn(live, turn)
+            self.turn_seconds.append((t2 - t1, self.env_seconds - env_before))
         self._finish(eps)
         self.seconds = time.perf_counter() - t0
         return [e.transcript for e in eps], [e.record for e in eps]
@@ -268,6 +273,7 @@ def agent_rollout(
     step: int,
     round_: int = 0,
     stream: str = "",
+    greedy: bool = False,
 ):
     """``group_size`` episodes per prompt (a ``data.Prompt``), as a RolloutBatch whose
     completions carry their mask, opening and ``EpisodeRecord``. Sampling seeds are keyed by
@@ -284,6 +290,7 @@ def agent_rollout(
         i, member = divmod(index, group_size)
         return f"{stream}/{step}/{round_}/{i}/{member}/t{turn}"
 
+    runner.greedy = greedy
     transcripts, records = runner.run(rows, fallback, seed_key)
     comps = [
         Completion(
@@ -316,7 +323,7 @@ def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
         cfg,
         ChatRenderer(tokenizer, eot),
         envs,
-        lambda requests: engine.sample_turns(requests, eot),
+        lambda requests: engine.sample_turns(requests, eot, greedy=runner.greedy),
         rollout.max_new_tokens,
         rollout.max_model_len,
     )

@@ -1,0 +1,104 @@
+"""gspo-train with multi-turn episodes end to end: the agent demo's config on its tiny model
+(two ranks, real vLLM, the environments in their own processes), validation on held-out
+episodes, the rollouts written with their ids and masks; and another environment by override
+that raises and hangs for some episodes, which costs those episodes only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import train_runs as tr
+from conftest import REPO, torchrun_cmd
+from transformers import AutoTokenizer
+
+from gspo_megatron.agent_demo import LOOKUP_REWARD, value_reward
+
+CONFIG = "launch/configs/tiny_agent_cpu.yaml"
+
+
+def _train(agent_init, out, *extra):
+    cmd = (
+        torchrun_cmd(2)
+        + ["-m", "gspo_megatron.train", "--config", CONFIG]
+        + [
+            f"model.ckpt={agent_init / 'mcore'}",
+            f"data.path={agent_init / 'train.jsonl'}",
+            f"data.eval_path={agent_init / 'held_out.jsonl'}",
+            f"train.output_dir={out}",
+            "train.prompts_per_step=4",
+            "rollout.group_size=4",
+            "train.save_rollouts=true",
+            *extra,
+        ]
+    )
+    proc = subprocess.run(cmd, cwd=REPO, env=tr.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc
+
+
+def test_agent_demo_config_trains_validates_and_records_episodes(agent_init, tmp_path):
+    out = tmp_path / "run"
+    metrics, _ = _train(agent_init, out, "train.steps=2", "train.eval_every=2", "train.eval_k=2")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["agent/turns_mean"] >= 1 and m["agent/env_errors"] == 0
+        assert m["agent/model_tokens"] > 0 and m["train/update_successful"] == 1.0
+    # Validation right after the first sync (step index 0), as for single-turn runs.
+    assert "eval/pass@2" in metrics[0] and "eval/mean_reward" in metrics[0]
+    tok = AutoTokenizer.from_pretrained(str(agent_init / "mcore" / "hf"))
+    rows = [
+        json.loads(x) for x in (out / "rollouts" / "step_000001.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 16
+    for r in rows:
+        assert len(r["ids"]) == len(r["mask"]) and r["failure"] is None
+        # The reward is the final answer's plus the first well-formed lookup's.
+        final = r["messages"][-1]["content"] if r["messages"][-1]["role"] == "assistant" else None
+        answer = [m for m in r["messages"] if m["role"] == "assistant"][-1]["content"]
+        expected = value_reward("", answer, r["answer"]) + (LOOKUP_REWARD if r["env_reward"] else 0)
+        assert r["reward"] == expected, r
+        assert final is not None or r["truncated"] or r["turns"] == 3
+        # The model's tokens decode to its turns; the environment's to the template's
+        # separators, tool turns and generation prompts.
+        model_text = tok.decode([t for t, m in zip(r["ids"], r["mask"]) if m])
+        env_text = tok.decode(
+            [t for t, m in zip(r["ids"], r["mask"]) if not m], skip_special_tokens=False
+        )
+        assert "<|im_start|>" not in model_text
+        if r["turns"] > 1:
+            assert env_text.count("<|im_start|>assistant\n") == r["turns"] - 1
+
+
+def test_another_environment_by_override_that_fails_for_some_episodes(agent_init, tmp_path):
+    out = tmp_path / "run"
+    data = tmp_path / "four.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": "What is the secret colour?", "answer": c}) + "\n"
+            for c in ("red", "gold", "blue", "teal")
+        )
+    )
+    metrics, proc = _train(
+        agent_init,
+        out,
+        f"data.path={data}",
+        "data.shuffle=false",
+        "train.steps=1",
+        "train.eval_every=0",
+        "agent.environment=episode_envs:Flaky",
+        "agent.step_timeout_s=2",
+    )
+    rows = [
+        json.loads(x) for x in (out / "rollouts" / "step_000001.jsonl").read_text().splitlines()
+    ]
+    bad = {"red": "error", "gold": "timeout"}
+    assert sorted({r["answer"] for r in rows}) == ["blue", "gold", "red", "teal"]
+    for r in rows:
+        # Every episode samples a first turn, which the environment then answers (or not).
+        assert r["turns"] >= 1 and r["failure"] == bad.get(r["answer"]), r
+        if r["failure"]:
+            assert r["reward"] == 0.0
+    m = metrics[0]
+    assert m["agent/env_errors"] == 4 and m["agent/env_timeouts"] == 4
+    assert m["train/update_successful"] == 1.0
