@@ -132,7 +132,8 @@ class Config:
         """Every section's own checks, then the ones that span sections."""
         self.model.validate()
         self.data.validate()
-        self.rewards.validate()
+        # An environment's per-turn rewards may be the whole signal (agent.turn_rewards: sum).
+        self.rewards.validate(allow_empty=self.agent.enabled and self.agent.turn_rewards == "sum")
         self.rollout.validate(world_size)
         self.agent.validate(self.rollout.max_new_tokens, self.rollout.max_model_len)
         self.loss.validate()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from gspo_megatron.errors import GspoError, exit_on_error
-from gspo_megatron.sampling import episode_rewards, response_text
+from gspo_megatron.sampling import episode_rewards, reward_item
 
 CHUNK = 64
 """Prompts per engine call: seeds are (seed, call, position in the call), so a fixed chunk
@@ -328,7 +328,7 @@ def sample_and_score(
         items, comps = [], []
         for q, group in zip(chunk, batch.groups):
             for c in group:
-                items.append((q.text, response_text(c, decode), q.answer))
+                items.append(reward_item(q, c, decode))
                 comps.append(c)
         totals = episode_rewards(score(items)[0], comps)
         for i, q in enumerate(chunk):

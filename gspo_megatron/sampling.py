@@ -98,7 +98,7 @@ def sample_step(
         batches.append(batch)
         out.rounds = round_ + 1
         got = [(p, g) for p, g in zip(prompts, batch.groups) if g is not None]
-        texts = [(p.text, response_text(c, decode), p.answer) for p, g in got for c in g]
+        texts = [reward_item(p, c, decode) for p, g in got for c in g]
         rewards, stats, error = score(texts)
         rewards = episode_rewards(rewards, [c for _, g in got for c in g])
         reward_parts.append((stats, len(texts)))
@@ -130,6 +130,24 @@ def sample_step(
         out.stats["rollout/sampling_rounds"] = float(out.rounds)
         out.stats["reward/filtered_groups"] = float(out.filtered_groups)
     return out
+
+
+def reward_item(p: Prompt, c: "Completion", decode: Callable[[List[int]], str]) -> tuple:
+    """What the reward functions get: (prompt, response, answer), and for a multi-turn
+    episode its record (``episode=`` for a function that asks for it)."""
+    item = (p.text, response_text(c, decode), p.answer)
+    if c.agent is None:
+        return item
+    rec = c.agent
+    episode = {
+        "messages": rec.messages,
+        "metadata": rec.metadata,
+        "turns": rec.turns,
+        "tool_calls": rec.tool_calls,
+        "malformed_calls": rec.malformed_calls,
+        "truncated": rec.truncated,
+    }
+    return item + (episode,)
 
 
 def response_text(c: "Completion", decode: Callable[[List[int]], str]) -> str:

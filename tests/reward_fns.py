@@ -127,3 +127,11 @@ def huge_or_tiny(prompt, response, answer):
     _start_sleepers(Path(os.environ["GSPO_TEST_CHILDREN"]), n=1)
     scale = 1e300 if int((answer or "w1").split()[0][1:]) % 2 == 0 else 1e-300
     return copy_reward(prompt, response, answer) * scale
+
+
+def tool_use(prompt, response, answer, episode):
+    """Multi-turn episodes: 1 per tool call the episode made, read from its record (a single
+    response gets episode=None)."""
+    if episode is None:
+        return -1.0
+    return float(episode["tool_calls"]) + 0.1 * len(episode["messages"])

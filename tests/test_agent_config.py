@@ -84,3 +84,17 @@ def test_a_tokenizer_without_a_chat_template(agent_good, agent_init, monkeypatch
     (ckpt / "hf" / "chat_template.jinja").unlink()
     err = _main(agent_good + [f"model.ckpt={ckpt}"], monkeypatch, capsys)
     assert "multi-turn episodes need a chat template" in err, err
+
+
+def test_per_turn_rewards_may_be_the_whole_signal(agent_good, monkeypatch, capsys):
+    """No reward function with agent.turn_rewards=sum (the environment's rewards are the
+    signal, as in the README's example); with ignore there would be nothing: refused."""
+    from gspo_megatron import train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train.main(agent_good + ["rewards.functions=[]", "--check"])
+    assert "is ready for 1 rank(s)" in capsys.readouterr().err
+    err = _main(
+        agent_good + ["rewards.functions=[]", "agent.turn_rewards=ignore"], monkeypatch, capsys
+    )
+    assert "rewards.functions is empty" in err

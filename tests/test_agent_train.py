@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import train_runs as tr
 from conftest import REPO, torchrun_cmd
@@ -37,15 +38,43 @@ def _train(agent_init, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], proc
 
 
+TOOL_USE = (
+    "rewards.functions=[{name: 'gspo_megatron.agent_demo:value_reward', weight: 1.0}, "
+    "{name: 'reward_fns:tool_use', weight: 0.0}]"
+)
+
+
 def test_agent_demo_config_trains_validates_and_records_episodes(agent_init, tmp_path):
+    """Two steps on two ranks; validation of the initial policy on held-out episodes equals
+    gspo-eval's of the same model with the run's config (seeded episodes, one engine against
+    the trainer's two); a reward function asking for the episode reads its record."""
     out = tmp_path / "run"
-    metrics, _ = _train(agent_init, out, "train.steps=2", "train.eval_every=2", "train.eval_k=2")
+    metrics, _ = _train(
+        agent_init, out, "train.steps=2", "train.eval_every=2", "train.eval_k=2", TOOL_USE
+    )
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["agent/turns_mean"] >= 1 and m["agent/env_errors"] == 0
         assert m["agent/model_tokens"] > 0 and m["train/update_successful"] == 1.0
     # Validation right after the first sync (step index 0), as for single-turn runs.
     assert "eval/pass@2" in metrics[0] and "eval/mean_reward" in metrics[0]
+    # reward_fns:tool_use (weight 0: logged, not added) reads the episode's record: its tool
+    # calls plus 0.1 per message (at least system, user and one assistant turn).
+    assert metrics[0]["reward/tool_use"] >= metrics[0]["agent/tool_calls"] + 0.3 - 1e-9
+    logged = {k.removeprefix("eval/"): v for k, v in metrics[0].items() if k.startswith("eval/")}
+    cmd = [sys.executable, "-m", "gspo_megatron.evaluate", "--model", str(agent_init / "hf")]
+    cmd += ["--config", str(out / "config.yaml"), "--data", str(agent_init / "held_out.jsonl")]
+    cmd += ["--k", "2", "--max-new-tokens", "64", "--kv-cache-gib", "0.1"]
+    cmd += ["--out", str(tmp_path / "eval")]
+    proc = subprocess.run(cmd, cwd=REPO, env=tr.env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert logged["mean_reward"] > 0 and set(logged) <= set(summary)
+    assert {k: summary[k] for k in logged} == logged
+    samples = [
+        json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert all(s["turns"] >= 1 and s["messages"] for r in samples for s in r["samples"])
     tok = AutoTokenizer.from_pretrained(str(agent_init / "mcore" / "hf"))
     rows = [
         json.loads(x) for x in (out / "rollouts" / "step_000001.jsonl").read_text().splitlines()

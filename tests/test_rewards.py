@@ -524,3 +524,19 @@ def test_printed_output_is_shown_capped(capfd):
         "this call's output not shown)"
     )
     assert "the rest of their output is not shown" in lines[-1]
+
+
+def test_a_reward_with_an_episode_parameter_receives_the_episode():
+    """Multi-turn episodes reach the functions that ask for them (``episode=``); the others are
+    called as always, and single responses give such a function episode=None."""
+    cfg = RewardConfig(
+        functions=[RewardFn("reward_fns:tool_use", 1.0), RewardFn("exact_match", 1.0)]
+    )
+    runner = RewardRunner(cfg)
+    try:
+        episode = {"messages": [{"role": "user", "content": "q"}] * 3, "tool_calls": 2}
+        totals, stats = runner.score([("q", "a", "a", episode), ("q", "a", "a")])
+    finally:
+        runner.close()
+    assert stats["reward/errors"] == 0
+    assert totals == pytest.approx([2.3 + 1.0, -1.0 + 1.0])

@@ -74,8 +74,9 @@ class RewardConfig:
     timeout_s: float = 10.0
     """Per call, from when it is sent to the worker; a call past it is killed and scores 0."""
 
-    def validate(self) -> None:
-        if not self.functions:
+    def validate(self, allow_empty: bool = False) -> None:
+        """``allow_empty``: another source of rewards exists (an environment's per-turn ones)."""
+        if not self.functions and not allow_empty:
             raise GspoError("rewards.functions is empty: name at least one reward function")
         if not self.timeout_s > 0:
             raise GspoError(f"rewards.timeout_s={self.timeout_s} must be > 0")
@@ -123,9 +124,10 @@ class RewardRunner:
         self.last_errors = []
         self._cannot_start = None  # a worker that could not start gets one new try per score()
         t0 = time.perf_counter()
-        for i, (prompt, response, answer) in enumerate(items):
+        for i, (prompt, response, answer, *episode) in enumerate(items):
+            job_tail = (prompt, response, answer, episode[0] if episode else None)
             for k, name in enumerate(self.names):
-                (values[i][k], err), timed_out = self._score_one((k, prompt, response, answer))
+                (values[i][k], err), timed_out = self._score_one((k, *job_tail))
                 if err is None:
                     continue
                 if timed_out:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
+import inspect
 import math
 import numbers
 import os
@@ -46,7 +47,10 @@ STARTUP_TIMEOUT_S = 120.0
 OUTPUT_PER_CALL = 16 << 10
 """Bytes of a call's printed output sent back with its reply (the rest is counted, not sent)."""
 
-Job = Tuple[int, str, str, Optional[str]]  # (function index, prompt, response, answer)
+Job = Tuple[int, str, str, Optional[str], Optional[dict]]
+"""(function index, prompt, response, answer, episode): ``episode`` is a multi-turn episode's
+record (messages, metadata, turns, tool calls; None for a single response), passed to a
+function that has a parameter named ``episode``."""
 Reply = Tuple[float, Optional[str]]  # (value, None) or (0.0, what went wrong)
 Output = Tuple[bytes, int]  # (the first OUTPUT_PER_CALL bytes printed, how many bytes in all)
 
@@ -71,8 +75,8 @@ def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
     conn.send(None)
     try:
         while True:
-            k, prompt, response, answer = conn.recv()
-            reply = _run_one(fns[k], prompt, response, answer)
+            k, prompt, response, answer, episode = conn.recv()
+            reply = _run_one(fns[k], prompt, response, answer, episode)
             conn.send((reply, _take_output(capture)))
     except (EOFError, OSError):  # the trainer is gone: nobody to answer
         return
@@ -148,11 +152,16 @@ def _flush_std() -> None:
             pass
 
 
-def _run_one(fn: Callable, prompt: str, response: str, answer: Optional[str]) -> Reply:
+def _run_one(
+    fn: Callable, prompt: str, response: str, answer: Optional[str], episode: Optional[dict] = None
+) -> Reply:
     # BaseException: sys.exit() or KeyboardInterrupt in a reward function is that call's
     # fault, no reason to stop this worker.
     try:
-        raw = fn(prompt, response, answer)
+        if takes_episode(fn):
+            raw = fn(prompt, response, answer, episode=episode)
+        else:
+            raw = fn(prompt, response, answer)
         value = _finite_real(raw)
     except BaseException as exc:
         return 0.0, f"raised {describe(exc)}"
@@ -162,6 +171,14 @@ def _run_one(fn: Callable, prompt: str, response: str, answer: Optional[str]) ->
             f"returned {_show(raw)} ({type(raw).__name__}); a reward must be a finite number",
         )
     return value, None
+
+
+def takes_episode(fn: Callable) -> bool:
+    """Whether a reward function asks for the multi-turn episode (a parameter ``episode``)."""
+    try:
+        return "episode" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def _finite_real(raw: object) -> Optional[float]:
