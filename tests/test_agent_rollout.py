@@ -28,9 +28,10 @@ def test_trainer_scores_the_engines_multi_turn_tokens(agent_init, tmp_path):
             env,
         ],
         nproc=2,
+        env={"PYTHONPATH": str(REPO / "tests")},  # the environment's module, episode_envs
     )
     r = json.loads(out.read_text())
-    assert r["failures"] == [None] * 12
+    assert r["failures"] == [None] * 12, r["failure_details"]
     assert r["turns"] == [3] * 12
     assert r["model_tokens"] > 100 and r["env_tokens"] > 0
     # The engine's sampling log-probs are the trainer's on every model token (fp32 on both

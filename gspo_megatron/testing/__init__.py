@@ -7,5 +7,9 @@ demo do:
 - ``hf_reference``: log-probs from HF transformers, the reference for every Megatron log-prob;
 - ``gather``: full tensors (weights, gradients) from any parallel layout, to compare layouts;
 - ``generate``: greedy decoding with the trainer's Megatron model, the reference a rollout
-  engine's greedy continuation must equal after a weight sync.
+  engine's greedy continuation must equal after a weight sync;
+- ``chat_tokenizer``: a byte-level BPE tokenizer with a ChatML chat template and the tool-call
+  tokens, trained locally (re-encoding really drifts with it), for multi-turn tests and the
+  agent demo;
+- ``sleepy_env``: an environment whose steps sleep (tools/bench_agent.py).
 """

@@ -65,6 +65,7 @@ def main() -> None:
         "diff": diff,
         "turns": [c.agent.turns for c in comps],
         "failures": [c.agent.failure for c in comps],
+        "failure_details": [c.agent.failure_detail for c in comps],
         "model_tokens": sum(sum(c.loss_mask) for c in comps),
         "env_tokens": sum(len(c.loss_mask) - sum(c.loss_mask) for c in comps),
         "episodes": [
