@@ -34,6 +34,15 @@ def child_env() -> dict:
     return env
 
 
+def interruptible() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: its default action back. A
+    suite started from a background job (``bash .ci/run &``, nohup) inherits SIGINT ignored, and
+    Python then leaves it ignored in every child (measured: gspo-convert wrote to the end)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def torchrun_cmd(nproc: int) -> list:
     """`python -m torch.distributed.run` for ``nproc`` processes on a free loopback port."""
     port = str(free_port())

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.rewards.builtin import final_answer, format_reward, math_reward
@@ -356,6 +357,7 @@ def _start_trainer(tmp_path, function: str):
         [sys.executable, "-c", _TRAINER, str(pid_file), function],
         env=env,
         stderr=subprocess.DEVNULL,
+        preexec_fn=interruptible,  # a test sends it SIGINT
     )
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():

@@ -59,13 +59,13 @@ class SharedEnvs:
     """The environments of this rank's engine's episodes (on its first rank), with every
     reply shared with every rank."""
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-
     def __init__(self, pool, num_engines: int = 1, engine_index: int = 0, lead: bool = True):
         self.pool, self.num_engines, self.engine_index = pool, num_engines, engine_index
         self.lead = lead
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def _mine(self, keys) -> list:
         return [k for k in keys if k % self.num_engines == self.engine_index] if self.lead else []
