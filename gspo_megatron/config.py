@@ -187,6 +187,12 @@ class Config:
                 "(agent.environment) do not assemble across turns; use loss.routing_replay=r2 "
                 "(pi_old's routes, any number of turns) or none"
             )
+        if self.rollout.placement == "separate" and self.train.eval_every:
+            raise GspoError(
+                f"train.eval_every={self.train.eval_every}: validation runs on colocated engines, "
+                f"and rollout.placement=separate has none in the training ranks; use "
+                f"train.eval_every=0 and gspo-eval on the checkpoints"
+            )
         if self.loss.per_token and self.model.moe_aux_loss_coeff:
             # The aux loss is scaled for a per-sequence normaliser (update.scale_moe_aux_loss).
             raise GspoError(

@@ -71,6 +71,7 @@ def preflight(
     cfg: Config, world_size: int, resume: bool = False, resume_from: Optional[Path] = None
 ) -> Plan:
     cfg.validate(world_size)
+    world_size = cfg.rollout.trainer_ranks(world_size)  # separate rollout ranks do not train
     spec = checkpoint_spec(Path(cfg.model.ckpt))
     check_layout(cfg.parallel, spec, world_size)
     if cfg.loss.routing_replay != "none" and not spec.is_moe:

@@ -45,6 +45,10 @@ class StepRollout:
     num_tokens: int = 0
     stats: Dict[str, float] = field(default_factory=dict)
     first_error: Optional[str] = None
+    index: int = 0
+    """The step this batch is for (``rollout.source``)."""
+    version: int = 0
+    """The policy that sampled it: the one after ``version`` steps."""
 
 
 def informative(rewards: Sequence[float]) -> bool:

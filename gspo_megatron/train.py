@@ -60,8 +60,16 @@ from gspo_megatron.procutil import exit_without_teardown
 from gspo_megatron.progress import progress_bar
 from gspo_megatron.resume import config_text, record_config
 from gspo_megatron.rewards.runner import RewardRunner
+from gspo_megatron.rollout.placement import enter_role, role_of
+from gspo_megatron.rollout.source import (
+    QUEUE_FILE,
+    ColocatedSource,
+    Producer,
+    SeparateSource,
+    dump_queue,
+    load_queue,
+)
 from gspo_megatron.run_lock import RunLock
-from gspo_megatron.sampling import sample_step
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -125,7 +133,9 @@ def _dtype(cfg: Config):
 class Trainer:
     """The heavy half: process groups, model, optimizer, engine; then the loop."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, role=None, link=None):
+        """``role`` and ``link`` (``rollout.placement``): a training rank of a launch whose
+        engines run on separate rollout ranks; None for colocated engines."""
         # The heavy modules (megatron, vLLM, TensorBoard) are imported here, not at the top: the
         # pre-flight, and gspo-train --check, must answer bad input without seconds of imports.
         from megatron.core import parallel_state as ps
@@ -163,20 +173,21 @@ class Trainer:
             self.optimizer, cfg.optim, cfg.train.steps * cfg.loss.num_minibatches
         )
         self.hf_dir = Path(cfg.model.ckpt) / HF_SUBDIR
-        # The engine starts from random weights and receives the trainer's: no second read of
-        # the checkpoint, and a resumed run's engine gets the resumed weights the same way.
-        self.engine = RolloutEngine(
-            self.hf_dir,
-            cfg.rollout,
-            dtype,
-            dummy_weights=True,
-            capture_routes=plan.capture_routes,
-        )
-        self.agent = None
-        if cfg.agent.enabled:
-            from gspo_megatron.rollout.episodes import make_runner
+        self.engine = self.agent = None
+        if role is None:
+            # The engine starts from random weights and receives the trainer's: no second read
+            # of the checkpoint, and a resumed run's engine gets the resumed weights the same way.
+            self.engine = RolloutEngine(
+                self.hf_dir,
+                cfg.rollout,
+                dtype,
+                dummy_weights=True,
+                capture_routes=plan.capture_routes,
+            )
+            if cfg.agent.enabled:
+                from gspo_megatron.rollout.episodes import make_runner
 
-            self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
+                self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
         self.state = TrainState()
         if plan.resume_from is not None and self.rank == 0:
             for path in set_aside_newer(self.out / CHECKPOINTS, plan.resume_from):
@@ -196,9 +207,28 @@ class Trainer:
         self.gatherer = WeightGatherer(
             self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype
         )
-        # GPU: free the engine's memory until the first step's sync brings the weights in.
-        self.engine.sleep()
-        self.rewards = RewardRunner(cfg.rewards)
+        self.rewards = self.source = None
+        queue = self._resumed_queue()
+        if role is None:
+            # GPU: free the engine's memory until the first step's sync brings the weights in.
+            self.engine.sleep()
+            self.rewards = RewardRunner(cfg.rewards)
+            producer = Producer(
+                cfg, plan.prompts, plan.tokenizer, self.engine, self.agent, self.rewards
+            )
+            self.source = ColocatedSource(
+                producer,
+                self.engine,
+                self.gatherer,
+                cfg.rollout.max_staleness,
+                cfg.train.steps,
+                queue,
+                self._validate,
+                cfg.train.eval_every,
+            )
+        else:
+            self.source = SeparateSource(role, link, self.gatherer, cfg, cfg.train.steps, queue)
+            self.first_transfer = self.source.start(self.state.step)
         self.reward_error_shown = self.silent_groups_shown = False
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
         self.metrics = MetricsLogger(self.out, self.state.step)
@@ -220,25 +250,11 @@ class Trainer:
         from gspo_megatron.update import policy_update  # megatron: see __init__
 
         cfg, t0 = self.cfg, time.perf_counter()
-        # The sync comes right before sampling: on GPU the engine slept through the update with
-        # its weights freed (sleep level 2), the sync re-allocates them, fills them with the
-        # current policy and wakes the KV cache. It stays awake through every sampling round.
-        sync = self.engine.sync_from(self.gatherer)
-        every = cfg.train.eval_every
-        validation = self._validate() if every and step % every == 0 else {}
-        rollout = sample_step(
-            lambda prompts, round_: self._generate(prompts, step, round_),
-            self.rewards.score_across_ranks,
-            lambda ids: self.plan.tokenizer.decode(ids, skip_special_tokens=True),
-            self.plan.prompts,
-            step,
-            cfg.train.prompts_per_step,
-            cfg.data.seed,
-            cfg.data.shuffle,
-            cfg.rollout.dynamic_sampling,
-            cfg.rollout.max_sampling_rounds,
-        )
-        self.engine.sleep()
+        # This step's batch (colocated: the weights synced into the engines, validation, the
+        # batches up to step + max_staleness sampled; separate: received from the rollout ranks).
+        rollout, source_metrics = self.source.take(step)
+        staleness = step - rollout.version
+        stale = staleness > cfg.rollout.max_staleness  # only after a resume lowered the bound
         if not rollout.sampled_groups:
             raise GspoError(f"step {step + 1}: every prompt was skipped by the rollout engine")
         if rollout.first_error is not None and not self.reward_error_shown:
@@ -283,6 +299,9 @@ class Trainer:
         # train.prompts_per_step, can break that: the remainder is dropped and counted.
         dropped = len(samples) % (self.dp * cfg.loss.num_minibatches)
         samples = samples[: len(samples) - dropped]
+        dropped_stale = len(samples) if stale else 0
+        if stale:
+            samples = []
         t_rollout = time.perf_counter()
         update = None
         if samples:
@@ -297,11 +316,18 @@ class Trainer:
                 route_meter=self.route_meter,
                 ref_model=self.ref_model,
             )
+        elif stale:
+            self._say(
+                f"step {step + 1}: its batch was sampled by the policy of step {rollout.version}, "
+                f"{staleness} versions old, beyond rollout.max_staleness="
+                f"{cfg.rollout.max_staleness}; not trained on (rollout/dropped_stale)"
+            )
         else:  # dynamic sampling found too few informative groups: nothing to learn from
             self._say(
                 f"step {step + 1}: no informative group to train on (every group's rewards were "
                 f"equal); the update is skipped"
             )
+        published = self.source.publish(step)  # separate: the next weights to the rollout ranks
         r = torch.tensor(rollout.sampled_rewards, dtype=torch.float64)
         mean, std = reward_mean_std(r)
         out = {
@@ -311,24 +337,22 @@ class Trainer:
             "reward/zero_advantage_groups": float(silent),
             **rollout.stats,
             **(update.metrics if update is not None else {"train/sequences": 0.0}),
-            **sync.metrics,
-            **validation,
+            **source_metrics,
+            **published,
             **self.plan.prompts.stats,
             "rollout/dropped_samples": float(dropped),
+            "rollout/policy_version": float(rollout.version),
+            "rollout/staleness_mean": float(staleness),
+            "rollout/staleness_max": float(staleness),
+            "rollout/dropped_stale": float(dropped_stale),
         }
+        if step == self.state.step and getattr(self, "first_transfer", None):
+            out.update(self.first_transfer)
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
         out["perf/tokens_per_second"] = rollout.num_tokens / seconds
         out["perf/rollout_share"] = (t_rollout - t0) / seconds
         return out, update.skipped if update is not None else []
-
-    def _generate(self, prompts, step: int, round_: int):
-        """A group per prompt: single responses from the engines, or multi-turn episodes."""
-        if self.agent is not None:
-            from gspo_megatron.rollout.episodes import agent_rollout
-
-            return agent_rollout(self.agent, prompts, self.cfg.rollout.group_size, step, round_)
-        return self.engine.generate([p.ids for p in prompts], step=step, round_=round_)
 
     def _validate(self) -> Dict[str, float]:
         """The held-out prompts on the engines, which hold the policy just synced (gspo-eval's
@@ -347,6 +371,13 @@ class Trainer:
         out = {f"eval/{k}": v for k, v in summary.items() if k != "samples_per_prompt"}
         out["perf/eval_seconds"] = time.perf_counter() - t0
         return out
+
+    def _resumed_queue(self):
+        """The batches a resumed run's checkpoint had sampled ahead (max_staleness > 0)."""
+        if self.plan.resume_from is None:
+            return {}
+        path = Path(self.plan.resume_from) / QUEUE_FILE
+        return load_queue(path.read_bytes()) if path.is_file() else {}
 
     def _save_rollouts(self, step: int, pairs, rewards, advantages) -> None:
         decode = self.plan.tokenizer.decode
@@ -404,6 +435,9 @@ class Trainer:
                             RESHARDABLE if cfg.train.reshardable_checkpoints else DP_RESHARDABLE
                         ),
                         config_text=self.config_text,
+                        extra_files=(
+                            {QUEUE_FILE: dump_queue(self.source.queue)} if self.source.queue else {}
+                        ),
                     )
         if self.saver is not None:
             self.saver.finish()
@@ -429,7 +463,7 @@ class Trainer:
         if getattr(self, "agent", None) is not None:
             self.agent.envs.close()
         for part in ("rewards", "metrics"):
-            obj = getattr(self, part, None)
+            obj = getattr(self, part, None)  # (no reward runner here with separate rollouts)
             if obj is not None:
                 obj.close()
         # vLLM's teardown destroys the shared process groups: last.
@@ -463,18 +497,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             file=sys.stderr,
         )
         return
+    role = role_of(cfg.rollout)  # separate rollout ranks: which side this process is on
+    if role is not None and role.kind == "rollout":
+        return serve_rollouts(plan, role)
     lock = None
     if os.environ.get("RANK", "0") == "0":  # the process that writes the shared files
         lock = RunLock(Path(cfg.train.output_dir))
         lock.acquire()
     trainer = None
     try:
-        trainer = Trainer(plan)
+        link = None
+        if role is not None:
+            link = enter_role(role, cfg.train.collective_timeout_s)
+        trainer = Trainer(plan, role, link)
         trainer.run()
     except Exception as err:
         if trainer is not None:
             trainer.close(engine=False)  # the engine's teardown may wait on ranks that are gone
-        why = collective_failure(err, cfg.train.collective_timeout_s)
+        why = collective_failure(err, cfg.train.collective_timeout_s, role)
         if why is None:
             raise
         last = last_complete_note(Path(cfg.train.output_dir) / CHECKPOINTS)
@@ -516,9 +556,40 @@ def episode_row(c) -> dict:
     }
 
 
-def collective_failure(err: BaseException, timeout_s: float) -> Optional[str]:
+def serve_rollouts(plan: Plan, role) -> None:
+    """A rollout rank of ``rollout.placement: separate``: vLLM engines only, until the run's last
+    batch is sent; a trainer that ends first (or dies) ends this rank too, in one line."""
+    from gspo_megatron.rollout.link import LinkError
+    from gspo_megatron.rollout.server import serve
+
+    cfg = plan.cfg
+    try:
+        serve(plan, role, enter_role(role, cfg.train.collective_timeout_s), _dtype(cfg))
+    except LinkError as err:
+        raise TrainingStopped(
+            f"rollout rank {role.launch_rank}: the trainer (ranks 0..{role.trainers - 1} of the "
+            f"launch) stopped answering ({err}); its own output says why"
+        ) from None
+
+
+def collective_failure(err: BaseException, timeout_s: float, role=None) -> Optional[str]:
     """One line for a collective that failed because of another rank (gloo and NCCL report
-    these as RuntimeErrors carrying the transport's text), else None."""
+    these as RuntimeErrors carrying the transport's text), else None. ``role``: a training
+    rank with separate rollout ranks, whose link failures name those ranks."""
+    from gspo_megatron.rollout.link import LinkError
+
+    if isinstance(err, LinkError) and role is not None:
+        ranks = f"{role.trainers}..{role.launch_world - 1}"
+        if "Timed out" in str(err) or "timeout" in str(err).lower():
+            return (
+                f"the rollout ranks ({ranks} of the launch) sent nothing for "
+                f"train.collective_timeout_s={timeout_s:g} s ({err}): one hung, or is much "
+                f"slower (raise the timeout if that is expected)"
+            )
+        return (
+            f"the rollout ranks ({ranks} of the launch) stopped: one died or lost its "
+            f"connection ({err}); its own output says why"
+        )
     if not isinstance(err, RuntimeError):
         return None
     text = str(err)

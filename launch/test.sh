@@ -7,4 +7,4 @@ bash launch/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 export PYTHONWARNINGS=ignore
-exec .venv/bin/python -m pytest -q tests "$@"
+exec .venv/bin/python -m pytest -q --durations=25 tests "$@"

@@ -128,6 +128,7 @@ def save_checkpoint(
     saver=None,
     optimizer_format: str = RESHARDABLE,
     config_text: Optional[str] = None,
+    extra_files: Optional[dict] = None,
 ) -> Path:
     """Write ``root/step_N`` atomically (collective) and point ``latest`` at it; keep it and the
     ``keep - 1`` newest complete checkpoints before it. Returns the checkpoint directory.
@@ -139,7 +140,9 @@ def save_checkpoint(
     background and the checkpoint completes at a later ``saver.poll()`` or ``saver.finish()``
     (a save still in flight is finished first). ``optimizer_format``: ``optimizer_state``'s
     RESHARDABLE (any layout can resume) or DP_RESHARDABLE. ``config_text``: the run's resolved
-    config, kept in the checkpoint (``config.yaml``): what a resume compares its own with."""
+    config, kept in the checkpoint (``config.yaml``): what a resume compares its own with.
+    ``extra_files``: name -> bytes written by rank 0 into the checkpoint before it completes
+    (the rollout batches sampled ahead, ``rollout.source``)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -152,6 +155,7 @@ def save_checkpoint(
     files = {TRAINER_STATE: json.dumps(record) + "\n"}
     if config_text is not None:
         files[CONFIG_FILE] = config_text
+    files.update(extra_files or {})
     try:
         _forked_results_queue()
         # Before the first optimizer step (nothing to train on yet) there is no Adam state.
@@ -209,8 +213,11 @@ def _complete(
             for f in Path(hf_source).iterdir():
                 if f.is_file():
                     shutil.copy2(f, partial / HF_SUBDIR / f.name)
-            for name, text in files.items():
-                (partial / name).write_text(text)
+            for name, content in files.items():
+                if isinstance(content, bytes):
+                    (partial / name).write_bytes(content)
+                else:
+                    (partial / name).write_text(content)
             _fsync_tree(partial)
     except BaseException as err:
         _failed(err, root, final, partial)

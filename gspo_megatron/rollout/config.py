@@ -55,8 +55,45 @@ class RolloutConfig:
     seed: int = 0
     """Base of the per-prompt sampling seeds (a seed depends on step and prompt index only, so a
     rollout does not depend on which engine served it)."""
+    placement: str = "colocated"
+    """Where the engines run: colocated (in every training process, a step strictly sync ->
+    sample -> train) or separate (on the last rollout.num_ranks ranks of the launch, which run
+    vLLM only and keep sampling while the trainer trains; ``rollout.placement``)."""
+    num_ranks: int = 0
+    """placement=separate: ranks of the launch that run the engines (the last ones; engine_tp
+    must divide them); the others train."""
+    max_staleness: int = 0
+    """s: the batch of step k is sampled by the policy after step k - s (or the first), so
+    the rollouts of the next s steps are made while this one trains; 0 = on-policy. With s > 0
+    use loss.rollout_correction (the engine's log-probs are the behaviour policy)."""
 
     def validate(self, world_size: int) -> None:
+        """Every value, and the placement against the launch's ``world_size`` ranks."""
+        self.validate_values()
+        if self.placement == "colocated" and self.num_ranks:
+            raise GspoError(
+                f"rollout.num_ranks={self.num_ranks} with rollout.placement=colocated: the "
+                f"engines run in every training rank; use placement=separate or num_ranks=0"
+            )
+        engine_ranks = self.num_ranks if self.placement == "separate" else world_size
+        if self.placement == "separate" and not 1 <= self.num_ranks < world_size:
+            raise GspoError(
+                f"rollout.num_ranks={self.num_ranks}: placement=separate needs between 1 and "
+                f"{world_size - 1} rollout ranks of the {world_size} launched (some must train)"
+            )
+        if engine_ranks % self.engine_tp:
+            where = "rollout.num_ranks" if self.placement == "separate" else "the world size"
+            raise GspoError(
+                f"rollout.engine_tp={self.engine_tp}: must divide {where} {engine_ranks}"
+            )
+
+    def trainer_ranks(self, world_size: int) -> int:
+        """Ranks of a ``world_size`` launch that train."""
+        return world_size - self.num_ranks if self.placement == "separate" else world_size
+
+    def validate_values(self) -> None:
+        """Every value on its own (an engine checks these: its world is the placement's)."""
+
         def bad(field: str, why: str) -> GspoError:
             return GspoError(f"rollout.{field}={getattr(self, field)!r}: {why}")
 
@@ -77,8 +114,15 @@ class RolloutConfig:
         for name in ("max_prompt_tokens", "max_new_tokens", "sync_bucket_mb"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        if self.engine_tp < 1 or world_size % self.engine_tp:
-            raise bad("engine_tp", f"must divide the world size {world_size}")
+        if self.engine_tp < 1:
+            raise bad("engine_tp", "must be >= 1")
+        if self.placement not in ("colocated", "separate"):
+            raise bad("placement", "allowed: colocated, separate")
+        if self.num_ranks < 0 or self.max_staleness < 0:
+            raise GspoError(
+                f"rollout.num_ranks={self.num_ranks} and rollout.max_staleness="
+                f"{self.max_staleness} must be >= 0"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
         if not self.kv_cache_gib > 0:

@@ -182,8 +182,10 @@ class RolloutEngine:
                 f"directory (gspo-convert mcore-to-hf writes one)"
             )
         _launcher_env()
-        world = dist.get_world_size()
-        cfg.validate(world)
+        world = dist.get_world_size()  # the engines' ranks (all, or the rollout ranks)
+        cfg.validate_values()
+        if world % cfg.engine_tp:
+            raise GspoError(f"rollout.engine_tp={cfg.engine_tp}: must divide {world} ranks")
         check_model_fits(hf_dir, cfg)
         self.cfg, self.hf_dir = cfg, hf_dir
         self.on_gpu = torch.cuda.is_available()
@@ -407,17 +409,22 @@ class RolloutEngine:
         # Cached prompt KV was computed with the old weights.
         self.llm.reset_prefix_cache()
 
-    def sync_from(self, gatherer) -> "SyncStats":
-        """Push the trainer's current weights (a ``WeightGatherer``) into the engine; returns the
-        seconds and bytes of the sync. Collective."""
+    def load_from(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> float:
+        """Wake, load these HF-named tensors in place, wake the KV cache; returns seconds."""
         t0 = time.perf_counter()
         self.wake_weights()
-        self.load_weights(gatherer)
+        self.load_weights(named_tensors)
         if self.on_gpu:
             torch.cuda.synchronize()
         self.wake_kv_cache()
+        return time.perf_counter() - t0
+
+    def sync_from(self, gatherer) -> "SyncStats":
+        """Push the trainer's current weights (a ``WeightGatherer``) into the engine; returns the
+        seconds and bytes of the sync. Collective."""
+        seconds = self.load_from(gatherer)
         stats = gatherer.stats
-        stats.seconds = time.perf_counter() - t0
+        stats.seconds = seconds
         return stats
 
     def close(self) -> None:

@@ -1,0 +1,102 @@
+"""A separate rollout rank's whole run: receive weights, sample batches, send them up.
+
+Every rollout rank hosts (a tensor-parallel shard of) a vLLM engine and runs this loop in
+lockstep with the others (the engines' collectives and the reward workers are over the rollout
+ranks' own default group). The trainer's first transfer says which batch comes next and how
+many the run has; batch j is sampled by version max(j - s, first version)
+(``rollout.source``), so before sampling it the rank waits for every newer transfer it needs.
+No model, no optimizer, no checkpoint here: what a resume needs (the batches sampled ahead)
+lives with the trainer, which restarts this loop where it left off.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gspo_megatron.checkpoint.model import HF_SUBDIR
+from gspo_megatron.rollout.link import (
+    ROOT,
+    TransferStats,
+    receive_header,
+    receive_weights,
+    send_object,
+)
+from gspo_megatron.rollout.source import Producer, version_of
+
+
+class RolloutServer:
+    def __init__(self, plan, role, groups, dtype):
+        from gspo_megatron.rewards.runner import RewardRunner
+        from gspo_megatron.rollout.engine import RolloutEngine
+
+        cfg = self.cfg = plan.cfg
+        self.role, self.groups = role, groups
+        self.engine = RolloutEngine(
+            Path(cfg.model.ckpt) / HF_SUBDIR,
+            cfg.rollout,
+            dtype,
+            dummy_weights=True,
+            capture_routes=plan.capture_routes,
+        )
+        self.agent = None
+        if cfg.agent.enabled:
+            from gspo_megatron.rollout.episodes import make_runner
+
+            self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
+        self.rewards = RewardRunner(cfg.rewards)
+        self.producer = Producer(
+            cfg, plan.prompts, plan.tokenizer, self.engine, self.agent, self.rewards
+        )
+        self.version = -1
+
+    def _receive(self) -> dict:
+        """One transfer into the engine; returns its header with the wait and transfer times."""
+        me = self.role.link_rank
+        t0 = time.perf_counter()
+        header = receive_header(self.groups, me)
+        waited = time.perf_counter() - t0
+        stats = TransferStats(version=header["version"])
+        self.engine.load_from(receive_weights(self.groups, me, stats))
+        self.version = header["version"]
+        return dict(header, waited=waited, stats=stats)
+
+    def run(self) -> None:
+        header = self._receive()
+        start, steps, staleness = header["version"], header["steps"], header["staleness"]
+        j = header["next_index"]
+        wait, transfer = header["waited"], header["stats"]
+        while j < steps:
+            while self.version < version_of(j, staleness, start):
+                h = self._receive()
+                wait += h["waited"]
+                transfer = h["stats"]
+            batch = self.producer.produce(j, self.version)
+            batch.stats.update(
+                {
+                    "perf/rollout_wait_seconds": wait,
+                    "perf/transfer_seconds": transfer.seconds,
+                    "perf/transfer_gb": transfer.bytes / 1e9,
+                }
+            )
+            wait, transfer = 0.0, TransferStats()
+            if self.role.rank == 0:
+                send_object(self.groups.cpu, batch, ROOT, "sending a batch to the trainer")
+            j += 1
+
+    def close(self) -> None:
+        self.rewards.close()
+        if self.agent is not None:
+            self.agent.envs.close()
+        self.engine.close()
+
+
+def serve(plan, role, groups, dtype) -> None:
+    """A rollout rank's main: serve until the run's last batch is sent."""
+    server = None
+    try:
+        server = RolloutServer(plan, role, groups, dtype)
+        server.run()
+    finally:
+        if server is not None:
+            server.close()
