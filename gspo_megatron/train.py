@@ -582,7 +582,7 @@ def collective_failure(err: BaseException, timeout_s: float, role=None) -> Optio
         ranks = f"{role.trainers}..{role.launch_world - 1}"
         if "Timed out" in str(err) or "timeout" in str(err).lower():
             return (
-                f"the rollout ranks ({ranks} of the launch) sent nothing for "
+                f"the rollout ranks ({ranks} of the launch) did not answer for "
                 f"train.collective_timeout_s={timeout_s:g} s ({err}): one hung, or is much "
                 f"slower (raise the timeout if that is expected)"
             )

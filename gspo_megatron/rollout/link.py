@@ -43,9 +43,10 @@ class TransferStats:
         return {"perf/transfer_seconds": self.seconds, "perf/transfer_gb": self.bytes / 1e9}
 
 
-def _wait(work, what: str) -> None:
+def _wait(start, what: str) -> None:
+    """``start()`` posts an operation (gloo may fail right there, on a closed pair), then waits."""
     try:
-        work.wait()
+        start().wait()
     except RuntimeError as err:
         raise LinkError(f"{what}: {' '.join(str(err).split())[:200]}") from None
 
@@ -53,7 +54,7 @@ def _wait(work, what: str) -> None:
 def _bcast(pg, tensor: torch.Tensor, root: int, what: str) -> None:
     opts = dist.BroadcastOptions()
     opts.rootRank = root
-    _wait(pg.broadcast([tensor], opts), what)
+    _wait(lambda: pg.broadcast([tensor], opts), what)
 
 
 def bcast_object(pg, obj, root: int, me: int, what: str):
@@ -72,16 +73,17 @@ def bcast_object(pg, obj, root: int, me: int, what: str):
 
 def send_object(pg, obj, dst: int, what: str) -> int:
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    _wait(pg.send([torch.tensor([data.numel()], dtype=torch.int64)], dst, BATCH_TAG), what)
-    _wait(pg.send([data], dst, BATCH_TAG), what)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    _wait(lambda: pg.send([size], dst, BATCH_TAG), what)
+    _wait(lambda: pg.send([data], dst, BATCH_TAG), what)
     return data.numel()
 
 
 def recv_object(pg, src: int, what: str):
     size = torch.zeros(1, dtype=torch.int64)
-    _wait(pg.recv([size], src, BATCH_TAG), what)
+    _wait(lambda: pg.recv([size], src, BATCH_TAG), what)
     data = torch.empty(int(size.item()), dtype=torch.uint8)
-    _wait(pg.recv([data], src, BATCH_TAG), what)
+    _wait(lambda: pg.recv([data], src, BATCH_TAG), what)
     return pickle.loads(data.numpy().tobytes())
 
 

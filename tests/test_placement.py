@@ -1,0 +1,176 @@
+"""rollout.placement: the settings refused in one line, the ranks' roles, the link's transfers.
+
+The link is exercised on real gloo process groups over an in-memory store, one thread per
+rank: a weight transfer delivers every tensor bit for bit in its own dtype and shape, in
+buckets no larger than asked (one larger tensor alone), with its header; a batch object
+arrives whole; a peer that never sends ends the wait at the group's timeout as a LinkError."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gspo_megatron.config import load_config
+from gspo_megatron.errors import GspoError
+from gspo_megatron.rollout import link
+from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.rollout.placement import LinkGroups, role_of
+from gspo_megatron.rollout.source import version_of
+
+
+@pytest.mark.parametrize(
+    "settings, world, message",
+    [
+        ({"placement": "separate", "num_ranks": 0}, 4, "rollout.num_ranks=0: placement=separate"),
+        ({"placement": "separate", "num_ranks": 4}, 4, "between 1 and 3 rollout ranks"),
+        ({"placement": "separate", "num_ranks": 3, "engine_tp": 2}, 4, "must divide rollout."),
+        ({"num_ranks": 2}, 4, "rollout.num_ranks=2 with rollout.placement=colocated"),
+        ({"placement": "apart"}, 4, "rollout.placement='apart': allowed: colocated, separate"),
+        ({"max_staleness": -1}, 4, "rollout.max_staleness=-1 must be >= 0"),
+    ],
+)
+def test_bad_placement_is_one_line(settings, world, message):
+    with pytest.raises(GspoError, match=message.replace("(", r"\(").replace(".", r"\.")) as err:
+        RolloutConfig(**settings).validate(world)
+    assert "\n" not in str(err.value)
+
+
+def test_separate_placement_refuses_what_it_cannot_serve(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "w1", "answer": "1"}\n')
+    (tmp_path / "ckpt").mkdir()
+    base = [f"model.ckpt={tmp_path / 'ckpt'}", f"data.path={data}", f"data.eval_path={data}"]
+    base += ["rollout.placement=separate", "rollout.num_ranks=1"]
+    with pytest.raises(GspoError, match="train.eval_every=5: validation runs on colocated"):
+        load_config(None, base + ["train.eval_every=5"]).validate(world_size=3)
+    load_config(None, base).validate(world_size=3)  # fine without validation
+    # The layout is checked against the training ranks only.
+    from gspo_megatron.rollout.config import RolloutConfig as R
+
+    assert R(placement="separate", num_ranks=1).trainer_ranks(3) == 2
+    assert R().trainer_ranks(3) == 3
+
+
+def test_roles_of_a_launch():
+    cfg = RolloutConfig(placement="separate", num_ranks=2, engine_tp=2)
+    roles = [role_of(cfg, {"RANK": str(r), "WORLD_SIZE": "5"}) for r in range(5)]
+    assert [r.kind for r in roles] == ["trainer"] * 3 + ["rollout"] * 2
+    assert [(r.rank, r.world) for r in roles] == [(0, 3), (1, 3), (2, 3), (0, 2), (1, 2)]
+    assert [r.link_rank for r in roles] == [0, None, None, 1, 2]
+    assert {r.link_size for r in roles} == {3}
+    assert role_of(RolloutConfig(), {"RANK": "0", "WORLD_SIZE": "1"}) is None
+    with pytest.raises(GspoError, match="needs a torchrun launch"):
+        role_of(cfg, {})
+
+
+def test_the_schedule_of_versions():
+    assert [version_of(j, 1, 0) for j in range(5)] == [0, 0, 1, 2, 3]
+    assert [version_of(j, 0, 0) for j in range(3)] == [0, 1, 2]
+    assert [version_of(j, 2, 4) for j in range(6, 9)] == [4, 5, 6]  # resumed at step 4
+
+
+def _groups(n: int, timeout_s: float = 30.0):
+    store = dist.HashStore()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    out = [None] * n
+
+    def make(r):
+        out[r] = LinkGroups(dist.ProcessGroupGloo(store, r, n, timeout), None)
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _run(fns):
+    results, errors = [None] * len(fns), []
+
+    def call(i):
+        try:
+            results[i] = fns[i]()
+        except Exception as err:  # reported below, with the rank
+            errors.append((i, err))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_weights_arrive_bit_for_bit_in_buckets():
+    gen = torch.Generator().manual_seed(0)
+    named = [
+        ("a", torch.randn(3, 5, generator=gen)),
+        ("b", torch.randn(7, generator=gen)),
+        ("big", torch.randn(64, 4, generator=gen)),  # more than a bucket: alone
+        ("half", torch.randn(4, 2, generator=gen).to(torch.bfloat16)),  # another dtype
+        ("c", torch.randn(2, 2, 2, generator=gen)),
+    ]
+    groups = _groups(3)
+    header = {"version": 7, "next_index": 9, "steps": 12, "staleness": 1}
+    bucket_bytes = 30 * 4
+    manifests = []
+    real_bcast = link.bcast_object
+
+    def spy(pg, obj, root, me, what):
+        got = real_bcast(pg, obj, root, me, what)
+        if me == 1 and isinstance(got, list):
+            manifests.append([n for n, _, _ in got])
+        return got
+
+    def receiver(r):
+        def run():
+            h = link.receive_header(groups[r], r)
+            stats = link.TransferStats()
+            return h, [(n, t.clone()) for n, t in link.receive_weights(groups[r], r, stats)], stats
+
+        return run
+
+    link.bcast_object = spy
+    try:
+        results, errors = _run(
+            [
+                lambda: link.send_weights(groups[0], 0, iter(named), header, bucket_bytes),
+                receiver(1),
+                receiver(2),
+            ]
+        )
+    finally:
+        link.bcast_object = real_bcast
+    assert not errors, errors
+    sent = results[0]
+    assert sent.version == 7 and sent.bytes == sum(t.numel() * t.element_size() for _, t in named)
+    for h, got, stats in results[1:]:
+        assert h == header
+        assert [n for n, _ in got] == [n for n, _ in named]
+        for (n, want), (_, t) in zip(named, got):
+            assert t.dtype == want.dtype and t.shape == want.shape and torch.equal(t, want), n
+        assert stats.bytes == sent.bytes
+    assert manifests == [["a", "b"], ["big"], ["half"], ["c"]]
+
+
+def test_a_batch_arrives_whole_and_silence_is_a_link_error():
+    groups = _groups(2, timeout_s=1.0)
+    batch = {"index": 3, "ids": list(range(100)), "t": torch.arange(5.0)}
+    results, errors = _run(
+        [
+            lambda: link.recv_object(groups[0].cpu, 1, "waiting for a batch"),
+            lambda: link.send_object(groups[1].cpu, batch, 0, "sending a batch"),
+        ]
+    )
+    assert not errors, errors
+    got = results[0]
+    assert got["ids"] == batch["ids"] and torch.equal(got["t"], batch["t"])
+    t0 = __import__("time").perf_counter()
+    with pytest.raises(link.LinkError, match="waiting for a batch: .*[Tt]imed out"):
+        link.recv_object(groups[0].cpu, 1, "waiting for a batch")
+    assert __import__("time").perf_counter() - t0 < 10
