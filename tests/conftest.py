@@ -159,6 +159,16 @@ def tiny_dense(tmp_path_factory) -> TinyModel:
 
 
 @pytest.fixture(scope="session")
+def vllm_moe(tmp_path_factory) -> TinyModel:
+    """A tiny MoE vLLM's CPU backend runs (head_dim 64: its attention rejects 16)."""
+    from gspo_megatron.testing.tiny_model import tiny_moe_config
+
+    return TinyModel(
+        tmp_path_factory.mktemp("vllm_moe"), tiny_moe_config(head_dim=64, hidden_size=128)
+    )
+
+
+@pytest.fixture(scope="session")
 def demo_init(tmp_path_factory) -> Path:
     from gspo_megatron.demo import prepare
 

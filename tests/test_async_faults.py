@@ -76,7 +76,7 @@ def ended(proc: subprocess.Popen, log: Path, within: float) -> str:
         tr.kill_tree(proc)
         raise AssertionError(
             f"still running {within:g} s after the fault:\n{log.read_text()[-3000:]}"
-        )
+        ) from None
     return log.read_text()
 
 

@@ -8,11 +8,13 @@ arrives whole; a peer that never sends ends the wait at the group's timeout as a
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import REPO, run_cli
 
 from gspo_megatron.config import load_config
 from gspo_megatron.errors import GspoError
@@ -20,6 +22,7 @@ from gspo_megatron.rollout import link
 from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.placement import LinkGroups, role_of
 from gspo_megatron.rollout.source import version_of
+from gspo_megatron.testing.hf_reference import read_hf_tensors
 
 
 @pytest.mark.parametrize(
@@ -174,3 +177,24 @@ def test_a_batch_arrives_whole_and_silence_is_a_link_error():
     with pytest.raises(link.LinkError, match="waiting for a batch: .*[Tt]imed out"):
         link.recv_object(groups[0].cpu, 1, "waiting for a batch")
     assert __import__("time").perf_counter() - t0 < 10
+
+
+def test_after_every_transfer_the_engine_holds_the_trainers_weights(vllm_moe, tmp_path):
+    """Trainer in TP2, PP2 and EP2 (one launch: 2 training ranks + 1 rollout rank), weights
+    moved off the checkpoint by seeded noise: before the transfer the engine scores its samples
+    visibly otherwise, after it within fp32 rounding of the trainer's own forward."""
+    out = tmp_path / "report.json"
+    worker = str(REPO / "tests/workers/transfer_worker.py")
+    args = [worker, "--ckpt", str(vllm_moe.ckpt), "--hf-dir", str(vllm_moe.hf_dir)]
+    run_cli(args + ["--out", str(out)], nproc=3)
+    report = json.loads(out.read_text())
+    hf_bytes = sum(t.numel() * t.element_size() for t in read_hf_tensors(vllm_moe.hf_dir).values())
+    for layout in ("tp2", "pp2", "ep2"):
+        r = report[layout]
+        assert r["bytes"] == hf_bytes, layout
+        assert r["before"]["rollout/logprob_abs_diff_mean"] > 1e-3, (layout, r)
+        assert r["after"]["rollout/logprob_diff_tokens"] > 40, (layout, r)
+        # Both sides fp32, other kernels (vLLM's CPU attention and fused experts against
+        # megatron's): measured ~2e-7 mean, ~1.5e-6 max per token (test_agent_rollout); the
+        # issue's bound 1e-5 per token leaves a margin of about 6x on the max.
+        assert r["after"]["rollout/logprob_abs_diff_max"] <= 1e-5, (layout, r)

@@ -8,19 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, TinyModel, run_cli
+from conftest import REPO, run_cli
 from transformers import AutoModelForCausalLM
 
 from gspo_megatron.testing.hf_reference import hf_routes
-from gspo_megatron.testing.tiny_model import tiny_moe_config
-
-
-@pytest.fixture(scope="session")
-def vllm_moe(tmp_path_factory) -> TinyModel:
-    # head_dim 64: vLLM's CPU attention rejects the default tiny model's 16.
-    return TinyModel(
-        tmp_path_factory.mktemp("vllm_moe"), tiny_moe_config(head_dim=64, hidden_size=128)
-    )
 
 
 @pytest.mark.parametrize(
