@@ -111,11 +111,15 @@ def test_a_rollout_rank_that_dies_or_hangs_ends_the_trainer_in_one_line(demo_ini
 def test_a_trainer_that_dies_takes_the_rollout_rank_with_it(demo_init, tmp_path):
     out = tmp_path / "run"
     (trainer, tlog), (rollout, rlog) = two_nodes(demo_init, out)
+    rank = worker(trainer)
+    family = [rank] + rank.children(recursive=True)  # its checkpoint writer's manager too
     try:
-        worker(trainer).send_signal(signal.SIGKILL)
+        rank.send_signal(signal.SIGKILL)
         text = ended(rollout, rlog, TIMEOUT_S + 30)
     finally:
         tr.kill_tree(trainer)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, f"left behind by the killed trainer: {alive}"
     line = stopped_line(text)
     assert rollout.returncode != 0
     assert "rollout rank 1: the trainer (ranks 0..0 of the launch) stopped answering" in line, line

@@ -250,7 +250,14 @@ def _forked_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", False) is None:
-        manager = multiprocessing.get_context("fork").Manager()
+        from multiprocessing.managers import SyncManager
+
+        from gspo_megatron.procutil import die_with_parent
+
+        # It dies with the trainer: a SIGKILLed trainer (the OOM killer, a lost node) would
+        # otherwise leave it behind, orphaned, for good (seen in the two-node fault tests).
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
 
 

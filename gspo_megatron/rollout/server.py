@@ -65,21 +65,15 @@ class RolloutServer:
         header = self._receive()
         start, steps, staleness = header["version"], header["steps"], header["staleness"]
         j = header["next_index"]
-        wait, transfer = header["waited"], header["stats"]
+        wait = header["waited"]
         while j < steps:
             while self.version < version_of(j, staleness, start):
                 h = self._receive()
                 wait += h["waited"]
-                transfer = h["stats"]
             batch = self.producer.produce(j, self.version)
-            batch.stats.update(
-                {
-                    "perf/rollout_wait_seconds": wait,
-                    "perf/transfer_seconds": transfer.seconds,
-                    "perf/transfer_gb": transfer.bytes / 1e9,
-                }
-            )
-            wait, transfer = 0.0, TransferStats()
+            # The trainer logs the transfer from its side; the rollout ranks' idle time is ours.
+            batch.stats["perf/rollout_wait_seconds"] = wait
+            wait = 0.0
             if self.role.rank == 0:
                 send_object(self.groups.cpu, batch, ROOT, "sending a batch to the trainer")
             j += 1
