@@ -346,8 +346,9 @@ class Trainer:
             "rollout/staleness_max": float(staleness),
             "rollout/dropped_stale": float(dropped_stale),
         }
-        if step == self.state.step and getattr(self, "first_transfer", None):
+        if getattr(self, "first_transfer", None):  # the start's transfer, with the first step
             out.update(self.first_transfer)
+            self.first_transfer = None
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
         out["perf/tokens_per_second"] = rollout.num_tokens / seconds

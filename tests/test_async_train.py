@@ -59,7 +59,10 @@ def assert_same_tensors(got: dict, want: dict, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(demo_init, tmp_path_factory):
-    """colocated / separate x s = 0 / 1, two launches at a time (3 processes on the cores)."""
+    """colocated / separate x s = 0 / 1, launched a few at a time (the cores are shared, the
+    results are not: one thread each, a fixed schedule). With the s = 1 pair, a third run of
+    the separate s = 1 config is SIGKILLed at a random moment after its first checkpoint and
+    resumed to the end (``killed``)."""
     root = tmp_path_factory.mktemp("async")
     out = {}
     for s in (0, 1):
@@ -70,9 +73,39 @@ def runs(demo_init, tmp_path_factory):
             log = root / f"{name}{s}.log"
             procs.append((launch(nproc, log, overrides), log))
             out[(name, s)] = run
+        if s == 1:
+            out["killed"] = kill_and_resume(root / "killed", demo_init)
         for proc, log in procs:
             tr.wait(proc, log)
+    out["killed"] = out["killed"]()
     return out
+
+
+def kill_and_resume(out: Path, demo_init: Path):
+    """Start the run, SIGKILL it at a random moment after its first checkpoint (the rollout
+    rank may be mid-batch, a batch may be on the wire); returns what resumes it to the end."""
+    overrides = tr.overrides(demo_init, out, **SEPARATE, **{"rollout.max_staleness": 1})
+    seed = random.randrange(1 << 30)
+    log = out.parent / "killed_a.log"
+    proc = launch(2, log, overrides)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, f"run ended early:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.0, 3.0))
+    tr.kill_tree(proc)
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+
+    def resume():
+        log = out.parent / "killed_b.log"
+        proc = launch(2, log, overrides, resume=True)
+        tr.wait(proc, log)
+        if latest != f"step_{tr.STEPS:06d}":
+            assert "resumed from" in log.read_text()
+        return out, seed
+
+    return resume
 
 
 @pytest.mark.parametrize("s", [0, 1])
@@ -95,29 +128,11 @@ def test_separate_rollout_ranks_equal_the_colocated_run_bit_for_bit(runs, s):
     assert queued == ([f"step_{tr.STEPS - 1:06d}"] if s else [])
 
 
-def test_sigkill_then_resume_with_staleness_one_matches_uninterrupted(runs, demo_init, tmp_path):
-    """Killed at a random moment after the first checkpoint (the rollout rank may be mid-batch,
-    a batch may be on the wire), resumed to the end: the same metrics and weights as the run
-    never killed. No batch lost (each step logged once, the same rewards), none trained twice."""
+def test_sigkill_then_resume_with_staleness_one_matches_uninterrupted(runs):
+    """Killed and resumed (``kill_and_resume``): the same metrics and weights as the run never
+    killed. No batch lost (each step logged once, the same rewards), none trained twice."""
     ref = runs[("separate", 1)]
-    out = tmp_path / "run"
-    overrides = tr.overrides(demo_init, out, **SEPARATE, **{"rollout.max_staleness": 1})
-    seed = random.randrange(1 << 30)
-    log = tmp_path / "a.log"
-    proc = launch(2, log, overrides)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "latest").exists():
-        assert proc.poll() is None, f"run ended early:\n{log.read_text()[-3000:]}"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    time.sleep(random.Random(seed).uniform(0.0, 3.0))
-    tr.kill_tree(proc)
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    log = tmp_path / "b.log"
-    proc = launch(2, log, overrides, resume=True)
-    tr.wait(proc, log)
-    if latest != f"step_{tr.STEPS:06d}":
-        assert "resumed from" in log.read_text()
+    out, seed = runs["killed"]
     assert_same_tensors(final_tensors(out), final_tensors(ref), f"kill seed {seed}")
     got = {r["step"]: r for r in learned(out)}
     assert sorted(got) == list(range(1, tr.STEPS + 1))

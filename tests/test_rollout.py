@@ -14,25 +14,20 @@ from transformers import AutoModelForCausalLM
 from gspo_megatron.testing.hf_reference import hf_routes
 
 
-@pytest.mark.parametrize(
-    "layout", [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]], ids=["tp2", "ep2", "pp2"]
-)
-def test_step_sync_then_vllm_matches_trainer(vllm_moe, tmp_path, layout):
-    out = tmp_path / "report.json"
-    run_cli(
-        [
-            str(REPO / "tests/workers/rollout_worker.py"),
-            "--ckpt",
-            str(vllm_moe.ckpt),
-            "--hf-dir",
-            str(vllm_moe.hf_dir),
-            "--out",
-            str(out),
-        ]
-        + layout,
-        nproc=2,
-    )
-    r = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def sync_reports(vllm_moe, tmp_path_factory):
+    """One launch of 2 ranks: the trainer in TP2, then EP2, then PP2, against the same engines."""
+    out = tmp_path_factory.mktemp("sync") / "report.json"
+    worker = str(REPO / "tests/workers/rollout_worker.py")
+    args = [worker, "--ckpt", str(vllm_moe.ckpt), "--hf-dir", str(vllm_moe.hf_dir)]
+    run_cli(args + ["--out", str(out)], nproc=2)
+    return out, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2"])
+def test_step_sync_then_vllm_matches_trainer(vllm_moe, sync_reports, layout):
+    out, reports = sync_reports
+    r = reports[layout]
 
     # The gatherer rebuilds the HF checkpoint bit for bit from this layout, in several buckets.
     assert r["gather_mismatched"] == [] and r["gather_missing"] == []
@@ -68,7 +63,7 @@ def test_step_sync_then_vllm_matches_trainer(vllm_moe, tmp_path, layout):
     # routers with the trainer's weights: 1 while they are the engine's, below 1 once the
     # trainer has taken a step and the engine has not.
     assert r["pre_step"]["rollout/route_agreement"] == _agreement(vllm_moe.model, sequences) == 1.0
-    moved = AutoModelForCausalLM.from_pretrained(out.parent / "hf_after_step")
+    moved = AutoModelForCausalLM.from_pretrained(out.parent / f"hf_after_step_{layout}")
     want = _agreement(moved, sequences)
     # A ratio of the same integer counts on both sides; abs=1e-12 only absorbs float division.
     assert r["stale_agreement"]["rollout/route_agreement"] == pytest.approx(want, abs=1e-12)

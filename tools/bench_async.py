@@ -130,7 +130,8 @@ def main() -> None:
         return 1.0 / statistics.median(r["perf/step_seconds"] for r in rows[later])
 
     def median(rows, key):
-        return statistics.median(r.get(key, 0.0) for r in rows[later])
+        values = [r[key] for r in rows[later] if key in r]  # (the last steps transfer nothing)
+        return statistics.median(values) if values else 0.0
 
     transfer = median(sep, "perf/transfer_seconds")
     nbytes = int(round(sep[0]["perf/transfer_gb"] * 1e9))

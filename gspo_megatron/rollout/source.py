@@ -122,8 +122,10 @@ class SeparateSource:
         self.wait = 0.0
 
     def start(self, step: int) -> Dict[str, float]:
-        """The first transfer: the weights of ``step`` and what to sample next."""
-        return self._send(step, max(self.received + 1, step))
+        """The first transfer: the weights of ``step`` and what to sample next. Its time
+        includes the wait for the rollout ranks' engines to start: logged apart."""
+        sent = self._send(step, max(self.received + 1, step))
+        return {"perf/start_transfer_seconds": sent["perf/transfer_seconds"]}
 
     def take(self, step: int) -> Tuple[StepRollout, Dict[str, float]]:
         t0 = time.perf_counter()

@@ -16,16 +16,36 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2)}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--hf-dir", required=True)
     ap.add_argument("--out", required=True)
-    for name in ("tp", "pp", "ep"):
-        ap.add_argument(f"--{name}", type=int, default=1)
+    ap.add_argument("--layouts", default="tp2,ep2,pp2")
     args = ap.parse_args()
 
+    from gspo_megatron.rollout.config import RolloutConfig
+
+    cfg = RolloutConfig(
+        group_size=4, max_prompt_tokens=16, max_new_tokens=12, kv_cache_gib=0.05, sync_bucket_mb=1
+    )
+    engine, reports = None, {}
+    for name in args.layouts.split(","):
+        reports[name], engine = run_layout(args, name, cfg, engine)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(reports, indent=1))
+    engine.close()
+    from gspo_megatron.parallel import shutdown
+
+    shutdown()
+
+
+def run_layout(args, name, cfg, engine):
+    """One trainer layout against the engine (made at the first; later layouts first sync their
+    freshly loaded checkpoint weights into it, which it already holds)."""
     from megatron.core import parallel_state as ps
 
     from gspo_megatron.batch import Sample
@@ -33,8 +53,7 @@ def main() -> None:
     from gspo_megatron.loss import PolicyLossConfig, group_advantages
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
-    from gspo_megatron.rollout.config import RolloutConfig
+    from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
     from gspo_megatron.routing_replay import RoutingReplay
@@ -43,7 +62,7 @@ def main() -> None:
     from gspo_megatron.update import policy_update, rollout_logprob_diff
 
     spec = checkpoint_spec(Path(args.ckpt))
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
+    layout = ParallelLayout(**LAYOUTS[name])
     init_distributed(layout)
     check_layout(layout, spec, dist.get_world_size())
     model = build_model(spec, layout)
@@ -61,10 +80,10 @@ def main() -> None:
     report["gather_missing"] = sorted(set(hf) - set(gathered))
     report["gather_buckets"] = gatherer.stats.buckets
 
-    cfg = RolloutConfig(
-        group_size=4, max_prompt_tokens=16, max_new_tokens=12, kv_cache_gib=0.05, sync_bucket_mb=1
-    )
-    engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32, capture_routes=True)
+    if engine is None:
+        engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32, capture_routes=True)
+    else:
+        engine.sync_from(WeightGatherer(ddp, spec, bucket_bytes=cfg.sync_bucket_mb << 20))
     replay = RoutingReplay(ddp)  # route agreement with the engine in every pi_old pass
     rng = random.Random(0)
     prompts = [
@@ -114,7 +133,7 @@ def main() -> None:
     report["stale_agreement"] = replay.take_agreement()
     moved = dict(WeightGatherer(ddp, spec, bucket_bytes=1 << 20))
     if dist.get_rank() == 0:
-        after = Path(args.out).parent / "hf_after_step"
+        after = Path(args.out).parent / f"hf_after_step_{name}"
         after.mkdir(exist_ok=True)
         save_file({n: t.contiguous() for n, t in moved.items()}, str(after / "model.safetensors"))
         for f in Path(args.hf_dir).iterdir():
@@ -142,10 +161,7 @@ def main() -> None:
         ddp, valid, 10, spec.vocab_size, eos_token_id=engine.eos_token_id
     )
     report["hf_bytes"] = sum(t.numel() * t.element_size() for t in hf.values())
-    if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    engine.close()
-    shutdown()
+    return report, engine
 
 
 if __name__ == "__main__":
