@@ -505,9 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if os.environ.get("RANK", "0") == "0":  # the process that writes the shared files
         lock = RunLock(Path(cfg.train.output_dir))
         lock.acquire()
-    trainer = None
+    trainer = link = None
     try:
-        link = None
         if role is not None:
             link = enter_role(role, cfg.train.collective_timeout_s)
         trainer = Trainer(plan, role, link)
@@ -515,6 +514,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except Exception as err:
         if trainer is not None:
             trainer.close(engine=False)  # the engine's teardown may wait on ranks that are gone
+        if link is not None and trainer is None:  # the rollout ranks wait for our start
+            link.ready(failure=f"the trainer: {' '.join(str(err).split())}"[:400])
         why = collective_failure(err, cfg.train.collective_timeout_s, role)
         if why is None:
             raise
@@ -561,11 +562,14 @@ def serve_rollouts(plan: Plan, role) -> None:
     """A rollout rank of ``rollout.placement: separate``: vLLM engines only, until the run's last
     batch is sent; a trainer that ends first (or dies) ends this rank too, in one line."""
     from gspo_megatron.rollout.link import LinkError
+    from gspo_megatron.rollout.placement import LinkStartError
     from gspo_megatron.rollout.server import serve
 
     cfg = plan.cfg
     try:
         serve(plan, role, enter_role(role, cfg.train.collective_timeout_s), _dtype(cfg))
+    except LinkStartError as err:
+        raise TrainingStopped(f"rollout rank {role.launch_rank}: {err}") from None
     except LinkError as err:
         raise TrainingStopped(
             f"rollout rank {role.launch_rank}: the trainer (ranks 0..{role.trainers - 1} of the "
@@ -578,7 +582,10 @@ def collective_failure(err: BaseException, timeout_s: float, role=None) -> Optio
     these as RuntimeErrors carrying the transport's text), else None. ``role``: a training
     rank with separate rollout ranks, whose link failures name those ranks."""
     from gspo_megatron.rollout.link import LinkError
+    from gspo_megatron.rollout.placement import LinkStartError
 
+    if isinstance(err, LinkStartError):
+        return str(err)
     if isinstance(err, LinkError) and role is not None:
         ranks = f"{role.trainers}..{role.launch_world - 1}"
         if "Timed out" in str(err) or "timeout" in str(err).lower():

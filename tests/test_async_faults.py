@@ -49,13 +49,14 @@ def two_nodes(demo_init: Path, out: Path):
             start_new_session=True,
         )
         nodes.append((proc, log))
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "latest").exists():  # a step done and saved
-        for proc, log in nodes:
-            assert proc.poll() is None, f"node ended early:\n{log.read_text()[-3000:]}"
-        assert time.time() < deadline
-        time.sleep(0.05)
     return nodes
+
+
+def saved(out: Path, nodes) -> bool:
+    """A step done and saved (the fault then has a checkpoint to name)."""
+    for proc, log in nodes:
+        assert proc.poll() is None, f"node ended early:\n{log.read_text()[-3000:]}"
+    return (out / "checkpoints" / "latest").exists()
 
 
 def worker(launcher: subprocess.Popen) -> psutil.Process:
@@ -86,40 +87,61 @@ def stopped_line(text: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("fault", ["dies", "hangs"])
-def test_a_rollout_rank_that_dies_or_hangs_ends_the_trainer_in_one_line(demo_init, tmp_path, fault):
-    out = tmp_path / "run"
-    (trainer, tlog), (rollout, rlog) = two_nodes(demo_init, out)
-    rank = worker(rollout)
-    t0 = time.time()
+FAULTS = ("rollout dies", "rollout hangs", "trainer dies")
+
+
+@pytest.fixture(scope="module")
+def faults(demo_init, tmp_path_factory):
+    """The three faults, each in a two-node run of its own, all at once (start-up is the cost;
+    rollout.start_timeout_s covers it, train.collective_timeout_s only what follows): when
+    every run has saved a step, the fault goes in; then each run's end is timed."""
+    runs = {}
+    for fault in FAULTS:
+        out = tmp_path_factory.mktemp(fault.replace(" ", "_")) / "run"
+        runs[fault] = (out, two_nodes(demo_init, out))
+    deadline = time.time() + 400
+    while not all(saved(out, nodes) for out, nodes in runs.values()):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victims = {}
+    for fault, (_out, ((trainer, _), (rollout, _))) in runs.items():
+        node = trainer if fault == "trainer dies" else rollout
+        rank = worker(node)
+        victims[fault] = [rank] + rank.children(recursive=True)  # with its own children
+        rank.send_signal(signal.SIGSTOP if fault == "rollout hangs" else signal.SIGKILL)
+    t0, results = time.time(), {}
     try:
-        rank.send_signal(signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
-        text = ended(trainer, tlog, TIMEOUT_S + 30)
+        for fault, (_out, ((trainer, tlog), (rollout, rlog))) in runs.items():
+            proc, log = (rollout, rlog) if fault == "trainer dies" else (trainer, tlog)
+            left = t0 + TIMEOUT_S + 30 - time.time()
+            results[fault] = (ended(proc, log, max(left, 1)), time.time() - t0, proc.returncode)
     finally:
-        tr.kill_tree(rollout)
+        for _, nodes in runs.values():
+            for proc, _ in nodes:
+                tr.kill_tree(proc)
+    for fault, family in victims.items():
+        _, alive = psutil.wait_procs(family, timeout=10)
+        results[fault] += (alive,)
+    return results
+
+
+@pytest.mark.parametrize("fault", ["rollout dies", "rollout hangs"])
+def test_a_rollout_rank_that_dies_or_hangs_ends_the_trainer_in_one_line(faults, fault):
+    text, seconds, code, _ = faults[fault]
     line = stopped_line(text)
-    assert trainer.returncode != 0
+    assert code != 0
     assert "the rollout ranks (1..1 of the launch)" in line, line
     assert "the last complete checkpoint is " in line and "step_0000" in line, line
-    if fault == "hangs":  # the wait is bounded by the timeout, not cut short
+    if fault == "rollout hangs":  # the wait is bounded by the timeout, not cut short
         assert f"train.collective_timeout_s={TIMEOUT_S}" in line, line
-        assert time.time() - t0 >= TIMEOUT_S - 1
+        assert seconds >= TIMEOUT_S - 1
     else:
-        assert time.time() - t0 < TIMEOUT_S, "a closed connection ends the wait at once"
+        assert seconds < TIMEOUT_S, "a closed connection ends the wait at once"
 
 
-def test_a_trainer_that_dies_takes_the_rollout_rank_with_it(demo_init, tmp_path):
-    out = tmp_path / "run"
-    (trainer, tlog), (rollout, rlog) = two_nodes(demo_init, out)
-    rank = worker(trainer)
-    family = [rank] + rank.children(recursive=True)  # its checkpoint writer's manager too
-    try:
-        rank.send_signal(signal.SIGKILL)
-        text = ended(rollout, rlog, TIMEOUT_S + 30)
-    finally:
-        tr.kill_tree(trainer)
-    _, alive = psutil.wait_procs(family, timeout=10)
-    assert not alive, f"left behind by the killed trainer: {alive}"
+def test_a_trainer_that_dies_takes_the_rollout_rank_with_it(faults):
+    text, seconds, code, alive = faults["trainer dies"]
     line = stopped_line(text)
-    assert rollout.returncode != 0
+    assert code != 0
     assert "rollout rank 1: the trainer (ranks 0..0 of the launch) stopped answering" in line, line
+    assert not alive, f"left behind by the killed trainer: {alive}"

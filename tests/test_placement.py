@@ -198,3 +198,28 @@ def test_after_every_transfer_the_engine_holds_the_trainers_weights(vllm_moe, tm
         # megatron's): measured ~2e-7 mean, ~1.5e-6 max per token (test_agent_rollout); the
         # issue's bound 1e-5 per token leaves a margin of about 6x on the max.
         assert r["after"]["rollout/logprob_abs_diff_max"] <= 1e-5, (layout, r)
+
+
+def test_the_start_up_hand_shake_says_why_a_side_could_not_start():
+    """Each side waits for the other's start (engines, model) under rollout.start_timeout_s,
+    not the collective timeout; a side that failed to start ends the other's wait at once."""
+    from gspo_megatron.rollout.placement import LinkStartError, Role
+
+    store = dist.HashStore()
+    cfg = RolloutConfig(placement="separate", num_ranks=2)
+    roles = [role_of(cfg, {"RANK": str(r), "WORLD_SIZE": "4"}) for r in range(4)]
+    sides = [LinkGroups(None, None, store, role) for role in roles]
+    assert isinstance(roles[0], Role) and roles[1].link_rank is None
+    sides[2].ready()
+    t0 = __import__("time").perf_counter()
+    with pytest.raises(LinkStartError, match=r"did not start within rollout.start_timeout_s=0.5 s"):
+        sides[0].wait_for_peers(0.5)  # link rank 2 (the second rollout rank) is silent
+    assert __import__("time").perf_counter() - t0 < 5
+    sides[3].ready(failure="rollout rank 3: vLLM cannot fit the KV cache")
+    for trainer in sides[:2]:  # the training rank outside the link reads the same keys
+        with pytest.raises(
+            LinkStartError, match="link rank 2 could not start: rollout rank 3: vLLM"
+        ):
+            trainer.wait_for_peers(60)
+    sides[0].ready()
+    sides[2].wait_for_peers(1)  # the trainer's first rank has started

@@ -62,6 +62,10 @@ class RolloutConfig:
     num_ranks: int = 0
     """placement=separate: ranks of the launch that run the engines (the last ones; engine_tp
     must divide them); the others train."""
+    start_timeout_s: float = 1800.0
+    """placement=separate: how long each side waits at start for the other (the rollout ranks'
+    vLLM engines, the trainer's model and checkpoint) before the first weight transfer;
+    afterwards train.collective_timeout_s bounds every wait."""
     max_staleness: int = 0
     """s: the batch of step k is sampled by the policy after step k - s (or the first), so
     the rollouts of the next s steps are made while this one trains; 0 = on-policy. With s > 0
@@ -118,6 +122,8 @@ class RolloutConfig:
             raise bad("engine_tp", "must be >= 1")
         if self.placement not in ("colocated", "separate"):
             raise bad("placement", "allowed: colocated, separate")
+        if not self.start_timeout_s > 0:
+            raise bad("start_timeout_s", "must be > 0")
         if self.num_ranks < 0 or self.max_staleness < 0:
             raise GspoError(
                 f"rollout.num_ranks={self.num_ranks} and rollout.max_staleness="

@@ -74,8 +74,8 @@ def role_of(cfg: RolloutConfig, env=os.environ) -> Optional[Role]:
 
 
 def enter_role(role: Role, timeout_s: float):
-    """Bring up this side's default group and the link group; returns the link group (None on
-    training ranks outside it). Before megatron or vLLM start (they take the default group)."""
+    """Bring up this side's default group and the link group; returns the link's groups (no
+    process groups on training ranks outside it, only the start-up hand-shake). Before megatron or vLLM start (they take the default group)."""
     import torch
     import torch.distributed as dist
 
@@ -96,8 +96,11 @@ def enter_role(role: Role, timeout_s: float):
         world_size=role.world,
         timeout=timeout,
     )
+    # The hand-shake's own keys (``LinkGroups.ready`` / ``wait_for_peers``): every rank reads
+    # them, the link ranks write them.
+    ready = dist.PrefixStore("gspo/ready/", store)
     if role.link_rank is None:
-        return None
+        return LinkGroups(None, None, ready, role)
     link_store = dist.PrefixStore("gspo/link/", store)
     # gloo for the batches (objects, CPU); the weights go over NCCL on GPU (rollout.link).
     cpu = dist.ProcessGroupGloo(link_store, role.link_rank, role.link_size, timeout)
@@ -108,14 +111,51 @@ def enter_role(role: Role, timeout_s: float):
         gpu = dist.ProcessGroupNCCL(
             dist.PrefixStore("nccl/", link_store), role.link_rank, role.link_size, opts
         )
-    return LinkGroups(cpu, gpu)
+    return LinkGroups(cpu, gpu, ready, role)
 
 
 @dataclass
 class LinkGroups:
-    cpu: object  # ProcessGroupGloo
+    cpu: Optional[object]  # ProcessGroupGloo (None on training ranks outside the link)
     gpu: Optional[object]  # ProcessGroupNCCL on GPU, else None (weights go over gloo)
+    store: Optional[object] = None  # the start-up hand-shake's keys
+    role: Optional[Role] = None
 
     @property
     def weights(self):
+        """The group the weights travel over (NCCL on GPU)."""
         return self.gpu if self.gpu is not None else self.cpu
+
+    def ready(self, failure: str = "") -> None:
+        """Say this side has started (its engine or model is up), or why it could not."""
+        if self.role.link_rank is None:
+            return
+        self.store.set(f"{self.role.link_rank}", failure or "ok")
+
+    def wait_for_peers(self, timeout_s: float) -> None:
+        """Before the first transfer: wait until the other side has started (vLLM engines,
+        a model and its checkpoint: minutes at scale) for up to ``rollout.start_timeout_s``,
+        so that train.collective_timeout_s need only cover a step's waits. A peer that
+        could not start ends the wait at once with its reason."""
+        import time
+
+        peers = [0] if self.role.kind == "rollout" else range(1, self.role.link_size)
+        keys = [str(r) for r in peers]
+        deadline = time.monotonic() + timeout_s
+        while not self.store.check(keys):
+            if time.monotonic() > deadline:
+                missing = [k for k in keys if not self.store.check([k])]
+                other = "the trainer" if self.role.kind == "rollout" else "the rollout ranks"
+                raise LinkStartError(
+                    f"{other} did not start within rollout.start_timeout_s={timeout_s:g} s "
+                    f"(link ranks {', '.join(missing)} silent)"
+                )
+            time.sleep(0.2)
+        for k in keys:
+            said = self.store.get(k).decode()
+            if said != "ok":
+                raise LinkStartError(f"link rank {k} could not start: {said}")
+
+
+class LinkStartError(RuntimeError):
+    """The other side of the link never started, or said why it could not."""

@@ -89,7 +89,15 @@ def serve(plan, role, groups, dtype) -> None:
     """A rollout rank's main: serve until the run's last batch is sent."""
     server = None
     try:
-        server = RolloutServer(plan, role, groups, dtype)
+        try:
+            server = RolloutServer(plan, role, groups, dtype)
+        except Exception as err:  # the trainer is told at once, not after its start-up bound
+            groups.ready(
+                failure=f"rollout rank {role.launch_rank}: {' '.join(str(err).split())}"[:400]
+            )
+            raise
+        groups.ready()
+        groups.wait_for_peers(plan.cfg.rollout.start_timeout_s)
         server.run()
     finally:
         if server is not None:

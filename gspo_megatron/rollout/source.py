@@ -118,12 +118,15 @@ class SeparateSource:
         self.role, self.groups, self.gatherer = role, groups, gatherer
         self.staleness, self.steps, self.queue = cfg.rollout.max_staleness, steps, queue
         self.bucket_bytes = cfg.rollout.sync_bucket_mb << 20
+        self.start_timeout_s = cfg.rollout.start_timeout_s
         self.received = max(queue, default=-1)
         self.wait = 0.0
 
     def start(self, step: int) -> Dict[str, float]:
         """The first transfer: the weights of ``step`` and what to sample next. Its time
         includes the wait for the rollout ranks' engines to start: logged apart."""
+        self.groups.ready()
+        self.groups.wait_for_peers(self.start_timeout_s)
         sent = self._send(step, max(self.received + 1, step))
         return {"perf/start_transfer_seconds": sent["perf/transfer_seconds"]}
 
