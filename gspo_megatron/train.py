@@ -208,6 +208,7 @@ class Trainer:
             self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype
         )
         self.rewards = self.source = None
+        self.first_transfer: Dict[str, float] = {}  # separate: the start's, logged with step 1
         queue = self._resumed_queue()
         if role is None:
             # GPU: free the engine's memory until the first step's sync brings the weights in.
@@ -346,9 +347,8 @@ class Trainer:
             "rollout/staleness_max": float(staleness),
             "rollout/dropped_stale": float(dropped_stale),
         }
-        if getattr(self, "first_transfer", None):  # the start's transfer, with the first step
-            out.update(self.first_transfer)
-            self.first_transfer = None
+        out.update(self.first_transfer)
+        self.first_transfer = {}
         seconds = time.perf_counter() - t0
         out["perf/step_seconds"] = seconds
         out["perf/tokens_per_second"] = rollout.num_tokens / seconds

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import train_runs as tr
-from conftest import REPO, free_port
+from conftest import free_port
 
 TIMEOUT_S = 20
 
@@ -35,20 +35,11 @@ def two_nodes(demo_init: Path, out: Path):
     )
     nodes = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
-        cmd += ["--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
-        cmd += ["--master-port", port, "-m", "gspo_megatron.train", "--config"]
-        cmd += ["launch/configs/tiny_cpu.yaml"] + overrides
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        launcher += ["--node-rank", str(node), "--nproc-per-node", "1"]
+        launcher += ["--master-addr", "127.0.0.1", "--master-port", port]
         log = out.parent / f"node{node}.log"
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=tr.env(),
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        nodes.append((proc, log))
+        nodes.append((tr.torchrun(log, overrides, launcher=launcher), log))
     return nodes
 
 

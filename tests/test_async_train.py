@@ -18,22 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import train_runs as tr
-from conftest import REPO, torchrun_cmd
 
 SEPARATE = {"rollout.placement": "separate", "rollout.num_ranks": 1}
 
 
 def launch(nproc: int, log: Path, overrides, resume: bool = False) -> subprocess.Popen:
-    cmd = torchrun_cmd(nproc) + ["-m", "gspo_megatron.train", "--config"]
-    cmd += ["launch/configs/tiny_cpu.yaml"] + (["--resume"] if resume else []) + list(overrides)
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=tr.env(),
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return tr.torchrun(log, overrides, resume=resume, nproc=nproc)
 
 
 def rows(run: Path) -> list:

@@ -60,8 +60,12 @@ def env() -> dict:
     return dict(child_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
 
 
-def torchrun(out_log: Path, overrides, resume: bool = False) -> subprocess.Popen:
-    cmd = torchrun_cmd(2) + [
+def torchrun(
+    out_log: Path, overrides, resume: bool = False, nproc: int = 2, launcher=None
+) -> subprocess.Popen:
+    """gspo-train of the demo config under ``launcher`` (default: torchrun of ``nproc``
+    processes on one node), output in ``out_log``, in a session of its own."""
+    cmd = (launcher or torchrun_cmd(nproc)) + [
         "-m",
         "gspo_megatron.train",
         "--config",

@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gspo_megatron.parallel import free_port  # noqa: E402  (after the path: run from a clone)
 
 
 def train(init: Path, out: Path, nproc: int, steps: int, sleep: float, extra) -> list:

@@ -51,15 +51,14 @@ class RolloutServer:
         self.version = -1
 
     def _receive(self) -> dict:
-        """One transfer into the engine; returns its header with the wait and transfer times."""
+        """One transfer into the engine; returns its header with the time spent waiting for it."""
         me = self.role.link_rank
         t0 = time.perf_counter()
         header = receive_header(self.groups, me)
         waited = time.perf_counter() - t0
-        stats = TransferStats(version=header["version"])
-        self.engine.load_from(receive_weights(self.groups, me, stats))
+        self.engine.load_from(receive_weights(self.groups, me, TransferStats()))
         self.version = header["version"]
-        return dict(header, waited=waited, stats=stats)
+        return dict(header, waited=waited)
 
     def run(self) -> None:
         header = self._receive()
