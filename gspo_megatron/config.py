@@ -187,6 +187,26 @@ class Config:
                 "(agent.environment) do not assemble across turns; use loss.routing_replay=r2 "
                 "(pi_old's routes, any number of turns) or none"
             )
+        if self.rollout.partial:
+            # What a partial rollout cannot do yet, each in one line before any model.
+            if self.agent.enabled:
+                raise GspoError(
+                    "rollout.partial=true with agent.environment: multi-turn episodes do not "
+                    "continue across a weight transfer yet; use rollout.partial=false (bounded "
+                    "staleness works with episodes)"
+                )
+            if self.rollout.dynamic_sampling:
+                raise GspoError(
+                    "rollout.partial=true with rollout.dynamic_sampling=true: a sampling round "
+                    "needs the previous round's rewards, which an interrupted batch does not "
+                    "have yet; turn one of them off"
+                )
+            if self.loss.routing_replay == "r3":
+                raise GspoError(
+                    "loss.routing_replay=r3 with rollout.partial=true: a response continued "
+                    "under new weights has its routes from two engine calls, which are not "
+                    "reassembled; use loss.routing_replay=r2 or none"
+                )
         if self.rollout.placement == "separate" and self.train.eval_every:
             raise GspoError(
                 f"train.eval_every={self.train.eval_every}: validation runs on colocated engines, "
@@ -225,8 +245,8 @@ class Config:
         """Whether the engine records its routes (MoE models): rollout.capture_routes=always, or auto
         where it costs nothing (CPU: the engine runs eagerly anyway) or r3 needs it."""
         setting = self.rollout.capture_routes
-        if self.agent.enabled:  # a turn's routes cover one engine call (see the r3 refusal)
-            return False
+        if self.agent.enabled or self.rollout.partial:
+            return False  # a turn's / a continuation's routes cover one engine call (see r3)
         return setting == "always" or (
             setting == "auto" and (not on_gpu or self.loss.routing_replay == "r3")
         )

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from gspo_megatron.errors import GspoError, exit_on_error
-from gspo_megatron.sampling import episode_rewards, reward_item
+from gspo_megatron.rollout.sampling import episode_rewards, reward_item
 
 CHUNK = 64
 """Prompts per engine call: seeds are (seed, call, position in the call), so a fixed chunk

@@ -65,6 +65,7 @@ from gspo_megatron.rollout.source import (
     QUEUE_FILE,
     ColocatedSource,
     Producer,
+    Schedule,
     SeparateSource,
     dump_queue,
     load_queue,
@@ -210,6 +211,8 @@ class Trainer:
         self.rewards = self.source = None
         self.first_transfer: Dict[str, float] = {}  # separate: the start's, logged with step 1
         queue = self._resumed_queue()
+        rc = cfg.rollout
+        schedule = Schedule(rc.max_staleness, cfg.train.steps, self.state.step, rc.partial)
         if role is None:
             # GPU: free the engine's memory until the first step's sync brings the weights in.
             self.engine.sleep()
@@ -221,14 +224,13 @@ class Trainer:
                 producer,
                 self.engine,
                 self.gatherer,
-                cfg.rollout.max_staleness,
-                cfg.train.steps,
+                schedule,
                 queue,
                 self._validate,
                 cfg.train.eval_every,
             )
         else:
-            self.source = SeparateSource(role, link, self.gatherer, cfg, cfg.train.steps, queue)
+            self.source = SeparateSource(role, link, self.gatherer, cfg, schedule, queue)
             self.first_transfer = self.source.start(self.state.step)
         self.reward_error_shown = self.silent_groups_shown = False
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
@@ -254,8 +256,9 @@ class Trainer:
         # This step's batch (colocated: the weights synced into the engines, validation, the
         # batches up to step + max_staleness sampled; separate: received from the rollout ranks).
         rollout, source_metrics = self.source.take(step)
-        staleness = step - rollout.version
+        staleness = step - rollout.version  # of its oldest tokens
         stale = staleness > cfg.rollout.max_staleness  # only after a resume lowered the bound
+        ages = token_ages(rollout, step)
         if not rollout.sampled_groups:
             raise GspoError(f"step {step + 1}: every prompt was skipped by the rollout engine")
         if rollout.first_error is not None and not self.reward_error_shown:
@@ -289,9 +292,9 @@ class Trainer:
                 a,
                 c.logprobs,
                 routes=c.routes,
-                response_mask=c.loss_mask,
+                response_mask=age_mask(c.loss_mask, age, cfg.rollout.max_token_age),
             )
-            for (p, c), a in zip(pairs, adv)
+            for (p, c), a, age in zip(pairs, adv, ages)
         ]
         if cfg.train.save_rollouts and self.rank == 0:
             self._save_rollouts(step, pairs, kept.tolist(), adv)
@@ -343,8 +346,7 @@ class Trainer:
             **self.plan.prompts.stats,
             "rollout/dropped_samples": float(dropped),
             "rollout/policy_version": float(rollout.version),
-            "rollout/staleness_mean": float(staleness),
-            "rollout/staleness_max": float(staleness),
+            **staleness_metrics(ages, cfg.rollout),
             "rollout/dropped_stale": float(dropped_stale),
         }
         out.update(self.first_transfer)
@@ -392,6 +394,7 @@ class Trainer:
                 "reward": r,
                 "advantage": a,
                 **({} if c.agent is None else episode_row(c)),
+                **({} if c.versions is None else partial_row(p, c)),
             }
             for (p, c), r, a in zip(pairs, rewards, advantages)
         ]
@@ -536,6 +539,50 @@ def cli() -> None:
     """gspo-train: ``main``, then a quick exit after a finished run."""
     main()
     exit_without_teardown()
+
+
+def partial_row(p, c) -> dict:
+    """A partial rollout's response for train.save_rollouts: its ids, each token's behaviour
+    log-prob and the policy version that sampled it."""
+    return {
+        "prompt_ids": p.ids,
+        "ids": c.token_ids,
+        "logprobs": c.logprobs,
+        "versions": c.versions,
+    }
+
+
+def token_ages(rollout, step: int) -> List[List[int]]:
+    """Per response of ``rollout`` (group order), per token: how many versions behind the
+    policy of ``step`` the policy that sampled it is."""
+    ages = []
+    for g in rollout.groups:
+        for c in g:
+            versions = c.versions or [rollout.version] * len(c.token_ids)
+            ages.append([step - v for v in versions])
+    return ages
+
+
+def age_mask(mask: Optional[List[int]], ages: List[int], max_age: int) -> Optional[List[int]]:
+    """The response's loss mask with the tokens older than ``max_age`` (>= 0) masked out."""
+    if max_age < 0:
+        return mask
+    mask = mask or [1] * len(ages)
+    return [m if a <= max_age else 0 for m, a in zip(mask, ages)]
+
+
+def staleness_metrics(ages: List[List[int]], rc) -> Dict[str, float]:
+    """rollout/staleness_* over the batch's response tokens, and how many responses span
+    several versions (rollout/partial_fraction) and how many tokens max_token_age masks."""
+    flat = [a for row in ages for a in row] or [0]
+    out = {
+        "rollout/staleness_mean": sum(flat) / len(flat),
+        "rollout/staleness_max": float(max(flat)),
+        "rollout/partial_fraction": sum(len(set(r)) > 1 for r in ages) / max(len(ages), 1),
+    }
+    if rc.max_token_age >= 0:
+        out["rollout/masked_old_tokens"] = sum(a > rc.max_token_age for a in flat) / len(flat)
+    return out
 
 
 def episode_row(c) -> dict:

@@ -16,7 +16,7 @@ from gspo_megatron.rollout.agent_config import AgentConfig, end_of_turn_id
 from gspo_megatron.rollout.engine import Completion
 from gspo_megatron.rollout.env_pool import EnvPool
 from gspo_megatron.rollout.episodes import EpisodeRunner, SharedEnvs, agent_rollout
-from gspo_megatron.sampling import episode_rewards
+from gspo_megatron.rollout.sampling import episode_rewards
 from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
 
 

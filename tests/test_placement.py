@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import threading
 
 import pytest
@@ -21,7 +22,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.rollout import link
 from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.placement import LinkGroups, role_of
-from gspo_megatron.rollout.source import version_of
+from gspo_megatron.rollout.source import Schedule, version_of
 from gspo_megatron.testing.hf_reference import read_hf_tensors
 
 
@@ -34,10 +35,13 @@ from gspo_megatron.testing.hf_reference import read_hf_tensors
         ({"num_ranks": 2}, 4, "rollout.num_ranks=2 with rollout.placement=colocated"),
         ({"placement": "apart"}, 4, "rollout.placement='apart': allowed: colocated, separate"),
         ({"max_staleness": -1}, 4, "rollout.max_staleness=-1 must be >= 0"),
+        ({"partial": True}, 4, "rollout.partial=true with rollout.max_staleness=0: no transfer"),
+        ({"partial_tokens": 8, "max_new_tokens": 8}, 4, "rollout.partial_tokens=8: must be in"),
+        ({"max_token_age": -2}, 4, "rollout.max_token_age=-2: must be >= 0, or -1 (off)"),
     ],
 )
 def test_bad_placement_is_one_line(settings, world, message):
-    with pytest.raises(GspoError, match=message.replace("(", r"\(").replace(".", r"\.")) as err:
+    with pytest.raises(GspoError, match=re.escape(message)) as err:
         RolloutConfig(**settings).validate(world)
     assert "\n" not in str(err.value)
 
@@ -51,6 +55,17 @@ def test_separate_placement_refuses_what_it_cannot_serve(tmp_path):
     with pytest.raises(GspoError, match="train.eval_every=5: validation runs on colocated"):
         load_config(None, base + ["train.eval_every=5"]).validate(world_size=3)
     load_config(None, base).validate(world_size=3)  # fine without validation
+    # What a partial rollout cannot continue across a transfer (either placement).
+    partial = base[:3] + ["rollout.partial=true", "rollout.max_staleness=1"]
+    for extra, message in (
+        (["agent.environment=episode_envs:Countdown"], "multi-turn episodes do not continue"),
+        (["rollout.dynamic_sampling=true"], "needs the previous round's rewards"),
+        (["loss.routing_replay=r3"], "routes from two engine calls"),
+    ):
+        with pytest.raises(GspoError, match=message) as err:
+            load_config(None, partial + extra).validate(world_size=2)
+        assert "\n" not in str(err.value)
+    load_config(None, partial).validate(world_size=2)
     # The layout is checked against the training ranks only.
     from gspo_megatron.rollout.config import RolloutConfig as R
 
@@ -74,6 +89,70 @@ def test_the_schedule_of_versions():
     assert [version_of(j, 1, 0) for j in range(5)] == [0, 0, 1, 2, 3]
     assert [version_of(j, 0, 0) for j in range(3)] == [0, 1, 2]
     assert [version_of(j, 2, 4) for j in range(6, 9)] == [4, 5, 6]  # resumed at step 4
+
+
+def _work(schedule: Schedule, versions) -> list:
+    """What each version does, as both placements do it: finish what the one before left in
+    flight, then start (or make whole) the batches it samples."""
+    out, inflight, next_index = [], [], schedule.start
+    for v in versions:
+        done = [("tail", j) for j in inflight]
+        inflight = []
+        for j, whole in schedule.heads(v, next_index):
+            done.append(("whole" if whole else "head", j))
+            inflight += [] if whole else [j]
+            next_index = j + 1
+        out.append(done)
+    return out
+
+
+def test_the_schedule_of_partial_rollouts():
+    # s = 1: batch k started by k - 1 and finished by k; batch 0 by version 0 alone.
+    assert _work(Schedule(1, 4, 0, partial=True), range(4)) == [
+        [("whole", 0), ("head", 1)],
+        [("tail", 1), ("head", 2)],
+        [("tail", 2), ("head", 3)],
+        [("tail", 3)],
+    ]
+    # s = 2: the tails are made while the batch before trains (full overlap).
+    assert _work(Schedule(2, 5, 0, partial=True), range(4)) == [
+        [("whole", 0), ("head", 1), ("head", 2)],
+        [("tail", 1), ("tail", 2), ("head", 3)],
+        [("tail", 3), ("head", 4)],
+        [("tail", 4)],
+    ]
+    # Without partial rollouts each version makes its batches whole (the bounded staleness).
+    assert _work(Schedule(1, 3, 0), range(3)) == [[("whole", 0), ("whole", 1)], [("whole", 2)], []]
+    # Resumed at step 2 (s = 1): batch 2 in flight comes back with the first transfer.
+    resumed = Schedule(1, 4, 2, partial=True)
+    assert resumed.heads(2, 3) == [(3, False)] and resumed.has_work(3, 4, ["batch 3"])
+    assert not resumed.has_work(4, 4, [])
+
+
+def test_token_ages_the_mask_and_the_staleness_metrics():
+    from gspo_megatron.rollout.config import RolloutConfig as R
+    from gspo_megatron.rollout.engine import Completion
+    from gspo_megatron.rollout.sampling import StepRollout
+    from gspo_megatron.train import age_mask, staleness_metrics, token_ages
+
+    spans = Completion([1, 2, 3, 4], [0.0] * 4, "stop", versions=[2, 2, 3, 3])
+    short = Completion([5], [0.0], "stop", versions=[2])
+    rollout = StepRollout(groups=[[spans, short]], version=2)
+    ages = token_ages(rollout, 4)
+    assert ages == [[2, 2, 1, 1], [2]]
+    assert age_mask(None, ages[0], -1) is None  # off
+    assert age_mask(None, ages[0], 1) == [0, 0, 1, 1]
+    assert age_mask([1, 0, 1, 1], ages[0], 2) == [1, 0, 1, 1]  # an environment span stays out
+    got = staleness_metrics(ages, R(max_token_age=1))
+    assert got == {
+        "rollout/staleness_mean": 8 / 5,
+        "rollout/staleness_max": 2.0,
+        "rollout/partial_fraction": 0.5,
+        "rollout/masked_old_tokens": 3 / 5,
+    }
+    # A batch without per-token versions: all of them the batch's.
+    plain = StepRollout(groups=[[Completion([1, 2], [0.0, 0.0], "stop")]], version=3)
+    assert token_ages(plain, 4) == [[1, 1]]
 
 
 def _groups(n: int, timeout_s: float = 30.0):

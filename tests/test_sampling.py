@@ -1,4 +1,4 @@
-"""Dynamic sampling's choice of groups (``gspo_megatron.sampling``), on synthetic rewards.
+"""Dynamic sampling's choice of groups (``gspo_megatron.rollout.sampling``), on synthetic rewards.
 
 The engine and the reward functions are the trainer's (tests/test_train.py runs them with
 dynamic sampling on, killed and resumed); here the group-selection rules are checked on inputs
@@ -11,7 +11,7 @@ import pytest
 
 from gspo_megatron.data import Prompt, PromptSet
 from gspo_megatron.rollout.engine import Completion, RolloutBatch
-from gspo_megatron.sampling import draw_more, merge_reward_stats, sample_step
+from gspo_megatron.rollout.sampling import draw_more, merge_reward_stats, sample_step
 
 G = 4
 

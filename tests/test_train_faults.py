@@ -261,3 +261,62 @@ def test_dynamic_sampling_that_finds_nothing_saves_and_resumes(demo_init, tmp_pa
     assert "step 3: no informative group to train on" in again.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+_WRITER_SCRIPT = """
+import multiprocessing, os, sys
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from gspo_megatron.checkpoint.training import writers_die_with_trainer
+if sys.argv[2] == "guarded":
+    writers_die_with_trainer()
+print(os.getpid(), flush=True)
+bucket = (sys.argv[1], "shard", ([], []))
+queue = multiprocessing.get_context("fork").Queue()
+FileSystemWriterAsync.write_preloaded_data_multiproc([], False, 0, [bucket], queue)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_checkpoint_writers_die_with_a_killed_trainer(tmp_path):
+    """megatron's checkpoint save forks a writer per bucket (from the trainer, or from the
+    process an async save forks). Here megatron's own writer function runs on a bucket whose
+    file is a FIFO nobody reads, so the writer blocks in open() as a slow disk would hold it;
+    the trainer is SIGKILLed. With the trainer's guard (save_checkpoint installs it) the writer
+    is gone within seconds; without it (megatron alone, run beside it) it is left orphaned, the
+    leak the guard exists for."""
+    runs = {}
+    for mode in ("guarded", "plain"):
+        fifo = tmp_path / f"{mode}.distcp"
+        os.mkfifo(fifo)
+        runs[mode] = subprocess.Popen(
+            [sys.executable, "-c", _WRITER_SCRIPT, str(fifo), mode],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+            start_new_session=True,
+        )
+    writers = {}
+    for mode, proc in runs.items():
+        trainer = psutil.Process(int(proc.stdout.readline()))
+        deadline = time.time() + 60
+        while not trainer.children():
+            assert proc.poll() is None and time.time() < deadline, "no writer was forked"
+            time.sleep(0.05)
+        (writers[mode],) = trainer.children()
+    time.sleep(0.5)  # the writers are past their start, blocked in open()
+    assert all(_alive(w.pid) for w in writers.values())
+    for proc in runs.values():
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 5  # the kernel's signal is immediate; 5 s is for a loaded machine
+    while _alive(writers["guarded"].pid) and time.time() < deadline:
+        time.sleep(0.05)
+    left = {mode: _alive(w.pid) for mode, w in writers.items()}
+    if left["plain"]:
+        writers["plain"].kill()
+    assert left == {"guarded": False, "plain": True}

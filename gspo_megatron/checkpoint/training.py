@@ -158,6 +158,7 @@ def save_checkpoint(
     files.update(extra_files or {})
     try:
         _forked_results_queue()
+        writers_die_with_trainer()
         # Before the first optimizer step (nothing to train on yet) there is no Adam state.
         materialise_optimizer_state(optimizer)
         request = dist_checkpointing.save(
@@ -259,6 +260,33 @@ def _forked_results_queue() -> None:
         manager = SyncManager(ctx=multiprocessing.get_context("fork"))
         manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
+
+
+def writers_die_with_trainer() -> None:
+    """megatron forks a process per write bucket (and, for an async save, the process that
+    forks them); a trainer SIGKILLed mid-save left them writing into the checkpoint's partial
+    directory, orphaned (seen in a clean-clone run of the fault tests). Each now asks for
+    SIGKILL when the process that forked it dies, first thing in the child. Installed once per
+    process; left alone if a megatron version lacks the two functions."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync as writer,
+    )
+
+    from gspo_megatron.procutil import die_with_parent
+
+    trainer = os.getpid()
+    for name in ("write_preloaded_data", "write_preloaded_data_multiproc"):
+        fn = writer.__dict__.get(name)
+        if not isinstance(fn, staticmethod) or getattr(fn.__func__, "_dies_with_parent", False):
+            continue
+
+        def guarded(*args, _fn=fn.__func__, **kwargs):
+            if os.getpid() != trainer:  # a forked child (a sync save runs the second here)
+                die_with_parent(os.getppid())
+            return _fn(*args, **kwargs)
+
+        guarded._dies_with_parent = True
+        setattr(writer, name, staticmethod(guarded))
 
 
 def _agree(problem: Optional[str]) -> Optional[str]:

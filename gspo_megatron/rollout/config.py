@@ -70,6 +70,20 @@ class RolloutConfig:
     """s: the batch of step k is sampled by the policy after step k - s (or the first), so
     the rollouts of the next s steps are made while this one trains; 0 = on-policy. With s > 0
     use loss.rollout_correction (the engine's log-probs are the behaviour policy)."""
+    partial: bool = False
+    """max_staleness >= 1: a weight transfer interrupts generation and the responses still
+    running continue under the new weights from where they stopped (partial rollouts): a batch
+    is started by the policy max_staleness versions behind and finished by the next one, each
+    token tagged with the version that sampled it. Where the interruption falls is fixed by
+    ``partial_tokens``, not by timing, so runs and resumes stay exact."""
+    partial_tokens: int = 0
+    """partial: response tokens sampled before the transfer interrupts (0 = half of
+    max_new_tokens)."""
+    max_token_age: int = -1
+    """Mask out of the loss every response token sampled by a policy more than this many
+    versions behind the step that trains on it (it still conditions the tokens after it);
+    -1 = off. With partial rollouts, e.g. max_staleness=2 and max_token_age=1 trains only on
+    what the newer policy sampled."""
 
     def validate(self, world_size: int) -> None:
         """Every value, and the placement against the launch's ``world_size`` ranks."""
@@ -137,10 +151,30 @@ class RolloutConfig:
             raise bad("max_sampling_rounds", "must be >= 1 (1 = no extra rounds)")
         if self.capture_routes not in ("auto", "always", "never"):
             raise bad("capture_routes", "allowed: auto, always, never")
+        if self.max_token_age < -1:
+            raise bad("max_token_age", "must be >= 0, or -1 (off)")
+        if self.partial_tokens < 0 or self.partial_tokens >= self.max_new_tokens:
+            raise bad(
+                "partial_tokens",
+                f"must be in [1, rollout.max_new_tokens={self.max_new_tokens}) (0 = half of it)",
+            )
+        if self.partial and self.max_staleness < 1:
+            raise GspoError(
+                "rollout.partial=true with rollout.max_staleness=0: no transfer lands while a "
+                "batch is sampled (each batch uses the weights it trains from); use "
+                "max_staleness >= 1 or partial=false"
+            )
+        if self.partial and self.max_new_tokens < 2:
+            raise bad("max_new_tokens", "rollout.partial needs >= 2 (a head and a tail)")
 
     @property
     def max_model_len(self) -> int:
         return self.max_prompt_tokens + self.max_new_tokens
+
+    @property
+    def head_tokens(self) -> int:
+        """partial: the tokens of a response sampled before the interruption."""
+        return self.partial_tokens or self.max_new_tokens // 2
 
 
 def max_samples_per_prompt() -> int:

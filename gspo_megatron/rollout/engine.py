@@ -56,6 +56,9 @@ class Completion:
     """Multi-turn episodes: the opening the environment gave (else the data set's prompt)."""
     agent: Optional[object] = None
     """Multi-turn episodes: the ``EpisodeRecord`` (messages, turns, tool calls, failures)."""
+    versions: Optional[List[int]] = None
+    """Partial rollouts: per token, the policy version that sampled it (None: all the
+    batch's ``version``)."""
 
 
 @dataclass
@@ -337,13 +340,14 @@ class RolloutEngine:
     def sample_turns(
         self,
         requests: Sequence[Tuple[int, Sequence[int], int, str]],
-        stop_token_id: int,
+        stop_token_id: Optional[int],
         greedy: bool = False,
     ) -> Dict[int, "Completion"]:
         """One response per request (episode index, token prompt, max new tokens, seed key),
-        stopping at ``stop_token_id`` (included in the ids): a turn of every live multi-turn
-        episode. Collective like ``generate``; an episode is served by engine
-        ``index % num_engines`` whatever else is live, so its environment stays on one rank."""
+        stopping at ``stop_token_id`` (included in the ids; None: at EOS only): a turn of every
+        live multi-turn episode, or the continuations of a partial rollout. Collective like
+        ``generate``; an episode is served by engine ``index % num_engines`` whatever else is
+        live, so its environment stays on one rank."""
         from vllm import SamplingParams
 
         cfg = self.cfg
@@ -359,7 +363,7 @@ class RolloutEngine:
                     max_tokens=max_tokens,
                     logprobs=0,
                     seed=None if greedy else zlib.crc32(f"{cfg.seed}/{key}".encode()) & 0x7FFFFFFF,
-                    stop_token_ids=[stop_token_id],
+                    stop_token_ids=None if stop_token_id is None else [stop_token_id],
                     detokenize=False,
                 )
                 for _, _, max_tokens, key in mine

@@ -4,7 +4,9 @@ Every rollout rank hosts (a tensor-parallel shard of) a vLLM engine and runs thi
 lockstep with the others (the engines' collectives and the reward workers are over the rollout
 ranks' own default group). The trainer's first transfer says which batch comes next and how
 many the run has; batch j is sampled by version max(j - s, first version)
-(``rollout.source``), so before sampling it the rank waits for every newer transfer it needs.
+(``rollout.source``; with partial rollouts started by it and finished by the next), so the rank
+does each version's work and then waits for the next transfer, which brings back the batches
+it left in flight.
 No model, no optimizer, no checkpoint here: what a resume needs (the batches sampled ahead)
 lives with the trainer, which restarts this loop where it left off.
 """
@@ -22,7 +24,8 @@ from gspo_megatron.rollout.link import (
     receive_weights,
     send_object,
 )
-from gspo_megatron.rollout.source import Producer, version_of
+from gspo_megatron.rollout.partial import InFlight
+from gspo_megatron.rollout.source import Producer, Schedule, do_work
 
 
 class RolloutServer:
@@ -62,20 +65,30 @@ class RolloutServer:
 
     def run(self) -> None:
         header = self._receive()
-        start, steps, staleness = header["version"], header["steps"], header["staleness"]
-        j = header["next_index"]
+        schedule = Schedule(
+            header["staleness"], header["steps"], header["version"], header["partial"]
+        )
+        j, pending = header["next_index"], set()
         wait = header["waited"]
-        while j < steps:
-            while self.version < version_of(j, staleness, start):
-                h = self._receive()
-                wait += h["waited"]
-            batch = self.producer.produce(j, self.version)
-            # The trainer logs the transfer from its side; the rollout ranks' idle time is ours.
-            batch.stats["perf/rollout_wait_seconds"] = wait
-            wait = 0.0
-            if self.role.rank == 0:
-                send_object(self.groups.cpu, batch, ROOT, "sending a batch to the trainer")
-            j += 1
+        while True:
+            inflight = header["inflight"]
+            for made in do_work(self.producer, schedule, self.version, j, inflight):
+                if isinstance(made, InFlight):
+                    pending.add(made.index)
+                else:
+                    # The trainer logs the transfer from its side; the rollout ranks' idle
+                    # time is ours.
+                    made.stats["perf/rollout_wait_seconds"] = wait
+                    wait = 0.0
+                    pending.discard(made.index)
+                if made.index >= j:
+                    j = made.index + 1
+                if self.role.rank == 0:
+                    send_object(self.groups.cpu, made, ROOT, "sending a batch to the trainer")
+            if j >= schedule.steps and not pending:
+                return
+            header = self._receive()
+            wait += header["waited"]
 
     def close(self) -> None:
         self.rewards.close()
