@@ -15,6 +15,7 @@ closes its connections, which ends the wait at once. ``LinkError`` names the sid
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from dataclasses import dataclass
@@ -71,12 +72,11 @@ def bcast_object(pg, obj, root: int, me: int, what: str):
     return obj if me == root else pickle.loads(data.numpy().tobytes())
 
 
-def send_object(pg, obj, dst: int, what: str) -> int:
+def send_object(pg, obj, dst: int, what: str) -> None:
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     size = torch.tensor([data.numel()], dtype=torch.int64)
     _wait(lambda: pg.send([size], dst, BATCH_TAG), what)
     _wait(lambda: pg.send([data], dst, BATCH_TAG), what)
-    return data.numel()
 
 
 def recv_object(pg, src: int, what: str):
@@ -143,21 +143,14 @@ def receive_weights(groups, me: int, stats: TransferStats) -> Iterator[Tuple[str
         if manifest is None:
             break
         dtype = getattr(torch, manifest[0][2].removeprefix("torch."))
-        numel = sum(_numel(shape) for _, shape, _ in manifest)
+        numel = sum(math.prod(shape) for _, shape, _ in manifest)
         device = "cuda" if groups.gpu is not None else "cpu"
         flat = torch.empty(numel, dtype=dtype, device=device)
         _bcast(groups.weights, flat, ROOT, what)
         stats.bytes += flat.numel() * flat.element_size()
         pos = 0
         for name, shape, _ in manifest:
-            n = _numel(shape)
+            n = math.prod(shape)
             yield name, flat[pos : pos + n].view(shape)
             pos += n
     stats.seconds = time.perf_counter() - t0
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -18,6 +18,7 @@ ranks must consume it to the end, in the same order (they do: the order is the p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -141,11 +142,11 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
                 f"{list(mapping.mcore_shape)}"
             )
         pieces = tuple(Piece(r, m.offset, m.local_shape) for r, m in holders if m.primary)
-        covered = sum(_numel(p.shape) for p in pieces)
-        if covered != _numel(shape):
+        covered = sum(math.prod(p.shape) for p in pieces)
+        if covered != math.prod(shape):
             raise ValueError(
                 f"weight sync: primary slices of '{key}' cover {covered} of "
-                f"{_numel(shape)} elements"
+                f"{math.prod(shape)} elements"
             )
         whole = {r for r, m in holders if m.local_shape == shape}
         keys.append(KeyPlan(key, shape, pieces, local_everywhere=len(whole) == world))
@@ -154,7 +155,7 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
     for i, kp in enumerate(keys):
         if kp.local_everywhere:
             continue
-        nbytes = _numel(kp.shape) * elsize
+        nbytes = math.prod(kp.shape) * elsize
         if not buckets or size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
@@ -165,13 +166,6 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
 
 def _signature(shards) -> Tuple:
     return tuple(sorted((k, tuple(sh.data.shape), sh.primary) for k, sh in shards.items()))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _slices(offset, shape):
@@ -235,14 +229,14 @@ class WeightGatherer:
         sizes = [0] * plan.world
         for i in idx:
             for r, _, lshape in plan.keys[i].pieces:
-                sizes[r] += _numel(lshape)
+                sizes[r] += math.prod(lshape)
         send = torch.empty(sizes[rank], dtype=self.dtype, device=device)
         pos = 0
         for i in idx:
             kp = plan.keys[i]
             for r, _, lshape in kp.pieces:
                 if r == rank:
-                    n = _numel(lshape)
+                    n = math.prod(lshape)
                     send[pos : pos + n].copy_(shards[kp.key].data.reshape(-1))
                     pos += n
         parts = self._exchange(send, sizes, device)
@@ -256,7 +250,7 @@ class WeightGatherer:
             kp = plan.keys[i]
             full = torch.empty(kp.shape, dtype=self.dtype, device=device)
             for r, off, lshape in kp.pieces:
-                n = _numel(lshape)
+                n = math.prod(lshape)
                 full[_slices(off, lshape)] = parts[r][cursor[r] : cursor[r] + n].view(lshape)
                 cursor[r] += n
             out[i] = full
