@@ -236,7 +236,10 @@ def test_one_hang_costs_one_timeout_and_restarts_do_not_eat_call_time(tmp_path, 
                 1,
                 0,
             )
-            assert took < len(items) * timeout_s / 2  # one timeout and a start-up or two
+            # One timeout and a start-up or two: ~2 s idle, 4.1 s measured with another test
+            # file running beside it. If restarts ate call time every call would time out
+            # (16 x 0.5 = 8 s and more): 0.9 of that still tells the two apart.
+            assert took < 0.9 * len(items) * timeout_s
     finally:
         runner.close()
     assert runner.last_errors == [
