@@ -64,8 +64,3 @@ def finish_batch(engine, item: InFlight, version: int, max_new_tokens: int, head
         c.finish_reason = tail.finish_reason
     batch.seconds += time.perf_counter() - t0
     return batch
-
-
-def spans_versions(c) -> bool:
-    """Whether a completion was sampled by more than one policy."""
-    return c.versions is not None and len(set(c.versions)) > 1

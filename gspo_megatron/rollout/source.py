@@ -12,10 +12,10 @@ samples with the weights it trains from (the on-policy loop); with s = 1 the ver
 depend on which side is faster, a separate run equals the colocated run of the same s bit for
 bit, and the batches sampled ahead (``queue``) are all a checkpoint needs to resume exactly.
 
-With ``rollout.partial`` (``rollout.partial``) batch j is started by that version and, if the
-next version exists by step j, finished by it: the work of a version v is first the tails of
-the batches v - 1 started (``InFlight``), then the heads of the batches v starts
-(``Schedule.work``). Both placements do that work in that order.
+With ``rollout.partial`` (``rollout.partial``, the module) batch j is started by that version
+and, if the next version exists by step j, finished by it: the work of a version v is first the
+tails of the batches v - 1 started (``InFlight``), then the heads of the batches v starts
+(``do_work`` over ``Schedule.heads``). Both placements do that work in that order.
 
 - ``ColocatedSource``: the engines in the training ranks; at step k the weights are synced (the
   policy after k steps) and version k's work is done, then the engine sleeps while the trainer
@@ -142,7 +142,8 @@ def in_flight(queue: Dict[int, Queued]) -> List[InFlight]:
 
 
 def do_work(producer: Producer, schedule: Schedule, version: int, next_index: int, inflight):
-    """Version ``version``'s work, in order: (index, StepRollout or InFlight) as made."""
+    """Version ``version``'s work, in order: each StepRollout (finished or whole) or InFlight
+    (started) as it is made."""
     for item in inflight:
         yield producer.finish(item, version)
     for j, whole in schedule.heads(version, next_index):
