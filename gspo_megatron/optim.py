@@ -122,7 +122,36 @@ def build_optimizer(ddp_model, cfg: OptimConfig):
     if cfg.cpu_offload_fraction > 0 and torch.cuda.is_available():
         oc.optimizer_cpu_offload = True
         oc.optimizer_offload_fraction = cfg.cpu_offload_fraction
-    return get_megatron_optimizer(oc, [ddp_model])
+    optimizer = get_megatron_optimizer(oc, [ddp_model])
+    if not torch.cuda.is_available():
+        for inner in torch_optimizers(optimizer):
+            fuse_adam_on_cpu(inner)
+    return optimizer
+
+
+def torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron's (chained, distributed or not) optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(o, "optimizer", o) for o in chained]
+
+
+def fuse_adam_on_cpu(inner) -> None:
+    """Step torch's AdamW with its fused CPU kernel (one pass over parameter, gradient and
+    moments) instead of its default one-op-per-tensor loop: without apex or Transformer Engine
+    megatron hands the CPU torch.optim.AdamW with neither set, which walks every parameter's
+    elements six times. Measured: 0.28 s -> 0.09 s a step at 123M parameters on 2 cores. The
+    kernel rounds differently in the last bit (about 1 ulp of a weight per step).
+
+    Set before every step, not once: loading a checkpoint replaces the parameter groups'
+    settings with those it saved (torch's load_state_dict), which older runs saved unfused."""
+    if not isinstance(inner, torch.optim.Adam):  # AdamW included
+        return
+
+    def fused(opt, args, kwargs):
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = True, False
+
+    inner.register_step_pre_hook(fused)
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):

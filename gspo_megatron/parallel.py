@@ -130,10 +130,11 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
     # Here, not at the top: the pre-flight checks layouts through this module without megatron.
     from megatron.core import parallel_state, tensor_parallel
 
-    from gspo_megatron import cpu_compat
+    from gspo_megatron import cpu_compat, cpu_perf
 
     use_cuda = torch.cuda.is_available()
     cpu_compat.apply_if_needed()
+    cpu_perf.apply()
     if not torch.distributed.is_initialized():
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,16 +1,21 @@
 """Benchmarks of the RL step, side by side with a baseline in one run.
 
-    python tools/bench_step.py step [--steps 12 --nproc 2]
+    python tools/bench_step.py step [--shape demo|m|l] [--steps 12] [--nproc 2 1]
     python tools/bench_step.py long-tail [--samples 64 --budget 1024 --micro-batch-size 4]
 
-step: the demo's RL step (its warm-started model, data, copy reward; 16 prompts x 8 responses,
-4 minibatch steps), once through gspo-train (torchrun, launch/configs/tiny_cpu.yaml, the
-quickstart's settings) and once as a plain single-process loop of the kind widely used for
-small models (transformers generate; the reward; a no-grad forward for pi_old; one
-forward/backward per minibatch with the same GSPO loss and torch AdamW; no weight sync).
-Prints, per phase (rollout, reward, pi_old forward, update, sync, whole step), the median
-seconds after two warm-up steps and the tokens per second for each, the ratio, and the time
-from launch to the end of the run.
+step: the demo's RL step (its data and copy reward; 16 prompts x 8 responses, 4 minibatch
+steps), through gspo-train (torchrun, launch/configs/tiny_cpu.yaml, the quickstart's settings)
+with the demo's two processes and with one process of all the machine's threads, and as a plain
+single-process loop of the kind widely used for small models (transformers generate; the reward;
+a no-grad forward for pi_old; one forward/backward per minibatch with the same GSPO loss and
+torch AdamW; no weight sync). ``--shape``: the demo's model (hidden 128, 2 layers, 4 experts,
+warm-started) or a larger random one, ``m`` (hidden 512, 4 layers, 8 experts top-2) or ``l``
+(hidden 768, 6 layers, 16 experts top-4), both with responses of 16 new tokens and no warm start
+(a random policy seldom ends early, so the responses are full length). Prints, per phase
+(rollout, reward, pi_old forward, update, sync, whole step), the median seconds after two
+warm-up steps of each run, the ratio to the plain loop, and the model FLOP/s of the pi_old
+forward and of the update (``gspo_megatron.flops``) beside the machine's fp32 matrix-multiply
+rate measured in the same run; then the time from launch to the end of each run.
 
 long-tail: response lengths drawn log-uniformly from 8 to 512 tokens (16-token prompts), as a
 reasoning run's are; one policy update (forward, backward, optimizer step over the whole batch)
@@ -35,6 +40,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -135,7 +141,58 @@ def _median(values):
     return values[len(values) // 2] if values else float("nan")
 
 
-def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()) -> dict:
+SHAPES = {
+    "demo": dict(model=None, max_new_tokens=None, warm_start_steps=None),
+    "m": dict(
+        model=dict(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            moe_intermediate_size=384,
+        ),
+        max_new_tokens=16,
+        warm_start_steps=0,
+    ),
+    "l": dict(
+        model=dict(
+            hidden_size=768,
+            num_hidden_layers=6,
+            num_local_experts=16,
+            num_experts_per_tok=4,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            moe_intermediate_size=512,
+        ),
+        max_new_tokens=16,
+        warm_start_steps=0,
+    ),
+}
+"""Model shapes of ``step --shape`` (transformers config fields over the demo's model; head_dim
+64, all layers MoE), their response length and warm start (None: the demo's)."""
+
+
+def matmul_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """The machine's fp32 matrix-multiply rate on ``threads`` threads (best of ``repeats``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return 2 * n**3 / best / 1e9
+
+
+def gspo_train_steps(
+    init: Path, steps: int, nproc: int, out: Path, overrides=(), threads: int = 1
+) -> dict:
     """gspo-train on the demo for ``steps`` steps; per-phase medians from its metrics."""
     import subprocess
 
@@ -149,7 +206,7 @@ def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()
     cmd += [f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=0"]
     cmd += ["train.eval_every=0"]  # the step itself, as the plain loop has no validation
     cmd += list(overrides)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -163,7 +220,7 @@ def gspo_train_steps(init: Path, steps: int, nproc: int, out: Path, overrides=()
     return result
 
 
-def baseline_steps(init: Path, steps: int) -> dict:
+def baseline_steps(init: Path, steps: int, max_new_tokens: Optional[int] = None) -> dict:
     """The plain loop: same model, prompts, sampling settings, reward, loss and optimizer
     settings as the demo's config, in one process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,6 +242,7 @@ def baseline_steps(init: Path, steps: int) -> dict:
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     eos, g, k = tok.eos_token_id, cfg.rollout.group_size, cfg.loss.num_minibatches
+    max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     rows = []
     for step in range(steps):
         times = {}
@@ -202,7 +260,7 @@ def baseline_steps(init: Path, steps: int) -> dict:
                 temperature=cfg.rollout.temperature,
                 top_p=1.0,
                 top_k=0,
-                max_new_tokens=cfg.rollout.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 num_return_sequences=g,
                 pad_token_id=eos,
                 eos_token_id=eos,
@@ -257,15 +315,43 @@ def baseline_steps(init: Path, steps: int) -> dict:
         times["step"] = t4 - t0
         times["rollout tokens"] = sum(len(r) for r in responses)
         times["train tokens"] = int(mask.sum())
+        times["sequence tokens"] = sum(len(x) for x in seqs)
         rows.append(times)
     result = {name: _median([r[name] for r in rows[2:]]) for name, _ in PHASES}
     result["rollout tokens"] = _median([r["rollout tokens"] for r in rows[2:]])
     result["train tokens"] = _median([r["train tokens"] for r in rows[2:]])
+    result["sequence tokens"] = _median([r["sequence tokens"] for r in rows[2:]])
     result["wall"] = time.perf_counter() - t_start
     return result
 
 
+def _flops_rates(result: dict, spec, prompt_len: float, sequences: int) -> dict:
+    """Model GFLOP/s of the pi_old forward and of the update, from the run's token counts
+    (every sequence taken at the mean length: the attention's n^2 term is a few per cent)."""
+    from gspo_megatron.flops import forward_flops, train_flops
+
+    if "sequence tokens" in result:
+        mean_len = result["sequence tokens"] / sequences
+    else:
+        mean_len = prompt_len + result["rollout tokens"] / sequences
+    lengths = [round(mean_len)] * sequences
+    return {
+        "pi_old forward": forward_flops(spec, lengths) / result["pi_old forward"] / 1e9,
+        "update": train_flops(spec, lengths) / result["update"] / 1e9,
+    }
+
+
 def step(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from gspo_megatron.checkpoint.model import checkpoint_spec
+    from gspo_megatron.config import load_config
+
+    shape = SHAPES[args.shape]
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "launch/configs/tiny_cpu.yaml")
+    sequences = cfg.train.prompts_per_step * cfg.rollout.group_size
+    threads = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         init = args.init
@@ -273,23 +359,71 @@ def step(args) -> dict:
             from gspo_megatron.demo import DEFAULTS, prepare
 
             init = tmp / "init"
-            prepare(init, **DEFAULTS)
-        ours = gspo_train_steps(init, args.steps, args.nproc, tmp / "run", args.overrides)
-        base = baseline_steps(init, args.steps)
-    print(f"median over steps 3..{args.steps} (16 prompts x 8 responses, 4 minibatch steps)")
-    print(f"{'phase':16} {'gspo-train s':>12} {'baseline s':>11} {'ratio':>6}")
-    for name, _ in PHASES:
-        ratio = ours[name] / base[name] if base[name] else float("nan")
-        print(f"{name:16} {ours[name]:>12.3f} {base[name]:>11.3f} {ratio:>6.2f}")
-    for name, phase in (("rollout tok/s", "rollout"), ("update tok/s", "update")):
-        key = "rollout tokens" if phase == "rollout" else "train tokens"
-        a, b = ours[key] / ours[phase], base[key] / base[phase]
-        print(f"{name:16} {a:>12.0f} {b:>11.0f} {a / b:>6.2f}")
+            settings = dict(DEFAULTS)
+            if shape["warm_start_steps"] is not None:
+                settings["warm_start_steps"] = shape["warm_start_steps"]
+            prepare(init, **settings, model_shape=shape["model"])
+        spec = checkpoint_spec(init / "mcore")
+        tok = AutoTokenizer.from_pretrained(init / "hf")
+        rows = [json.loads(x) for x in (init / "train.jsonl").read_text().splitlines()[:64]]
+        prompt_len = sum(len(tok.encode(r["prompt"])) for r in rows) / len(rows)
+        rate = matmul_gflops(threads)
+        extra = [f"rollout.max_new_tokens={shape['max_new_tokens']}"] * bool(
+            shape["max_new_tokens"]
+        )
+        runs = {}
+        for nproc in args.nproc:
+            # One micro-batch per minibatch and one pi_old forward per rank, as the demo's
+            # config has for its two processes.
+            per_rank = sequences // nproc
+            sizes = [
+                f"loss.micro_batch_size={per_rank // cfg.loss.num_minibatches}",
+                f"loss.logprob_micro_batch_size={per_rank}",
+            ]
+            runs[f"{nproc} proc"] = gspo_train_steps(
+                init,
+                args.steps,
+                nproc,
+                tmp / f"run{nproc}",
+                extra + sizes + list(args.overrides),
+                threads=max(1, threads // nproc),
+            )
+        base = baseline_steps(init, args.steps, shape["max_new_tokens"])
     print(
-        f"{'launch to end':16} {ours['wall']:>12.1f} {base['wall']:>11.1f} "
-        f"{ours['wall'] / base['wall']:>6.2f}   ({args.steps} steps)"
+        f"shape {args.shape}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
+        f"{spec.num_experts} experts top-{spec.moe_top_k}; {sequences} sequences of "
+        f"{prompt_len:.0f} prompt tokens + up to {shape['max_new_tokens'] or cfg.rollout.max_new_tokens} "
+        f"new; median over steps 3..{args.steps}, {cfg.loss.num_minibatches} minibatch steps"
     )
-    return {"mode": "step", "gspo_train": ours, "baseline": base}
+    head = f"{'phase':16}" + "".join(f" {name + ' s':>10} {'ratio':>6}" for name in runs)
+    print(head + f" {'plain s':>9}")
+    for name, _ in PHASES:
+        line = f"{name:16}"
+        for ours in runs.values():
+            ratio = ours[name] / base[name] if base[name] else float("nan")
+            line += f" {ours[name]:>10.3f} {ratio:>6.2f}"
+        print(line + f" {base[name]:>9.3f}")
+    rates = {name: _flops_rates(ours, spec, prompt_len, sequences) for name, ours in runs.items()}
+    base_rates = _flops_rates(base, spec, prompt_len, sequences)
+    for phase in ("pi_old forward", "update"):
+        line = f"{phase[:10] + ' GFLOP/s':16}"
+        for name in runs:
+            r = rates[name][phase]
+            line += f" {r:>10.1f} {100 * r / rate:>5.0f}%"
+        print(line + f" {base_rates[phase]:>9.1f} ({100 * base_rates[phase] / rate:.0f}%)")
+    print(f"{'fp32 matmul':16} {rate:>10.1f} GFLOP/s on {threads} threads (1024^3, best of 20)")
+    line = f"{'launch to end':16}"
+    for ours in runs.values():
+        line += f" {ours['wall']:>10.1f} {ours['wall'] / base['wall']:>6.2f}"
+    print(line + f" {base['wall']:>9.1f}   ({args.steps} steps)")
+    return {
+        "mode": "step",
+        "shape": args.shape,
+        "matmul_gflops": rate,
+        "gspo_train": runs,
+        "baseline": base,
+        "gflops": {**rates, "plain": base_rates},
+    }
 
 
 def main() -> None:
@@ -297,7 +431,14 @@ def main() -> None:
     sub = ap.add_subparsers(dest="mode", required=True)
     st = sub.add_parser("step", help="the demo's RL step: gspo-train vs a plain loop")
     st.add_argument("--steps", type=int, default=12)
-    st.add_argument("--nproc", type=int, default=2, help="gspo-train processes (the demo's 2)")
+    st.add_argument(
+        "--nproc",
+        type=int,
+        nargs="+",
+        default=[2, 1],
+        help="gspo-train process counts to run (the demo's 2, and 1 with all threads)",
+    )
+    st.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="model size")
     st.add_argument("--init", type=Path, help="a prepared demo (default: made in a temp dir)")
     st.add_argument(
         "overrides", nargs="*", help="config overrides for the gspo-train run (key=value)"

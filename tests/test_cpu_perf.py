@@ -1,0 +1,117 @@
+"""The CPU speed-ups compute what they replace: megatron's distributed optimizer on one rank
+(``gspo_megatron.cpu_perf``) and torch's fused AdamW kernel (``optim.fuse_adam_on_cpu``)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gspo_megatron.optim import fuse_adam_on_cpu
+
+
+def test_a_one_rank_collective_is_skipped_only_where_its_result_is_already_in_place():
+    from gspo_megatron.cpu_perf import _skip_on_one_rank
+    from gspo_megatron.parallel import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+    calls = []
+    skipping = _skip_on_one_rank(lambda out, inp, group=None, async_op=False: calls.append(1))
+    buf = torch.arange(8.0)
+    assert skipping(buf.view(1, -1)[0], buf, group=dist.group.WORLD) is None and calls == []
+    # Not the same memory (a copy into another tensor): the collective still runs.
+    skipping(torch.empty(8), buf, group=dist.group.WORLD)
+    assert calls == [1]
+
+
+def _one_process_update(ckpt, distributed: bool, steps: int = 2):
+    from gspo_megatron.batch import Sample
+    from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.loss import PolicyLossConfig
+    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.optim import (
+        OptimConfig,
+        build_optimizer,
+        torch_optimizers,
+        wrap_for_training,
+    )
+    from gspo_megatron.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.update import build_minibatches, train_step
+
+    init_distributed(ParallelLayout())
+    spec = checkpoint_spec(ckpt)
+    model = build_model(spec, ParallelLayout())
+    load_model_checkpoint(model, ckpt, spec)
+    ddp = wrap_for_training(model, use_distributed_optimizer=distributed)
+    optimizer = build_optimizer(
+        ddp, OptimConfig(lr=1e-2, weight_decay=0.01, use_distributed_optimizer=distributed)
+    )
+    rng = random.Random(0)
+    samples = []
+    for _ in range(8):
+        prompt = [rng.randrange(spec.vocab_size) for _ in range(5)]
+        response = [rng.randrange(spec.vocab_size) for _ in range(7)]
+        logp = [-3 * rng.random() for _ in response]
+        samples.append(Sample(prompt, response, rng.gauss(0, 1), logp))
+    cfg = PolicyLossConfig(num_minibatches=1, old_logprobs="rollout", micro_batch_size=4)
+    [mbs], seq_len = build_minibatches(samples, cfg)
+    for _ in range(steps):
+        out = train_step(ddp, optimizer, mbs, cfg, spec.vocab_size, seq_len)
+        assert out["train/update_successful"] == 1.0
+    fused = [g["fused"] for inner in torch_optimizers(optimizer) for g in inner.param_groups]
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v is not None}, fused
+
+
+def test_the_distributed_optimizer_on_one_rank_steps_like_the_plain_one(tiny_moe):
+    """With nothing to exchange, megatron's distributed optimizer (its self-collectives skipped)
+    and its plain one end at the same weights, bit for bit, both through the fused kernel."""
+    sharded, fused_sharded = _one_process_update(tiny_moe.ckpt, distributed=True)
+    plain, fused_plain = _one_process_update(tiny_moe.ckpt, distributed=False)
+    assert all(fused_sharded) and all(fused_plain)
+    assert sharded.keys() == plain.keys()
+    for key, value in plain.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.equal(sharded[key], value), key
+
+
+def _steps(opt, params, grads):
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+def test_fused_adam_on_cpu_is_torchs_fused_kernel_also_after_a_state_load(decoupled):
+    """The hook makes torch's default AdamW step as ``fused=True`` does (the reference), every
+    step, even after load_state_dict brings back parameter groups saved unfused."""
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(300, 7, generator=gen), torch.randn(11, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in init] for _ in range(6)]
+    kw = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+
+    ref = [p.clone().requires_grad_() for p in init]
+    _steps(cls(ref, fused=True, **kw), ref, grads)
+
+    ours = [p.clone().requires_grad_() for p in init]
+    opt = cls(ours, **kw)
+    fuse_adam_on_cpu(opt)
+    _steps(opt, ours, grads[:3])
+    # A checkpoint of the same run saved by an unfused optimizer: its groups say fused=None.
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    opt.load_state_dict(state)
+    _steps(opt, ours, grads[3:])
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+    unfused = [p.clone().requires_grad_() for p in init]
+    _steps(cls(unfused, foreach=False, **kw), unfused, grads)
+    # What the fused kernel changes: rounding, a few float32 ulps of weights of order 1 after
+    # 6 steps (the update itself is about lr = 1e-2, so this is 1e-5 of it).
+    for a, b in zip(ours, unfused):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
