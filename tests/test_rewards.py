@@ -231,15 +231,16 @@ def test_one_hang_costs_one_timeout_and_restarts_do_not_eat_call_time(tmp_path, 
             t0 = time.perf_counter()
             totals, stats = runner.score(items)
             took = time.perf_counter() - t0
+            # The worker's start-up (0.8 s) outlasts timeout_s: if a restart ate the next
+            # call's time, that call would time out and restart it again, and every call
+            # after the hang would count as a timeout. Counted, not timed: the wall time is
+            # one timeout plus start-ups, which a loaded machine stretches (2 s idle, 8.4 s
+            # seen beside the rest of the suite, still with one timeout counted).
             assert (totals, stats["reward/timeouts"], stats["reward/errors"]) == (
                 [0.0] + [1.0] * 15,
                 1,
                 0,
-            )
-            # One timeout and a start-up or two: ~2 s idle, 4.1 s measured with another test
-            # file running beside it. If restarts ate call time every call would time out
-            # (16 x 0.5 = 8 s and more): 0.9 of that still tells the two apart.
-            assert took < 0.9 * len(items) * timeout_s
+            ), f"{stats} in {took:.1f} s"
     finally:
         runner.close()
     assert runner.last_errors == [

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 import train_runs as tr
 from conftest import REPO, score_cli
@@ -231,12 +232,15 @@ def test_rewards_that_defeat_the_numbers_the_logs_and_the_process_table(demo_ini
     assert not alive, f"{len(alive)} of the reward's child processes outlived the run"
 
 
-def test_dynamic_sampling_that_finds_nothing_saves_and_resumes(demo_init, tmp_path):
+@pytest.mark.parametrize("sharded", ["false", "true"], ids=["optimizer", "distributed optimizer"])
+def test_dynamic_sampling_that_finds_nothing_saves_and_resumes(demo_init, tmp_path, sharded):
     """A constant reward: every group is flat, dynamic sampling finds nothing to train on in
     any step. Each step says so (numbered as the metrics number it), the checkpoints before any
-    optimizer step save, hold the initial weights exactly, and resume."""
+    optimizer step save, hold the initial weights exactly, and resume; with megatron's plain
+    optimizer (the demo's) and its distributed one, whose states before a first step differ."""
     out = tmp_path / "run"
     common = {
+        "optim.use_distributed_optimizer": sharded,
         "rollout.dynamic_sampling": "true",
         "rollout.max_sampling_rounds": 2,
         "rewards.functions": "[{name: 'reward_fns:constant', weight: 1.0}]",

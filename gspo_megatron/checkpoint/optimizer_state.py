@@ -40,17 +40,25 @@ def _distributed(optimizer):
 
 
 def materialise_optimizer_state(optimizer) -> None:
-    """A fresh distributed optimizer over torch's Adam has no state until its first step, and its
-    state_dict() then fails on the missing Adam 'step' (megatron asserts one step count): before
-    a load (which overwrites all of it), and before a save that comes ahead of the first
-    optimizer step (a run whose first steps had nothing to train on). Creates exactly what
-    torch's Adam creates at its first step, without taking one: step 0, zero moments. The first
-    real step then computes what it would have from no state (megatron's own placeholder, a
-    zero-gradient step, would move the weights under weight decay and count a step)."""
-    for opt in _distributed(optimizer):
-        inner = opt.optimizer
-        if len(inner.state) or not isinstance(inner, torch.optim.Adam):
-            if not len(inner.state):  # another optimizer class: megatron's own placeholder
+    """A fresh optimizer over torch's Adam has no state until its first step: the distributed
+    optimizer's state_dict() then fails on the missing Adam 'step' (megatron asserts one step
+    count), and the plain one saves no optimizer state at all, which a resume takes for a
+    model-only checkpoint. This runs before a load (which overwrites all of it), and before a
+    save that comes ahead of the first optimizer step (a run whose first steps had nothing to
+    train on). Creates exactly what torch's Adam creates at its first step, without taking one:
+    step 0, zero moments. The first real step then computes what it would have from no state
+    (megatron's own placeholder, a zero-gradient step, would move the weights under weight decay
+    and count a step)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state):
+            continue
+        if not isinstance(inner, torch.optim.Adam):
+            if isinstance(opt, DistributedOptimizer):  # another optimizer class: megatron's own
                 opt._init_optimizer_states_with_dummy_values()
             continue
         for group in inner.param_groups:
@@ -112,6 +120,21 @@ def restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
+def _zero_step_counts(loaded: dict) -> dict:
+    """megatron's plain (not distributed) optimizer saves Adam's shared step count only when it
+    is non-zero (``if step:``): a state saved before any optimizer step (zero moments, from
+    ``materialise_optimizer_state``) comes back without one, which torch's Adam cannot load
+    (KeyError 'step'). Its step count is 0."""
+    parts = [loaded] + [v for k, v in loaded.items() if isinstance(k, int)]
+    for part in parts:
+        state = part.get("state") if isinstance(part, dict) else None
+        if not isinstance(state, dict) or "common_step" in state:
+            continue
+        if any(isinstance(s, dict) and s and "step" not in s for s in state.values()):
+            state["common_step"] = torch.tensor(0.0)
+    return loaded
+
+
 def fit_to_layout(optimizer, loaded: dict) -> dict:
     """The loaded optimizer state in the shape this layout's optimizer expects. megatron chains
     one distributed optimizer per parameter kind where the layout separates them (dense and
@@ -123,7 +146,7 @@ def fit_to_layout(optimizer, loaded: dict) -> dict:
     saved step count, the only thing in them the checkpoint has to supply."""
     subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     if not subs or not all(type(o).__name__ == "DistributedOptimizer" for o in subs):
-        return loaded
+        return _zero_step_counts(loaded)
     parts = [loaded] + [v for k, v in loaded.items() if isinstance(k, int)]
     parts = [p for p in parts if isinstance(p, dict)]
     steps = {
