@@ -147,7 +147,10 @@ def test_only_finite_real_numbers_become_rewards():
         ("torch.tensor(float('nan'))", "tensor(nan) (Tensor)"),
         ("torch.tensor([0.5])", "tensor([0.5000]) (Tensor)"),
     ]
-    runner = _runner("reward_fns:returns")  # one worker for all cases: spawns cost seconds
+    # One worker for all cases: spawns cost seconds. The first torch case imports torch inside
+    # the call; the timeout only bounds a hang here, and a clean-clone CI run once saw that
+    # import outlast 30 s while the disk stalled.
+    runner = _runner("reward_fns:returns", timeout_s=180.0)
     try:
         for expr, value in good:
             totals, stats = runner.score([("p", expr, None)])
@@ -363,7 +366,9 @@ def _start_trainer(tmp_path, function: str):
         stderr=subprocess.DEVNULL,
         preexec_fn=interruptible,  # a test sends it SIGINT
     )
-    deadline = time.monotonic() + 60
+    # A bound on a hang, not a measurement: a clean-clone CI run once needed more than 60 s
+    # (the disk stalled while both test workers started processes).
+    deadline = time.monotonic() + 240
     while not pid_file.exists() or not pid_file.read_text():
         if trainer.poll() is not None or time.monotonic() > deadline:
             trainer.kill()
