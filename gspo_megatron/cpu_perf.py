@@ -36,7 +36,6 @@ def _skip_on_one_rank(collective):
             return None  # megatron waits on the coalescing manager, not on this handle
         return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
 
-    wrapper.skips_one_rank = True
     return wrapper
 
 

@@ -120,13 +120,18 @@ def restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
+def _chained_parts(loaded: dict) -> list:
+    """A loaded optimizer state and, for a chained optimizer, its per-optimizer entries (int
+    keys)."""
+    return [loaded] + [v for k, v in loaded.items() if isinstance(k, int)]
+
+
 def _zero_step_counts(loaded: dict) -> dict:
     """megatron's plain (not distributed) optimizer saves Adam's shared step count only when it
     is non-zero (``if step:``): a state saved before any optimizer step (zero moments, from
     ``materialise_optimizer_state``) comes back without one, which torch's Adam cannot load
     (KeyError 'step'). Its step count is 0."""
-    parts = [loaded] + [v for k, v in loaded.items() if isinstance(k, int)]
-    for part in parts:
+    for part in _chained_parts(loaded):
         state = part.get("state") if isinstance(part, dict) else None
         if not isinstance(state, dict) or "common_step" in state:
             continue
@@ -147,8 +152,7 @@ def fit_to_layout(optimizer, loaded: dict) -> dict:
     subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     if not subs or not all(type(o).__name__ == "DistributedOptimizer" for o in subs):
         return _zero_step_counts(loaded)
-    parts = [loaded] + [v for k, v in loaded.items() if isinstance(k, int)]
-    parts = [p for p in parts if isinstance(p, dict)]
+    parts = [p for p in _chained_parts(loaded) if isinstance(p, dict)]
     steps = {
         g["step"]
         for p in parts
