@@ -9,7 +9,9 @@ How each Qwen3 feature maps onto megatron-core:
   (``moe_router_pre_softmax``).
 - ``mlp_only_layers`` / ``decoder_sparse_step`` become megatron's per-layer ``moe_layer_freq``.
 - Transformer Engine layer spec when TE imports; otherwise megatron's local spec with this
-  project's RMSNorm (which, unlike megatron's torch fallback, supports sequence parallelism).
+  project's RMSNorm (which, unlike megatron's torch fallback, supports sequence parallelism),
+  its attention through SDPA per packed sequence and its experts on their own weights
+  (``experts.py``: megatron's parallel linears cost time on CPU and split nothing at ETP=1).
 - Token dispatcher: alltoall on GPU, allgather on CPU (alltoall creates CUDA streams).
 """
 
@@ -24,8 +26,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
+from gspo_megatron.models.qwen3.experts import LeanSequentialMLP
 from gspo_megatron.models.qwen3.norm import Qwen3RMSNorm
 from gspo_megatron.models.qwen3.packed_attention import SegmentedDotProductAttention
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
@@ -142,6 +146,9 @@ def layer_block_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     block.layer_specs = [copy.deepcopy(s) for s in block.layer_specs]
     for layer_spec in block.layer_specs:
         _replace_norms(layer_spec, Qwen3RMSNorm)
+        experts = getattr(layer_spec.submodules.mlp.submodules, "experts", None)
+        if experts is not None and experts.module is SequentialMLP:
+            experts.module = LeanSequentialMLP
         attention = layer_spec.submodules.self_attention.submodules
         if config.context_parallel_size > 1:
             attention.core_attention = AllGatherCPAttention
