@@ -189,11 +189,17 @@ class Config:
             )
         if self.rollout.partial:
             # What a partial rollout cannot do yet, each in one line before any model.
-            if self.agent.enabled:
+            turns, head = self.agent.max_turns, self.rollout.partial_turns
+            if self.agent.enabled and turns < 2:
                 raise GspoError(
-                    "rollout.partial=true with agent.environment: multi-turn episodes do not "
-                    "continue across a weight transfer yet; use rollout.partial=false (bounded "
-                    "staleness works with episodes)"
+                    f"rollout.partial=true with agent.max_turns={turns}: an episode is "
+                    f"interrupted between two turns, and one turn has no such point; raise "
+                    f"agent.max_turns or use rollout.partial=false"
+                )
+            if self.agent.enabled and head >= turns:
+                raise GspoError(
+                    f"rollout.partial_turns={head}: must be below agent.max_turns={turns} "
+                    f"(the turns before the interruption; 0 = half of them)"
                 )
             if self.rollout.dynamic_sampling:
                 raise GspoError(

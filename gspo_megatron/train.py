@@ -346,7 +346,7 @@ class Trainer:
             **self.plan.prompts.stats,
             "rollout/dropped_samples": float(dropped),
             "rollout/policy_version": float(rollout.version),
-            **staleness_metrics(ages, cfg.rollout),
+            **staleness_metrics(sampled_ages(rollout, ages), cfg.rollout),
             "rollout/dropped_stale": float(dropped_stale),
         }
         out.update(self.first_transfer)
@@ -545,7 +545,7 @@ def partial_row(p, c) -> dict:
     """A partial rollout's response for train.save_rollouts: its ids, each token's behaviour
     log-prob and the policy version that sampled it."""
     return {
-        "prompt_ids": p.ids,
+        "prompt_ids": p.ids if c.prompt_ids is None else c.prompt_ids,
         "ids": c.token_ids,
         "logprobs": c.logprobs,
         "versions": c.versions,
@@ -561,6 +561,16 @@ def token_ages(rollout, step: int) -> List[List[int]]:
             versions = c.versions or [rollout.version] * len(c.token_ids)
             ages.append([step - v for v in versions])
     return ages
+
+
+def sampled_ages(rollout, ages: List[List[int]]) -> List[List[int]]:
+    """``ages`` of the tokens the policy sampled: a multi-turn episode's environment tokens
+    (loss mask 0) are left out of the staleness metrics."""
+    comps = [c for g in rollout.groups for c in g]
+    return [
+        age if c.loss_mask is None else [a for a, m in zip(age, c.loss_mask) if m]
+        for age, c in zip(ages, comps)
+    ]
 
 
 def age_mask(mask: Optional[List[int]], ages: List[int], max_age: int) -> Optional[List[int]]:

@@ -33,8 +33,8 @@ PARTIAL = {
 }
 
 
-def launch(nproc: int, log: Path, overrides, resume: bool = False) -> subprocess.Popen:
-    return tr.torchrun(log, overrides, resume=resume, nproc=nproc)
+def launch(nproc: int, log: Path, overrides, resume: bool = False, **kw) -> subprocess.Popen:
+    return tr.torchrun(log, overrides, resume=resume, nproc=nproc, **kw)
 
 
 def rows(run: Path) -> list:
@@ -87,12 +87,13 @@ def runs(demo_init, tmp_path_factory):
     return out
 
 
-def kill_and_resume(out: Path, overrides):
+def kill_and_resume(out: Path, overrides, steps: int = tr.STEPS, **kw):
     """Start the run, SIGKILL it at a random moment after its first checkpoint (the rollout
-    rank may be mid-batch, a batch may be on the wire); returns what resumes it to the end."""
+    rank may be mid-batch, a batch may be on the wire); returns what resumes it to the end.
+    ``kw``: ``train_runs.torchrun``'s (another config)."""
     seed = random.randrange(1 << 30)
     log = out.parent / f"{out.name}_a.log"
-    proc = launch(2, log, overrides)
+    proc = launch(2, log, overrides, **kw)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "latest").exists():
         assert proc.poll() is None, f"run ended early:\n{log.read_text()[-3000:]}"
@@ -104,9 +105,9 @@ def kill_and_resume(out: Path, overrides):
 
     def resume():
         log = out.parent / f"{out.name}_b.log"
-        proc = launch(2, log, overrides, resume=True)
+        proc = launch(2, log, overrides, resume=True, **kw)
         tr.wait(proc, log)
-        if latest != f"step_{tr.STEPS:06d}":
+        if latest != f"step_{steps:06d}":
             assert "resumed from" in log.read_text()
         return out, seed
 

@@ -225,3 +225,88 @@ def test_the_readme_environment_runs_as_documented(tok, tmp_path, monkeypatch):
     assert rec.turns == 4 and rec.env_reward == 1.0 and rec.failure is None
     hints = [m["content"] for m in rec.messages if m["role"] == "user"][1:]
     assert hints == ["Lower.", "A number, please.", "Higher."]
+
+
+def _comparable(batch):
+    """What an episode batch trains on and reports, but timings: ids, masks, log-probs,
+    rewards from the environment, records (messages, metadata, counts)."""
+    out = []
+    for g in batch.groups:
+        for c in g:
+            rec = dict(vars(c.agent))
+            out.append((c.prompt_ids, c.token_ids, c.loss_mask, c.logprobs, c.finish_reason, rec))
+    return out
+
+
+def test_an_episode_interrupted_between_turns_continues_as_if_never_interrupted(tok):
+    """Partial rollouts of episodes: the first turn under version 4, then (through a pickle, as
+    a checkpoint holds it, and in a fresh pool, as after a resume) the rest under version 5. With
+    a sampler that does not depend on the version, every id, mask, log-prob and record equals
+    the uninterrupted episode's; each token is tagged with the version of its turn; the
+    environments were rebuilt by replaying their calls (the demo's lookup environment, tools
+    rendered). An episode over within the first turn is finished there, with its metadata."""
+    import pickle
+
+    from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
+
+    rows = [
+        {"prompt": f"What is stored under k{i}?", "key": f"k{i}", "answer": v}
+        for i, v in ((3, "teal"), (8, "gold"), (5, "red"))
+    ]
+    prompts = [Prompt(r["prompt"], [1], r["answer"], i, r) for i, r in enumerate(rows)]
+
+    def script(index, turn):
+        if index in (2, 3) and turn == 0:
+            return "gold"  # answers at once: the episode is over after its first turn
+        return CALL if turn == 0 else rows[index // 2]["answer"]
+
+    env = "episode_envs:LookupWithSchemas"
+    r, whole_sampler, pool = runner(tok, env, script, max_turns=3)
+    with pool:
+        whole = agent_rollout(r, prompts, 2, step=7)
+    r, split_sampler, pool = runner(tok, env, script, max_turns=3)
+    with pool:
+        state = start_episodes(r, prompts, 2, 7, turns=1, version=4)
+    state = pickle.loads(pickle.dumps(state))
+    r2, resumed_sampler, pool = runner(tok, env, script, max_turns=3)
+    with pool:
+        split = finish_episodes(r2, state, 2, 7, version=5)
+    assert _comparable(split) == _comparable(whole)
+    # The same engine calls, split between the two halves: the first turn before, the rest after.
+    assert split_sampler.requests + resumed_sampler.requests == whole_sampler.requests
+    comps = [c for g in split.groups for c in g]
+    for k, c in enumerate(comps):
+        first = len(tok.encode(script(k, 0), add_special_tokens=False)) + 1  # with <|im_end|>
+        if k in (2, 3):  # episodes of prompt 1: over after one turn, all of it version 4
+            assert c.versions == [4] * len(c.token_ids) and c.agent.turns == 1
+            assert c.agent.metadata == whole.groups[1][k - 2].agent.metadata
+            continue
+        assert c.agent.turns == 2 and c.versions[:first] == [4] * first
+        # The tool's reply came in the first half; the second turn was sampled by version 5.
+        later = [(v, m) for v, m in zip(c.versions[first:], c.loss_mask[first:])]
+        assert {v for v, m in later if m} == {5} and {v for v, m in later if not m} == {4}
+        assert c.agent.failure is None
+    assert split.extra["agent/replay_mismatches"] == 0
+    assert split.extra["perf/agent_replay_seconds"] > 0
+    assert whole.groups[0][0].versions is None  # only partial rollouts tag versions
+
+
+def test_an_environment_that_answers_otherwise_on_replay_fails_its_episode(tok):
+    """An environment whose reset says its process id (``agent_envs.Scripted``) cannot be
+    rebuilt by replay: the interrupted episodes fail as ``replay`` (scored 0, counted), the one
+    over before the interruption is untouched."""
+    from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
+
+    rows = [{"question": "q"}]
+    prompts = [Prompt("q", [1], None, 0, rows[0])]
+    r, _, pool = runner(tok, "agent_envs:Scripted", lambda i, t: f"turn {t}", max_turns=3)
+    with pool:
+        state = start_episodes(r, prompts, 2, 0, turns=1, version=0)
+        batch = finish_episodes(r, state, 2, 0, version=1)
+    for c in batch.groups[0]:
+        assert c.agent.failure == "replay" and c.agent.turns == 1, c.agent
+        assert "answered its reset otherwise than before" in c.agent.failure_detail
+        assert "\n" not in c.agent.failure_detail
+        assert set(c.versions) == {0}  # nothing sampled after the failed replay
+    assert batch.extra["agent/replay_mismatches"] == 2.0
+    assert episode_rewards([1.0, 1.0], batch.groups[0]) == [0.0, 0.0]

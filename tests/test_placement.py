@@ -38,6 +38,7 @@ from gspo_megatron.testing.hf_reference import read_hf_tensors
         ({"partial": True}, 4, "rollout.partial=true with rollout.max_staleness=0: no transfer"),
         ({"partial_tokens": 8, "max_new_tokens": 8}, 4, "rollout.partial_tokens=8: must be in"),
         ({"max_token_age": -2}, 4, "rollout.max_token_age=-2: must be >= 0, or -1 (off)"),
+        ({"partial_turns": -1}, 4, "rollout.partial_turns=-1: must be >= 0"),
     ],
 )
 def test_bad_placement_is_one_line(settings, world, message):
@@ -58,7 +59,14 @@ def test_separate_placement_refuses_what_it_cannot_serve(tmp_path):
     # What a partial rollout cannot continue across a transfer (either placement).
     partial = base[:3] + ["rollout.partial=true", "rollout.max_staleness=1"]
     for extra, message in (
-        (["agent.environment=episode_envs:Countdown"], "multi-turn episodes do not continue"),
+        (
+            ["agent.environment=episode_envs:Countdown", "agent.max_turns=1"],
+            "agent.max_turns=1: an episode is interrupted between two turns",
+        ),
+        (
+            ["agent.environment=episode_envs:Countdown", "rollout.partial_turns=4"],
+            "rollout.partial_turns=4: must be below agent.max_turns=4",
+        ),
         (["rollout.dynamic_sampling=true"], "needs the previous round's rewards"),
         (["loss.routing_replay=r3"], "routes from two engine calls"),
     ):
@@ -66,6 +74,9 @@ def test_separate_placement_refuses_what_it_cannot_serve(tmp_path):
             load_config(None, partial + extra).validate(world_size=2)
         assert "\n" not in str(err.value)
     load_config(None, partial).validate(world_size=2)
+    episodes = load_config(None, partial + ["agent.environment=episode_envs:Countdown"])
+    episodes.validate(world_size=2)  # episodes continue across a transfer between turns
+    assert episodes.rollout.head_turns(episodes.agent.max_turns) == 2  # half of 4
     # The layout is checked against the training ranks only.
     from gspo_megatron.rollout.config import RolloutConfig as R
 
@@ -133,7 +144,7 @@ def test_token_ages_the_mask_and_the_staleness_metrics():
     from gspo_megatron.rollout.config import RolloutConfig as R
     from gspo_megatron.rollout.engine import Completion
     from gspo_megatron.rollout.sampling import StepRollout
-    from gspo_megatron.train import age_mask, staleness_metrics, token_ages
+    from gspo_megatron.train import age_mask, sampled_ages, staleness_metrics, token_ages
 
     spans = Completion([1, 2, 3, 4], [0.0] * 4, "stop", versions=[2, 2, 3, 3])
     short = Completion([5], [0.0], "stop", versions=[2])
@@ -153,6 +164,11 @@ def test_token_ages_the_mask_and_the_staleness_metrics():
     # A batch without per-token versions: all of them the batch's.
     plain = StepRollout(groups=[[Completion([1, 2], [0.0, 0.0], "stop")]], version=3)
     assert token_ages(plain, 4) == [[1, 1]]
+    # An episode: its environment's tokens (mask 0) are in the ages, not in the metrics.
+    episode = Completion([1, 2, 3], [0.0] * 3, "stop", loss_mask=[1, 0, 1], versions=[2, 3, 3])
+    both = StepRollout(groups=[[episode, short]], version=2)
+    ages = token_ages(both, 4)
+    assert ages == [[2, 1, 1], [2]] and sampled_ages(both, ages) == [[2, 1], [2]]
 
 
 def _groups(n: int, timeout_s: float = 30.0):

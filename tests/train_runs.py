@@ -61,16 +61,16 @@ def env() -> dict:
 
 
 def torchrun(
-    out_log: Path, overrides, resume: bool = False, nproc: int = 2, launcher=None
+    out_log: Path,
+    overrides,
+    resume: bool = False,
+    nproc: int = 2,
+    launcher=None,
+    config: str = "launch/configs/tiny_cpu.yaml",
 ) -> subprocess.Popen:
-    """gspo-train of the demo config under ``launcher`` (default: torchrun of ``nproc``
+    """gspo-train of ``config`` (the demo's) under ``launcher`` (default: torchrun of ``nproc``
     processes on one node), output in ``out_log``, in a session of its own."""
-    cmd = (launcher or torchrun_cmd(nproc)) + [
-        "-m",
-        "gspo_megatron.train",
-        "--config",
-        "launch/configs/tiny_cpu.yaml",
-    ]
+    cmd = (launcher or torchrun_cmd(nproc)) + ["-m", "gspo_megatron.train", "--config", config]
     cmd += (["--resume"] if resume else []) + list(overrides)
     log = open(out_log, "w")
     return subprocess.Popen(

@@ -2,7 +2,7 @@
 a workload where the rollout waits rather than computes; and the weight transfer beside a bare
 broadcast of the same bytes. One run, one machine.
 
-    python tools/bench_async.py [--steps 8] [--sleep 0.1]
+    python tools/bench_async.py [--steps 8] [--sleep 0.1] [--partial]
 
 Both runs are gspo-train on the agent demo's tiny model (made under ``--init`` if missing) with
 episodes of 3 turns whose every tool call sleeps ``--sleep`` s (``testing.sleepy_env``):
@@ -10,8 +10,10 @@ colocated = 1 process, engine and trainer in turn, s = 0; separate = the same tr
 rollout rank, s = 1, so each batch is sampled while the previous one trains. Steps per second
 from the steps after the first (start-up excluded); the trainer's idle time waiting for
 batches, the rollout rank's waiting for weights. The bare broadcast: two processes, gloo, the
-transfer's byte count in the same bucket size, no gathering, no engine load. Prints a table
-and the machine.
+transfer's byte count in the same bucket size, no gathering, no engine load. ``--partial`` adds
+a third run: separate, s=1, partial rollouts with each episode interrupted after its first
+turn (its environment rebuilt by replaying that turn's call: ``perf/agent_replay_seconds``).
+Prints a table and the machine.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=REPO / "outputs/agent_demo/init")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--sleep", type=float, default=0.1)
+    ap.add_argument(
+        "--partial", action="store_true", help="also separate s=1 with partial rollouts"
+    )
     args = ap.parse_args()
     if not (args.init / "hf" / "model.safetensors").is_file():
         from gspo_megatron.agent_demo import prepare
@@ -119,6 +124,18 @@ def main() -> None:
             args.sleep,
             ["rollout.placement=separate", "rollout.num_ranks=1", "rollout.max_staleness=1"],
         )
+        part = None
+        if args.partial:
+            print("bench_async: separate s=1 with partial rollouts ...", file=sys.stderr)
+            part = train(
+                init,
+                tmp / "partial",
+                2,
+                args.steps,
+                args.sleep,
+                ["rollout.placement=separate", "rollout.num_ranks=1", "rollout.max_staleness=1"]
+                + ["rollout.partial=true", "rollout.partial_turns=1"],
+            )
     later = slice(1, None)
 
     def per_second(rows):
@@ -159,6 +176,16 @@ def main() -> None:
     )
     same = [r["rollout/policy_version"] for r in sep]
     print(f"\npolicy versions of the separate run's batches: {same}")
+    if part is not None:
+        c = per_second(part)
+        print(
+            f"separate s=1 with partial rollouts (episodes cut after turn 1): {c:.3f} steps/s "
+            f"({c / a:.2f}x colocated), trainer idle {median(part, 'perf/trainer_wait_seconds'):.2f}"
+            f" s/step, replaying the first turn's tool calls "
+            f"{median(part, 'perf/agent_replay_seconds'):.3f} s/step, "
+            f"episodes spanning two versions {median(part, 'rollout/partial_fraction'):.2f}, "
+            f"replay mismatches {sum(r['agent/replay_mismatches'] for r in part):.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class RolloutConfig:
     partial_tokens: int = 0
     """partial: response tokens sampled before the transfer interrupts (0 = half of
     max_new_tokens)."""
+    partial_turns: int = 0
+    """partial with multi-turn episodes (agent.environment): the turns of every episode sampled
+    before the transfer interrupts, the rest under the next version (0 = half of
+    agent.max_turns, at least 1). The environments are rebuilt by replaying their calls."""
     max_token_age: int = -1
     """Mask out of the loss every response token sampled by a policy more than this many
     versions behind the step that trains on it (it still conditions the tokens after it);
@@ -164,12 +168,18 @@ class RolloutConfig:
                 "batch is sampled (each batch uses the weights it trains from); use "
                 "max_staleness >= 1 or partial=false"
             )
+        if self.partial_turns < 0:
+            raise bad("partial_turns", "must be >= 0 (0 = half of agent.max_turns)")
         if self.partial and self.max_new_tokens < 2:
             raise bad("max_new_tokens", "rollout.partial needs >= 2 (a head and a tail)")
 
     @property
     def max_model_len(self) -> int:
         return self.max_prompt_tokens + self.max_new_tokens
+
+    def head_turns(self, max_turns: int) -> int:
+        """partial with episodes: the turns of an episode sampled before the interruption."""
+        return self.partial_turns or max(max_turns // 2, 1)
 
     @property
     def head_tokens(self) -> int:

@@ -491,6 +491,13 @@ class EnvPool:
             return value
         return {}
 
+    def drop(self, key: Hashable) -> None:
+        """End a live episode without ``metadata()``: its process is killed (with whatever it
+        started), never reused, so nothing of its state reaches a later episode."""
+        self._check_open()
+        self._kill(self._live(key).proc)
+        self._episodes.pop(key)
+
     def close(self) -> None:
         """Kill every env process (and whatever it started). Idempotent."""
         self._closed = True

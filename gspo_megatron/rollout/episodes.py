@@ -15,10 +15,22 @@ An episode ends when the environment says done, after ``agent.max_turns`` turns,
 tokens reach ``agent.max_episode_tokens`` (truncated, counted), or when its environment fails
 (raises, hangs, exits, returns something that is not messages): then it scores 0 and is counted;
 the run goes on. See ``transcript`` for how the ids are kept exact.
+
+Partial rollouts (``rollout.partial``) stop every episode after its first
+``rollout.partial_turns`` turns (``EpisodeRunner.start``) and continue the live ones under the
+next policy version (``EpisodeRunner.resume``). What is in between is ``Suspended``: the
+transcripts, the records and each episode's log of what its environment was sent and answered;
+no process. The environments are rebuilt from that log, replaying the recorded calls in fresh
+processes, and each reply must equal the one recorded: an environment whose replies do not
+follow from its row and the calls it was sent fails that episode (``replay``, counted) instead
+of silently continuing a conversation the environment no longer agrees with. A run and its
+resume from a checkpoint therefore do exactly the same thing; the price is the replayed calls
+(``perf/agent_replay_seconds``), one round per turn replayed for the whole batch.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -43,7 +55,8 @@ class EpisodeRecord:
     malformed_calls: int = 0
     env_reward: float = 0.0
     failure: Optional[str] = None
-    """None, or how the environment failed: error, timeout, exit, invalid."""
+    """None, or how the environment failed: error, timeout, exit, invalid, or replay (rebuilt
+    for a partial rollout's next version, it answered otherwise than it had)."""
     failure_detail: str = ""
     truncated: bool = False
     cut_observations: int = 0
@@ -81,6 +94,12 @@ class SharedEnvs:
     def finish(self, keys: Sequence[int]) -> Dict[int, dict]:
         return _share({k: self.pool.finish(k) for k in self._mine(keys)})
 
+    def drop(self, keys: Sequence[int]) -> None:
+        """End these live episodes without ``metadata()`` (their processes killed): they go on
+        later from a replay. Not collective: each rank drops its own."""
+        for k in self._mine(keys):
+            self.pool.drop(k)
+
 
 def _share(local: dict) -> dict:
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -102,6 +121,21 @@ class _Live:
     stepped: bool = False
     """A model turn was sampled this turn: the environment answers it."""
     trailing: List[dict] = field(default_factory=list)
+    log: List[tuple] = field(default_factory=list)
+    """What the environment was sent and answered, in order: (row, (messages, tools)) for
+    ``reset``, then ((text, calls), (messages, done, reward)) per ``step``; a suspended
+    episode's environment is rebuilt from it."""
+
+
+@dataclass
+class Suspended:
+    """Episodes stopped between two turns (``EpisodeRunner.start``): plain data, no process."""
+
+    rows: List[dict]
+    episodes: List[_Live]
+    next_turn: int
+    env_seconds: float
+    seconds: float
 
 
 class EpisodeRunner:
@@ -129,7 +163,53 @@ class EpisodeRunner:
         set rendered it, the prompt of an episode whose environment failed to open;
         ``seed_key(index, turn)`` keys the engine's sampling seed of a turn."""
         t0 = time.perf_counter()
-        self.env_seconds = 0.0
+        self.env_seconds, self.replay_seconds, self.turn_seconds = 0.0, 0.0, []
+        eps = self._open(rows, fallback_ids, version=0)
+        self._play(eps, 0, seed_key)
+        self._finish(eps)
+        self.seconds = time.perf_counter() - t0
+        return [e.transcript for e in eps], [e.record for e in eps]
+
+    def start(
+        self,
+        rows: Sequence[dict],
+        fallback_ids: Sequence[List[int]],
+        seed_key: Callable,
+        turns: int,
+        version: int,
+    ) -> Suspended:
+        """``run``'s first ``turns`` turns under policy ``version``; the episodes over by then
+        are finished, the others suspended (their processes ended: ``resume`` rebuilds them)."""
+        t0 = time.perf_counter()
+        self.env_seconds, self.replay_seconds, self.turn_seconds = 0.0, 0.0, []
+        eps = self._open(rows, fallback_ids, version)
+        self._play(eps, 0, seed_key, stop=turns)
+        self._finish([e for e in eps if e.done])
+        self.envs.drop([e.index for e in eps if not e.done])
+        seconds = time.perf_counter() - t0
+        return Suspended([dict(r) for r in rows], eps, turns, self.env_seconds, seconds)
+
+    def resume(
+        self, state: Suspended, seed_key: Callable, version: int
+    ) -> Tuple[List[Transcript], List[EpisodeRecord]]:
+        """The suspended episodes of ``state`` to their end under policy ``version``: their
+        environments rebuilt by replay, then the remaining turns (seeded as ``run`` would)."""
+        t0 = time.perf_counter()
+        self.env_seconds, self.replay_seconds, self.turn_seconds = 0.0, 0.0, []
+        eps = state.episodes
+        live = [e for e in eps if not e.done]
+        for e in live:
+            e.transcript.version = version
+        t1 = time.perf_counter()
+        self._replay(live, state.rows)
+        self.replay_seconds = time.perf_counter() - t1
+        self._play(live, state.next_turn, seed_key)
+        self._finish(live)
+        self.env_seconds += state.env_seconds
+        self.seconds = time.perf_counter() - t0 + state.seconds
+        return [e.transcript for e in eps], [e.record for e in eps]
+
+    def _open(self, rows, fallback_ids, version: int) -> List[_Live]:
         eps = [_Live(i, None, EpisodeRecord()) for i in range(len(rows))]
         replies = self._timed(self.envs.reset, {i: dict(row) for i, row in enumerate(rows)})
         for e in eps:
@@ -137,13 +217,18 @@ class EpisodeRunner:
             if reply.failure is not None:
                 self._fail(e, reply, fallback_ids[e.index])
                 continue
-            messages = self._cut(e, reply.messages)
             tools = getattr(reply, "tools", None)
-            e.transcript = Transcript(self.renderer.opening(messages, tools), messages, tools)
+            e.log.append((dict(rows[e.index]), (reply.messages, tools)))
+            messages = self._cut(e, reply.messages)
+            opening = self.renderer.opening(messages, tools)
+            e.transcript = Transcript(opening, messages, tools, version=version)
             if len(e.transcript) + 1 >= self.budget:
                 e.record.truncated = e.done = True
-        self.turn_seconds = []  # (engine, environments) per turn
-        for turn in range(self.cfg.max_turns):
+        return eps
+
+    def _play(self, eps: List[_Live], first: int, seed_key: Callable, stop=None) -> None:
+        """Turns ``first`` .. (``stop`` or agent.max_turns) - 1 of the live episodes."""
+        for turn in range(first, self.cfg.max_turns if stop is None else stop):
             live = [e for e in eps if not e.done]
             if not live:
                 break
@@ -152,9 +237,47 @@ class EpisodeRunner:
             t2, env_before = time.perf_counter(), self.env_seconds
             self._env_turn(live, turn)
             self.turn_seconds.append((t2 - t1, self.env_seconds - env_before))
-        self._finish(eps)
-        self.seconds = time.perf_counter() - t0
-        return [e.transcript for e in eps], [e.record for e in eps]
+
+    def _replay(self, eps: List[_Live], rows: Sequence[dict]) -> None:
+        """Rebuild the environments of ``eps``: ``reset`` and every recorded ``step`` call
+        again, in fresh processes, a round per call for all of them; an episode whose
+        environment fails or answers otherwise than it had is over (scored 0, counted)."""
+        if not eps:
+            return
+        replies = self._timed(self.envs.reset, {e.index: dict(rows[e.index]) for e in eps})
+        ok = []
+        for e in eps:
+            reply = replies[e.index]
+            if self._replayed(e, reply, 0, (reply.messages, getattr(reply, "tools", None))):
+                ok.append(e)
+        for k in range(1, max(len(e.log) for e in eps)):
+            calls = {e.index: e.log[k][0] for e in ok if len(e.log) > k}
+            if not calls:
+                break
+            replies = self._timed(self.envs.step, calls)
+            ok = [e for e in ok if e.index not in calls or self._replayed_step(e, replies, k)]
+
+    def _replayed_step(self, e: _Live, replies: dict, k: int) -> bool:
+        reply = replies[e.index]
+        return self._replayed(e, reply, k, (reply.messages, reply.done, reply.reward))
+
+    def _replayed(self, e: _Live, reply, k: int, got: tuple) -> bool:
+        """Whether the replayed call ``k`` of ``e`` answered as recorded (else ``e`` fails)."""
+        if reply.failure is not None:
+            self._fail(e, reply)
+            return False
+        if _plain_json(got) != _plain_json(e.log[k][1]):
+            what = "reset" if k == 0 else f"step {k}"
+            self.envs.drop([e.index])
+            e.done = True
+            e.record.failure = "replay"
+            e.record.failure_detail = (
+                f"rebuilt for the next policy version, the environment answered its {what} "
+                f"otherwise than before: its replies must follow from its row and the calls "
+                f"it is sent (partial rollouts replay them)"
+            )
+            return False
+        return True
 
     def _model_turn(self, live: List[_Live], turn: int, seed_key: Callable) -> None:
         requests = []
@@ -200,6 +323,7 @@ class EpisodeRunner:
             if reply.failure is not None:
                 self._fail(e, reply)
                 continue
+            e.log.append((calls[e.index], (reply.messages, reply.done, reply.reward)))
             if reply.reward is not None and self.cfg.turn_rewards == "sum":
                 e.record.env_reward += float(reply.reward)
             if reply.done or last or e.record.truncated:
@@ -261,6 +385,7 @@ def agent_stats(records: Sequence[EpisodeRecord]) -> Dict[str, float]:
         "agent/env_timeouts": float(sum(r.failure == "timeout" for r in records)),
         "agent/truncated_episodes": float(sum(r.truncated for r in records)),
         "agent/cut_observations": float(sum(r.cut_observations for r in records)),
+        "agent/replay_mismatches": float(sum(r.failure == "replay" for r in records)),
         "agent/model_tokens": sum(r.model_tokens for r in records) / n,
         "agent/env_tokens": sum(r.env_tokens for r in records) / n,
     }
@@ -278,20 +403,54 @@ def agent_rollout(
     """``group_size`` episodes per prompt (a ``data.Prompt``), as a RolloutBatch whose
     completions carry their mask, opening and ``EpisodeRecord``. Sampling seeds are keyed by
     (stream, step, round, prompt index, member, turn): any engine count samples the same."""
-    from gspo_megatron.rollout.engine import Completion, RolloutBatch
+    rows, fallback = _rows(prompts, group_size)
+    runner.greedy = greedy
+    transcripts, records = runner.run(rows, fallback, _seed_key(group_size, stream, step, round_))
+    return _batch(runner, transcripts, records, group_size, versions=False)
 
+
+def start_episodes(
+    runner: EpisodeRunner, prompts: Sequence, group_size: int, step: int, turns: int, version: int
+) -> Suspended:
+    """Partial rollouts: ``agent_rollout``'s episodes of step ``step`` for their first
+    ``turns`` turns, sampled by policy ``version``."""
+    rows, fallback = _rows(prompts, group_size)
+    runner.greedy = False
+    return runner.start(rows, fallback, _seed_key(group_size, "", step, 0), turns, version)
+
+
+def finish_episodes(
+    runner: EpisodeRunner, state: Suspended, group_size: int, step: int, version: int
+):
+    """The episodes ``start_episodes`` suspended, to their end under policy ``version``: the
+    RolloutBatch ``agent_rollout`` would give, with every token's version."""
+    runner.greedy = False
+    transcripts, records = runner.resume(state, _seed_key(group_size, "", step, 0), version)
+    batch = _batch(runner, transcripts, records, group_size, versions=True)
+    batch.extra["perf/agent_replay_seconds"] = runner.replay_seconds
+    return batch
+
+
+def _rows(prompts: Sequence, group_size: int) -> Tuple[List[dict], List[List[int]]]:
     rows, fallback = [], []
     for p in prompts:
         for _ in range(group_size):
             rows.append(dict(p.fields or {}))
             fallback.append(list(p.ids))
+    return rows, fallback
 
+
+def _seed_key(group_size: int, stream: str, step: int, round_: int) -> Callable:
     def seed_key(index: int, turn: int) -> str:
         i, member = divmod(index, group_size)
         return f"{stream}/{step}/{round_}/{i}/{member}/t{turn}"
 
-    runner.greedy = greedy
-    transcripts, records = runner.run(rows, fallback, seed_key)
+    return seed_key
+
+
+def _batch(runner: EpisodeRunner, transcripts, records, group_size: int, versions: bool):
+    from gspo_megatron.rollout.engine import Completion, RolloutBatch
+
     comps = [
         Completion(
             list(t.ids),
@@ -300,13 +459,19 @@ def agent_rollout(
             loss_mask=list(t.mask),
             prompt_ids=list(t.prompt_ids),
             agent=rec,
+            versions=list(t.versions) if versions else None,
         )
         for t, rec in zip(transcripts, records)
     ]
-    groups = [comps[k * group_size : (k + 1) * group_size] for k in range(len(prompts))]
+    groups = [comps[k : k + group_size] for k in range(0, len(comps), group_size)]
     extra = agent_stats(records)
     extra["perf/agent_env_seconds"] = runner.env_seconds
     return RolloutBatch(groups, seconds=runner.seconds, extra=extra)
+
+
+def _plain_json(value) -> str:
+    """A reply as JSON text (tuples and lists alike), to compare a replay with the record."""
+    return json.dumps(value, sort_keys=True)
 
 
 def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:

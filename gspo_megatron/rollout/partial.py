@@ -11,6 +11,12 @@ Between the two halves a batch is ``InFlight``: it travels up to the trainer wit
 batches and back down with the next transfer, so the rollout ranks hold nothing a resume needs
 (a checkpoint saves it with the batches queued ahead). The seeds of the tails are keyed by
 (rollout seed, batch, prompt, member) like the heads', so a resumed run continues exactly.
+
+Multi-turn episodes are interrupted between turns instead: the first ``rollout.partial_turns``
+turns of every episode under the starting version, the rest under the next, each turn seeded as
+in an uninterrupted episode. The environments' state is not carried: it is rebuilt by replaying
+the calls each episode's environment was sent (``episodes.EpisodeRunner.resume``), so the rollout
+ranks still hold nothing between the two halves.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ class InFlight:
     version: int
     prompts: List[Prompt]
     batch: object
-    """The heads: a ``RolloutBatch`` (groups per prompt, None where the engine skipped one)."""
+    """The heads: a ``RolloutBatch`` (groups per prompt, None where the engine skipped one), or
+    for multi-turn episodes their first turns (``episodes.Suspended``)."""
 
 
 def start_batch(engine, prompts: Sequence[Prompt], index: int, version: int, head_tokens: int):

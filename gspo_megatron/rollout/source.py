@@ -72,12 +72,25 @@ class Producer:
         prompts = self.prompts.batch(
             index, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle
         )
+        if self.agent is not None:
+            from gspo_megatron.rollout.episodes import start_episodes
+
+            turns = cfg.rollout.head_turns(cfg.agent.max_turns)
+            state = start_episodes(
+                self.agent, prompts, cfg.rollout.group_size, index, turns, version
+            )
+            return InFlight(index, version, list(prompts), state)
         return start_batch(self.engine, prompts, index, version, cfg.rollout.head_tokens)
 
     def finish(self, item: InFlight, version: int) -> StepRollout:
         """Batch ``item`` finished by the engines' policy ``version``, then scored."""
         rc = self.cfg.rollout
-        batch = finish_batch(self.engine, item, version, rc.max_new_tokens, rc.head_tokens)
+        if self.agent is not None:
+            from gspo_megatron.rollout.episodes import finish_episodes
+
+            batch = finish_episodes(self.agent, item.batch, rc.group_size, item.index, version)
+        else:
+            batch = finish_batch(self.engine, item, version, rc.max_new_tokens, rc.head_tokens)
 
         def generate(prompts, round_):
             assert [p.row for p in prompts] == [p.row for p in item.prompts], "prompts moved"

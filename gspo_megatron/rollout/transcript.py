@@ -101,6 +101,10 @@ class Transcript:
     """The engine's log-prob per id; 0.0 for environment ids (never read: mask 0)."""
     closed_by_env: int = 0
     """Turns whose end-of-turn token the transcript appended (the model did not write it)."""
+    versions: List[int] = field(default_factory=list)
+    """The policy version current when each id was appended (``version``): a model id's is
+    the version that sampled it. Partial rollouts continue an episode under the next one."""
+    version: int = 0
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.ids)
@@ -122,6 +126,7 @@ class Transcript:
         self.ids += list(ids)
         self.mask += [1] * len(ids)
         self.logprobs += [float(x) for x in logprobs]
+        self.versions += [self.version] * len(ids)
         own = list(ids)
         if not own or own[-1] != renderer.eot:
             self._add_env([renderer.eot])
@@ -145,3 +150,4 @@ class Transcript:
         self.ids += list(ids)
         self.mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
+        self.versions += [self.version] * len(ids)
