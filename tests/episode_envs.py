@@ -63,3 +63,11 @@ class Flaky(LookupEnv):
         if self.row["answer"] == "gold":
             time.sleep(60)
         return super().step(assistant_text, tool_calls)
+
+
+class Drifting(Scripted):
+    """Its opening says a number drawn from the OS, not from its row: replayed, it answers
+    otherwise (an environment partial rollouts cannot rebuild)."""
+
+    def reset(self):
+        return [{"role": "user", "content": f"{self.row['prompt']} {os.urandom(8).hex()}"}]

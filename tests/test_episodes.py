@@ -292,14 +292,14 @@ def test_an_episode_interrupted_between_turns_continues_as_if_never_interrupted(
 
 
 def test_an_environment_that_answers_otherwise_on_replay_fails_its_episode(tok):
-    """An environment whose reset says its process id (``agent_envs.Scripted``) cannot be
-    rebuilt by replay: the interrupted episodes fail as ``replay`` (scored 0, counted), the one
-    over before the interruption is untouched."""
+    """An environment whose opening is drawn from the OS (``episode_envs.Drifting``) cannot be
+    rebuilt by replay: the interrupted episodes fail as ``replay`` (scored 0, counted) with
+    what they sampled before kept and nothing sampled after."""
     from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
 
-    rows = [{"question": "q"}]
+    rows = [{"prompt": "q", "turns": 3}]
     prompts = [Prompt("q", [1], None, 0, rows[0])]
-    r, _, pool = runner(tok, "agent_envs:Scripted", lambda i, t: f"turn {t}", max_turns=3)
+    r, _, pool = runner(tok, "episode_envs:Drifting", lambda i, t: f"turn {t}", max_turns=3)
     with pool:
         state = start_episodes(r, prompts, 2, 0, turns=1, version=0)
         batch = finish_episodes(r, state, 2, 0, version=1)

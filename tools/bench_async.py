@@ -11,8 +11,8 @@ rollout rank, s = 1, so each batch is sampled while the previous one trains. Ste
 from the steps after the first (start-up excluded); the trainer's idle time waiting for
 batches, the rollout rank's waiting for weights. The bare broadcast: two processes, gloo, the
 transfer's byte count in the same bucket size, no gathering, no engine load. ``--partial`` adds
-a third run: separate, s=1, partial rollouts with each episode interrupted after its first
-turn (its environment rebuilt by replaying that turn's call: ``perf/agent_replay_seconds``).
+a third run: separate, s=2, partial rollouts with each episode interrupted after its first
+turn (heads and tails both sampled while earlier steps train) (its environment rebuilt by replaying that turn's call: ``perf/agent_replay_seconds``).
 Prints a table and the machine.
 """
 
@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--sleep", type=float, default=0.1)
     ap.add_argument(
-        "--partial", action="store_true", help="also separate s=1 with partial rollouts"
+        "--partial", action="store_true", help="also separate s=2 with partial rollouts"
     )
     args = ap.parse_args()
     if not (args.init / "hf" / "model.safetensors").is_file():
@@ -126,14 +126,14 @@ def main() -> None:
         )
         part = None
         if args.partial:
-            print("bench_async: separate s=1 with partial rollouts ...", file=sys.stderr)
+            print("bench_async: separate s=2 with partial rollouts ...", file=sys.stderr)
             part = train(
                 init,
                 tmp / "partial",
                 2,
                 args.steps,
                 args.sleep,
-                ["rollout.placement=separate", "rollout.num_ranks=1", "rollout.max_staleness=1"]
+                ["rollout.placement=separate", "rollout.num_ranks=1", "rollout.max_staleness=2"]
                 + ["rollout.partial=true", "rollout.partial_turns=1"],
             )
     later = slice(1, None)
@@ -179,7 +179,7 @@ def main() -> None:
     if part is not None:
         c = per_second(part)
         print(
-            f"separate s=1 with partial rollouts (episodes cut after turn 1): {c:.3f} steps/s "
+            f"separate s=2 with partial rollouts (episodes cut after turn 1): {c:.3f} steps/s "
             f"({c / a:.2f}x colocated), trainer idle {median(part, 'perf/trainer_wait_seconds'):.2f}"
             f" s/step, replaying the first turn's tool calls "
             f"{median(part, 'perf/agent_replay_seconds'):.3f} s/step, "

@@ -491,11 +491,11 @@ class EnvPool:
             return value
         return {}
 
-    def drop(self, key: Hashable) -> None:
-        """End a live episode without ``metadata()``: its process is killed (with whatever it
-        started), never reused, so nothing of its state reaches a later episode."""
+    def release(self, key: Hashable) -> None:
+        """End a live episode without ``metadata()``: its process serves a later episode, as
+        after ``finish`` (the next ``reset`` builds a new instance there)."""
         self._check_open()
-        self._kill(self._live(key).proc)
+        self._free.append(self._live(key).proc)
         self._episodes.pop(key)
 
     def close(self) -> None:

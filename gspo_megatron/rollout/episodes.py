@@ -20,8 +20,8 @@ Partial rollouts (``rollout.partial``) stop every episode after its first
 ``rollout.partial_turns`` turns (``EpisodeRunner.start``) and continue the live ones under the
 next policy version (``EpisodeRunner.resume``). What is in between is ``Suspended``: the
 transcripts, the records and each episode's log of what its environment was sent and answered;
-no process. The environments are rebuilt from that log, replaying the recorded calls in fresh
-processes, and each reply must equal the one recorded: an environment whose replies do not
+no process. The environments are rebuilt from that log, replaying the recorded calls (a new
+instance of the class, in a process from the pool), and each reply must equal the one recorded: an environment whose replies do not
 follow from its row and the calls it was sent fails that episode (``replay``, counted) instead
 of silently continuing a conversation the environment no longer agrees with. A run and its
 resume from a checkpoint therefore do exactly the same thing; the price is the replayed calls
@@ -94,11 +94,11 @@ class SharedEnvs:
     def finish(self, keys: Sequence[int]) -> Dict[int, dict]:
         return _share({k: self.pool.finish(k) for k in self._mine(keys)})
 
-    def drop(self, keys: Sequence[int]) -> None:
-        """End these live episodes without ``metadata()`` (their processes killed): they go on
-        later from a replay. Not collective: each rank drops its own."""
+    def release(self, keys: Sequence[int]) -> None:
+        """End these live episodes without ``metadata()`` (their processes free for others):
+        they go on later from a replay. Not collective: each rank releases its own."""
         for k in self._mine(keys):
-            self.pool.drop(k)
+            self.pool.release(k)
 
 
 def _share(local: dict) -> dict:
@@ -179,13 +179,13 @@ class EpisodeRunner:
         version: int,
     ) -> Suspended:
         """``run``'s first ``turns`` turns under policy ``version``; the episodes over by then
-        are finished, the others suspended (their processes ended: ``resume`` rebuilds them)."""
+        are finished, the others suspended (their processes freed: ``resume`` rebuilds them)."""
         t0 = time.perf_counter()
         self.env_seconds, self.replay_seconds, self.turn_seconds = 0.0, 0.0, []
         eps = self._open(rows, fallback_ids, version)
         self._play(eps, 0, seed_key, stop=turns)
         self._finish([e for e in eps if e.done])
-        self.envs.drop([e.index for e in eps if not e.done])
+        self.envs.release([e.index for e in eps if not e.done])
         seconds = time.perf_counter() - t0
         return Suspended([dict(r) for r in rows], eps, turns, self.env_seconds, seconds)
 
@@ -268,7 +268,7 @@ class EpisodeRunner:
             return False
         if _plain_json(got) != _plain_json(e.log[k][1]):
             what = "reset" if k == 0 else f"step {k}"
-            self.envs.drop([e.index])
+            self.envs.release([e.index])
             e.done = True
             e.record.failure = "replay"
             e.record.failure_detail = (
