@@ -15,9 +15,11 @@ threads with the trainer). What a faulty function can do to a run is bounded:
   still running after ``timeout_s`` has the worker killed, scores 0 and counts in
   ``reward/timeouts``. Either way a fresh worker is started at once and the run goes on;
 - a worker reports ready once it has imported the functions, and a call's ``timeout_s`` runs from
-  when the call is sent, so a restart's start-up (its own ``STARTUP_TIMEOUT_S``) never eats into
-  the next call's time. A worker that cannot start scores every call of that ``score()`` as an
-  error, with the reason; the next ``score()`` tries again;
+  when the worker starts it, so a restart's start-up (its own ``STARTUP_TIMEOUT_S``) never eats
+  into the next call's time. A worker that cannot start scores every call of that ``score()`` as
+  an error, with the reason; the next ``score()`` tries again;
+- a ``score()``'s calls go to the worker as one batch and come back one reply each (one round
+  trip instead of one per call); the calls after one that failed go to the fresh worker;
 - the worker never outlives the trainer: a trainer that exits (an exception, Ctrl-C, which the
   worker ignores and leaves to the trainer) SIGKILLs it first, where multiprocessing's own exit
   hook would SIGTERM it and wait without a limit; one killed with SIGKILL takes it along (Linux
@@ -72,7 +74,7 @@ class RewardConfig:
     functions: List[RewardFn] = field(default_factory=lambda: [RewardFn("math", 1.0)])
     """Terms summed with their weights (paper-style math RL: math 1.0)."""
     timeout_s: float = 10.0
-    """Per call, from when it is sent to the worker; a call past it is killed and scores 0."""
+    """Per call, from when the worker starts it; a call past it is killed and scores 0."""
 
     def validate(self, allow_empty: bool = False) -> None:
         """``allow_empty``: another source of rewards exists (an environment's per-turn ones)."""
@@ -124,18 +126,22 @@ class RewardRunner:
         self.last_errors = []
         self._cannot_start = None  # a worker that could not start gets one new try per score()
         t0 = time.perf_counter()
-        for i, (prompt, response, answer, *episode) in enumerate(items):
-            job_tail = (prompt, response, answer, episode[0] if episode else None)
-            for k, name in enumerate(self.names):
-                (values[i][k], err), timed_out = self._score_one((k, *job_tail))
-                if err is None:
-                    continue
-                if timed_out:
-                    timeouts += 1
-                else:
-                    errors += 1
-                if len(self.last_errors) < MAX_LAST_ERRORS:
-                    self.last_errors.append(f"{name}: {err}")
+        jobs = [
+            (k, prompt, response, answer, episode[0] if episode else None)
+            for prompt, response, answer, *episode in items
+            for k in range(len(self.names))
+        ]
+        for j, (reply, timed_out) in enumerate(self._score_all(jobs)):
+            i, k = divmod(j, len(self.names))
+            values[i][k], err = reply
+            if err is None:
+                continue
+            if timed_out:
+                timeouts += 1
+            else:
+                errors += 1
+            if len(self.last_errors) < MAX_LAST_ERRORS:
+                self.last_errors.append(f"{self.names[k]}: {err}")
         totals = [sum(w * v for w, v in zip(self.weights, row)) for row in values]
         n = max(len(items), 1)
         stats = {
@@ -180,23 +186,31 @@ class RewardRunner:
         first = next((p[3][0] for p in parts if p[3]), None)
         return rewards, merged, first
 
-    def _score_one(self, job: Job) -> Tuple[Reply, bool]:
-        """One call's Reply, and whether it timed out."""
-        if self._cannot_start is None and (self._worker is None or not self._worker.alive()):
-            self._replace_worker()  # first use after close(), or it died between calls
-        if self._cannot_start is None:
-            self._cannot_start = self._worker.wait_ready()
-        if self._cannot_start is not None:
-            return (0.0, self._cannot_start), False
-        reply, outcome, output = self._worker.call(job, self.cfg.timeout_s)
-        if output is not None:
-            self._show_output(job[0], *output)
-        if outcome != "ok":
-            # Replace it at once: the new worker imports while this call is recorded (or, after
-            # the last call of a score(), while the trainer trains); the next call's time only
-            # starts once it is ready.
-            self._replace_worker()
-        return reply, outcome == "timeout"
+    def _score_all(self, jobs: List[Job]) -> List[Tuple[Reply, bool]]:
+        """Each call's Reply, and whether it timed out. The calls go to the worker as one
+        batch; a call that kills the worker or times out costs that call only: a fresh worker
+        gets the calls after it."""
+        out: List[Tuple[Reply, bool]] = []
+        while len(out) < len(jobs):
+            if self._cannot_start is None and (self._worker is None or not self._worker.alive()):
+                self._replace_worker()  # first use after close(), or it died between calls
+            if self._cannot_start is None:
+                self._cannot_start = self._worker.wait_ready()
+            if self._cannot_start is not None:
+                out += [((0.0, self._cannot_start), False)] * (len(jobs) - len(out))
+                break
+            self._worker.send(jobs[len(out) :])
+            for job in jobs[len(out) :]:
+                reply, outcome, output = self._worker.reply(self.cfg.timeout_s)
+                if output is not None:
+                    self._show_output(job[0], *output)
+                out.append((reply, outcome == "timeout"))
+                if outcome != "ok":
+                    # Replace it at once: the new worker imports while this call is recorded;
+                    # the next call's time only starts once it is ready.
+                    self._replace_worker()
+                    break
+        return out
 
     def _show_output(self, k: int, head: bytes, size: int) -> None:
         """A call's printed output (its first ``head`` bytes of ``size``) on the trainer's
