@@ -10,11 +10,16 @@ One engine in both placements, one thread per process (``train_runs.env``)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import train_runs as tr
-from test_async_train import assert_same_tensors, final_tensors, kill_and_resume, learned, rows
+from test_async_train import (
+    assert_same_tensors,
+    final_tensors,
+    kill_and_resume,
+    learned,
+    rows,
+    versions_and_rollouts,
+)
 
 CONFIG = "launch/configs/tiny_agent_cpu.yaml"
 STEPS = 4
@@ -102,22 +107,9 @@ def test_each_model_token_of_a_partial_episode_is_the_behaviour_of_its_version(r
     engine log-prob equals transformers' under the weights of the version it is tagged with
     (the checkpoint after that many steps), and not under the other's; the environment's
     tokens are never sampled (mask 0)."""
-    from transformers import AutoModelForCausalLM
-
-    from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
     from gspo_megatron.testing.hf_reference import hf_logprobs
 
-    run, step = runs["colocated"], 4
-    models = {}
-    for v in (2, 3):
-        convert_mcore_to_hf(
-            run / "checkpoints" / f"step_{v:06d}", tmp_path / f"v{v}", show_progress=False
-        )
-        models[v] = AutoModelForCausalLM.from_pretrained(tmp_path / f"v{v}")
-    saved = [
-        json.loads(x)
-        for x in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
-    ]
+    models, saved = versions_and_rollouts(runs["colocated"], (2, 3), 4, tmp_path)
     spanning, diffs = 0, {True: [], False: []}  # own version's weights / the other version's
     for r in saved:
         ids, versions, mask = r["ids"], r["versions"], r["mask"]

@@ -114,6 +114,23 @@ def kill_and_resume(out: Path, overrides, steps: int = tr.STEPS, **kw):
     return resume
 
 
+def versions_and_rollouts(run: Path, versions, step: int, tmp: Path):
+    """transformers models of ``run``'s checkpoints after each of ``versions`` steps, and the
+    rollouts it saved at ``step`` (one dict per response)."""
+    from transformers import AutoModelForCausalLM
+
+    from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
+
+    models = {}
+    for v in versions:
+        convert_mcore_to_hf(
+            run / "checkpoints" / f"step_{v:06d}", tmp / f"v{v}", show_progress=False
+        )
+        models[v] = AutoModelForCausalLM.from_pretrained(tmp / f"v{v}")
+    saved = (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
+    return models, [json.loads(x) for x in saved]
+
+
 @pytest.mark.parametrize("s", [0, 1])
 def test_separate_rollout_ranks_equal_the_colocated_run_bit_for_bit(runs, s):
     col, sep = runs[("colocated", s)], runs[("separate", s)]
@@ -179,22 +196,10 @@ def test_each_token_of_a_partial_rollout_is_the_behaviour_of_its_version(runs, t
     with the version that started the batch and the rest with the next one, and every token's
     log-prob from the engine equals transformers' log-prob under the weights of its version
     (the checkpoint after that many steps), not under the other's."""
-    from transformers import AutoModelForCausalLM
-
-    from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
     from gspo_megatron.testing.hf_reference import hf_logprobs
 
-    run, step = runs[("colocated", "p")], 4  # batch 3: started by version 2, finished by 3
-    models = {}
-    for v in (2, 3):
-        convert_mcore_to_hf(
-            run / "checkpoints" / f"step_{v:06d}", tmp_path / f"v{v}", show_progress=False
-        )
-        models[v] = AutoModelForCausalLM.from_pretrained(tmp_path / f"v{v}")
-    saved = [
-        json.loads(x)
-        for x in (run / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
-    ]
+    # Batch 3: started by version 2, finished by 3.
+    models, saved = versions_and_rollouts(runs[("colocated", "p")], (2, 3), 4, tmp_path)
     spanning = 0
     diffs = {True: [], False: []}  # own version's weights / the other version's
     for r in saved:

@@ -20,12 +20,13 @@ Partial rollouts (``rollout.partial``) stop every episode after its first
 ``rollout.partial_turns`` turns (``EpisodeRunner.start``) and continue the live ones under the
 next policy version (``EpisodeRunner.resume``). What is in between is ``Suspended``: the
 transcripts, the records and each episode's log of what its environment was sent and answered;
-no process. The environments are rebuilt from that log, replaying the recorded calls (a new
-instance of the class, in a process from the pool), and each reply must equal the one recorded: an environment whose replies do not
-follow from its row and the calls it was sent fails that episode (``replay``, counted) instead
-of silently continuing a conversation the environment no longer agrees with. A run and its
-resume from a checkpoint therefore do exactly the same thing; the price is the replayed calls
-(``perf/agent_replay_seconds``), one round per turn replayed for the whole batch.
+no process. The environments are rebuilt from that log, replaying the recorded calls on a new
+instance of the class (in a process from the pool), and each reply must equal the one recorded:
+an environment whose replies do not follow from its row and the calls it was sent fails that
+episode (``replay``, counted) instead of silently continuing a conversation the environment no
+longer agrees with. A run and its resume from a checkpoint therefore do exactly the same thing;
+the price is the replayed calls (``perf/agent_replay_seconds``), one round per turn replayed for
+the whole batch.
 """
 
 from __future__ import annotations
@@ -131,7 +132,6 @@ class _Live:
 class Suspended:
     """Episodes stopped between two turns (``EpisodeRunner.start``): plain data, no process."""
 
-    rows: List[dict]
     episodes: List[_Live]
     next_turn: int
     env_seconds: float
@@ -187,7 +187,7 @@ class EpisodeRunner:
         self._finish([e for e in eps if e.done])
         self.envs.release([e.index for e in eps if not e.done])
         seconds = time.perf_counter() - t0
-        return Suspended([dict(r) for r in rows], eps, turns, self.env_seconds, seconds)
+        return Suspended(eps, turns, self.env_seconds, seconds)
 
     def resume(
         self, state: Suspended, seed_key: Callable, version: int
@@ -201,7 +201,7 @@ class EpisodeRunner:
         for e in live:
             e.transcript.version = version
         t1 = time.perf_counter()
-        self._replay(live, state.rows)
+        self._replay(live)
         self.replay_seconds = time.perf_counter() - t1
         self._play(live, state.next_turn, seed_key)
         self._finish(live)
@@ -238,13 +238,13 @@ class EpisodeRunner:
             self._env_turn(live, turn)
             self.turn_seconds.append((t2 - t1, self.env_seconds - env_before))
 
-    def _replay(self, eps: List[_Live], rows: Sequence[dict]) -> None:
-        """Rebuild the environments of ``eps``: ``reset`` and every recorded ``step`` call
-        again, in fresh processes, a round per call for all of them; an episode whose
-        environment fails or answers otherwise than it had is over (scored 0, counted)."""
+    def _replay(self, eps: List[_Live]) -> None:
+        """Rebuild the environments of ``eps`` from their logs: ``reset`` with the recorded
+        row and every recorded ``step`` call again, a round per call for all of them; an episode
+        whose environment fails or answers otherwise than it had is over (scored 0, counted)."""
         if not eps:
             return
-        replies = self._timed(self.envs.reset, {e.index: dict(rows[e.index]) for e in eps})
+        replies = self._timed(self.envs.reset, {e.index: dict(e.log[0][0]) for e in eps})
         ok = []
         for e in eps:
             reply = replies[e.index]
