@@ -12,8 +12,8 @@ from the steps after the first (start-up excluded); the trainer's idle time wait
 batches, the rollout rank's waiting for weights. The bare broadcast: two processes, gloo, the
 transfer's byte count in the same bucket size, no gathering, no engine load. ``--partial`` adds
 a third run: separate, s=2, partial rollouts with each episode interrupted after its first
-turn (heads and tails both sampled while earlier steps train) (its environment rebuilt by replaying that turn's call: ``perf/agent_replay_seconds``).
-Prints a table and the machine.
+turn (heads and tails both sampled while earlier steps train; each environment rebuilt by
+replaying that turn's call: ``perf/agent_replay_seconds``). Prints a table and the machine.
 """
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ class EpisodeRunner:
         for e in eps:
             reply = replies[e.index]
             if reply.failure is not None:
-                self._fail(e, reply, fallback_ids[e.index])
+                self._fail(e, reply.failure, reply.detail, fallback_ids[e.index])
                 continue
             tools = getattr(reply, "tools", None)
             e.log.append((dict(rows[e.index]), (reply.messages, tools)))
@@ -264,17 +264,17 @@ class EpisodeRunner:
     def _replayed(self, e: _Live, reply, k: int, got: tuple) -> bool:
         """Whether the replayed call ``k`` of ``e`` answered as recorded (else ``e`` fails)."""
         if reply.failure is not None:
-            self._fail(e, reply)
+            self._fail(e, reply.failure, reply.detail)
             return False
         if _plain_json(got) != _plain_json(e.log[k][1]):
             what = "reset" if k == 0 else f"step {k}"
             self.envs.release([e.index])
-            e.done = True
-            e.record.failure = "replay"
-            e.record.failure_detail = (
+            self._fail(
+                e,
+                "replay",
                 f"rebuilt for the next policy version, the environment answered its {what} "
                 f"otherwise than before: its replies must follow from its row and the calls "
-                f"it is sent (partial rollouts replay them)"
+                f"it is sent (partial rollouts replay them)",
             )
             return False
         return True
@@ -321,7 +321,7 @@ class EpisodeRunner:
                 continue
             reply = replies[e.index]
             if reply.failure is not None:
-                self._fail(e, reply)
+                self._fail(e, reply.failure, reply.detail)
                 continue
             e.log.append((calls[e.index], (reply.messages, reply.done, reply.reward)))
             if reply.reward is not None and self.cfg.turn_rewards == "sum":
@@ -354,9 +354,11 @@ class EpisodeRunner:
             out.append({**m, "content": content})
         return out
 
-    def _fail(self, e: _Live, reply, fallback: Optional[List[int]] = None) -> None:
+    def _fail(
+        self, e: _Live, failure: str, detail: str, fallback: Optional[List[int]] = None
+    ) -> None:
         e.done = True
-        e.record.failure, e.record.failure_detail = reply.failure, reply.detail
+        e.record.failure, e.record.failure_detail = failure, detail
         if e.transcript is None:  # failed before its opening: nothing sampled, nothing to learn
             e.transcript = Transcript(list(fallback or []), [])
 

@@ -105,6 +105,7 @@ class Transcript:
     """The policy version current when each id was appended (``version``): a model id's is
     the version that sampled it. Partial rollouts continue an episode under the next one."""
     version: int = 0
+    """The policy version sampling now: what ``versions`` records for the ids appended next."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.ids)
