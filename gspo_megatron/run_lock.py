@@ -35,7 +35,8 @@ _RECORD_BYTES = 1024
 """The record is written in one pwrite of this many bytes (JSON padded with spaces), so that a
 reader sees a whole record or the previous one, never half of one."""
 _ACQUIRE_WAIT_S = 3.0
-"""How long the run's rank 0 retries a lock held for a moment by a node's --check probe."""
+"""How long the run's rank 0 retries a lock held for a moment by a node's --check probe, and how
+long a rank's check waits for a held lock's record to name its own launch."""
 
 
 def job_id() -> Optional[str]:
@@ -158,13 +159,21 @@ def check_run_lock(out: Path) -> None:
     except OSError as err:
         raise GspoError(f"{path}: cannot open the run's lock file ({err.strerror})") from None
     try:
-        if _try_lock(fd):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return
-        record = _read(fd)
-        if record and job_id() is not None and record.get("job") == job_id():
-            return
-        raise _refuse(Path(out), record)
+        # Under a launch the holder may be this launch's rank 0 between taking the lock and
+        # writing its record (an empty file, or the record of a dead run it is taking over):
+        # read again for a moment before refusing. Seen with a rollout rank whose pre-flight
+        # ended just after the trainer's rank 0 had taken the lock.
+        deadline = time.monotonic() + (_ACQUIRE_WAIT_S if job_id() is not None else 0.0)
+        while True:
+            if _try_lock(fd):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            record = _read(fd)
+            if record and job_id() is not None and record.get("job") == job_id():
+                return
+            if time.monotonic() >= deadline:
+                raise _refuse(Path(out), record)
+            time.sleep(0.05)
     finally:
         os.close(fd)
 

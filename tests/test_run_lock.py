@@ -30,10 +30,24 @@ time.sleep(600)
 """
 
 
-def _holder(out: Path, env=None) -> subprocess.Popen:
+_HOLD_WRITING = """
+import fcntl, os, sys, time
+from gspo_megatron.run_lock import RunLock
+lock = RunLock(sys.argv[1])
+fd = lock._open()
+fcntl.flock(fd, fcntl.LOCK_EX)  # taken, its record not written yet (as inside acquire)
+print("locked", flush=True)
+time.sleep(1.0)
+os.close(fd)
+lock.acquire()
+time.sleep(600)
+"""
+
+
+def _holder(out: Path, env=None, script: str = _HOLD) -> subprocess.Popen:
     """A process that takes the lock of ``out`` and keeps it (until killed)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(out)],
+        [sys.executable, "-c", script, str(out)],
         cwd=REPO,
         env=dict(child_env(), **(env or {})),
         stdout=subprocess.PIPE,
@@ -95,6 +109,22 @@ def test_a_launchs_own_rank_0_is_no_conflict(tmp_path, monkeypatch):
         monkeypatch.setenv("MASTER_PORT", "29513")
         with pytest.raises(GspoError, match="is in use by another gspo-train run"):
             check_run_lock(tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_launchs_rank_0_still_writing_its_record_is_no_conflict(tmp_path, monkeypatch):
+    """The lock taken by this launch's rank 0, whose record is not written yet (another rank's
+    pre-flight can look in between): the check waits for the record instead of refusing."""
+    job = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29512"}
+    holder = _holder(tmp_path / "run", env=job, script=_HOLD_WRITING)
+    try:
+        for key, value in job.items():
+            monkeypatch.setenv(key, value)
+        check_run_lock(tmp_path / "run")
+        record = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
+        assert record["pid"] == holder.pid and record["job"] == "10.0.0.1:29512"
     finally:
         holder.kill()
         holder.wait()
