@@ -29,6 +29,7 @@ from gspo_megatron.checkpoint.atomic import (
 )
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
 from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.jsonl import iter_objects
 from gspo_megatron.parallel import (
     ParallelLayout,
@@ -197,8 +198,7 @@ def score_rows(spec, layout, ckpt, rows, mbs, nmb, dtype):
         and ps.get_tensor_model_parallel_rank() == 0
         and ps.get_context_parallel_rank() == 0
     )
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, mine if keep else {})
+    gathered = all_gather_objects(mine if keep else {})
     if torch.distributed.get_rank() != 0:
         return None
     merged = {}

@@ -1,5 +1,6 @@
 """The CPU speed-ups compute what they replace: megatron's distributed optimizer on one rank
-(``gspo_megatron.cpu_perf``) and torch's fused AdamW kernel (``optim.fuse_adam_on_cpu``)."""
+(``gspo_megatron.cpu_perf``), torch's fused AdamW kernel (``optim.fuse_adam_on_cpu``), and
+object exchanges on a world of one (``gspo_megatron.exchange``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ def test_a_one_rank_collective_is_skipped_only_where_its_result_is_already_in_pl
     # Not the same memory (a copy into another tensor): the collective still runs.
     skipping(torch.empty(8), buf, group=dist.group.WORLD)
     assert calls == [1]
+
+
+def test_a_world_of_one_exchanges_objects_without_gloo(monkeypatch):
+    """One rank: the object comes back as it is, and torch.distributed is not called (gloo
+    would copy its pickle on gloo's own thread, which starts a second OpenMP pool and leaves
+    libgomp sleeping at every barrier for the rest of the run: gspo_megatron.exchange)."""
+    from gspo_megatron.exchange import all_gather_objects
+    from gspo_megatron.parallel import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an object exchange through gloo on a world of one")
+
+    monkeypatch.setattr(dist, "all_gather_object", refuse)
+    big = {i: list(range(64)) for i in range(1000)}  # its pickle: far more than 32768 bytes
+    assert [id(x) for x in all_gather_objects(big)] == [id(big)]
 
 
 def _one_process_update(ckpt, distributed: bool, steps: int = 2):

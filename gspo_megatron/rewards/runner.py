@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.distributed as dist
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rewards.registry import resolve
 from gspo_megatron.rewards.worker import Job, Reply, Worker
 
@@ -167,10 +168,7 @@ class RewardRunner:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = items[rank::world]
         totals, stats = self.score(mine)
-        parts: List[tuple] = [(totals, stats, len(mine), self.last_errors[:1])]
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, (totals, stats, len(mine), self.last_errors[:1]))
+        parts = all_gather_objects((totals, stats, len(mine), self.last_errors[:1]))
         rewards = [0.0] * len(items)
         for r, part in enumerate(parts):
             rewards[r::world] = part[0]

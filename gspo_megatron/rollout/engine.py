@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.routes import RouteCapture
 from gspo_megatron.rollout.weight_sync import SyncStats
@@ -383,10 +384,8 @@ class RolloutEngine:
     def _share(self, local: Dict[int, object]) -> Dict[int, object]:
         """Every engine's {prompt index: result}, merged, on every rank. TP ranks of one engine
         hold the same results: its first rank publishes them."""
-        shared = [None] * dist.get_world_size()
-        dist.all_gather_object(shared, local if self.rank % self.cfg.engine_tp == 0 else {})
         merged: Dict[int, object] = {}
-        for part in shared:
+        for part in all_gather_objects(local if self.rank % self.cfg.engine_tp == 0 else {}):
             merged.update(part)
         return merged
 

@@ -36,8 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch.distributed as dist
-
+from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rollout.agent_config import AgentConfig
 from gspo_megatron.rollout.tool_calls import parse_tool_calls
 from gspo_megatron.rollout.transcript import ChatRenderer, Transcript
@@ -103,12 +102,8 @@ class SharedEnvs:
 
 
 def _share(local: dict) -> dict:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
     merged: dict = {}
-    for part in parts:
+    for part in all_gather_objects(local):
         merged.update(part)
     return merged
 

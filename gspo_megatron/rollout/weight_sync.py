@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from gspo_megatron.checkpoint.model import model_sharded_state_dict
+from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.models.qwen3 import hf_mapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.optim import unwrap
@@ -122,12 +123,8 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
         k: ShardMeta(sh.shape, sh.offset, tuple(sh.data.shape), sh.primary)
         for k, sh in shards.items()
     }
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    everyone = [None] * world
-    if world > 1:
-        dist.all_gather_object(everyone, meta)
-    else:
-        everyone = [meta]
+    everyone = all_gather_objects(meta)
+    world = len(everyone)
     elsize = torch.empty((), dtype=dtype).element_size()
     keys: List[KeyPlan] = []
     for mapping in hf_mapping.tensor_mappings(spec):
