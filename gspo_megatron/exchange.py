@@ -12,7 +12,9 @@ voluntary context switches per thread per RL update instead of none, and the sam
 ours or transformers' in the same process, 1.24 s before the first rollout's exchange and
 1.5-1.65 s after it, for the rest of the run.
 
-With one rank there is nothing to exchange: the object is returned as it is.
+With one rank there is nothing to exchange: the object is returned as it is. (Other callers of
+torch's object collectives, megatron's checkpoint save among them, are answered locally on a
+one-rank group by ``cpu_perf``.)
 """
 
 from __future__ import annotations

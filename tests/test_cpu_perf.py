@@ -4,6 +4,7 @@ object exchanges on a world of one (``gspo_megatron.exchange``)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -42,6 +43,72 @@ def test_a_world_of_one_exchanges_objects_without_gloo(monkeypatch):
     monkeypatch.setattr(dist, "all_gather_object", refuse)
     big = {i: list(range(64)) for i in range(1000)}  # its pickle: far more than 32768 bytes
     assert [id(x) for x in all_gather_objects(big)] == [id(big)]
+
+
+def test_one_rank_object_collectives_hand_back_copies_without_gloo(monkeypatch):
+    """megatron's checkpoint save calls torch's all_gather_object and gather_object on a world
+    of one too: they hand back a copy of the object (as the exchange would) and run no gloo
+    collective (gspo_megatron.cpu_perf)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from gspo_megatron.parallel import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a gloo collective for an object on a world of one")
+
+    monkeypatch.setattr(c10d, "all_gather", refuse)
+    monkeypatch.setattr(c10d, "gather", refuse)
+    obj = {"shards": [list(range(50)) for _ in range(100)], "name": "step_3"}
+    gathered = [None]
+    dist.all_gather_object(gathered, obj)
+    assert gathered == [obj] and gathered[0] is not obj
+    gathered = [None]
+    dist.gather_object(obj, gathered, dst=0)
+    assert gathered == [obj] and gathered[0] is not obj
+    with pytest.raises(ValueError, match="gather_list"):
+        dist.gather_object(obj, None, dst=0)
+
+
+# One process, two OpenMP threads, a world of one: the thread count before and after a large
+# object collective through the stand-in, then through torch's own (the control: gloo's copy
+# on its thread starts an OpenMP pool there, one more thread for good).
+_THREADS_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+from gspo_megatron import cpu_perf
+torch.set_num_threads(2)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % int(sys.argv[1]), rank=0, world_size=1)
+cpu_perf.apply()
+big = list(range(200000))  # a pickle of ~1 MB
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+dist.all_gather_object([None], big)
+dist.gather_object(big, [None], dst=0)
+ours = threads()
+dist.all_gather_object.__wrapped__([None], big)
+print(before, ours, threads())
+"""
+
+
+def test_one_rank_object_collectives_start_no_openmp_pool_on_gloos_thread(tmp_path):
+    import subprocess
+    import sys
+
+    from gspo_megatron.parallel import free_port
+
+    run = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    before, ours, torchs = map(int, run.stdout.split()[-3:])
+    assert ours == before, "the one-rank stand-ins started a thread"
+    assert torchs == before + 1, "control: torch's own collective should start gloo's pool"
 
 
 def _one_process_update(ckpt, distributed: bool, steps: int = 2):
