@@ -15,7 +15,7 @@ it saves, measured with ``tools/bench_step.py`` (docs/benchmarks.md):
   the first one on that thread gives it a second OpenMP thread pool for the process's life.
   libgomp then manages more threads than there are CPUs (a process whose own threads fill the
   machine), spins ~100 times instead of ~300k before sleeping at a barrier, and every later op
-  pays the wake-ups: one RL update at shape ``m`` 1.24 s -> 1.5-1.65 s on 2 cores. megatron's
+  pays the wake-ups: one RL update at shape ``m`` ~1.3 s -> 1.45-1.7 s on 2 cores. megatron's
   checkpoint save calls ``all_gather_object`` and ``gather_object`` (on a world of one, too);
   on one rank these now hand back the object through a pickle round trip, as the exchange
   would, without gloo. (The project's own exchanges use ``exchange.all_gather_objects``.)

@@ -9,8 +9,8 @@ process of all the cores, as ``tools/bench_step.py`` runs it), and in that state
 spinning between parallel regions: each of its threads sleeps on a futex at every barrier and
 is woken for the next op. Measured on 2 cores (docs/benchmarks.md, 2026-12-06): ~5000
 voluntary context switches per thread per RL update instead of none, and the same update,
-ours or transformers' in the same process, 1.24 s before the first rollout's exchange and
-1.5-1.65 s after it, for the rest of the run.
+ours or transformers' in the same process, 1.2-1.4 s before the first rollout's exchange and
+1.45-1.7 s after it, for the rest of the run.
 
 With one rank there is nothing to exchange: the object is returned as it is. (Other callers of
 torch's object collectives, megatron's checkpoint save among them, are answered locally on a
