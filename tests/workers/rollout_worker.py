@@ -35,6 +35,12 @@ def main() -> None:
     engine, reports = None, {}
     for name in args.layouts.split(","):
         reports[name], engine = run_layout(args, name, cfg, engine)
+    # A sync that leaves an engine parameter without weights is refused, naming one.
+    try:
+        engine.load_weights(iter([]))
+        reports["empty_sync"] = ""
+    except Exception as err:  # noqa: BLE001 - the report carries what was raised
+        reports["empty_sync"] = f"{type(err).__name__}: {err}"
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(reports, indent=1))
     engine.close()
@@ -54,6 +60,7 @@ def run_layout(args, name, cfg, engine):
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
+    from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, repack_experts
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
     from gspo_megatron.routing_replay import RoutingReplay
@@ -152,6 +159,20 @@ def run_layout(args, name, cfg, engine):
     report["post_sync"] = rollout_logprob_diff(
         ddp, samples_of(second, False), spec.vocab_size, micro_batch_size=4
     )
+    # 4b. CPU: the same weights through vLLM's own generic reload, the reference for the
+    #     engine's in-place path (rollout.cpu_reload): the same samples, bit for bit.
+    if not torch.cuda.is_available():
+        runner = engine._model_runner()
+        with keeping_linear_weights():
+            runner.reload_weights(weights_iterator=iter(moved.items()))
+        repack_experts(runner.get_model())
+        engine.llm.reset_prefix_cache()
+        again = engine.generate(prompts, step=1)
+        report["reload_same"] = [
+            [a.token_ids == b.token_ids, a.logprobs == b.logprobs]
+            for ga, gb in zip(second.groups, again.groups)
+            for a, b in zip(ga or [], gb or [])
+        ]
 
     # 5. Greedy continuations: vLLM's and the trainer's own.
     valid = [p for p in prompts if len(p) <= cfg.max_prompt_tokens]
