@@ -48,6 +48,13 @@ class OptimConfig:
     cpu_offload_fraction: float = 0.0
     """GPU only: fraction of the optimizer state (fp32 master weights, Adam moments) kept and
     stepped on the CPU (megatron's hybrid-device optimizer); 0 = all on the GPU."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's data-parallel all-reduce (or reduce-scatter) as soon as the
+    last micro-batch's backward has filled it, while the backward goes on (megatron's
+    overlap_grad_reduce), instead of all of them after it. Same sums, in buckets."""
+    grad_bucket_elements: int = 0
+    """With overlap_grad_reduce: gradient elements per bucket; 0 = megatron's default
+    (max(40M, 1M x data-parallel ranks)). Smaller buckets start reducing earlier."""
 
     def validate(self) -> None:
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
@@ -69,6 +76,16 @@ class OptimConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise GspoError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_bucket_elements < 0:
+            raise GspoError(
+                f"optim.grad_bucket_elements={self.grad_bucket_elements} must be >= 0 "
+                f"(0: megatron's default)"
+            )
+        if self.grad_bucket_elements and not self.overlap_grad_reduce:
+            raise GspoError(
+                f"optim.grad_bucket_elements={self.grad_bucket_elements} needs "
+                f"optim.overlap_grad_reduce: true (without it every gradient is one bucket)"
+            )
         if not self.adam_eps > 0:
             raise GspoError(
                 f"optim.adam_eps={self.adam_eps} must be > 0 (it keeps Adam's "
@@ -79,8 +96,17 @@ class OptimConfig:
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
-def wrap_for_training(model, use_distributed_optimizer: bool = True):
-    """megatron DDP around ``model``, with gradient finalisation wired into the schedules."""
+def wrap_for_training(
+    model,
+    use_distributed_optimizer: bool = True,
+    overlap_grad_reduce: bool = False,
+    grad_bucket_elements: int = 0,
+):
+    """megatron DDP around ``model``, with gradient finalisation wired into the schedules.
+
+    With ``overlap_grad_reduce`` the schedules enter the DDP's ``no_sync`` for every micro-batch
+    but the last (``config.no_sync_func``): a bucket's reduction starts once the last
+    micro-batch's backward has produced all its gradients, and finalisation waits for them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -89,11 +115,18 @@ def wrap_for_training(model, use_distributed_optimizer: bool = True):
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        bucket_size=grad_bucket_elements or None,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    # megatron starts a bucket once each of its gradients has arrived as often as in the first
+    # batch; no_sync keeps all but the last micro-batch out of that count, so minibatches of
+    # other micro-batch counts (packing) still start on their last backward. Set either way:
+    # the config belongs to the model, which a worker may wrap again.
+    config.no_sync_func = ddp.no_sync if overlap_grad_reduce else None
+    return ddp
 
 
 def unwrap(model):

@@ -49,6 +49,8 @@ REFUSED = {
 LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.ep", "parallel.etp", "parallel.cp")
 LAYOUT_KEYS += ("parallel.pp_layers",)
 """The model-parallel split, which only a layout-free (reshardable) optimizer state survives."""
+BUCKET_KEYS = ("optim.overlap_grad_reduce", "optim.grad_bucket_elements")
+"""What sets the gradient buckets, whose flat buffers a per-shard optimizer state is saved in."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,13 @@ def resume_changes(cfg, checkpoint: Path) -> List[Change]:
                 f"checkpoint older than that setting), which only its own model-parallel layout "
                 f"can load ({change.key}={_show(change.old)}); only the number of data-parallel "
                 f"ranks may change"
+            )
+        if change.key in BUCKET_KEYS and optimizer_format == DP_RESHARDABLE:
+            raise GspoError(
+                f"{change.key}={_show(change.new)} on resume: {checkpoint} stores the optimizer "
+                f"state per data-parallel shard in megatron's gradient buckets, which this "
+                f"setting lays out; resume with {change.key}={_show(change.old)} (or save "
+                f"reshardable checkpoints, train.reshardable_checkpoints: true)"
             )
     return changes
 

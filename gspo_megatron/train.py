@@ -161,7 +161,12 @@ class Trainer:
         dtype = _dtype(cfg)
         model = build_model(plan.spec, cfg.parallel, dtype, cfg.model.moe_aux_loss_coeff)
         load_model_checkpoint(model, Path(cfg.model.ckpt), plan.spec)
-        self.model = wrap_for_training(model, cfg.optim.use_distributed_optimizer)
+        self.model = wrap_for_training(
+            model,
+            cfg.optim.use_distributed_optimizer,
+            cfg.optim.overlap_grad_reduce,
+            cfg.optim.grad_bucket_elements,
+        )
         # The KL penalty's reference: the initial policy, frozen (a resumed run rebuilds it
         # from the same checkpoint). Built only when the penalty is on.
         self.ref_model = (

@@ -82,6 +82,18 @@ _R2 = {**_MOVING, "routing_replay": "r2"}
 # Samples carrying "engine" routes drawn at random (as far from the trainer's own as it gets).
 _ROUTED = {"samples": "routed", "engine_routes": True, "trainer_old_logprobs": True}
 _R3 = {**_MOVING, **_ROUTED, "routing_replay": "r3"}
+# optim.overlap_grad_reduce in buckets of 20k elements (4-7 per rank here): each bucket's
+# reduction starts in the last micro-batch's backward, from the second minibatch on (megatron
+# takes the first to learn which gradients arrive). Packed into rows of 40 tokens, the first
+# minibatch is 1 micro-batch per rank and the second 2: the count megatron learns from the first
+# would start the second's buckets after its first micro-batch, were it not kept to the last.
+_OVERLAP = {**_UPDATE, "overlap": True, "bucket_elements": 20000}
+OVERLAP_LAYOUTS = [
+    ("DP2", 2, {}),
+    ("EP2", 2, {"ep": 2}),
+    ("PP2", 2, {"pp": 2}),
+    ("DP2xEP2", 4, {"ep": 2}),
+]
 # pi_old scored in forwards of 4 rows: two micro-batches of 2 stacked per call.
 _STACKED = {"logprob_micro_batch_size": 4}
 STACKED_LAYOUTS = [("single", 1, {})] + CORRECTION_LAYOUTS
@@ -140,6 +152,9 @@ def _cases():
     cases["single-r2-packed"] = (1, {**_R2, **_PACKED})
     for name, nproc, layout in UPDATE_LAYOUTS:
         cases[f"{name}-update"] = (nproc, {**_UPDATE, "layout": layout})
+    for name, nproc, layout in OVERLAP_LAYOUTS:
+        cases[f"{name}-overlap"] = (nproc, {**_OVERLAP, "layout": layout})
+    cases["DP2-overlap-packed"] = (2, {**_OVERLAP, "max_tokens_per_microbatch": 40})
     cases["single-moving"], cases["single-r2"] = (1, _MOVING), (1, _R2)
     for name, nproc, layout in STACKED_LAYOUTS:
         cases[f"{name}-update-stacked"] = (nproc, {**_UPDATE, **_STACKED, "layout": layout})
@@ -438,6 +453,18 @@ def test_minibatch_updates_match_single_process(runs, spread, name):
     assert first["gspo/abs_log_ratio"] == 0 and first["gspo/clip_fraction"] == 0
     assert second["gspo/abs_log_ratio"] > 0  # the policy moved within the rollout batch
     _assert_steps_match(ref, got, spread("single-update"), counts=("gspo/clip_fraction",))
+
+
+@pytest.mark.parametrize(
+    "name", [f"{c[0]}-overlap" for c in OVERLAP_LAYOUTS] + ["DP2-overlap-packed"]
+)
+def test_overlapped_gradient_reduction_matches_single_process(runs, spread, name):
+    """optim.overlap_grad_reduce: the minibatch updates (2 micro-batches each per rank; packed:
+    1 then 2) are the single process's, and in the second minibatch every bucket's reduction
+    started inside the backward, from megatron's hooks (the first one's start after it)."""
+    got = runs[name]
+    assert got["bucket_groups"] >= 4 and got["early_starts"] == got["bucket_groups"]
+    _assert_steps_match(runs["single-update"], got, spread("single-update"))
 
 
 @pytest.mark.parametrize("name", [case[0] for case in STACKED_LAYOUTS])

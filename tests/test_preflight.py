@@ -109,6 +109,8 @@ def test_torn_latest_pointer_is_refused(tmp_path):
         ("optim.adam_beta1=1.0", "optim.adam_beta1=1.0 must be in [0, 1)"),
         ("optim.adam_beta2=-0.1", "optim.adam_beta2=-0.1 must be in [0, 1)"),
         ("optim.adam_eps=0", "optim.adam_eps=0.0 must be > 0"),
+        ("optim.grad_bucket_elements=-1", "optim.grad_bucket_elements=-1 must be >= 0"),
+        ("optim.grad_bucket_elements=1000", "needs optim.overlap_grad_reduce: true"),
         ("optim.lr=.nan", "config optim.lr=nan: expected a finite number"),
         ("optim.lr=.inf", "config optim.lr=inf: expected a finite number"),
         ("optim.clip_grad=nan", "config optim.clip_grad='nan': expected a finite number"),

@@ -85,6 +85,14 @@ def test_a_layout_bound_checkpoint_refuses_a_new_layout_but_not_more_ranks(tmp_p
     assert [str(c) for c in resume_changes(_cfg(tmp_path, "optim.lr=0.01"), ckpt)] == [
         "optim.lr: 0.001 -> 0.01"
     ]
+    # The same state is laid out in megatron's gradient buckets, which these two keys set.
+    with pytest.raises(GspoError, match=r"^optim\.overlap_grad_reduce=true on resume: .* buckets"):
+        resume_changes(_cfg(tmp_path, "optim.overlap_grad_reduce=true"), ckpt)
+    layout_free = _checkpoint(tmp_path / "free", 4, _cfg(tmp_path))
+    assert [
+        str(c)
+        for c in resume_changes(_cfg(tmp_path, "optim.overlap_grad_reduce=true"), layout_free)
+    ] == ["optim.overlap_grad_reduce: false -> true"]
 
 
 def test_every_config_a_run_starts_with_is_kept(tmp_path):

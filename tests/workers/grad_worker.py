@@ -10,7 +10,7 @@ weights after the update), keyed like the checkpoint, so the test can compare la
 single process. A case ``{"name", "samples", "layout": {"tp", "pp", "ep", "cp"}, "mode":
 "grads"|"update", "variant", "clip_low", "clip_high", "micro_batch_size", "num_minibatches",
 "trainer_old_logprobs", "kl_coef", "routing_replay", "lr", "route_meter", "rollout_correction",
-"correction_cap", "max_tokens_per_microbatch"}``: with a ``rollout_correction`` the grads mode takes the samples' log-probs as
+"correction_cap", "max_tokens_per_microbatch", "overlap", "bucket_elements"}``: with a ``rollout_correction`` the grads mode takes the samples' log-probs as
 the engine's and pi_old from a trainer forward first; with ``kl_coef`` the
 grads mode takes the reference log-probs from the samples and the update mode builds the
 reference policy from the checkpoint (``gspo_megatron.reference``) and also reports its log-probs
@@ -130,7 +130,13 @@ def run_case(case: dict, ckpt: Path) -> dict:
     model = build_model(spec, layout)
     load_model_checkpoint(model, ckpt, spec)
     update = case["mode"] == "update"
-    ddp = wrap_for_training(model, use_distributed_optimizer=update)
+    ddp = wrap_for_training(
+        model,
+        use_distributed_optimizer=update,
+        overlap_grad_reduce=case.get("overlap", False),
+        grad_bucket_elements=case.get("bucket_elements", 0),
+    )
+    early = count_early_starts(ddp) if case.get("overlap") else None
     mine = my_samples(case)
     kl = case.get("kl_coef", 0.0)
     correction = case.get("rollout_correction", "none")
@@ -182,8 +188,35 @@ def run_case(case: dict, ckpt: Path) -> dict:
         ddp, optimizer, mine, cfg, spec.vocab_size, ref_model=reference, route_meter=meter
     )
     result.update(metrics=update.steps, routes=update.routes, tensors=gather_full_tensors(ddp))
+    if early is not None:
+        result["early_starts"], result["bucket_groups"] = early["early"], early["groups"]
     result["rollout"] = update.rollout
     return result
+
+
+def count_early_starts(ddp) -> dict:
+    """Counts the gradient-bucket reductions megatron started from its gradient hooks, i.e.
+    inside a backward, rather than from the schedule's finalisation after it."""
+    groups = list(ddp.bucket_groups) + list(ddp.expert_parallel_bucket_groups)
+    state = {"early": 0, "groups": len(groups), "finishing": False}
+    for group in groups:
+
+        def start(*args, _start=group.start_grad_sync, **kwargs):
+            state["early"] += not state["finishing"]
+            return _start(*args, **kwargs)
+
+        group.start_grad_sync = start
+    finish = ddp.finish_grad_sync
+
+    def finishing(*args, **kwargs):
+        state["finishing"] = True
+        try:
+            return finish(*args, **kwargs)
+        finally:
+            state["finishing"] = False
+
+    ddp.finish_grad_sync = finishing
+    return state
 
 
 if __name__ == "__main__":
