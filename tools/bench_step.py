@@ -15,7 +15,9 @@ warm-started) or a larger random one, ``m`` (hidden 512, 4 layers, 8 experts top
 (rollout, reward, pi_old forward, update, sync, whole step), the median seconds after two
 warm-up steps of each run, the ratio to the plain loop, and the model FLOP/s of the pi_old
 forward and of the update (``gspo_megatron.flops``) beside the machine's fp32 matrix-multiply
-rate measured in the same run; then the time from launch to the end of each run.
+rate measured in the same run; then the time from launch to the end of each run. ``--rounds
+N`` repeats ours and the plain loop N times, taking turns going first, and shows the medians
+over rounds and each round's step ratio (how far the machine's drift moves the figures).
 
 long-tail: response lengths drawn log-uniformly from 8 to 512 tokens (16-token prompts), as a
 reasoning run's are; one policy update (forward, backward, optimizer step over the whole batch)
@@ -35,6 +37,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -341,6 +344,12 @@ def _flops_rates(result: dict, spec, prompt_len: float, sequences: int) -> dict:
     }
 
 
+def _median_of(results) -> dict:
+    """Per key, the median over rounds of one run's figures (phases' medians, tokens, wall)."""
+    results = list(results)
+    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
 def step(args) -> dict:
     from transformers import AutoTokenizer
 
@@ -371,24 +380,34 @@ def step(args) -> dict:
         extra = [f"rollout.max_new_tokens={shape['max_new_tokens']}"] * bool(
             shape["max_new_tokens"]
         )
-        runs = {}
-        for nproc in args.nproc:
-            # One micro-batch per minibatch and one pi_old forward per rank, as the demo's
-            # config has for its two processes.
-            per_rank = sequences // nproc
-            sizes = [
-                f"loss.micro_batch_size={per_rank // cfg.loss.num_minibatches}",
-                f"loss.logprob_micro_batch_size={per_rank}",
-            ]
-            runs[f"{nproc} proc"] = gspo_train_steps(
-                init,
-                args.steps,
-                nproc,
-                tmp / f"run{nproc}",
-                extra + sizes + list(args.overrides),
-                threads=max(1, threads // nproc),
-            )
-        base = baseline_steps(init, args.steps, shape["max_new_tokens"])
+        rounds = []
+        for r in range(args.rounds):
+            # Ours and the plain loop take turns going first: a machine whose speed drifts
+            # over minutes (shared VMs do, by 10-20%) then tilts the rounds both ways.
+            ours_first = r % 2 == 0
+            base = None if ours_first else baseline_steps(init, args.steps, shape["max_new_tokens"])
+            runs = {}
+            for nproc in args.nproc:
+                # One micro-batch per minibatch and one pi_old forward per rank, as the demo's
+                # config has for its two processes.
+                per_rank = sequences // nproc
+                sizes = [
+                    f"loss.micro_batch_size={per_rank // cfg.loss.num_minibatches}",
+                    f"loss.logprob_micro_batch_size={per_rank}",
+                ]
+                runs[f"{nproc} proc"] = gspo_train_steps(
+                    init,
+                    args.steps,
+                    nproc,
+                    tmp / f"run{nproc}_{r}",
+                    extra + sizes + list(args.overrides),
+                    threads=max(1, threads // nproc),
+                )
+            if ours_first:
+                base = baseline_steps(init, args.steps, shape["max_new_tokens"])
+            rounds.append((runs, base))
+        runs = {name: _median_of(ours[name] for ours, _ in rounds) for name in rounds[0][0]}
+        base = _median_of(b for _, b in rounds)
     print(
         f"shape {args.shape}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
         f"{spec.num_experts} experts top-{spec.moe_top_k}; {sequences} sequences of "
@@ -403,6 +422,12 @@ def step(args) -> dict:
             ratio = ours[name] / base[name] if base[name] else float("nan")
             line += f" {ours[name]:>10.3f} {ratio:>6.2f}"
         print(line + f" {base[name]:>9.3f}")
+    if len(rounds) > 1:
+        line = f"{'step by round':16}"
+        for name in runs:
+            ratios = [ours[name]["step"] / b["step"] for ours, b in rounds]
+            line += f" {'/'.join(f'{x:.2f}' for x in ratios):>17}"
+        print(line + f"   (ratio in each of {len(rounds)} rounds; the table: medians of rounds)")
     rates = {name: _flops_rates(ours, spec, prompt_len, sequences) for name, ours in runs.items()}
     base_rates = _flops_rates(base, spec, prompt_len, sequences)
     for phase in ("pi_old forward", "update"):
@@ -422,6 +447,7 @@ def step(args) -> dict:
         "matmul_gflops": rate,
         "gspo_train": runs,
         "baseline": base,
+        "rounds": [{"gspo_train": ours, "baseline": b} for ours, b in rounds],
         "gflops": {**rates, "plain": base_rates},
     }
 
@@ -439,6 +465,13 @@ def main() -> None:
         help="gspo-train process counts to run (the demo's 2, and 1 with all threads)",
     )
     st.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="model size")
+    st.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat ours and the plain loop this many times, taking turns going first; "
+        "the table shows medians over rounds and the step ratio of each round",
+    )
     st.add_argument("--init", type=Path, help="a prepared demo (default: made in a temp dir)")
     st.add_argument(
         "overrides", nargs="*", help="config overrides for the gspo-train run (key=value)"

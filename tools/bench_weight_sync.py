@@ -11,8 +11,11 @@ one warm-up. Columns:
 - sync: the whole in-memory sync as the trainer runs it (bucketed all-gather of the Megatron
   slices, HF renaming / q-k-v split through hf_mapping, vLLM's in-place reload and repack);
 - gather only: the same iterator drained without vLLM (what the layout costs);
-- engine load: vLLM's in-place reload of the same tensors already in memory (vLLM's own cost,
-  which on CPU includes repacking every weight into its oneDNN / grouped-GEMM layouts);
+- engine load: the engine's in-place load of the same tensors already in memory (on CPU
+  ``rollout.cpu_reload``: vLLM's loader into the live weights, then repacking every weight into
+  its oneDNN / grouped-GEMM layouts; on GPU vLLM's own reload);
+- vLLM reload (CPU): the same tensors through vLLM's generic layerwise reload, the baseline the
+  CPU path replaces;
 - memcpy: ``dst.copy_(src)`` of a buffer of the same byte count (the floor; the target is sync
   within 3x of it).
 
@@ -119,6 +122,18 @@ def main() -> None:
     gather_s = best_seconds(lambda: sum(1 for _ in gatherer), args.repeats)
     held = [(n, t.clone()) for n, t in gatherer]
     load_s = best_seconds(lambda: engine.load_weights(iter(held)), args.repeats)
+    generic_s = float("nan")
+    if not torch.cuda.is_available():  # the baseline the CPU in-place load replaces
+        from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, repack_experts
+
+        def generic():
+            runner = engine._model_runner()
+            with keeping_linear_weights():
+                runner.reload_weights(weights_iterator=iter(held))
+            repack_experts(runner.get_model())
+
+        generic_s = best_seconds(generic, args.repeats)
+        engine.load_weights(iter(held))
     held.clear()
     src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
     dst = torch.empty_like(src)
@@ -146,6 +161,7 @@ def main() -> None:
             ("sync", sync_s),
             ("gather only", gather_s),
             ("engine load", load_s),
+            ("vLLM reload", generic_s),
             ("memcpy", copy_s),
         )
         for name, s in rows:
