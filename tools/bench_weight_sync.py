@@ -124,15 +124,10 @@ def main() -> None:
     load_s = best_seconds(lambda: engine.load_weights(iter(held)), args.repeats)
     generic_s = float("nan")
     if not torch.cuda.is_available():  # the baseline the CPU in-place load replaces
-        from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, repack_experts
+        from gspo_megatron.rollout.cpu_reload import reload_generic
 
-        def generic():
-            runner = engine._model_runner()
-            with keeping_linear_weights():
-                runner.reload_weights(weights_iterator=iter(held))
-            repack_experts(runner.get_model())
-
-        generic_s = best_seconds(generic, args.repeats)
+        runner = engine._model_runner()
+        generic_s = best_seconds(lambda: reload_generic(runner, held), args.repeats)
         engine.load_weights(iter(held))
     held.clear()
     src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)

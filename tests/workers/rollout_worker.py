@@ -60,7 +60,7 @@ def run_layout(args, name, cfg, engine):
     from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
-    from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, repack_experts
+    from gspo_megatron.rollout.cpu_reload import reload_generic
     from gspo_megatron.rollout.engine import RolloutEngine
     from gspo_megatron.rollout.weight_sync import WeightGatherer
     from gspo_megatron.routing_replay import RoutingReplay
@@ -162,10 +162,7 @@ def run_layout(args, name, cfg, engine):
     # 4b. CPU: the same weights through vLLM's own generic reload, the reference for the
     #     engine's in-place path (rollout.cpu_reload): the same samples, bit for bit.
     if not torch.cuda.is_available():
-        runner = engine._model_runner()
-        with keeping_linear_weights():
-            runner.reload_weights(weights_iterator=iter(moved.items()))
-        repack_experts(runner.get_model())
+        reload_generic(engine._model_runner(), moved.items())
         engine.llm.reset_prefix_cache()
         again = engine.generate(prompts, step=1)
         report["reload_same"] = [
