@@ -167,10 +167,32 @@ def init_distributed(layout: ParallelLayout, seed: int = 1234, timeout_s: float 
 
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that is free right now."""
+    """A TCP port on the loopback interface that is free right now, chosen below the kernel's
+    ephemeral range: a port the kernel hands out itself (``bind(0)``) is one it also hands to
+    other processes' outgoing connections (gloo's, vLLM's), and between our check and the
+    launcher's listen one took it (EADDRINUSE in the suite, under two test workers)."""
+    low = _ephemeral_low()
+    # Its own generator: the module's is seeded alike on every rank (init_distributed).
+    candidates = random.Random().sample(range(10000, low), 64) if low > 10064 else []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768, its default, elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def shutdown() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import socket
+
 import pytest
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models.qwen3.spec import spec_from_hf_config
-from gspo_megatron.parallel import ParallelLayout, check_layout
+from gspo_megatron.parallel import ParallelLayout, _ephemeral_low, check_layout, free_port
 from gspo_megatron.testing.tiny_model import tiny_moe_config
 
 
@@ -55,3 +58,22 @@ def test_good_layouts_pass():
         (ParallelLayout(pp=2, pp_layers=(1, 3)), 2),
     ]:
         check_layout(layout, spec, world)
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_free():
+    """Launch ports come from below the range the kernel gives outgoing connections, so no
+    connection can take one between the choice and torchrun's listen; each is bindable. Ranks
+    and test workers seed ``random`` alike: the choice must not follow it (three tries, so a
+    chance repeat of 1 in ~20k cannot fail the test)."""
+    low = _ephemeral_low()
+    same = []
+    for _ in range(3):
+        random.seed(0)
+        a = free_port()
+        random.seed(0)
+        b = free_port()
+        same.append(a == b)
+        assert 10000 <= a < low and 10000 <= b < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", a))
+    assert not all(same)
