@@ -28,6 +28,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from gspo_megatron.models.qwen3 import rope
 from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
 from gspo_megatron.models.qwen3.experts import LeanSequentialMLP
 from gspo_megatron.models.qwen3.norm import Qwen3RMSNorm
@@ -167,6 +168,7 @@ def build_model(
     """Build this rank's part of the model. parallel_state must be initialised for ``layout``."""
     config = transformer_config(spec, layout, params_dtype, moe_aux_loss_coeff)
     use_te = have_transformer_engine()
+    rope.install()  # megatron's unfused RoPE as one autograd node (bit for bit the same)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_block_spec(config, use_te),
