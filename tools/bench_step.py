@@ -18,6 +18,8 @@ forward and of the update (``gspo_megatron.flops``) beside the machine's fp32 ma
 rate measured in the same run; then the time from launch to the end of each run. ``--rounds
 N`` repeats ours and the plain loop N times, taking turns going first, and shows the medians
 over rounds and each round's step ratio (how far the machine's drift moves the figures).
+Both runs hold the policy (``--lr``, default 1e-30) so that they sample the same amount of work
+at every step; the sampled tokens per step are printed beside the phases.
 
 long-tail: response lengths drawn log-uniformly from 8 to 512 tokens (16-token prompts), as a
 reasoning run's are; one policy update (forward, backward, optimizer step over the whole batch)
@@ -223,9 +225,11 @@ def gspo_train_steps(
     return result
 
 
-def baseline_steps(init: Path, steps: int, max_new_tokens: Optional[int] = None) -> dict:
+def baseline_steps(
+    init: Path, steps: int, max_new_tokens: Optional[int] = None, lr: Optional[float] = None
+) -> dict:
     """The plain loop: same model, prompts, sampling settings, reward, loss and optimizer
-    settings as the demo's config, in one process."""
+    settings as the demo's config (``lr`` in place of its learning rate), in one process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gspo_megatron.config import load_config
@@ -242,7 +246,7 @@ def baseline_steps(init: Path, steps: int, max_new_tokens: Optional[int] = None)
     data = DataConfig(path=str(init / "train.jsonl"))
     prompt_set = load_prompts(data, tok, cfg.rollout.max_prompt_tokens)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        model.parameters(), lr=lr or cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     eos, g, k = tok.eos_token_id, cfg.rollout.group_size, cfg.loss.num_minibatches
     max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
@@ -385,7 +389,11 @@ def step(args) -> dict:
             # Ours and the plain loop take turns going first: a machine whose speed drifts
             # over minutes (shared VMs do, by 10-20%) then tilts the rounds both ways.
             ours_first = r % 2 == 0
-            base = None if ours_first else baseline_steps(init, args.steps, shape["max_new_tokens"])
+            base = (
+                None
+                if ours_first
+                else baseline_steps(init, args.steps, shape["max_new_tokens"], args.lr)
+            )
             runs = {}
             for nproc in args.nproc:
                 # One micro-batch per minibatch and one pi_old forward per rank, as the demo's
@@ -400,11 +408,11 @@ def step(args) -> dict:
                     args.steps,
                     nproc,
                     tmp / f"run{nproc}_{r}",
-                    extra + sizes + list(args.overrides),
+                    extra + sizes + [f"optim.lr={args.lr}"] * bool(args.lr) + list(args.overrides),
                     threads=max(1, threads // nproc),
                 )
             if ours_first:
-                base = baseline_steps(init, args.steps, shape["max_new_tokens"])
+                base = baseline_steps(init, args.steps, shape["max_new_tokens"], args.lr)
             rounds.append((runs, base))
         runs = {name: _median_of(ours[name] for ours, _ in rounds) for name in rounds[0][0]}
         base = _median_of(b for _, b in rounds)
@@ -422,6 +430,10 @@ def step(args) -> dict:
             ratio = ours[name] / base[name] if base[name] else float("nan")
             line += f" {ours[name]:>10.3f} {ratio:>6.2f}"
         print(line + f" {base[name]:>9.3f}")
+    line = f"{'sampled tokens':16}"
+    for ours in runs.values():
+        line += f" {ours['rollout tokens']:>10.0f} {'':>6}"
+    print(line + f" {base['rollout tokens']:>9.0f}   (a step's, median: equal work when alike)")
     if len(rounds) > 1:
         line = f"{'step by round':16}"
         for name in runs:
@@ -471,6 +483,15 @@ def main() -> None:
         default=1,
         help="repeat ours and the plain loop this many times, taking turns going first; "
         "the table shows medians over rounds and the step ratio of each round",
+    )
+    st.add_argument(
+        "--lr",
+        type=float,
+        default=1e-30,
+        help="learning rate of both runs (0: the demo's). The default holds the policy (Adam's "
+        "steps fall below fp32's resolution), so that both sample from the same policy and do "
+        "the same work: learning at the demo's rate, two runs drift apart in response length "
+        "(measured at shape m: 1629 against 2048 sampled tokens a step)",
     )
     st.add_argument("--init", type=Path, help="a prepared demo (default: made in a temp dir)")
     st.add_argument(
