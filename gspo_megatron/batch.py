@@ -83,14 +83,19 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
     tokens, labels, mask, old, ref = [], [], [], [], []
     zeros_i, zeros_f = [0] * seq_len, [0.0] * seq_len
     for s in samples:
-        if s is None:
-            tokens.append(zeros_i), labels.append(zeros_i), mask.append(zeros_i)
-            old.append(zeros_f), ref.append(zeros_f)
+        if s is None:  # a filler row: nothing to predict, nothing to train on
+            for field in (tokens, labels, mask):
+                field.append(zeros_i)
+            for field, have in ((old, have_old), (ref, have_ref)):
+                if have:
+                    field.append(zeros_f)
             continue
         ids = list(s.prompt_ids) + list(s.response_ids)
         n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
         if n > seq_len:
             raise ValueError(f"sample of {n} tokens does not fit seq_len={seq_len}")
+        if not p:
+            raise ValueError("sample has no prompt token: its first response token is unpredicted")
         tokens.append(ids + [0] * (seq_len - n))
         labels.append(ids[1:] + [0] * (seq_len - n + 1))
         # Response token j sits at p + j and is predicted at position p + j - 1.
