@@ -80,7 +80,7 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
     b = len(samples)
     have_old = any(s is not None and s.old_logprobs is not None for s in samples)
     have_ref = any(s is not None and s.ref_logprobs is not None for s in samples)
-    tokens, labels, mask, old, ref = [], [], [], [], []
+    tokens, labels, mask, old, ref, owns = [], [], [], [], [], []
     zeros_i, zeros_f = [0] * seq_len, [0.0] * seq_len
     for s in samples:
         if s is None:  # a filler row: nothing to predict, nothing to train on
@@ -89,6 +89,7 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
             for field, have in ((old, have_old), (ref, have_ref)):
                 if have:
                     field.append(zeros_f)
+            owns.append(None)
             continue
         ids = list(s.prompt_ids) + list(s.response_ids)
         n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
@@ -98,9 +99,8 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
             raise ValueError("sample has no prompt token: its first response token is unpredicted")
         tokens.append(ids + [0] * (seq_len - n))
         labels.append(ids[1:] + [0] * (seq_len - n + 1))
-        # Response token j sits at p + j and is predicted at position p + j - 1.
-        own = _model_mask(s)
-        mask.append([0] * (p - 1) + own + [0] * (seq_len - p + 1 - r))
+        owns.append(_model_mask(s))
+        mask.append(_at_predictions(owns[-1], p, seq_len, 0))
         for field, values, have, name in (
             (old, s.old_logprobs, have_old, "old_logprobs"),
             (ref, s.ref_logprobs, have_ref, "ref_logprobs"),
@@ -110,11 +110,11 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
             elif have:
                 if len(values) != r:
                     raise ValueError(f"{name} has {len(values)} entries for {r} tokens")
-                field.append([0.0] * (p - 1) + list(values) + [0.0] * (seq_len - p + 1 - r))
+                field.append(_at_predictions(values, p, seq_len, 0.0))
     adv = torch.tensor([0.0 if s is None else s.advantage for s in samples], dtype=torch.float32)
     old_t = torch.tensor(old, dtype=torch.float32) if have_old else None
     ref_t = torch.tensor(ref, dtype=torch.float32) if have_ref else None
-    routes, rows = _routes(samples, seq_len)
+    routes, rows = _routes(samples, owns, seq_len)
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
     return MicroBatch(
         torch.tensor(tokens, dtype=torch.long).reshape(b, seq_len),
@@ -130,16 +130,25 @@ def build_microbatch(samples: Sequence[Optional[Sample]], seq_len: int) -> Micro
     )
 
 
-def _routes(samples: Sequence[Optional[Sample]], seq_len: int):
+def _at_predictions(values, prompt_len: int, seq_len: int, fill) -> list:
+    """A row of ``seq_len`` holding one value per response token at the position that predicts
+    it (response token j sits at prompt_len + j and is predicted at prompt_len + j - 1)."""
+    return (
+        [fill] * (prompt_len - 1) + list(values) + [fill] * (seq_len - prompt_len + 1 - len(values))
+    )
+
+
+def _routes(samples: Sequence[Optional[Sample]], owns: Sequence[Optional[List[int]]], seq_len: int):
     """[b, S, layers, k] expert ids the engine used (-1 where none) and [b, S] which positions
-    fed a model-sampled token, or (None, None) when no sample carries routes."""
+    fed a model-sampled token (``owns``: each sample's ``_model_mask``), or (None, None) when no
+    sample carries routes."""
     with_routes = [s for s in samples if s is not None and s.routes is not None]
     if not with_routes:
         return None, None
     shape = tuple(with_routes[0].routes.shape[1:])
     routes = torch.full((len(samples), seq_len) + shape, -1, dtype=torch.long)
     rows = torch.zeros(len(samples), seq_len, dtype=torch.bool)
-    for i, s in enumerate(samples):
+    for i, (s, own) in enumerate(zip(samples, owns)):
         if s is None or s.routes is None:
             continue
         n, p, r = len(s.prompt_ids) + len(s.response_ids), len(s.prompt_ids), len(s.response_ids)
@@ -150,7 +159,7 @@ def _routes(samples: Sequence[Optional[Sample]], seq_len: int):
             )
         routes[i, : n - 1] = fed
         # A token the engine fed while sampling: the model's own (response token j at p + j).
-        rows[i, p : n - 1] = torch.as_tensor(_model_mask(s)[: r - 1], dtype=torch.bool)
+        rows[i, p : n - 1] = torch.as_tensor(own[: r - 1], dtype=torch.bool)
     return routes, rows
 
 
