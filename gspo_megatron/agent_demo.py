@@ -146,7 +146,7 @@ def prepare(out: Path, rows: int, warm_start_steps: int, warm_start_lr: float, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gspo_megatron.checkpoint.atomic import atomic_dir
-    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+    from gspo_megatron.demo import save_warm_started, say_warm_start
     from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
     from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config
 
@@ -179,14 +179,9 @@ def prepare(out: Path, rows: int, warm_start_steps: int, warm_start_lr: float, s
         model = AutoModelForCausalLM.from_pretrained(str(tmp / "hf"))
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
         losses = warm_start(model, tokenizer, data, warm_start_steps, warm_start_lr, 32, seed)
-        model.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
-        (tmp / "warm_start.json").write_text(
-            json.dumps({"steps": warm_start_steps, "loss": losses})
-        )
-        convert_hf_to_mcore(tmp / "hf", tmp / "mcore", show_progress=False)
-    if losses:
-        print(f"warm start: {warm_start_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        save_warm_started(tmp, model, losses)
+    say_warm_start(losses)
 
 
 def main(argv=None) -> None:

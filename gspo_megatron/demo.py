@@ -84,9 +84,24 @@ def warm_start(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())  # float(loss) warns on a tensor that requires grad
     model.eval()
     return losses
+
+
+def save_warm_started(tmp: Path, model, losses: List[float]) -> None:
+    """A demo's warm-started HF model into ``tmp/hf`` (over the random one there), its losses
+    into ``tmp/warm_start.json``, and its megatron checkpoint into ``tmp/mcore``."""
+    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+
+    model.save_pretrained(tmp / "hf")
+    (tmp / "warm_start.json").write_text(json.dumps({"steps": len(losses), "loss": losses}))
+    convert_hf_to_mcore(tmp / "hf", tmp / "mcore", show_progress=False)
+
+
+def say_warm_start(losses: List[float]) -> None:
+    if losses:
+        print(f"warm start: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 def prepare(
@@ -105,7 +120,6 @@ def prepare(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gspo_megatron.checkpoint.atomic import atomic_dir
-    from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
     from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 
     with atomic_dir(out, overwrite=True) as tmp:
@@ -131,13 +145,8 @@ def prepare(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
         losses = warm_start(model, tokenizer, data, warm_start_steps, warm_start_lr, 32, seed)
-        model.save_pretrained(tmp / "hf")
-        (tmp / "warm_start.json").write_text(
-            json.dumps({"steps": warm_start_steps, "loss": losses})
-        )
-        convert_hf_to_mcore(tmp / "hf", tmp / "mcore", show_progress=False)
-    if losses:
-        print(f"warm start: {warm_start_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        save_warm_started(tmp, model, losses)
+    say_warm_start(losses)
 
 
 def main(argv=None) -> None:

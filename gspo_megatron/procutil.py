@@ -34,6 +34,20 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def kill_group(proc) -> None:
+    """SIGKILL the process group that ``proc`` (a started multiprocessing process that made
+    itself a group leader) leads: the process, its guard and whatever it started (a handler a
+    user's code set for SIGTERM must not keep any of it, or its parent waiting on it, alive);
+    then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # not (yet) leading its group, or the group is gone already
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+
+
 def kill_children() -> None:
     """SIGKILL every live multiprocessing child of this process (reward worker, the managers
     megatron's checkpoint writer starts)."""

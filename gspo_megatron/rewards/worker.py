@@ -37,7 +37,7 @@ from multiprocessing.connection import wait
 from typing import Callable, Optional, Sequence, Tuple
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.procutil import die_with_parent
+from gspo_megatron.procutil import die_with_parent, kill_group
 from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
 
@@ -311,13 +311,7 @@ class Worker:
         started (a handler that a user's function set for SIGTERM must not keep any of it, or
         the trainer waiting on it, alive)."""
         if self.proc.pid is not None:  # it was spawned
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass  # not (yet) leading its group, or the group is gone already
-            if self.proc.is_alive():
-                self.proc.kill()
-            self.proc.join()
+            kill_group(self.proc)
         self.conn.close()
 
 

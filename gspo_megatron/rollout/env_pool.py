@@ -59,7 +59,7 @@ from multiprocessing.connection import wait
 from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.procutil import die_with_parent
+from gspo_megatron.procutil import die_with_parent, kill_group
 from gspo_megatron.rewards.registry import describe, resolve
 from gspo_megatron.rewards.worker import (
     OUTPUT_PER_CALL,
@@ -386,13 +386,7 @@ class _EnvProcess:
         if self._killed:
             return
         self._killed = True
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass  # not (yet) leading its group, or the group is gone already
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join()
+        kill_group(self.proc)
         self.exitcode = self.proc.exitcode
         self.proc.close()
         self.conn.close()
