@@ -194,6 +194,9 @@ class Trainer:
                 from gspo_megatron.rollout.episodes import make_runner
 
                 self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
+            note = self.engine.waves_note(cfg.train.prompts_per_step)
+            if note:
+                self._say(note)
         self.state = TrainState()
         if plan.resume_from is not None and self.rank == 0:
             for path in set_aside_newer(self.out / CHECKPOINTS, plan.resume_from):

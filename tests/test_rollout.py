@@ -54,6 +54,19 @@ def test_step_sync_then_vllm_matches_trainer(vllm_moe, sync_reports, layout):
     assert r["greedy_engine"] == r["greedy_trainer"]
     assert all(len(g) == 10 for g in r["greedy_engine"])
 
+    if layout == "tp2":  # the engines were made with the first layout
+        # The byte count of a KV block (rollout.kv_cache) is vLLM's own: the 0.05 GiB the
+        # config gives each engine makes exactly as many blocks as vLLM made.
+        kv = r["kv"]
+        assert kv["block_bytes"] * kv["num_blocks"] <= 0.05 * 2**30
+        assert kv["block_bytes"] * (kv["num_blocks"] + 1) > 0.05 * 2**30
+        # A step that fits is not mentioned; one whose sequences (one block each: 28 tokens of
+        # 128) need more blocks than an engine has is, with the count that fits and the size.
+        assert kv["fits"] is None
+        assert f"holds {kv['num_blocks']} sequences" in kv["crowded"]
+        assert f"samples {kv['crowded_per_engine']} per engine" in kv["crowded"]
+        assert "rollout.kv_cache_gib=" in kv["crowded"]
+
     # Route capture: the experts the engine routed every fed token to (prompt, response but its
     # last token), in every MoE layer, are those transformers' routers choose.
     sequences = [(p, resp, torch.tensor(routes)) for p, resp, routes in r["first_routes"]]

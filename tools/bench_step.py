@@ -19,7 +19,9 @@ rate measured in the same run; then the time from launch to the end of each run.
 N`` repeats ours and the plain loop N times, taking turns going first, and shows the medians
 over rounds and each round's step ratio (how far the machine's drift moves the figures).
 Both runs hold the policy (``--lr``, default 1e-30) so that they sample the same amount of work
-at every step; the sampled tokens per step are printed beside the phases.
+at every step; the sampled tokens per step are printed beside the phases. Each engine gets the
+KV cache that holds its share of the step at once (``rollout.kv_cache_gib``, at least the
+config's), as the plain loop generates the step as one batch.
 
 long-tail: response lengths drawn log-uniformly from 8 to 512 tokens (16-token prompts), as a
 reasoning run's are; one policy update (forward, backward, optimizer step over the whole batch)
@@ -193,6 +195,19 @@ def matmul_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
         best = min(best, time.perf_counter() - t0)
     torch.set_num_threads(before)
     return 2 * n**3 / best / 1e9
+
+
+def kv_cache_gib(init: Path, cfg, shape: dict, sequences: int) -> float:
+    """An engine's KV cache for ``sequences`` at once (at least the config's): the plain loop
+    generates the step as one batch, and a cache too small for it makes vLLM generate in waves
+    (gspo-train says so at start-up; at `m` the demo config's 0.05 GiB held 51 of 128)."""
+    from gspo_megatron.rollout.kv_cache import block_bytes
+
+    hf_config = json.loads((init / "hf" / "config.json").read_text())
+    tokens = cfg.rollout.max_prompt_tokens + (shape["max_new_tokens"] or cfg.rollout.max_new_tokens)
+    block = 128  # vLLM's CPU block size
+    need = sequences * math.ceil(tokens / block) * block_bytes(hf_config, 4, 1, block)
+    return max(cfg.rollout.kv_cache_gib, 1.05 * need / 2**30)  # 5%: vLLM's floor division
 
 
 def gspo_train_steps(
@@ -402,6 +417,7 @@ def step(args) -> dict:
                 sizes = [
                     f"loss.micro_batch_size={per_rank // cfg.loss.num_minibatches}",
                     f"loss.logprob_micro_batch_size={per_rank}",
+                    f"rollout.kv_cache_gib={kv_cache_gib(init, cfg, shape, per_rank):.4f}",
                 ]
                 runs[f"{nproc} proc"] = gspo_train_steps(
                     init,

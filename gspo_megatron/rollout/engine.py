@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import zlib
@@ -36,6 +37,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, reload_in_place
+from gspo_megatron.rollout.kv_cache import block_bytes, waves_note
 from gspo_megatron.rollout.routes import RouteCapture
 from gspo_megatron.rollout.weight_sync import SyncStats
 
@@ -220,6 +222,7 @@ class RolloutEngine:
             enforce_eager=cfg.enforce_eager or not self.on_gpu,
         )
         config = json.loads((hf_dir / "config.json").read_text())
+        self.hf_config, self.dtype = config, dtype
         num_experts = config.get("num_experts") or config.get("num_local_experts") or 0
         capture_routes = capture_routes and num_experts > 0
         if capture_routes:
@@ -258,6 +261,23 @@ class RolloutEngine:
             RouteCapture(self._model_runner(), num_experts, config["num_experts_per_tok"])
             if capture_routes
             else None
+        )
+
+    def waves_note(self, prompts_per_step: int) -> Optional[str]:
+        """One line when a step's sequences do not all fit in this engine's KV cache at once
+        (``rollout.kv_cache``), None when they do."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        per_engine = math.ceil(prompts_per_step / self.num_engines) * self.cfg.group_size
+        nbytes = block_bytes(
+            self.hf_config, self.dtype.itemsize, self.cfg.engine_tp, cache.block_size
+        )
+        return waves_note(
+            per_engine,
+            self.cfg.max_model_len,
+            cache.num_gpu_blocks,
+            cache.block_size,
+            nbytes,
+            self.on_gpu,
         )
 
     # -- sampling ----------------------------------------------------------------------------

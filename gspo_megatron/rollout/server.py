@@ -13,6 +13,7 @@ lives with the trainer, which restarts this loop where it left off.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class RolloutServer:
             from gspo_megatron.rollout.episodes import make_runner
 
             self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
+        note = self.engine.waves_note(cfg.train.prompts_per_step)
+        if note and role.rank == 0:  # the trainer's rank 0 prints; this one is the rollout's
+            print(note, file=sys.stderr, flush=True)
         self.rewards = RewardRunner(cfg.rewards)
         self.producer = Producer(
             cfg, plan.prompts, plan.tokenizer, self.engine, self.agent, self.rewards

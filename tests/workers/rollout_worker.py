@@ -62,6 +62,7 @@ def run_layout(args, name, cfg, engine):
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
     from gspo_megatron.rollout.cpu_reload import reload_generic
     from gspo_megatron.rollout.engine import RolloutEngine
+    from gspo_megatron.rollout.kv_cache import block_bytes
     from gspo_megatron.rollout.weight_sync import WeightGatherer
     from gspo_megatron.routing_replay import RoutingReplay
     from gspo_megatron.testing.generate import greedy_continuation
@@ -89,6 +90,17 @@ def run_layout(args, name, cfg, engine):
 
     if engine is None:
         engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32, capture_routes=True)
+        cache = engine.llm.llm_engine.vllm_config.cache_config
+        # Enough prompts that each engine's sequences need one block more than it has.
+        crowded = engine.num_engines * (cache.num_gpu_blocks // cfg.group_size + 1)
+        report["kv"] = {
+            "num_blocks": cache.num_gpu_blocks,
+            "block_size": cache.block_size,
+            "block_bytes": block_bytes(engine.hf_config, 4, cfg.engine_tp, cache.block_size),
+            "fits": engine.waves_note(1),
+            "crowded": engine.waves_note(crowded),
+            "crowded_per_engine": crowded // engine.num_engines * cfg.group_size,
+        }
     else:
         engine.sync_from(WeightGatherer(ddp, spec, bucket_bytes=cfg.sync_bucket_mb << 20))
     replay = RoutingReplay(ddp)  # route agreement with the engine in every pi_old pass
