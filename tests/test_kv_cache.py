@@ -3,22 +3,34 @@ arithmetic written out; tests/test_rollout.py checks the block bytes against vLL
 
 import math
 
-from gspo_megatron.rollout.kv_cache import block_bytes, waves_note
+from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.rollout.kv_cache import block_bytes, holding_gib, waves_note
 
-QWEN3 = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, hidden_size=512)
+QWEN3 = dict(
+    architectures=["Qwen3ForCausalLM"],
+    vocab_size=64,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    hidden_size=512,
+)
+
+
+def spec(**changes):
+    return spec_from_hf_config({k: v for k, v in {**QWEN3, **changes}.items() if v is not None})
 
 
 def test_block_bytes_is_keys_and_values_of_every_layer():
     # keys + values, 4 layers, 4 KV heads of 512 / 8 = 64, 128 tokens, fp32: 1 MiB.
-    assert block_bytes(QWEN3, 4, 1, 128) == 2 * 4 * 4 * 64 * 128 * 4 == 1 << 20
+    assert block_bytes(spec(), 4, 1, 128) == 2 * 4 * 4 * 64 * 128 * 4 == 1 << 20
     # An explicit head_dim wins over hidden / heads; bf16 halves it.
-    assert block_bytes(dict(QWEN3, head_dim=128), 2, 1, 128) == 2 * 4 * 4 * 128 * 128 * 2
+    assert block_bytes(spec(head_dim=128), 2, 1, 128) == 2 * 4 * 4 * 128 * 128 * 2
     # TP splits the KV heads; past their count each rank keeps one (vLLM replicates them).
-    assert block_bytes(QWEN3, 4, 2, 128) == (1 << 20) // 2
-    assert block_bytes(QWEN3, 4, 8, 128) == (1 << 20) // 4
+    assert block_bytes(spec(), 4, 2, 128) == (1 << 20) // 2
+    assert block_bytes(spec(), 4, 8, 128) == (1 << 20) // 4
     # No num_key_value_heads: multi-head attention, one KV head per query head.
-    no_gqa = {k: v for k, v in QWEN3.items() if k != "num_key_value_heads"}
-    assert block_bytes(no_gqa, 4, 1, 16) == 2 * 4 * 8 * 64 * 16 * 4
+    assert block_bytes(spec(num_key_value_heads=None), 4, 1, 16) == 2 * 4 * 8 * 64 * 16 * 4
 
 
 def test_a_step_that_fits_says_nothing():
@@ -53,5 +65,6 @@ def test_the_size_suggested_holds_the_step():
     ]:
         note = waves_note(sequences, length, 1, block, nbytes, on_gpu=False)
         gib = float(note.rsplit("rollout.kv_cache_gib=", 1)[1].split()[0])
+        assert gib == holding_gib(sequences, length, block, nbytes)  # what bench_step sets
         blocks = math.floor(gib * 2**30 / nbytes)
         assert waves_note(sequences, length, blocks, block, nbytes, on_gpu=False) is None

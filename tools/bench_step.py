@@ -197,17 +197,16 @@ def matmul_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def kv_cache_gib(init: Path, cfg, shape: dict, sequences: int) -> float:
+def kv_cache_gib(spec, cfg, shape: dict, sequences: int) -> float:
     """An engine's KV cache for ``sequences`` at once (at least the config's): the plain loop
     generates the step as one batch, and a cache too small for it makes vLLM generate in waves
     (gspo-train says so at start-up; at `m` the demo config's 0.05 GiB held 51 of 128)."""
-    from gspo_megatron.rollout.kv_cache import block_bytes
+    from gspo_megatron.rollout.kv_cache import block_bytes, holding_gib
 
-    hf_config = json.loads((init / "hf" / "config.json").read_text())
     tokens = cfg.rollout.max_prompt_tokens + (shape["max_new_tokens"] or cfg.rollout.max_new_tokens)
     block = 128  # vLLM's CPU block size
-    need = sequences * math.ceil(tokens / block) * block_bytes(hf_config, 4, 1, block)
-    return max(cfg.rollout.kv_cache_gib, 1.05 * need / 2**30)  # 5%: vLLM's floor division
+    need = holding_gib(sequences, tokens, block, block_bytes(spec, 4, 1, block))
+    return max(cfg.rollout.kv_cache_gib, need)
 
 
 def gspo_train_steps(
@@ -417,7 +416,7 @@ def step(args) -> dict:
                 sizes = [
                     f"loss.micro_batch_size={per_rank // cfg.loss.num_minibatches}",
                     f"loss.logprob_micro_batch_size={per_rank}",
-                    f"rollout.kv_cache_gib={kv_cache_gib(init, cfg, shape, per_rank):.4f}",
+                    f"rollout.kv_cache_gib={kv_cache_gib(spec, cfg, shape, per_rank):g}",
                 ]
                 runs[f"{nproc} proc"] = gspo_train_steps(
                     init,

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.exchange import all_gather_objects
+from gspo_megatron.models.qwen3.spec import spec_from_hf_config
 from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, reload_in_place
 from gspo_megatron.rollout.kv_cache import block_bytes, waves_note
@@ -268,9 +269,8 @@ class RolloutEngine:
         (``rollout.kv_cache``), None when they do."""
         cache = self.llm.llm_engine.vllm_config.cache_config
         per_engine = math.ceil(prompts_per_step / self.num_engines) * self.cfg.group_size
-        nbytes = block_bytes(
-            self.hf_config, self.dtype.itemsize, self.cfg.engine_tp, cache.block_size
-        )
+        spec = spec_from_hf_config(self.hf_config, str(self.hf_dir / "config.json"))
+        nbytes = block_bytes(spec, self.dtype.itemsize, self.cfg.engine_tp, cache.block_size)
         return waves_note(
             per_engine,
             self.cfg.max_model_len,

@@ -13,18 +13,23 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from gspo_megatron.models.qwen3.spec import Qwen3Spec
 
-def block_bytes(hf_config: dict, dtype_bytes: int, engine_tp: int, block_size: int) -> int:
-    """Bytes of one KV cache block (keys and values of ``block_size`` tokens in every layer) of
-    a Qwen3 / Qwen3-MoE model on one rank of a ``engine_tp``-way engine. vLLM splits the KV
-    heads over the TP ranks and replicates them when there are fewer heads than ranks."""
-    heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
-    head_dim = (
-        hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-    )
-    heads_per_rank = max(heads // engine_tp, 1)
-    layers = hf_config["num_hidden_layers"]
-    return 2 * layers * heads_per_rank * head_dim * block_size * dtype_bytes
+
+def block_bytes(spec: Qwen3Spec, dtype_bytes: int, engine_tp: int, block_size: int) -> int:
+    """Bytes of one KV cache block (keys and values of ``block_size`` tokens in every layer) on
+    one rank of an ``engine_tp``-way engine. vLLM splits the KV heads over the TP ranks and
+    replicates them when there are fewer heads than ranks."""
+    heads_per_rank = max(spec.num_query_groups // engine_tp, 1)
+    return 2 * spec.num_layers * heads_per_rank * spec.head_dim * block_size * dtype_bytes
+
+
+def holding_gib(sequences: int, max_model_len: int, block_size: int, block_nbytes: int) -> float:
+    """The KV cache, in GiB, that holds ``sequences`` of up to ``max_model_len`` tokens at once,
+    rounded up at two significant digits: the size printed must itself hold them."""
+    need = sequences * math.ceil(max_model_len / block_size) * block_nbytes / 2**30
+    digits = 1 - math.floor(math.log10(need))
+    return math.ceil(need * 10**digits) / 10**digits
 
 
 def waves_note(
@@ -38,14 +43,10 @@ def waves_note(
     """One line when ``sequences`` of up to ``max_model_len`` tokens do not fit in ``num_blocks``
     blocks at once (None when they do): how many fit, in how many waves the step may run, and
     the cache size that holds them all."""
-    per_sequence = math.ceil(max_model_len / block_size)
-    fit = max(num_blocks // per_sequence, 1)  # vLLM refuses to start below one
+    fit = max(num_blocks // math.ceil(max_model_len / block_size), 1)  # vLLM needs one to start
     if sequences <= fit:
         return None
-    need_gib = sequences * per_sequence * block_nbytes / 2**30
-    # Rounded up at two significant digits: the size printed must itself hold the step.
-    digits = 1 - math.floor(math.log10(need_gib))
-    need = math.ceil(need_gib * 10**digits) / 10**digits
+    need = holding_gib(sequences, max_model_len, block_size, block_nbytes)
     fix = (
         f"about {need:g} GiB of KV cache per engine would hold them all (raise "
         f"rollout.gpu_memory_utilization)"

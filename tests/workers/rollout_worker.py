@@ -96,7 +96,7 @@ def run_layout(args, name, cfg, engine):
         report["kv"] = {
             "num_blocks": cache.num_gpu_blocks,
             "block_size": cache.block_size,
-            "block_bytes": block_bytes(engine.hf_config, 4, cfg.engine_tp, cache.block_size),
+            "block_bytes": block_bytes(spec, 4, cfg.engine_tp, cache.block_size),
             "fits": engine.waves_note(1),
             "crowded": engine.waves_note(crowded),
             "crowded_per_engine": crowded // engine.num_engines * cfg.group_size,
