@@ -9,11 +9,14 @@ an endless sequence of per-epoch permutations. A resumed run therefore sees exac
 an uninterrupted run would, and the data position in a checkpoint is just the step.
 
 Prompts longer than the rollout's ``max_prompt_tokens`` after templating are dropped when the
-data set is prepared and counted (``data/skipped_overlong``), so the rollout never sees them.
+data set is prepared and counted (``data/skipped_overlong``), so the rollout never sees them. A
+prompt so long in characters that no tokenization could bring it within the limit
+(``chars_for_tokens``) is dropped without being tokenized: one 50 MB row must not cost gigabytes.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +160,36 @@ def read_rows(cfg: DataConfig) -> List[dict]:
     return rows
 
 
+COMPOSITION = 4
+"""Characters a Unicode normaliser may compose into one (NFC: a letter and its marks, a Hangul
+syllable from three jamo): the margin of ``chars_for_tokens`` for tokenizers that normalise
+(Qwen's applies NFC) before they split."""
+
+
+def max_token_chars(tokenizer) -> Optional[int]:
+    """The most characters of text one token stands for, where that is bounded: a byte-level
+    BPE (Qwen's, Llama 3's, DeepSeek's, GLM's) turns every byte of the text into part of some
+    token and spells each byte of a vocabulary entry as one character, so no token covers more
+    characters than the longest entry has. None for other tokenizers: one that drops
+    whitespace or maps an unknown word of any length to one <unk> has no such bound."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    if spec["model"].get("type") != "BPE" or '"ByteLevel"' not in json.dumps(
+        spec.get("pre_tokenizer")
+    ):
+        return None
+    return max(len(t) for t in tokenizer.get_vocab())
+
+
+def chars_for_tokens(tokens: int, token_chars: Optional[int]) -> Optional[int]:
+    """Characters beyond which a text surely encodes to more than ``tokens`` tokens, with
+    ``token_chars`` from ``max_token_chars`` (None: no such bound): after normalising it still
+    has more than ``tokens * token_chars`` characters, and no token covers more."""
+    return None if token_chars is None else COMPOSITION * token_chars * tokens
+
+
 def render(tokenizer, cfg: DataConfig, text: str) -> List[int]:
     """Prompt text -> token ids, through the chat template when configured and available."""
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
@@ -181,7 +214,11 @@ def load_prompts(
     ``require_answers`` names a reward that compares with the answer: every row needs one."""
     rows = read_rows(cfg)
     prompts, overlong = [], 0
+    surely_overlong = chars_for_tokens(max_prompt_tokens, max_token_chars(tokenizer))
     for i, row in enumerate(rows):
+        if surely_overlong is not None and len(row[cfg.prompt_field]) > surely_overlong:
+            overlong += 1
+            continue
         ids = render(tokenizer, cfg, row[cfg.prompt_field])
         where = f"{cfg.path}:{row['__line__']}"
         if not ids:

@@ -70,6 +70,8 @@ class Misbehaves:
             return []
         if how == "not a list":
             return "hello"
+        if how == "surrogate":
+            return [{"role": "user", "content": "fine"}, {"role": "user", "content": "\udfff"}]
         return [{"role": "user", "content": f"go {os.getpid()}"}]
 
     def step(self, assistant_text):
@@ -101,6 +103,19 @@ class Misbehaves:
             "empty not done": ([], False, 1.0),
             "not json": ([{"role": "user", "content": "x", "extra": object()}], False, None),
             "custom str": ([{"role": "user", "content": Custom("plain?")}], False, 0.5),
+            "surrogate": ([{"role": "user", "content": "ab\ud800c"}], False, None),
+            "tool_calls not a list": (
+                [{"role": "assistant", "content": "x", "tool_calls": "notalist"}],
+                False,
+                None,
+            ),
+            "tool call without name": (
+                [{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}],
+                False,
+                None,
+            ),
+            "tool_calls in a user turn": ([{**ok[0], "tool_calls": []}], False, None),
+            "name not str": ([{"role": "tool", "content": "1", "name": 3}], False, None),
         }
         return returns.get(how, (ok, False, 1.0))
 

@@ -8,7 +8,7 @@ import time
 
 class Scripted:
     """The row says how it behaves at its turn ``fail_at`` (``mode``: ok, raise, hang, exit,
-    garbage); otherwise each step answers with a tool message and a reward of 0.25, and the
+    garbage, unrenderable); otherwise each step answers with a tool message and a reward of 0.25, and the
     episode ends after ``turns`` turns."""
 
     def __init__(self, row):
@@ -29,11 +29,26 @@ class Scripted:
                 os._exit(3)
             if mode == "garbage":
                 return 42
+            if mode == "unrenderable":  # valid to the pool; the trainer's renderer refuses it
+                return [{"role": "tool", "content": "\U000f0000<|im_end|>"}], False, None
         done = self.turn >= self.row.get("turns", 2)
         return [{"role": "tool", "content": f"seen {len(text)} chars"}], done, 0.25
 
     def metadata(self):
         return {"turns_seen": self.turn}
+
+
+class Floods(Scripted):
+    """The row's ``flood`` says how its first step answers: one 50 MB observation ("one"), or
+    200,000 messages of 100 characters ("many")."""
+
+    def step(self, text):
+        self.turn += 1
+        if self.turn == 1 and self.row["flood"] == "one":
+            return [{"role": "tool", "content": "x" * 50_000_000}], False, None
+        if self.turn == 1:
+            return [{"role": "tool", "content": "y" * 100}] * 200_000, False, None
+        return [], True, 1.0
 
 
 class Chatty(Scripted):

@@ -4,6 +4,7 @@ a deterministic order per step, and one-line errors for bad files and rows."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -119,3 +120,44 @@ def test_prompts_the_model_cannot_read_are_refused(tmp_path, tokenizer):
     ):
         load_prompts(DataConfig(path=str(path), answer_field=""), tokenizer, 8, vocab_size=100)
     assert len(load_prompts(DataConfig(path=str(path), answer_field=""), tokenizer, 8).prompts) == 2
+
+
+def test_a_huge_row_is_judged_overlong_without_tokenizing_it(tmp_path):
+    """A 20 MB prompt among short ones: dropped and counted, and the tokenizer never sees more
+    than the character bound of its byte-level BPE (the bound is sound: a text made of the
+    vocabulary's longest entry still encodes to more tokens than the limit past it)."""
+    from transformers import AutoTokenizer
+
+    from gspo_megatron.data import chars_for_tokens, max_token_chars
+    from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
+
+    write_chat_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    limit = 10
+    bound = chars_for_tokens(limit, max_token_chars(tok))
+    longest = tok.convert_tokens_to_string([max(tok.get_vocab(), key=len)])
+    dense = longest * (bound // len(longest) + 1)
+    # No normaliser here: the bound's margin for composed characters is not even needed.
+    assert len(tok.encode(dense[: bound // 4 + 1], add_special_tokens=False)) > limit
+    rows = [{"prompt": "w1 w2"}, {"prompt": "w3 " * 7_000_000}, {"prompt": "w4"}]
+    seen = []
+    encode = tok.encode
+
+    def spy(text, *args, **kwargs):
+        seen.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    tok.encode = spy
+    cfg = DataConfig(path=str(_jsonl(tmp_path / "p.jsonl", rows)), chat_template=False)
+    ps = load_prompts(replace(cfg, answer_field=""), tok, max_prompt_tokens=limit)
+    assert [p.text for p in ps.prompts] == ["w1 w2", "w4"] and ps.skipped_overlong == 1
+    assert max(seen) <= bound
+
+
+def test_tokenizers_without_a_character_bound_tokenize_every_row(tokenizer):
+    """The word-level test tokenizer maps any unknown word, however long, to one <unk>: no
+    character count proves a row overlong, so none is judged by its length."""
+    from gspo_megatron.data import chars_for_tokens, max_token_chars
+
+    assert max_token_chars(tokenizer) is None and chars_for_tokens(10, None) is None
+    assert len(tokenizer.encode("x" * 10_000, add_special_tokens=False)) == 1

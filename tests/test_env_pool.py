@@ -125,6 +125,21 @@ FAULTS = {
     "str reward": ("invalid", "reward='1.0' (str)"),
     "empty not done": ("invalid", "step returned no messages with done=False"),
     "not json": ("invalid", "step returned messages[0] that is not JSON (TypeError"),
+    "surrogate": (
+        "invalid",
+        "step returned messages[0] in which 'content' is not valid Unicode text (surrogates not "
+        "allowed '\\ud800' at character 2)",
+    ),
+    "tool_calls not a list": (
+        "invalid",
+        "step returned messages[0]: 'tool_calls' is 'notalist' (str); expected a list of",
+    ),
+    "tool call without name": ("invalid", "messages[0]: 'tool_calls'[0] has no 'name' str"),
+    "tool_calls in a user turn": (
+        "invalid",
+        "'tool_calls' in a user message (only assistant messages have them)",
+    ),
+    "name not str": ("invalid", "step returned messages[0]: 'name' is 3 (int), not a str"),
 }
 
 
@@ -137,6 +152,7 @@ def test_each_fault_fails_only_its_own_episode():
                 "construct": {"construct": "raise"},
                 "reset empty": {"reset": "empty"},
                 "reset not a list": {"reset": "not a list"},
+                "reset surrogate": {"reset": "surrogate"},
                 **{kind: {} for kind in FAULTS},
             }
         )
@@ -147,6 +163,11 @@ def test_each_fault_fails_only_its_own_episode():
             "reset returned no messages",
         )
         assert opened["reset not a list"].failure == "invalid"
+        assert (opened["reset surrogate"].failure, opened["reset surrogate"].detail) == (
+            "invalid",
+            "reset returned messages[1] in which 'content' is not valid Unicode text "
+            "(surrogates not allowed '\\udfff' at character 0)",
+        )
         pids = {kind: _pid(opened[kind]) for kind in FAULTS}
 
         # All the faults in one call: the hang's timeout (1 s) is what the call costs.

@@ -14,7 +14,7 @@ from gspo_megatron.agent_demo import value_reward
 from gspo_megatron.data import Prompt
 from gspo_megatron.rollout.agent_config import AgentConfig, end_of_turn_id
 from gspo_megatron.rollout.engine import Completion
-from gspo_megatron.rollout.env_pool import EnvPool
+from gspo_megatron.rollout.env_pool import EnvLimits, EnvPool
 from gspo_megatron.rollout.episodes import EpisodeRunner, SharedEnvs, agent_rollout
 from gspo_megatron.rollout.sampling import episode_rewards
 from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
@@ -47,11 +47,11 @@ class ScriptedSampler:
         return out
 
 
-def runner(tok, env, script, **cfg):
+def runner(tok, env, script, limits=None, **cfg):
     cfg = AgentConfig(environment=env, **{"step_timeout_s": 5.0, **cfg})
     from gspo_megatron.rollout.transcript import ChatRenderer
 
-    pool = EnvPool(env, cfg.step_timeout_s)
+    pool = EnvPool(env, cfg.step_timeout_s, limits=limits or EnvLimits())
     sampler = ScriptedSampler(tok, script)
     r = EpisodeRunner(
         cfg, ChatRenderer(tok, end_of_turn_id(tok)), SharedEnvs(pool), sampler, 64, 1024
@@ -137,6 +137,7 @@ def test_malformed_calls_become_error_observations_and_are_counted(tok):
         ("hang", "timeout"),
         ("exit", "exit"),
         ("garbage", "invalid"),
+        ("unrenderable", "invalid"),
     ],
 )
 def test_an_environment_that_fails_costs_its_episode_only(tok, mode, failure):
@@ -160,6 +161,65 @@ def test_an_environment_that_fails_costs_its_episode_only(tok, mode, failure):
     assert episode_rewards([0.5, 0.5], [ok, bad]) == [1.25, 0.0]
     key = "agent/env_timeouts" if failure == "timeout" else "agent/env_errors"
     assert batch.extra[key] == 1.0
+    if mode == "unrenderable":
+        assert bad.agent.failure_detail.startswith(
+            "step 2: rendering its messages raised GspoError: environment text holds a "
+            "character of U+F0000"
+        )
+
+
+def test_a_degenerate_tool_call_is_an_error_observation(tok):
+    """A turn of 300 nested brackets in a tool call (a policy under RL can degenerate into it;
+    at 1,000 json raises RecursionError) is a malformed call answered with an error."""
+    rows = [{"prompt": "What is stored under k1?", "key": "k1", "answer": "red"}]
+    prompts = [Prompt(rows[0]["prompt"], [1], "red", 0, rows[0])]
+    texts = ["<tool_call>" + "[" * 300 + "</tool_call>", "red"]
+    r, _, pool = runner(
+        tok, "gspo_megatron.agent_demo:LookupEnv", lambda i, t: texts[t], max_tokens_per_turn=600
+    )
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    rec = batch.groups[0][0].agent
+    assert rec.failure is None and rec.malformed_calls == 1 and rec.turns == 2
+    assert rec.messages[3]["content"] == "error: the tool call nests deeper than 64 levels"
+
+
+def test_a_flood_of_text_is_bounded_in_the_environments_process(tok, monkeypatch):
+    """A 50 MB observation is cut to a bound derived from agent.max_observation_tokens before it
+    leaves the environment's process, so the trainer tokenizes no more than that bound (then
+    cuts it to the token limit, marked); a reply of 200,000 messages fails its episode there."""
+    from gspo_megatron.rollout.config import RolloutConfig
+    from gspo_megatron.rollout.episodes import env_limits
+    from gspo_megatron.rollout.transcript import ChatRenderer
+
+    rows = [{"prompt": "a", "flood": "one"}, {"prompt": "b", "flood": "many"}]
+    prompts = [Prompt(r["prompt"], [1], None, i, r) for i, r in enumerate(rows)]
+    agent = AgentConfig(environment="episode_envs:Floods", max_observation_tokens=50)
+    limits = env_limits(agent, RolloutConfig(max_prompt_tokens=512, max_new_tokens=64), tok)
+    assert limits.message_chars < 20_000 and limits.reply_chars < 400_000
+    seen = []
+    for name in ("encode", "encode_text"):
+        original = getattr(ChatRenderer, name)
+
+        def spy(self, text, _original=original):
+            seen.append(len(text))
+            return _original(self, text)
+
+        monkeypatch.setattr(ChatRenderer, name, spy)
+    r, _, pool = runner(
+        tok, "episode_envs:Floods", lambda i, t: "ok", limits, max_observation_tokens=50
+    )
+    with pool:
+        batch = agent_rollout(r, prompts, 1, step=0)
+    one, many = batch.groups[0][0].agent, batch.groups[1][0].agent
+    assert one.failure is None and one.cut_observations == 1 and one.env_reward == 1.0
+    assert one.messages[2]["content"].endswith(" [truncated]")
+    kept = one.messages[2]["content"].removesuffix(" [truncated]")
+    assert len(tok.encode(kept, add_special_tokens=False)) == 50
+    assert max(seen) <= limits.message_chars
+    assert many.failure == "invalid" and many.failure_detail.startswith(
+        "step returned 20,800,000 characters of text"
+    )
 
 
 def test_the_episode_token_limit_truncates_and_is_counted(tok):

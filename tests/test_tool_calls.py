@@ -3,6 +3,8 @@ answers to them (plain Python, no processes)."""
 
 from __future__ import annotations
 
+import pytest
+
 from gspo_megatron.rollout.tool_calls import parse_tool_calls
 from gspo_megatron.rollout.tool_env import ToolEnvironment, schema_of, tool
 
@@ -114,3 +116,20 @@ def test_schema_from_annotations():
         "boolean",
         "string",
     ]
+
+
+@pytest.mark.parametrize("depth,malformed", [(64, False), (65, True), (100_000, True)])
+def test_nesting_is_bounded_the_same_everywhere(depth, malformed):
+    """The verdict on a deep call is a fixed bound, not the interpreter's stack: a call nested
+    64 deep parses (as JSON does), one level more is an error, never a RecursionError."""
+    args = "[" * (depth - 2) + "]" * (depth - 2)  # inside the call's object and its arguments
+    text = '<tool_call>{"name": "f", "arguments": {"a": ' + args + "}}</tool_call>"
+    if depth > 1000:
+        text = "<tool_call>" + "[" * depth + "</tool_call>"
+    (call,) = parse_tool_calls(text)
+    assert (call.error is not None) == malformed
+    if malformed:
+        assert call.error == "the tool call nests deeper than 64 levels"
+    # Brackets inside JSON strings are text, not nesting.
+    quoted = '<tool_call>{"name": "f", "arguments": {"s": "' + "[" * 500 + '"}}</tool_call>'
+    assert parse_tool_calls(quoted)[0].error is None

@@ -41,6 +41,11 @@ class AgentConfig:
     step_timeout_s: float = 30.0
     """An environment's reset or step that takes longer ends its episode as failed (reward 0,
     agent/env_timeouts); the run goes on."""
+    env_special_tokens: bool = False
+    """Parse the tokenizer's added tokens (<|im_end|>, <tool_call>, ...) in what environments
+    return as those tokens. Off: environment text is plain text, so a tool result cannot close
+    its turn or forge another one; turn it on only for an environment you trust to write the
+    template's markers itself."""
     turn_rewards: str = "sum"
     """Per-turn rewards the environment returns: sum (added to the episode's reward from
     rewards.functions) or ignore."""

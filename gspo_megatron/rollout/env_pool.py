@@ -83,6 +83,23 @@ START_METHOD = "forkserver"
 """multiprocessing start method of the env processes (spawn where this one is not available)."""
 
 Failure = Optional[str]  # None, or "error" | "timeout" | "exit" | "invalid"
+
+
+@dataclass(frozen=True)
+class EnvLimits:
+    """Bounds on what one call of an environment may send back, applied in its process before
+    the reply leaves it: within the call's timeout, so that no reply, however large, costs the
+    trainer more than a bounded amount of work (``episodes.make_runner`` derives them from the
+    agent's token limits and the tokenizer)."""
+
+    message_chars: Optional[int] = None
+    """A message's content longer than this is cut to it here (the trainer's token cut then
+    marks it ' [truncated]'); None: not cut here."""
+    reply_chars: Optional[int] = None
+    """Characters of text one reply may hold in all (every string of its messages, and of the
+    tool specs at reset) after the cuts: more fails the episode as invalid; None: no bound."""
+
+
 Result = Tuple[Failure, str, Any, Optional[Output]]  # (failure, detail, value, printed output)
 
 
@@ -132,7 +149,9 @@ class _Failed(Exception):
         self.failure, self.detail = failure, detail
 
 
-def _serve(conn, env_path: str, module_file: Optional[str], trainer_pid: int) -> None:
+def _serve(
+    conn, env_path: str, module_file: Optional[str], trainer_pid: int, limits: EnvLimits
+) -> None:
     """Env process main: lead a process group with a guard in it, capture fds 1 and 2, import
     the class, send None (ready) or why it cannot, then answer jobs ("reset", row),
     ("step", text, tool_calls) and ("finish",) with a Result each until the trainer kills it
@@ -150,7 +169,7 @@ def _serve(conn, env_path: str, module_file: Optional[str], trainer_pid: int) ->
         conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
         return
     conn.send(None)
-    host = _Host(cls)
+    host = _Host(cls, limits)
     try:
         while True:
             failure, detail, value = host.run(conn.recv())
@@ -176,8 +195,8 @@ def _forget_other_preload(env_path: str, module_file: Optional[str]) -> None:
 class _Host:
     """The env process's side of one episode after another."""
 
-    def __init__(self, cls: type):
-        self.cls = cls
+    def __init__(self, cls: type, limits: EnvLimits):
+        self.cls, self.limits = cls, limits
         self.env: Any = None
         self.tool_calls = False  # whether env.step takes them
 
@@ -198,7 +217,7 @@ class _Host:
         env = _guarded(f"{self.cls.__name__}(row)", self.cls, row)
         self.tool_calls = _takes_tool_calls(env.step)
         raw = _guarded("reset", env.reset)
-        messages = _messages(raw, "reset")
+        messages = _messages(raw, "reset", self.limits.message_chars)
         if not messages:
             raise _Failed("invalid", "reset returned no messages")
         tools = None
@@ -207,6 +226,7 @@ class _Host:
             if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
                 raise _Failed("invalid", f"tool_specs returned {_show(tools)}, not a list of dicts")
             tools = [_plain(t, "tool_specs returned a dict") for t in tools]
+        self._check_size("reset", messages, tools)
         self.env = env
         return messages, tools
 
@@ -220,14 +240,30 @@ class _Host:
                 f"step returned {_show(raw)} ({type(raw).__name__}); expected a tuple "
                 f"(messages, done, reward)",
             )
-        messages, done, reward = _messages(raw[0], "step"), raw[1], raw[2]
+        messages, done, reward = (
+            _messages(raw[0], "step", self.limits.message_chars),
+            raw[1],
+            raw[2],
+        )
         if not isinstance(done, bool):
             raise _Failed(
                 "invalid", f"step returned done={_show(done)} ({type(done).__name__}), not a bool"
             )
         if not messages and not done:
             raise _Failed("invalid", "step returned no messages with done=False")
+        self._check_size("step", messages)
         return messages, done, _reward(reward)
+
+    def _check_size(self, what: str, *parts) -> None:
+        bound = self.limits.reply_chars
+        size = _text_chars(parts)
+        if bound is not None and size > bound:
+            raise _Failed(
+                "invalid",
+                f"{what} returned {size:,} characters of text (each message cut to "
+                f"{self.limits.message_chars:,}), more than one reply may hold ({bound:,}, "
+                f"from agent.max_episode_tokens)",
+            )
 
     def _finish(self) -> dict:
         env, self.env = self.env, None
@@ -263,7 +299,8 @@ def _takes_tool_calls(step) -> bool:
     )
 
 
-def _messages(raw: object, what: str) -> List[dict]:
+def _messages(raw: object, what: str, max_chars: Optional[int] = None) -> List[dict]:
+    """``raw`` checked as a list of messages, each content cut to ``max_chars``."""
     if not isinstance(raw, list):
         raise _Failed(
             "invalid",
@@ -283,16 +320,112 @@ def _messages(raw: object, what: str) -> List[dict]:
             )
         if not isinstance(message.get("content"), str):
             raise _Failed("invalid", f"{where} without a str 'content'")
+        if max_chars is not None and len(message["content"]) > max_chars:
+            message = {**message, "content": message["content"][:max_chars]}
+        problem = message_problem(message)
+        if problem is not None:
+            raise _Failed("invalid", f"{where}: {problem}")
         out.append(_plain(message, where))
     return out
+
+
+def message_problem(message: dict) -> Optional[str]:
+    """Why a message with a valid role and str content cannot go to the chat template, or
+    None. Checked here, in the environment's process, rather than found by the template in the
+    trainer: the keys chat templates read (Qwen3's and the OpenAI form) must have the shapes
+    they expect (``_plain`` checks that every text is valid Unicode)."""
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        if key in message and not isinstance(message[key], str):
+            return f"'{key}' is {_show(message[key])} ({type(message[key]).__name__}), not a str"
+    if "tool_calls" in message:
+        if message["role"] != "assistant":
+            return (
+                f"'tool_calls' in a {message['role']} message (only assistant messages have them)"
+            )
+        problem = _tool_calls_problem(message["tool_calls"])
+        if problem is not None:
+            return problem
+    return None
+
+
+def _tool_calls_problem(calls: object) -> Optional[str]:
+    """A message's ``tool_calls``: a list of {"name", "arguments"} (Qwen3) or {"type":
+    "function", "function": {"name", "arguments"}} (OpenAI), arguments an object or its JSON
+    text."""
+    form = (
+        'expected a list of {"name": str, "arguments": object} or '
+        '{"type": "function", "function": {...}}'
+    )
+    if not isinstance(calls, list):
+        return f"'tool_calls' is {_show(calls)} ({type(calls).__name__}); {form}"
+    for k, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            return f"'tool_calls'[{k}] is {_show(call)}; {form}"
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            return f"'tool_calls'[{k}] has no 'name' str; {form}"
+        if not isinstance(fn.get("arguments", {}), (dict, str)):
+            return f"'tool_calls'[{k}]'s 'arguments' is {_show(fn['arguments'])}; {form}"
+    return None
+
+
+def _text_problem(value: object, path: str = "") -> Optional[str]:
+    """The first str inside ``value`` that is not valid Unicode (a lone surrogate), named."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            where = f"'{path}'" if path else "a text"
+            return (
+                f"{where} is not valid Unicode text ({err.reason} {value[err.start]!r} at "
+                f"character {err.start})"
+            )
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        problem = _text_problem(key, path) if isinstance(key, str) else None
+        problem = problem or _text_problem(item, f"{path}.{key}" if path else str(key))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _text_chars(value: object) -> int:
+    """Characters of every str in ``value`` (plain JSON data), keys excepted."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return total
 
 
 def _plain(value: dict, where: str) -> dict:
     """value as plain JSON types (what the trainer can unpickle without the user's module)."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        plain = json.loads(text)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _Failed("invalid", f"{where} that is not JSON ({describe(exc)})") from None
+    try:  # a lone surrogate is a str that no tokenizer (and no UTF-8 file) can take
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            problem = _text_problem(plain)
+        except RecursionError:
+            problem = None
+        detail = f"{where} in which {problem or 'a text is not valid Unicode'}"
+        raise _Failed("invalid", detail) from None
+    return plain
 
 
 def _reward(raw: object) -> Optional[float]:
@@ -326,9 +459,9 @@ class _EnvProcess:
     """One env process and its pipe, started at once; ``ready`` once it has imported the
     class."""
 
-    def __init__(self, ctx, env_path: str, module_file: Optional[str]):
+    def __init__(self, ctx, env_path: str, module_file: Optional[str], limits: EnvLimits):
         self.conn, child = ctx.Pipe()
-        args = (child, env_path, module_file, os.getpid())
+        args = (child, env_path, module_file, os.getpid(), limits)
         self.proc = ctx.Process(target=_serve, args=args, daemon=True)
         self.ready = False
         self.started = time.monotonic()
@@ -403,7 +536,13 @@ class EnvPool:
     docstring). Use it from one thread (under spawn, the main one: the kernel's parent-death
     signal follows the thread that started a process)."""
 
-    def __init__(self, env_path: str, step_timeout_s: float, start_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        env_path: str,
+        step_timeout_s: float,
+        start_timeout_s: float = 120.0,
+        limits: EnvLimits = EnvLimits(),
+    ):
         if not (step_timeout_s > 0 and start_timeout_s > 0):
             raise GspoError(
                 f"env pool timeouts must be > 0 (step {step_timeout_s}, start {start_timeout_s})"
@@ -411,6 +550,7 @@ class EnvPool:
         self.env_path = env_path
         self.step_timeout_s = float(step_timeout_s)
         self.start_timeout_s = float(start_timeout_s)
+        self.limits = limits
         self._ctx = _context(env_path)
         module = sys.modules.get(env_path.split(":", 1)[0]) if isinstance(env_path, str) else None
         self._module_file: Optional[str] = getattr(module, "__file__", None)
@@ -523,7 +663,7 @@ class EnvPool:
         return None
 
     def _start(self) -> _EnvProcess:
-        proc = _EnvProcess(self._ctx, self.env_path, self._module_file)
+        proc = _EnvProcess(self._ctx, self.env_path, self._module_file, self.limits)
         self._procs.add(proc)
         return proc
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from gspo_megatron.exchange import all_gather_objects
+from gspo_megatron.rewards.registry import describe
 from gspo_megatron.rollout.agent_config import AgentConfig
 from gspo_megatron.rollout.tool_calls import parse_tool_calls
 from gspo_megatron.rollout.transcript import ChatRenderer, Transcript
@@ -214,8 +215,12 @@ class EpisodeRunner:
                 continue
             tools = getattr(reply, "tools", None)
             e.log.append((dict(rows[e.index]), (reply.messages, tools)))
-            messages = self._cut(e, reply.messages)
-            opening = self.renderer.opening(messages, tools)
+            try:
+                messages = self._cut(e, reply.messages)
+                opening = self.renderer.opening(messages, tools)
+            except Exception as err:  # the template or tokenizer on this episode's text
+                self._unrenderable(e, "reset", "rendering its messages", err, fallback_ids[e.index])
+                continue
             e.transcript = Transcript(opening, messages, tools, version=version)
             if len(e.transcript) + 1 >= self.budget:
                 e.record.truncated = e.done = True
@@ -303,7 +308,11 @@ class EpisodeRunner:
             if not e.stepped:
                 continue
             e.stepped = False
-            parsed = parse_tool_calls(e.record.final_text, self.cfg.max_tool_calls_per_turn)
+            try:
+                parsed = parse_tool_calls(e.record.final_text, self.cfg.max_tool_calls_per_turn)
+            except Exception as err:  # (the parser bounds what it reads; belt and braces)
+                self._unrenderable(e, f"turn {turn + 1}", "parsing the model's tool calls", err)
+                continue
             e.record.tool_calls += sum(c.error is None for c in parsed)
             e.record.malformed_calls += sum(c.error is not None for c in parsed)
             calls[e.index] = (e.record.final_text, [c.as_dict() for c in parsed])
@@ -325,8 +334,12 @@ class EpisodeRunner:
                 e.done = True
                 e.trailing = list(reply.messages)  # recorded, never sampled after: no ids
                 continue
-            messages = self._cut(e, reply.messages)
-            ids = e.transcript.environment_ids(self.renderer, messages)
+            try:
+                messages = self._cut(e, reply.messages)
+                ids = e.transcript.environment_ids(self.renderer, messages)
+            except Exception as err:  # the template or tokenizer on this episode's text
+                self._unrenderable(e, f"step {turn + 1}", "rendering its messages", err)
+                continue
             if len(e.transcript) + len(ids) + 1 >= self.budget:
                 e.record.truncated = e.done = True  # no room left for a model turn after it
                 continue
@@ -348,6 +361,16 @@ class EpisodeRunner:
             e.record.cut_observations += cut
             out.append({**m, "content": content})
         return out
+
+    def _unrenderable(
+        self, e: _Live, call: str, what: str, err: Exception, fallback: Optional[List[int]] = None
+    ) -> None:
+        """What an episode's text made the chat template, the tokenizer or the tool-call parser
+        raise costs that episode only (every rank holds the same text and fails it alike); its
+        environment's process is sound and serves a later episode."""
+        self.envs.release([e.index])
+        detail = f"{call}: {what} raised {describe(err)}"
+        self._fail(e, "invalid", detail, fallback)
 
     def _fail(
         self, e: _Live, failure: str, detail: str, fallback: Optional[List[int]] = None
@@ -478,15 +501,33 @@ def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
     from gspo_megatron.rollout.env_pool import EnvPool
 
     lead = engine.rank % rollout.engine_tp == 0
-    pool = EnvPool(cfg.environment, cfg.step_timeout_s) if lead else None
+    limits = env_limits(cfg, rollout, tokenizer)
+    pool = EnvPool(cfg.environment, cfg.step_timeout_s, limits=limits) if lead else None
     envs = SharedEnvs(pool, engine.num_engines, engine.engine_index, lead)
     eot = end_of_turn_id(tokenizer)
     runner = EpisodeRunner(
         cfg,
-        ChatRenderer(tokenizer, eot),
+        ChatRenderer(tokenizer, eot, cfg.env_special_tokens),
         envs,
         lambda requests: engine.sample_turns(requests, eot, greedy=runner.greedy),
         rollout.max_new_tokens,
         rollout.max_model_len,
     )
     return runner
+
+
+def env_limits(cfg: AgentConfig, rollout, tokenizer):
+    """What one environment reply may hold (``EnvLimits``): a message longer in characters than
+    any text of ``agent.max_observation_tokens`` tokens is cut to such a length in the
+    environment's process (the trainer's token cut then marks it), and a reply whose text could
+    fill the episode several times over fails its episode. Without a character bound for the
+    tokenizer (``data.max_token_chars``), nothing is cut there."""
+    from gspo_megatron.data import chars_for_tokens, max_token_chars
+    from gspo_megatron.rollout.env_pool import EnvLimits
+
+    token_chars = max_token_chars(tokenizer)
+    budget = cfg.episode_tokens(rollout.max_model_len)
+    return EnvLimits(
+        chars_for_tokens(cfg.max_observation_tokens + 1, token_chars),
+        chars_for_tokens(budget + 1, token_chars),
+    )

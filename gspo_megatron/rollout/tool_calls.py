@@ -62,22 +62,53 @@ def parse_tool_calls(text: str, limit: Optional[int] = None) -> List[ToolCall]:
     return calls
 
 
+MAX_DEPTH = 64
+"""Nesting of a call's JSON at most (arrays and objects): deeper is malformed. json's decoder
+recurses per level and raises RecursionError near the interpreter's limit, at a depth that
+depends on the caller's stack; a fixed bound gives every rank the same verdict on the same
+text (a policy under RL can degenerate into '[[[[...')."""
+
+
 def _parse_one(body: str) -> ToolCall:
     raw = body.strip()
+    if _depth(raw) > MAX_DEPTH:
+        return ToolCall(error=f"the tool call nests deeper than {MAX_DEPTH} levels", raw=raw)
     try:
         obj = json.loads(raw)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         return ToolCall(error=f"the tool call is not valid JSON ({err})", raw=raw)
     if not isinstance(obj, dict):
         return ToolCall(error='the tool call must be a JSON object {"name", "arguments"}', raw=raw)
     name, args = obj.get("name"), obj.get("arguments", {})
     if not isinstance(name, str) or not name:
         return ToolCall(error='the tool call has no "name" string', raw=raw)
-    if isinstance(args, str):
+    if isinstance(args, str) and _depth(args) <= MAX_DEPTH:
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     if not isinstance(args, dict):
         return ToolCall(error=f'the "arguments" of {name} must be a JSON object', raw=raw)
     return ToolCall(name=name, arguments=args)
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of [ and { in ``text`` outside JSON strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
