@@ -161,6 +161,30 @@ class StartsChild:
         return [], True, None
 
 
+class StartsEscaping:
+    """Reset starts two `sleep`s out of reach of a process-group kill: one in a session of its
+    own, one double-forked after setsid; the message is their pids."""
+
+    def __init__(self, row):
+        pass
+
+    def reset(self):
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        from reward_fns import _daemon
+
+        child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+        with tempfile.TemporaryDirectory() as d:
+            _daemon(Path(d) / "pid")
+            daemon = int((Path(d) / "pid").read_text())
+        return [{"role": "user", "content": f"{child.pid} {daemon}"}]
+
+    def step(self, assistant_text):
+        return [], True, None
+
+
 def not_a_class(row):
     return None
 

@@ -183,7 +183,7 @@ def agent_init(tmp_path_factory) -> Path:
     from gspo_megatron.agent_demo import prepare
 
     out = tmp_path_factory.mktemp("agent_demo") / "init"
-    prepare(out, rows=256, warm_start_steps=20, warm_start_lr=2e-3, seed=0)
+    prepare(out, rows=256, warm_start_steps=40, warm_start_lr=2e-3, seed=0)
     return out
 
 

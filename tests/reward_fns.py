@@ -97,6 +97,41 @@ def starts_processes(prompt, response, answer):
     return 1.0
 
 
+def starts_escaping_processes(prompt, response, answer):
+    """Leaves two processes running per call that a process-group kill cannot reach: one in a
+    session of its own (as sandboxes are started, so that their own timeout can kill them), one
+    double-forked after setsid (a daemon); pids appended to the file `prompt`."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    with open(prompt, "a") as f:
+        f.write(f"{child.pid}\n")
+    _daemon(Path(prompt))
+    return 1.0
+
+
+def _daemon(pid_file: Path) -> None:
+    """A `sleep` double-forked after setsid (its parent exits: it is an orphan in a session of
+    its own); its pid appended to pid_file before this returns."""
+    read, write = os.pipe()
+    first = os.fork()
+    if first == 0:
+        try:
+            os.close(read)
+            os.setsid()
+            if os.fork() == 0:
+                os.write(write, f"{os.getpid()}\n".encode())
+                os.execvp("sleep", ["sleep", "600"])
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(first, 0)
+    pid = os.read(read, 32).decode()
+    os.close(read)
+    with open(pid_file, "a") as f:
+        f.write(pid)
+
+
 def starts_processes_then_hangs(prompt, response, answer):
     """Starts two child processes (pids in `prompt`.children), then as hangs_after_writing_pid."""
     _start_sleepers(Path(prompt + ".children"))

@@ -305,7 +305,8 @@ def test_close_leaves_no_process_behind():
     pool = EnvPool("agent_envs:StartsChild", step_timeout_s=10)
     opened = pool.reset({k: {} for k in range(3)})
     pids = [int(p) for r in opened.values() for p in r.messages[0]["content"].split()]
-    groups = [int(r.messages[0]["content"].split()[0]) for r in opened.values()]
+    # Each group is led by the env's guard, with the env (the reset's pid) and its child in it.
+    groups = [os.getpgid(int(r.messages[0]["content"].split()[0])) for r in opened.values()]
     members = [pid for g in groups for pid in _group(g)]
     assert len(_running(pids)) == 6 and len(members) == 9  # and a guard each
     pool.finish(0)  # a free process too
@@ -320,20 +321,40 @@ def test_close_leaves_no_process_behind():
         pool.reset({9: {}})
 
 
+def test_what_an_episode_started_ends_with_it_wherever_it_went():
+    """An environment that starts processes in a session of their own and double-forked after
+    setsid (out of reach of a process-group kill): finishing or releasing an episode ends them
+    (its process serves the next one), and so does closing the pool."""
+    pool = EnvPool("agent_envs:StartsEscaping", step_timeout_s=10)
+    opened = pool.reset({k: {} for k in range(3)})
+    started = {k: [int(p) for p in r.messages[0]["content"].split()] for k, r in opened.items()}
+    assert len(_running([p for ps in started.values() for p in ps])) == 6
+    pool.finish(0)
+    pool.release([1])
+    _wait_until_gone(started[0] + started[1])
+    assert len(_running(started[2])) == 2
+    pool.close()
+    _wait_until_gone(started[2])
+
+
 TRAINER = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
 from gspo_megatron.rollout.env_pool import EnvPool
-pool = EnvPool("agent_envs:StartsChild", step_timeout_s=10)
+pool = EnvPool({env!r}, step_timeout_s=10)
 replies = pool.reset({{k: {{}} for k in range(2)}})
 print(json.dumps([r.messages[0]["content"] for r in replies.values()]), flush=True)
 time.sleep(60)
 """
 
 
-def test_env_processes_die_with_a_sigkilled_trainer():
+@pytest.mark.parametrize("env", ["agent_envs:StartsChild", "agent_envs:StartsEscaping"])
+def test_env_processes_die_with_a_sigkilled_trainer(env):
+    """Nothing of a SIGKILLed trainer's environments stays: the env processes, what they
+    started wherever it went, the guards, and so the fork server and resource tracker (which
+    an escaped process holding their pipes would keep alive)."""
     trainer = subprocess.Popen(
-        [sys.executable, "-c", TRAINER.format(tests=str(TESTS))],
+        [sys.executable, "-c", TRAINER.format(tests=str(TESTS), env=env)],
         cwd=REPO,
         env=child_env(),
         stdout=subprocess.PIPE,

@@ -8,9 +8,12 @@ KeyboardInterrupt included) or returns other than a finite real number becomes a
 It ignores Ctrl-C (the trainer decides what that means) and dies with the trainer (Linux
 ``PR_SET_PDEATHSIG``), so that it is never left hung in a user's function.
 
-Whatever a function starts (a sandbox, a ``subprocess``, a pool) ends with the worker: the
-worker leads a process group of its own, every kill is of the whole group, and a small guard
-process in the group kills it when the trainer dies, however it dies (``_guard``). What a
+Whatever a call starts (a sandbox, a ``subprocess``, a pool) ends with the call, in whatever
+session or process group it put itself: the worker runs under a guard process that runs no user
+code and is a child subreaper, so every such process stays in the guard's tree; the worker kills
+the call's leftovers after each call (``procutil.Strays``), every kill of the worker is of the
+whole tree and group, and the guard kills the tree when the trainer dies, however it dies
+(``procutil.split_off_guard``). What a
 function prints (its own prints, C code, its child processes: file descriptors 1 and 2) goes to
 a scratch file, emptied after each call, and reaches the trainer with the reply: at most
 ``OUTPUT_PER_CALL`` bytes of it (``RewardRunner`` shows it, up to a budget per run).
@@ -26,18 +29,16 @@ import math
 import numbers
 import os
 import reprlib
-import select
 import signal
 import sys
 import tempfile
-import time
 import types
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Optional, Sequence, Tuple
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.procutil import die_with_parent, kill_group
+from gspo_megatron.procutil import Strays, kill_group, split_off_guard
 from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
 
@@ -60,8 +61,7 @@ def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
     functions, send None (ready) or why it cannot start, then answer each Job with
     (Reply, Output) until the trainer kills it or goes away."""
     os.setpgid(0, 0)  # before any child exists: all of them join this group
-    die_with_parent(parent_pid)
-    _guard(parent_pid, conn)
+    split_off_guard(parent_pid, conn)  # from here on the worker, its guard above it
     # Ctrl-C reaches the whole process group; the trainer decides what it means and stops this
     # worker, which must not report it as a fault of whatever function it was running.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -72,6 +72,7 @@ def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
     except BaseException as exc:  # SystemExit at import is a failed start too
         conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
         return
+    strays = Strays()  # what the functions' modules started at import lives on
     conn.send(None)
     try:
         while True:
@@ -79,46 +80,10 @@ def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
             # score() instead of one per call (measured: 64 calls 5-8 ms -> 2-3 ms).
             for k, prompt, response, answer, episode in conn.recv():
                 reply = _run_one(fns[k], prompt, response, answer, episode)
+                strays.end()  # nothing a call started outlives it
                 conn.send((reply, _take_output(capture)))
     except (EOFError, OSError):  # the trainer is gone: nobody to answer
         return
-
-
-def _guard(trainer_pid: int, conn) -> None:
-    """Fork a guard that waits for the trainer to exit and then SIGKILLs this process group:
-    the worker and everything a reward function started, which the kernel's parent-death
-    signal (the worker's own) does not reach. It runs no user code, so no handler a function
-    installs and no call that holds the interpreter can keep it from acting. Killing the
-    worker kills the group, guard included."""
-    try:
-        trainer = os.pidfd_open(trainer_pid)
-    except (AttributeError, OSError):  # kernels before 5.3: poll the pid below
-        trainer = None
-    if os.fork() != 0:
-        if trainer is not None:
-            os.close(trainer)
-        return
-    try:
-        conn.close()  # the worker's end of the pipe: its death must read as EOF to the trainer
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if trainer is not None:
-            select.select([trainer], [], [])
-        else:
-            while os.getppid() > 1 and _alive(trainer_pid):
-                time.sleep(0.5)
-        os.killpg(0, signal.SIGKILL)
-    finally:
-        os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _capture_output() -> int:

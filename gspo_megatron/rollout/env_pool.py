@@ -56,10 +56,10 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Dict, Hashable, List, Optional, Set, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.procutil import die_with_parent, kill_group
+from gspo_megatron.procutil import Strays, kill_group, split_off_guard
 from gspo_megatron.rewards.registry import describe, resolve
 from gspo_megatron.rewards.worker import (
     OUTPUT_PER_CALL,
@@ -67,7 +67,6 @@ from gspo_megatron.rewards.worker import (
     _capture_output,
     _exit_reason,
     _finite_real,
-    _guard,
     _main_module_hidden,
     _show,
     _take_output,
@@ -157,9 +156,7 @@ def _serve(
     ("step", text, tool_calls) and ("finish",) with a Result each until the trainer kills it
     or goes away. ``module_file``: the file of the class's module in the trainer, if loaded."""
     os.setpgid(0, 0)  # before any child exists: all of them join this group
-    # The parent is the fork server (spawn: the trainer); the guard watches the trainer.
-    die_with_parent(os.getppid())
-    _guard(trainer_pid, conn)
+    split_off_guard(trainer_pid, conn)  # from here on the worker, its guard above it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to decide on
     capture = _capture_output()
     try:
@@ -168,8 +165,8 @@ def _serve(
     except BaseException as exc:  # SystemExit at import is a failed start too
         conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
         return
-    conn.send(None)
     host = _Host(cls, limits)
+    conn.send(os.getpid())  # ready; the pid is where a hung call's output can be read
     try:
         while True:
             failure, detail, value = host.run(conn.recv())
@@ -199,6 +196,7 @@ class _Host:
         self.cls, self.limits = cls, limits
         self.env: Any = None
         self.tool_calls = False  # whether env.step takes them
+        self.strays = Strays()  # what the module started at import lives on
 
     def run(self, job: tuple) -> Tuple[Failure, str, Any]:
         try:
@@ -206,7 +204,11 @@ class _Host:
                 return None, "", self._reset(job[1])
             if job[0] == "step":
                 return None, "", self._step(job[1], job[2])
-            return None, "", self._finish()
+            try:  # finish or release
+                return None, "", self._finish() if job[0] == "finish" else None
+            finally:
+                self.env = None
+                self.strays.end()  # nothing the episode started outlives it
         except _Failed as failed:
             return failed.failure, failed.detail, None
         except BaseException as exc:  # a check tripped on a returned object's own code
@@ -464,6 +466,7 @@ class _EnvProcess:
         args = (child, env_path, module_file, os.getpid(), limits)
         self.proc = ctx.Process(target=_serve, args=args, daemon=True)
         self.ready = False
+        self.worker_pid: Optional[int] = None  # the process under the guard that runs the env
         self.started = time.monotonic()
         self.exitcode: Optional[int] = None  # once killed
         self._killed = False
@@ -493,16 +496,16 @@ class _EnvProcess:
                 return self.conn.recv()
         except (EOFError, OSError):
             pass
-        # Its end of the pipe closes as it exits, when its exit status is fixed already: kill
-        # the rest of its group now rather than wait to reap it first, for under spawn the
-        # guard holds the pipe that tells multiprocessing it ended.
+        # Its end of the pipe closes as the worker exits; the guard above it then kills what
+        # the worker left and exits as the worker did, a moment later.
+        self.proc.join(timeout=5)
         self.kill()
         return _Died(_exit_reason(self.exitcode).replace("worker ", "", 1))
 
     def salvage_output(self) -> Optional[Output]:
         """What a hung call printed so far (its scratch file, through /proc), None if none."""
         try:
-            fd = os.open(f"/proc/{self.pid}/fd/1", os.O_RDONLY)
+            fd = os.open(f"/proc/{self.worker_pid}/fd/1", os.O_RDONLY)
         except OSError:
             return None
         try:
@@ -625,12 +628,16 @@ class EnvPool:
             return value
         return {}
 
-    def release(self, key: Hashable) -> None:
-        """End a live episode without ``metadata()``: its process serves a later episode, as
-        after ``finish`` (the next ``reset`` builds a new instance there)."""
+    def release(self, keys: Sequence[Hashable]) -> None:
+        """End live episodes without ``metadata()``: their processes end what the episodes
+        started and serve later episodes, as after ``finish`` (the next ``reset`` builds a new
+        instance there)."""
         self._check_open()
-        self._free.append(self._live(key).proc)
-        self._episodes.pop(key)
+        jobs = {key: (self._live(key).proc, ("release",)) for key in keys}
+        for key, (proc, (failure, _, _, _)) in self._exchange(jobs).items():
+            if failure is None:
+                self._episodes.pop(key)
+                self._free.append(proc)
 
     def close(self) -> None:
         """Kill every env process (and whatever it started). Idempotent."""
@@ -657,7 +664,9 @@ class EnvPool:
         episode left behind, must not fail the next episode), or None."""
         while self._free:
             proc = self._free.pop()
-            if proc.proc.is_alive():
+            # An idle process has nothing to say: anything readable is the EOF of a worker
+            # that ended (its guard exits a moment later).
+            if proc.proc.is_alive() and not proc.conn.poll():
                 return proc
             self._kill(proc)
         return None
@@ -727,8 +736,8 @@ class EnvPool:
         """The call's Result from what the process sent (or that it died); None when that was
         its ready message and the job has been sent."""
         if not proc.ready:
-            if got is None:
-                proc.ready = True
+            if isinstance(got, int):  # the worker's pid: it has loaded the class
+                proc.ready, proc.worker_pid = True, got
                 proc.send(job)
                 return None
             if isinstance(got, _Died):

@@ -98,8 +98,9 @@ class SharedEnvs:
     def release(self, keys: Sequence[int]) -> None:
         """End these live episodes without ``metadata()`` (their processes free for others):
         they go on later from a replay. Not collective: each rank releases its own."""
-        for k in self._mine(keys):
-            self.pool.release(k)
+        mine = self._mine(keys)
+        if mine:
+            self.pool.release(mine)
 
 
 def _share(local: dict) -> dict:
