@@ -160,7 +160,7 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     if agent is not None:
         from gspo_megatron.rollout.env_pool import check_environment
 
-        check_environment(agent.environment)
+        check_environment(agent.environment, timeout_s=agent.env_start_timeout_s)
     if args.data is not None:
         data = replace(data, path=args.data)
     if args.prompt_field is not None:

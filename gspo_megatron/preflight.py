@@ -10,6 +10,8 @@ problem is one ``GspoError`` line; gspo-train turns it into exit status 2.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
@@ -107,8 +109,6 @@ def preflight(
         )
     check_kv_cache_fits(cfg)
     tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
-    if cfg.agent.enabled:
-        check_agent(cfg, tokenizer, Path(cfg.model.ckpt) / HF_SUBDIR)
     needs_answer = reward_needing_answers(cfg.rewards, cfg.data.answer_field)
     prompts = load_prompts(
         cfg.data,
@@ -117,6 +117,8 @@ def preflight(
         spec.vocab_size,
         require_answers=needs_answer,
     )
+    if cfg.agent.enabled:
+        check_agent(cfg, tokenizer, Path(cfg.model.ckpt) / HF_SUBDIR, prompts.prompts[0].fields)
     eval_prompts = None
     if cfg.train.eval_every:
         eval_prompts = load_prompts(
@@ -182,15 +184,17 @@ def load_tokenizer(hf_dir: Path):
     return tokenizer
 
 
-def check_agent(cfg: Config, tokenizer, hf_dir: Path) -> None:
-    """Multi-turn episodes: the environment class imports and has the contract's methods; the
-    tokenizer has a prefix-stable chat template, the end-of-turn token and the tool-call tags."""
+def check_agent(cfg: Config, tokenizer, hf_dir: Path, first_row: Optional[dict] = None) -> None:
+    """Multi-turn episodes: the environment class imports, has the contract's methods and is
+    made from the first data row (tried in a child process); the tokenizer has a prefix-stable
+    chat template, the end-of-turn token and the tool-call tags."""
     from gspo_megatron.rollout.agent_config import end_of_turn_id
     from gspo_megatron.rollout.env_pool import check_environment
     from gspo_megatron.rollout.tool_calls import CLOSE, OPEN
     from gspo_megatron.rollout.transcript import ChatRenderer
 
-    check_environment(cfg.agent.environment)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if _first_rank() else None
+    check_environment(cfg.agent.environment, first_row, cfg.agent.env_start_timeout_s, say)
     eot = end_of_turn_id(tokenizer)
     if eot is None:
         raise GspoError(
@@ -247,3 +251,8 @@ def check_kv_cache_fits(cfg: Config) -> None:
             f"machine's free memory ({free / (1 << 30):.1f} GiB) for one engine's KV "
             f"cache; lower it (the tiny demo uses 0.05)"
         )
+
+
+def _first_rank() -> bool:
+    """Whether this process speaks for the run (rank 0, or no launch at all)."""
+    return os.environ.get("RANK", "0") == "0"

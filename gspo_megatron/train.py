@@ -60,6 +60,7 @@ from gspo_megatron.procutil import exit_without_teardown
 from gspo_megatron.progress import progress_bar
 from gspo_megatron.resume import config_text, record_config
 from gspo_megatron.rewards.runner import RewardRunner
+from gspo_megatron.rollout.episodes import FailureWatch
 from gspo_megatron.rollout.placement import enter_role, role_of
 from gspo_megatron.rollout.source import (
     QUEUE_FILE,
@@ -242,6 +243,11 @@ class Trainer:
             self.first_transfer = self.source.start(self.state.step)
         self.reward_error_shown = self.silent_groups_shown = False
         self.skips = SkipGuard(cfg.train.max_skipped_steps)
+        self.failures = None
+        if cfg.agent.enabled:
+            self.failures = FailureWatch(
+                cfg.agent.environment, cfg.agent.max_failed_steps, self._say
+            )
         self.metrics = MetricsLogger(self.out, self.state.step)
         self.saver = AsyncSaver() if cfg.train.async_save else None
         self.config_text = config_text(cfg)
@@ -269,6 +275,8 @@ class Trainer:
         ages = token_ages(rollout, step)
         if not rollout.sampled_groups:
             raise GspoError(f"step {step + 1}: every prompt was skipped by the rollout engine")
+        if self.failures is not None:
+            self.failures.observe(rollout, step, lambda: last_complete_note(self.out / CHECKPOINTS))
         if rollout.first_error is not None and not self.reward_error_shown:
             # Once per run: reward/errors and reward/timeouts count them all; a broken reward
             # function must not drown the progress bar.

@@ -86,3 +86,17 @@ class Drifting(Scripted):
 
     def reset(self):
         return [{"role": "user", "content": f"{self.row['prompt']} {os.urandom(8).hex()}"}]
+
+
+class NeedsTwo(Scripted):
+    """A constructor that cannot take a data row alone."""
+
+    def __init__(self, row, other):
+        super().__init__(row)
+
+
+class ResetsNone(Scripted):
+    """Every episode fails: reset returns None."""
+
+    def reset(self):
+        return None

@@ -44,6 +44,18 @@ def agent_good(agent_init, tmp_path):
         ("agent.tool_call_format=xml", "agent.tool_call_format='xml' (allowed: qwen3)"),
         ("agent.turn_rewards=mean", "agent.turn_rewards='mean' (allowed: sum, ignore)"),
         ("agent.step_timeout_s=0", "agent.step_timeout_s=0.0 must be > 0"),
+        ("agent.env_start_timeout_s=-1", "agent.env_start_timeout_s=-1.0 must be > 0"),
+        ("agent.max_failed_steps=-1", "agent.max_failed_steps=-1 must be >= 0 (0 = never stop)"),
+        (
+            "agent.environment=episode_envs:NeedsTwo",
+            "agent.environment='episode_envs:NeedsTwo': NeedsTwo(row) on the first data row "
+            "raised TypeError: NeedsTwo.__init__() missing 1 required positional argument",
+        ),
+        (
+            "agent.environment=env_exits_at_import:Env",
+            "agent.environment='env_exits_at_import:Env': importing and constructing it from "
+            "the first data row ended its process (exit status 0) without a word",
+        ),
         ("loss.routing_replay=r3", "multi-turn episodes (agent.environment) do not assemble"),
     ],
 )
@@ -98,3 +110,27 @@ def test_per_turn_rewards_may_be_the_whole_signal(agent_good, monkeypatch, capsy
         agent_good + ["rewards.functions=[]", "agent.turn_rewards=ignore"], monkeypatch, capsys
     )
     assert "rewards.functions is empty" in err
+
+
+def test_a_slow_import_says_so_and_a_hung_one_is_refused(agent_good, monkeypatch, capsys):
+    """An environment module that takes 1.5 s to import: the pre-flight says what it waits
+    for while it waits (here every 0.5 s), and with agent.env_start_timeout_s=1 refuses it."""
+    from gspo_megatron import train
+    from gspo_megatron.rollout import env_pool
+
+    monkeypatch.setattr(env_pool, "PROGRESS_EVERY_S", 0.5)
+    monkeypatch.setenv("GSPO_TEST_IMPORT_S", "1.5")
+    train.main(agent_good + ["agent.environment=env_slow_import:Env", "--check"])
+    err = capsys.readouterr().err
+    assert "pre-flight: importing and constructing it from the first data row " in err
+    monkeypatch.setattr(env_pool, "PROGRESS_EVERY_S", 60.0)
+    err = _main(
+        agent_good + ["agent.environment=env_slow_import:Env", "agent.env_start_timeout_s=1"],
+        monkeypatch,
+        capsys,
+    )
+    assert err == (
+        "error: agent.environment='env_slow_import:Env': importing and constructing it from the "
+        "first data row took more than agent.env_start_timeout_s=1 s (raise it for a module "
+        "that imports slowly)"
+    )

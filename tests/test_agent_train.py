@@ -131,3 +131,44 @@ def test_another_environment_by_override_that_fails_for_some_episodes(agent_init
     m = metrics[0]
     assert m["agent/env_errors"] == 4 and m["agent/env_timeouts"] == 4
     assert m["train/update_successful"] == 1.0
+
+
+def test_an_environment_that_fails_every_episode_stops_the_run(agent_init, tmp_path):
+    """reset returns None for every episode: the first failure is shown once, a step of
+    nothing but failures is a warning, and agent.max_failed_steps=2 of them in a row stop the
+    run in one line (exit 1) before step 2's checkpoint; nothing is trained on them."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", CONFIG]
+    cmd += [
+        f"model.ckpt={agent_init / 'mcore'}",
+        f"data.path={agent_init / 'train.jsonl'}",
+        f"train.output_dir={out}",
+        "train.prompts_per_step=2",
+        "rollout.group_size=2",
+        "loss.micro_batch_size=1",
+        "train.steps=4",
+        "train.save_every=1",
+        "train.eval_every=0",
+        "agent.environment=episode_envs:ResetsNone",
+        "agent.max_failed_steps=2",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=tr.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    why = "invalid: reset returned messages None (NoneType); expected a list"
+    first = (
+        "environment episode_envs:ResetsNone failed (the episode scores 0, counted in "
+        f"agent/env_errors or agent/env_timeouts; only the first failure is shown): {why}\n"
+    )
+    warning = (
+        f"step 1: every one of its 4 episodes failed in its environment, so it has nothing to "
+        f"learn from ({why})\n"
+    )
+    stop = (
+        "\nstopped: every episode of 2 steps in a row failed in its environment (last in step "
+        f"2: {why}); the last complete checkpoint is {out / 'checkpoints' / 'step_000001'}. "
+        "Fix episode_envs:ResetsNone, or raise agent.max_failed_steps\n"
+    )
+    for line in (first, warning, stop):  # (the progress bar shares stderr)
+        assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_000001"]

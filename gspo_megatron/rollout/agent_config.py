@@ -41,6 +41,15 @@ class AgentConfig:
     step_timeout_s: float = 30.0
     """An environment's reset or step that takes longer ends its episode as failed (reward 0,
     agent/env_timeouts); the run goes on."""
+    env_start_timeout_s: float = 120.0
+    """A new environment process that has not imported the class within this long fails its
+    episode (timeout); the pre-flight's trial construction gets as long. Raise it for modules
+    that import slowly."""
+    max_failed_steps: int = 3
+    """Steps in a row in which every episode's environment failed before the run stops with the
+    first failure's line (0: never). Such a step has nothing to learn from; one or two can be a
+    passing outage of what the environment talks to, three in a row are a broken environment
+    whose run would only spend compute."""
     env_special_tokens: bool = False
     """Parse the tokenizer's added tokens (<|im_end|>, <tool_call>, ...) in what environments
     return as those tokens. Off: environment text is plain text, so a tool result cannot close
@@ -89,8 +98,13 @@ class AgentConfig:
             raise GspoError(
                 f"agent.turn_rewards='{self.turn_rewards}' (allowed: {', '.join(TURN_REWARDS)})"
             )
-        if not self.step_timeout_s > 0:
-            raise GspoError(f"agent.step_timeout_s={self.step_timeout_s} must be > 0")
+        for name in ("step_timeout_s", "env_start_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise GspoError(f"agent.{name}={getattr(self, name)} must be > 0")
+        if self.max_failed_steps < 0:
+            raise GspoError(
+                f"agent.max_failed_steps={self.max_failed_steps} must be >= 0 (0 = never stop)"
+            )
 
     def tokens_per_turn(self, max_new_tokens: int) -> int:
         return self.max_tokens_per_turn or max_new_tokens

@@ -52,11 +52,12 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.procutil import Strays, kill_group, split_off_guard
@@ -117,17 +118,98 @@ class EnvReply:
     into the system turn), when it has that method."""
 
 
-def check_environment(env_path: str) -> None:
-    """Pre-flight, in the trainer: the path names an importable class with callable ``reset``
-    and ``step``; GspoError (one line) otherwise."""
+PROBE = """
+import json, os, sys
+result = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # what the module prints goes to stderr, the verdict alone to stdout
+from gspo_megatron.rollout.env_pool import _probe
+result.write(json.dumps(_probe(sys.argv[1], json.load(sys.stdin))))
+"""
+PROGRESS_EVERY_S = 10.0
+"""A pre-flight trial that takes longer says what it is waiting for, this often."""
+
+
+def check_environment(
+    env_path: str,
+    row: Optional[dict] = None,
+    timeout_s: float = 120.0,
+    say: Optional[Callable[[str], None]] = None,
+) -> None:
+    """Pre-flight: the path names an importable class with callable ``reset`` and ``step`` that
+    ``Class(row)`` constructs from ``row`` (the first data row; None: not tried); GspoError
+    (one line) otherwise. The trial runs in a child process first, so that a module that ends
+    its process at import (``os._exit``) or hangs fails the check instead of ending or stalling
+    the trainer; then the class is imported here too (the fork server preloads what the trainer
+    has imported). ``say`` gets a line every ``PROGRESS_EVERY_S`` of a slow trial."""
+    _check_path(env_path)  # before a process is started
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROBE, env_path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    what = "importing and constructing it from the first data row" if row else "importing it"
+    started, data = time.monotonic(), json.dumps(row)
+    while True:
+        waited = time.monotonic() - started
+        try:
+            out, err = proc.communicate(data, timeout=min(PROGRESS_EVERY_S, timeout_s - waited))
+            break
+        except subprocess.TimeoutExpired:
+            data = None
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                proc.kill()
+                proc.communicate()
+                raise GspoError(
+                    f"{WHERE}='{env_path}': {what} took more than agent.env_start_timeout_s="
+                    f"{timeout_s:g} s (raise it for a module that imports slowly)"
+                ) from None
+            if say is not None:
+                say(f"pre-flight: {what} ({WHERE}='{env_path}'): {waited:.0f} s so far")
+    try:
+        verdict = json.loads(out) if proc.returncode == 0 else False
+    except ValueError:
+        verdict = False
+    if verdict is False:
+        last = (err.strip().splitlines() or [""])[-1][:300]
+        raise GspoError(
+            f"{WHERE}='{env_path}': {what} ended its process (exit status {proc.returncode})"
+            + (f": {last}" if last else " without a word")
+        )
+    if verdict is not None:
+        raise GspoError(verdict)
     load_environment(env_path)
+
+
+def _check_path(env_path: object) -> None:
+    if not isinstance(env_path, str) or ":" not in env_path:
+        # resolve() would offer the built-in reward functions, which are no environments.
+        raise GspoError(f"{WHERE}={env_path!r}: not an import path 'package.module:Class'")
+
+
+def _probe(env_path: str, row: Optional[dict]) -> Optional[str]:
+    """The pre-flight trial, in its own process: why ``env_path`` is no environment that can be
+    made from ``row``, or None."""
+    try:
+        cls = load_environment(env_path)
+        if row is not None:
+            _guarded(f"{WHERE}='{env_path}': {cls.__name__}(row) on the first data row", cls, row)
+    except GspoError as err:
+        return str(err)
+    except _Failed as failed:
+        return failed.detail
+    except BaseException as exc:
+        return f"{WHERE}='{env_path}': {describe(exc)}"
+    return None
 
 
 def load_environment(env_path: str) -> type:
     """The class ``env_path`` names (imported here); GspoError (one line) if it is none."""
-    if not isinstance(env_path, str) or ":" not in env_path:
-        # resolve() would offer the built-in reward functions, which are no environments.
-        raise GspoError(f"{WHERE}={env_path!r}: not an import path 'package.module:Class'")
+    _check_path(env_path)
     cls = resolve(env_path, WHERE)
     if not isinstance(cls, type):
         raise GspoError(f"{WHERE}='{env_path}': not a class ({type(cls).__name__})")
@@ -698,14 +780,18 @@ class EnvPool:
                 deadlines[key] = time.monotonic() + self.step_timeout_s
             else:
                 deadlines[key] = proc.started + self.start_timeout_s
+        started, notice = time.monotonic(), time.monotonic() + PROGRESS_EVERY_S
         try:
             while deadlines:
                 by_object = {}
                 for key in deadlines:
                     proc = calls[key][0]
                     by_object[proc.conn] = by_object[proc.proc.sentinel] = key
-                left = min(deadlines.values()) - time.monotonic()
+                left = min(min(deadlines.values()), notice) - time.monotonic()
                 keys = {by_object[o] for o in wait(list(by_object), max(left, 0.0))}
+                if time.monotonic() >= notice:
+                    notice += PROGRESS_EVERY_S
+                    self._say_starting([calls[k][0] for k in deadlines], started)
                 for key in keys:
                     proc, job = calls[key]
                     result = self._answer(proc, job, proc.receive())
@@ -725,6 +811,18 @@ class EnvPool:
                 self._episodes.pop(key, None)
             raise
         return results
+
+    def _say_starting(self, waiting: List[_EnvProcess], since: float) -> None:
+        """A slow import must not look like a hang: say what the wait is for."""
+        starting = sum(not p.ready for p in waiting)
+        if starting:
+            print(
+                f"environment: {starting} process(es) still importing {WHERE}="
+                f"'{self.env_path}' ({time.monotonic() - since:.0f} s so far; "
+                f"agent.env_start_timeout_s={self.start_timeout_s:g})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _record(self, results: dict, key: Hashable, proc: _EnvProcess, result: Result) -> None:
         results[key] = (proc, result)

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from gspo_megatron.errors import TrainingStopped
 from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rewards.registry import describe
 from gspo_megatron.rollout.agent_config import AgentConfig
@@ -394,6 +395,40 @@ class EpisodeRunner:
                 rec.env_reward = 0.0
 
 
+class FailureWatch:
+    """What a run says about failed environments: the first failure once (the counts are in
+    agent/env_errors and agent/env_timeouts), a warning for a step in which every episode
+    failed, and a stop after ``agent.max_failed_steps`` such steps in a row."""
+
+    def __init__(self, environment: str, limit: int, say: Callable[[str], None]):
+        self.environment, self.limit, self.say = environment, limit, say
+        self.shown, self.in_a_row = False, 0
+
+    def observe(self, rollout, step: int, last_checkpoint: Callable[[], str]) -> None:
+        """``rollout`` (a ``sampling.StepRollout``) is step ``step``'s batch (0-based)."""
+        if rollout.first_env_failure is not None and not self.shown:
+            self.shown = True
+            self.say(
+                f"environment {self.environment} failed (the episode scores 0, counted in "
+                f"agent/env_errors or agent/env_timeouts; only the first failure is shown): "
+                f"{rollout.first_env_failure}"
+            )
+        every = rollout.episodes > 0 and rollout.failed_episodes == rollout.episodes
+        self.in_a_row = self.in_a_row + 1 if every else 0
+        if not every:
+            return
+        if self.limit and self.in_a_row >= self.limit:
+            raise TrainingStopped(
+                f"every episode of {self.in_a_row} steps in a row failed in its environment "
+                f"(last in step {step + 1}: {rollout.first_env_failure}); {last_checkpoint()}. "
+                f"Fix {self.environment}, or raise agent.max_failed_steps"
+            )
+        self.say(
+            f"step {step + 1}: every one of its {rollout.episodes} episodes failed in its "
+            f"environment, so it has nothing to learn from ({rollout.first_env_failure})"
+        )
+
+
 def agent_stats(records: Sequence[EpisodeRecord]) -> Dict[str, float]:
     """The ``agent/*`` metrics of a step's episodes: per-episode means of turns, tool calls and
     tokens; counts of malformed calls, failed environments and truncated episodes."""
@@ -503,7 +538,9 @@ def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
 
     lead = engine.rank % rollout.engine_tp == 0
     limits = env_limits(cfg, rollout, tokenizer)
-    pool = EnvPool(cfg.environment, cfg.step_timeout_s, limits=limits) if lead else None
+    pool = None
+    if lead:
+        pool = EnvPool(cfg.environment, cfg.step_timeout_s, cfg.env_start_timeout_s, limits)
     envs = SharedEnvs(pool, engine.num_engines, engine.engine_index, lead)
     eot = end_of_turn_id(tokenizer)
     runner = EpisodeRunner(

@@ -45,6 +45,11 @@ class StepRollout:
     num_tokens: int = 0
     stats: Dict[str, float] = field(default_factory=dict)
     first_error: Optional[str] = None
+    episodes: int = 0
+    """Multi-turn episodes sampled (every round's), and of them those whose environment failed."""
+    failed_episodes: int = 0
+    first_env_failure: Optional[str] = None
+    """The first failed episode's '<failure>: <detail>' (None if none failed)."""
     index: int = 0
     """The step this batch is for (``rollout.source``)."""
     version: int = 0
@@ -107,6 +112,13 @@ def sample_step(
         rewards = episode_rewards(rewards, [c for _, g in got for c in g])
         reward_parts.append((stats, len(texts)))
         out.first_error = out.first_error or error
+        for c in (c for _, g in got for c in g if c.agent is not None):
+            out.episodes += 1
+            if c.agent.failure is not None:
+                out.failed_episodes += 1
+                out.first_env_failure = out.first_env_failure or (
+                    f"{c.agent.failure}: {c.agent.failure_detail}"
+                )
         out.sampled_rewards += rewards
         k = 0
         for p, g in got:
