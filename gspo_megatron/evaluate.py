@@ -159,8 +159,10 @@ def plan(args: argparse.Namespace) -> EvalPlan:
         data, rewards, agent = DataConfig(), None, None
     if agent is not None:
         from gspo_megatron.rollout.env_pool import check_environment
+        from gspo_megatron.rollout.machine import machine_envs
 
         check_environment(agent.environment, timeout_s=agent.env_start_timeout_s)
+        machine_envs(agent)
     if args.data is not None:
         data = replace(data, path=args.data)
     if args.prompt_field is not None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
-import psutil
 import torch
 
 from gspo_megatron.checkpoint.atomic import check_free_space, check_writable_dir
@@ -35,6 +34,7 @@ from gspo_megatron.parallel import check_layout
 from gspo_megatron.resume import Change, resume_changes
 from gspo_megatron.rewards.builtin import NEEDS_ANSWER
 from gspo_megatron.rewards.runner import RewardConfig
+from gspo_megatron.rollout.machine import check_kv_caches, machine_envs
 from gspo_megatron.rollout.routes import capture_unavailable
 from gspo_megatron.run_lock import check_run_lock
 
@@ -107,7 +107,10 @@ def preflight(
             f"{cfg.rollout.max_model_len} exceeds the model's max_position_embeddings="
             f"{spec.max_position_embeddings}"
         )
-    check_kv_cache_fits(cfg)
+    if not torch.cuda.is_available():  # (on GPU the engines' caches are device memory)
+        check_kv_caches(cfg.rollout)
+    if cfg.agent.enabled:
+        machine_envs(cfg.agent)
     tokenizer = load_tokenizer(Path(cfg.model.ckpt) / HF_SUBDIR)
     needs_answer = reward_needing_answers(cfg.rewards, cfg.data.answer_field)
     prompts = load_prompts(
@@ -237,20 +240,6 @@ def reward_needing_answers(
             f"name the answer column"
         )
     return needing[0] if needing else ""
-
-
-def check_kv_cache_fits(cfg: Config) -> None:
-    """On CPU vLLM reserves the KV cache from host memory at start-up: more than the machine has
-    free would end in the kernel's OOM killer, not in an error."""
-    if torch.cuda.is_available():
-        return
-    free = psutil.virtual_memory().available
-    if cfg.rollout.kv_cache_gib * (1 << 30) > free:
-        raise GspoError(
-            f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib:g} is more than this "
-            f"machine's free memory ({free / (1 << 30):.1f} GiB) for one engine's KV "
-            f"cache; lower it (the tiny demo uses 0.05)"
-        )
 
 
 def _first_rank() -> bool:

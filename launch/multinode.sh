@@ -27,7 +27,7 @@ source launch/torchrun_env.sh
 echo "node $NODE_RANK/$NNODES: $NPROC_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
 # Every node checks its own view of the inputs (a file missing on one node shows up there) as
 # one line and exit status 2, before torchrun.
-WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) "$PYTHON" -m gspo_megatron.train --check --config "$CONFIG" "$@"
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) LOCAL_WORLD_SIZE=$NPROC_PER_NODE "$PYTHON" -m gspo_megatron.train --check --config "$CONFIG" "$@"
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m gspo_megatron.train --config "$CONFIG" "$@"

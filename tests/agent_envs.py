@@ -88,6 +88,15 @@ class Misbehaves:
             sys.exit(3)
         if how == "os._exit":
             os._exit(7)
+        if how == "hog":
+            return [{"role": "user", "content": str(len(bytearray(3 << 30)))}], False, None
+        if how == "hog in a child":  # a sandbox: the same cap, in a process of its own
+            import subprocess
+
+            code = "bytearray(3 << 30)"
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            last = (run.stderr.strip().splitlines() or ["ok"])[-1]
+            return [{"role": "user", "content": f"{run.returncode} {last}"}], False, None
         returns = {
             "pair": (ok, False),
             "list": [ok, False, 1.0],

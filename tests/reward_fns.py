@@ -132,6 +132,11 @@ def _daemon(pid_file: Path) -> None:
         f.write(pid)
 
 
+def hogs_memory(prompt, response, answer):
+    """Allocates 3 GiB (a runaway verifier)."""
+    return float(len(bytearray(3 << 30)) > 0)
+
+
 def starts_processes_then_hangs(prompt, response, answer):
     """Starts two child processes (pids in `prompt`.children), then as hangs_after_writing_pid."""
     _start_sleepers(Path(prompt + ".children"))

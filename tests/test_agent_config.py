@@ -46,6 +46,12 @@ def agent_good(agent_init, tmp_path):
         ("agent.step_timeout_s=0", "agent.step_timeout_s=0.0 must be > 0"),
         ("agent.env_start_timeout_s=-1", "agent.env_start_timeout_s=-1.0 must be > 0"),
         ("agent.max_failed_steps=-1", "agent.max_failed_steps=-1 must be >= 0 (0 = never stop)"),
+        ("agent.env_memory_gib=-1", "agent.env_memory_gib=-1.0 must be >= 0 (0 = no limit)"),
+        (
+            "agent.max_parallel_envs=100000000",
+            "agent.max_parallel_envs=100000000: 100000000 live episodes take about 1562500.0 "
+            "GiB, more than half of this machine's free memory",
+        ),
         (
             "agent.environment=episode_envs:NeedsTwo",
             "agent.environment='episode_envs:NeedsTwo': NeedsTwo(row) on the first data row "

@@ -23,7 +23,7 @@ from conftest import REPO, child_env
 from gspo_megatron.errors import GspoError
 from gspo_megatron.rewards.worker import OUTPUT_PER_CALL
 from gspo_megatron.rollout import env_pool
-from gspo_megatron.rollout.env_pool import EnvPool, check_environment
+from gspo_megatron.rollout.env_pool import EnvLimits, EnvPool, check_environment
 
 TESTS = Path(__file__).resolve().parent
 
@@ -190,6 +190,22 @@ def test_each_fault_fails_only_its_own_episode():
         assert custom == "plain?" and type(custom) is str  # nothing of the user's module's
         assert _running(pids.values()) == []  # every failed episode's process is killed
         assert pool.step({"ok": ("ok", [])})["ok"].failure is None  # the others go on
+
+
+def test_an_environment_over_its_memory_limit_fails_its_episode_only():
+    """agent.env_memory_gib=0.5: a step that allocates 3 GiB fails its episode with a line
+    saying so (the machine never sees the 3 GiB); a sandbox the environment starts has the same
+    cap; the other episodes go on."""
+    with EnvPool("agent_envs:Misbehaves", 10, limits=EnvLimits(memory_gib=0.5)) as pool:
+        pool.reset({k: {} for k in ("hog", "child", "ok")})
+        replies = pool.step({"hog": ("hog", []), "child": ("hog in a child", []), "ok": ("ok", [])})
+    assert (replies["hog"].failure, replies["hog"].detail) == (
+        "error",
+        "step ran out of memory (agent.env_memory_gib=0.5 GiB beyond what the process held at "
+        "start)",
+    )
+    assert replies["child"].messages[0]["content"] == "1 MemoryError"
+    assert replies["ok"].failure is None
 
 
 def test_metadata_that_fails_gives_nothing():

@@ -47,15 +47,14 @@ class ScriptedSampler:
         return out
 
 
-def runner(tok, env, script, limits=None, **cfg):
+def runner(tok, env, script, limits=None, per_engine=0, **cfg):
     cfg = AgentConfig(environment=env, **{"step_timeout_s": 5.0, **cfg})
     from gspo_megatron.rollout.transcript import ChatRenderer
 
     pool = EnvPool(env, cfg.step_timeout_s, limits=limits or EnvLimits())
     sampler = ScriptedSampler(tok, script)
-    r = EpisodeRunner(
-        cfg, ChatRenderer(tok, end_of_turn_id(tok)), SharedEnvs(pool), sampler, 64, 1024
-    )
+    renderer = ChatRenderer(tok, end_of_turn_id(tok))
+    r = EpisodeRunner(cfg, renderer, SharedEnvs(pool), sampler, 64, 1024, per_engine)
     return r, sampler, pool
 
 
@@ -370,3 +369,47 @@ def test_an_environment_that_answers_otherwise_on_replay_fails_its_episode(tok):
         assert set(c.versions) == {0}  # nothing sampled after the failed replay
     assert batch.extra["agent/replay_mismatches"] == 2.0
     assert episode_rewards([1.0, 1.0], batch.groups[0]) == [0.0, 0.0]
+
+
+def test_episodes_beyond_the_cap_wait_for_a_wave(tok):
+    """agent.max_parallel_envs' share of 2 per engine: 6 episodes (3 prompts x 2) run in waves
+    with never more than 2 environments live, and give exactly the episodes all 6 at once give;
+    so do partial rollouts (start, then resume), whose replay runs in waves too."""
+    from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
+
+    rows = [
+        {"prompt": f"What is stored under k{i}?", "key": f"k{i}", "answer": v}
+        for i, v in ((3, "teal"), (8, "gold"), (5, "red"))
+    ]
+    prompts = [Prompt(r["prompt"], [1], r["answer"], i, r) for i, r in enumerate(rows)]
+
+    def script(index, turn):
+        return CALL if turn == 0 else rows[index // 2]["answer"]
+
+    env = "episode_envs:LookupWithSchemas"
+    r, _, pool = runner(tok, env, script, max_turns=3)
+    with pool:
+        whole = agent_rollout(r, prompts, 2, step=7)
+    live = []
+    r, sampler, pool = runner(tok, env, script, per_engine=2, max_turns=3)
+    inner = r.sample
+    r.sample = lambda requests: live.append(len(pool._episodes)) or inner(requests)
+    with pool:
+        waves = agent_rollout(r, prompts, 2, step=7)
+        state = start_episodes(r, prompts, 2, 7, turns=1, version=4)
+        split = finish_episodes(r, state, 2, 7, version=5)
+    assert _comparable(waves) == _comparable(whole) and _comparable(split) == _comparable(whole)
+    assert max(live) == 2 and len(sampler.requests) == 3 * 2 * 2
+    assert max(len(r) for r in sampler.requests) == 2
+
+
+def test_waves_hold_at_most_the_share_of_each_engine():
+    """With 2 engines (episode i on engine i % 2) and 2 per engine, a wave holds at most 2 of
+    each engine's episodes, in order, whatever the mix of a resumed batch's live ones."""
+    envs = SharedEnvs(None, num_engines=2)
+    r = EpisodeRunner(AgentConfig(environment="m:C"), None, envs, None, 64, 1024, per_engine=2)
+    assert r._waves(range(7)) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert r._waves([0, 2, 4, 6, 1, 8]) == [[0, 2, 1], [4, 6], [8]]
+    assert EpisodeRunner(AgentConfig(environment="m:C"), None, envs, None, 64, 1024)._waves(
+        [5, 3]
+    ) == [[5, 3]]

@@ -341,6 +341,17 @@ def test_settings_that_would_fail_every_call_or_the_machine(
         assert message in _main(argv, monkeypatch, capsys)
 
 
+def test_the_kv_caches_of_every_engine_on_the_node_must_fit(good, monkeypatch, capsys):
+    """Two ranks on this node, an engine each: each engine's cache fits in free memory, the two
+    together do not (the kernel's OOM killer would end the run mid-start)."""
+    import psutil
+
+    gib = round(0.75 * psutil.virtual_memory().available / (1 << 30), 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    err = _main(good + [f"rollout.kv_cache_gib={gib}"], monkeypatch, capsys, world=2)
+    assert f"rollout.kv_cache_gib={gib:g} for each of the 2 engines on this node is more " in err
+
+
 def test_data_the_rewards_or_the_reader_cannot_use(good, monkeypatch, capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "w3 w0", "answer": "w3"}\n{"prompt": "w4 w0", "answer": null}\n')

@@ -469,6 +469,24 @@ def _pids(path: Path) -> list:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
+def test_a_call_over_the_memory_limit_fails_alone():
+    """rewards.memory_gib=0.5: a function that allocates 3 GiB scores 0 with a line saying so;
+    the worker stays and scores the next call."""
+    cfg = RewardConfig(
+        functions=[RewardFn("reward_fns:hogs_memory"), RewardFn("exact_match")], memory_gib=0.5
+    )
+    runner = RewardRunner(cfg)
+    try:
+        totals, stats = runner.score([("p", "a", "a")])
+    finally:
+        runner.close()
+    assert totals == [1.0] and stats["reward/errors"] == 1
+    assert runner.last_errors == [
+        "reward_fns:hogs_memory: ran out of memory (rewards.memory_gib=0.5 GiB beyond what the "
+        "worker held at start)"
+    ]
+
+
 @pytest.mark.parametrize("function", ["starts_processes", "starts_escaping_processes"])
 def test_processes_a_function_starts_end_with_its_call(tmp_path, function):
     """A reward function that leaves processes behind (a sandbox, a tool): they end with the

@@ -76,6 +76,10 @@ class RewardConfig:
     """Terms summed with their weights (paper-style math RL: math 1.0)."""
     timeout_s: float = 10.0
     """Per call, from when the worker starts it; a call past it is killed and scores 0."""
+    memory_gib: float = 4.0
+    """Memory the reward worker may take beyond what it holds once the functions are imported
+    (0: no limit): a call that goes over it fails and scores 0, with a line saying so, instead
+    of the machine running out (each process a function starts has the same cap)."""
 
     def validate(self, allow_empty: bool = False) -> None:
         """``allow_empty``: another source of rewards exists (an environment's per-turn ones)."""
@@ -85,6 +89,10 @@ class RewardConfig:
             raise GspoError(f"rewards.timeout_s={self.timeout_s} must be > 0")
         if not math.isfinite(self.timeout_s):
             raise GspoError(f"rewards.timeout_s={self.timeout_s} must be a finite number")
+        if not (math.isfinite(self.memory_gib) and self.memory_gib >= 0):
+            raise GspoError(
+                f"rewards.memory_gib={self.memory_gib} must be a finite number >= 0 (0 = no limit)"
+            )
         for i, f in enumerate(self.functions):
             if not math.isfinite(f.weight):
                 raise GspoError(
@@ -106,7 +114,7 @@ class RewardRunner:
         """The first few problems of the last score(), each "<function name>: <what happened>"."""
         self._ctx = mp.get_context("spawn")
         # Spawned now, so that its imports overlap the trainer's own start-up.
-        self._worker: Optional[Worker] = Worker(self._ctx, self.names)
+        self._worker: Optional[Worker] = Worker(self._ctx, self.names, cfg.memory_gib)
         self._cannot_start: Optional[str] = None
         self._output_shown = 0
         # Before multiprocessing's exit hook, which would SIGTERM the worker and wait for it.
@@ -235,7 +243,7 @@ class RewardRunner:
     def _replace_worker(self) -> None:
         if self._worker is not None:
             self._worker.kill()
-        self._worker = Worker(self._ctx, self.names)
+        self._worker = Worker(self._ctx, self.names, self.cfg.memory_gib)
 
 
 def _tag(name: str) -> str:

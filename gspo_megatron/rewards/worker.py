@@ -41,6 +41,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.procutil import Strays, kill_group, split_off_guard
 from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
+from gspo_megatron.rollout.machine import limit_memory
 
 STARTUP_TIMEOUT_S = 120.0
 """How long a fresh worker may take to start and import the functions (not part of any call)."""
@@ -56,7 +57,7 @@ Reply = Tuple[float, Optional[str]]  # (value, None) or (0.0, what went wrong)
 Output = Tuple[bytes, int]  # (the first OUTPUT_PER_CALL bytes printed, how many bytes in all)
 
 
-def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
+def _serve(conn, names: Sequence[str], parent_pid: int, memory_gib: float = 0.0) -> None:
     """Worker main: lead a process group with a guard in it, capture fds 1 and 2, import the
     functions, send None (ready) or why it cannot start, then answer each Job with
     (Reply, Output) until the trainer kills it or goes away."""
@@ -73,6 +74,9 @@ def _serve(conn, names: Sequence[str], parent_pid: int) -> None:
         conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
         return
     strays = Strays()  # what the functions' modules started at import lives on
+    global _MEMORY_NOTE
+    if limit_memory(memory_gib) is not None:
+        _MEMORY_NOTE = f"rewards.memory_gib={memory_gib:g} GiB beyond what the worker held at start"
     conn.send(None)
     try:
         while True:
@@ -130,6 +134,8 @@ def _run_one(
         else:
             raw = fn(prompt, response, answer)
         value = _finite_real(raw)
+    except MemoryError:
+        return 0.0, f"ran out of memory ({_MEMORY_NOTE})"
     except BaseException as exc:
         return 0.0, f"raised {describe(exc)}"
     if value is None:
@@ -175,6 +181,9 @@ def _import_lazy_dependencies(names: Sequence[str]) -> None:
 
 _NO_ANSWER = object()
 
+_MEMORY_NOTE = "no limit set: the machine's own"
+"""What a MemoryError in a call ran into (the worker's limit once it is set)."""
+
 
 @dataclass(frozen=True)
 class _Died:
@@ -202,9 +211,10 @@ def _main_module_hidden(names: Sequence[str]):
 class Worker:
     """One worker process and its pipe. Spawned at once; `wait_ready` waits for its imports."""
 
-    def __init__(self, ctx, names: Sequence[str]):
+    def __init__(self, ctx, names: Sequence[str], memory_gib: float = 0.0):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, list(names), os.getpid()), daemon=True)
+        args = (child, list(names), os.getpid(), memory_gib)
+        self.proc = ctx.Process(target=_serve, args=args, daemon=True)
         self.ready = False
         self.failed: Optional[str] = None
         """Why this worker cannot score (it is gone then)."""

@@ -41,6 +41,14 @@ class AgentConfig:
     step_timeout_s: float = 30.0
     """An environment's reset or step that takes longer ends its episode as failed (reward 0,
     agent/env_timeouts); the run goes on."""
+    max_parallel_envs: int = 0
+    """Live episodes (environment processes) on one machine at most (0: sized to the machine,
+    32 per CPU up to 256 and what half its free memory holds); a step's episodes beyond it run
+    in later waves, each over before the next opens."""
+    env_memory_gib: float = 2.0
+    """Memory an environment process may take beyond what it holds once the class is imported
+    (0: no limit): going over it fails that episode with a line saying so, not the machine.
+    Each process the environment starts has the same cap (README, "Limits")."""
     env_start_timeout_s: float = 120.0
     """A new environment process that has not imported the class within this long fails its
     episode (timeout); the pre-flight's trial construction gets as long. Raise it for modules
@@ -101,6 +109,15 @@ class AgentConfig:
         for name in ("step_timeout_s", "env_start_timeout_s"):
             if not getattr(self, name) > 0:
                 raise GspoError(f"agent.{name}={getattr(self, name)} must be > 0")
+        if self.max_parallel_envs < 0:
+            raise GspoError(
+                f"agent.max_parallel_envs={self.max_parallel_envs} must be >= 0 (0 = sized to "
+                f"the machine)"
+            )
+        if not self.env_memory_gib >= 0:
+            raise GspoError(
+                f"agent.env_memory_gib={self.env_memory_gib} must be >= 0 (0 = no limit)"
+            )
         if self.max_failed_steps < 0:
             raise GspoError(
                 f"agent.max_failed_steps={self.max_failed_steps} must be >= 0 (0 = never stop)"

@@ -148,11 +148,31 @@ class EpisodeRunner:
         sample: Callable[[List[TurnRequest]], Dict[int, object]],
         max_new_tokens: int,
         max_model_len: int,
+        per_engine: int = 0,
     ):
         self.cfg, self.renderer, self.envs, self.sample = cfg, renderer, envs, sample
         self.greedy = False  # (agent_rollout sets it per call: evaluation may be greedy)
         self.per_turn = cfg.tokens_per_turn(max_new_tokens)
         self.budget = cfg.episode_tokens(max_model_len)
+        self.per_engine = per_engine
+        """Live episodes per engine's environments at most (``agent.max_parallel_envs``'s
+        share; 0: all of a call's): a call's episodes run in waves, each over before the next
+        opens."""
+
+    def _waves(self, items: Sequence, index: Callable = lambda x: x) -> List[list]:
+        """``items`` (episode indices, or episodes) in order, in waves that hold at most
+        ``per_engine`` of each engine's episodes (engine ``index % num_engines``)."""
+        if not self.per_engine:
+            return [list(items)] if len(items) else []
+        taken: Dict[int, int] = {}
+        waves: List[list] = []
+        for x in items:
+            engine = index(x) % self.envs.num_engines
+            k = taken.get(engine, 0) // self.per_engine
+            taken[engine] = taken.get(engine, 0) + 1
+            waves += [[] for _ in range(k + 1 - len(waves))]
+            waves[k].append(x)
+        return waves
 
     def run(
         self, rows: Sequence[dict], fallback_ids: Sequence[List[int]], seed_key: Callable
@@ -162,9 +182,12 @@ class EpisodeRunner:
         ``seed_key(index, turn)`` keys the engine's sampling seed of a turn."""
         t0 = time.perf_counter()
         self.env_seconds, self.replay_seconds, self.turn_seconds = 0.0, 0.0, []
-        eps = self._open(rows, fallback_ids, version=0)
-        self._play(eps, 0, seed_key)
-        self._finish(eps)
+        eps = []
+        for wave in self._waves(range(len(rows))):
+            opened = self._open(rows, fallback_ids, 0, wave)
+            self._play(opened, 0, seed_key)
+            self._finish(opened)
+            eps += opened
         self.seconds = time.perf_counter() - t0
         return [e.transcript for e in eps], [e.record for e in eps]
 
@@ -180,10 +203,13 @@ class EpisodeRunner:
         are finished, the others suspended (their processes freed: ``resume`` rebuilds them)."""
         t0 = time.perf_counter()
         self.env_seconds, self.replay_seconds, self.turn_seconds = 0.0, 0.0, []
-        eps = self._open(rows, fallback_ids, version)
-        self._play(eps, 0, seed_key, stop=turns)
-        self._finish([e for e in eps if e.done])
-        self.envs.release([e.index for e in eps if not e.done])
+        eps = []
+        for wave in self._waves(range(len(rows))):
+            opened = self._open(rows, fallback_ids, version, wave)
+            self._play(opened, 0, seed_key, stop=turns)
+            self._finish([e for e in opened if e.done])
+            self.envs.release([e.index for e in opened if not e.done])
+            eps += opened
         seconds = time.perf_counter() - t0
         return Suspended(eps, turns, self.env_seconds, seconds)
 
@@ -198,18 +224,20 @@ class EpisodeRunner:
         live = [e for e in eps if not e.done]
         for e in live:
             e.transcript.version = version
-        t1 = time.perf_counter()
-        self._replay(live)
-        self.replay_seconds = time.perf_counter() - t1
-        self._play(live, state.next_turn, seed_key)
-        self._finish(live)
+        for wave in self._waves(live, lambda e: e.index):
+            t1 = time.perf_counter()
+            self._replay(wave)
+            self.replay_seconds += time.perf_counter() - t1
+            self._play(wave, state.next_turn, seed_key)
+            self._finish(wave)
         self.env_seconds += state.env_seconds
         self.seconds = time.perf_counter() - t0 + state.seconds
         return [e.transcript for e in eps], [e.record for e in eps]
 
-    def _open(self, rows, fallback_ids, version: int) -> List[_Live]:
-        eps = [_Live(i, None, EpisodeRecord()) for i in range(len(rows))]
-        replies = self._timed(self.envs.reset, {i: dict(row) for i, row in enumerate(rows)})
+    def _open(self, rows, fallback_ids, version: int, indices: Sequence[int]) -> List[_Live]:
+        """Open the episodes of ``rows`` at ``indices``."""
+        eps = [_Live(i, None, EpisodeRecord()) for i in indices]
+        replies = self._timed(self.envs.reset, {i: dict(rows[i]) for i in indices})
         for e in eps:
             reply = replies[e.index]
             if reply.failure is not None:
@@ -535,6 +563,7 @@ def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
     the environment processes of the episodes that engine samples."""
     from gspo_megatron.rollout.agent_config import end_of_turn_id
     from gspo_megatron.rollout.env_pool import EnvPool
+    from gspo_megatron.rollout.machine import envs_per_engine
 
     lead = engine.rank % rollout.engine_tp == 0
     limits = env_limits(cfg, rollout, tokenizer)
@@ -542,6 +571,8 @@ def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
     if lead:
         pool = EnvPool(cfg.environment, cfg.step_timeout_s, cfg.env_start_timeout_s, limits)
     envs = SharedEnvs(pool, engine.num_engines, engine.engine_index, lead)
+    # Every rank must cut the same waves (the engine calls are collective): the smallest share.
+    per_engine = min(all_gather_objects(envs_per_engine(cfg, rollout)))
     eot = end_of_turn_id(tokenizer)
     runner = EpisodeRunner(
         cfg,
@@ -550,6 +581,7 @@ def make_runner(cfg: AgentConfig, rollout, tokenizer, engine) -> EpisodeRunner:
         lambda requests: engine.sample_turns(requests, eot, greedy=runner.greedy),
         rollout.max_new_tokens,
         rollout.max_model_len,
+        per_engine,
     )
     return runner
 
@@ -568,4 +600,5 @@ def env_limits(cfg: AgentConfig, rollout, tokenizer):
     return EnvLimits(
         chars_for_tokens(cfg.max_observation_tokens + 1, token_chars),
         chars_for_tokens(budget + 1, token_chars),
+        cfg.env_memory_gib,
     )
