@@ -242,6 +242,14 @@ def load_prompts(
                 f"{where}: field '{cfg.answer_field}' is null, and the "
                 f"{require_answers} reward compares with it (data.answer_field)"
             )
+        if require_answers and isinstance(answer, (list, dict)):
+            # Its text ("['4', 'four']") would never equal a response: every reward 0, silently.
+            kind = "a list" if isinstance(answer, list) else "an object"
+            raise GspoError(
+                f"{where}: field '{cfg.answer_field}' is {kind} ({str(answer)[:60]}), and the "
+                f"{require_answers} reward compares the response with one answer: give each "
+                f"row a string or a number (data.answer_field)"
+            )
         prompts.append(
             Prompt(
                 row[cfg.prompt_field],

@@ -28,6 +28,7 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 1
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_HUNG_UP = 129
 
 
 class GspoError(Exception):
@@ -43,7 +44,12 @@ class Terminated(BaseException):
     that the same cleanup runs."""
 
 
+class HungUp(Terminated):
+    """SIGHUP (a closed terminal or ssh session): ended as SIGTERM is, with its own status."""
+
+
 _SIGNAL_EXITS = {
+    HungUp: ("SIGHUP (the terminal or session closed)", EXIT_HUNG_UP, "terminated"),
     Terminated: ("SIGTERM", EXIT_TERMINATED, "terminated"),
     KeyboardInterrupt: ("SIGINT (Ctrl-C)", EXIT_INTERRUPTED, "interrupted"),
 }
@@ -58,6 +64,7 @@ def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
         die_with_launcher()
         on_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
+        hup = signal.signal(signal.SIGHUP, _raise_hung_up) if on_main else None
         try:
             return main(*args, **kwargs)
         except GspoError as err:
@@ -76,6 +83,7 @@ def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
         finally:
             if previous is not None:  # a caller in the same process (a test) gets its own back
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGHUP, hup)
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
@@ -84,6 +92,10 @@ def exit_on_error(main: Callable[..., T]) -> Callable[..., T]:
 
 def _raise_terminated(signum, frame) -> None:
     raise Terminated()
+
+
+def _raise_hung_up(signum, frame) -> None:
+    raise HungUp()
 
 
 def _quiet_rank() -> bool:

@@ -146,6 +146,16 @@ def preflight(
     if start is not None:  # the run's weights must fit the model being built
         check_same_shapes(spec, checkpoint_spec(start), f"{start} (vs model.ckpt={cfg.model.ckpt})")
         changes = resume_changes(cfg, start)
+    steps_done = int(read_trainer_state(start).get("step", 0)) if start is not None else 0
+    staleness, left = cfg.rollout.max_staleness, cfg.train.steps - steps_done
+    if 0 < left <= staleness and _first_rank():
+        print(
+            f"note: rollout.max_staleness={staleness} reaches past the {left} step(s) this run "
+            f"takes: every batch of it is sampled by the policy it starts from (batch j by "
+            f"version max(j - {staleness}, {steps_done})); lower it for batches from newer ones",
+            file=sys.stderr,
+            flush=True,
+        )
     checkpoint_bytes = estimate_checkpoint_bytes(
         spec, cfg.model.dtype, Path(cfg.model.ckpt) / HF_SUBDIR
     )
@@ -161,7 +171,7 @@ def preflight(
         capture_routes,
         eval_prompts,
         changes,
-        int(read_trainer_state(start).get("step", 0)) if start is not None else 0,
+        steps_done,
     )
 
 

@@ -146,9 +146,10 @@ def test_separate_rollout_ranks_equal_the_colocated_run_bit_for_bit(runs, s):
     for r in rows(sep):  # the link was used, and timed
         assert r["perf/trainer_wait_seconds"] >= 0 and r["perf/rollout_wait_seconds"] >= 0
     assert rows(sep)[0]["perf/transfer_gb"] > 0
-    # s = 1: every checkpoint but the last holds the one batch sampled ahead of its step.
+    # s = 1: every checkpoint holds the one batch sampled ahead of its step, the last included
+    # (what a longer run would have sampled by then: raising train.steps continues it).
     queued = sorted(p.parent.name for p in (sep / "checkpoints").glob("*/rollout_queue.pkl"))
-    assert queued == ([f"step_{tr.STEPS - 1:06d}"] if s else [])
+    assert queued == ([f"step_{k:06d}" for k in (tr.STEPS - 1, tr.STEPS)] if s else [])
 
 
 @pytest.mark.parametrize("s", [1, "p"])
@@ -178,15 +179,11 @@ def test_partial_rollouts_separate_equal_colocated_and_keep_the_batch_in_flight(
     for r in got[1:]:
         assert 0 < r["rollout/partial_fraction"] <= 1 and r["rollout/staleness_max"] == 1
         assert 0 < r["rollout/staleness_mean"] < 1
-    # A checkpoint holds the next batch as it stood: started, not finished (the last has none).
+    # A checkpoint holds the next batch as it stood: started, not finished (the last too).
     from gspo_megatron.rollout.partial import InFlight
 
     for ckpt in sorted(d for d in (sep / "checkpoints").glob("step_*") if d.is_dir()):
-        queue = ckpt / "rollout_queue.pkl"
-        if ckpt.name == f"step_{tr.STEPS:06d}":
-            assert not queue.exists()
-            continue
-        (item,) = pickle.loads(queue.read_bytes())
+        (item,) = pickle.loads((ckpt / "rollout_queue.pkl").read_bytes())
         assert isinstance(item, InFlight) and item.index == int(ckpt.name[5:])
         assert all(len(c.token_ids) <= HEAD for g in item.batch.groups for c in g)
 
@@ -219,3 +216,25 @@ def test_each_token_of_a_partial_rollout_is_the_behaviour_of_its_version(runs, t
     # One optimizer step apart (the demo's lr), the other version scores the same tokens
     # otherwise by 0.3 on average (measured): a tag off by one version cannot pass.
     assert sum(diffs[False]) / len(diffs[False]) > 1e-2
+
+
+def test_a_completed_async_run_extended_continues_as_a_longer_run(runs, demo_init, tmp_path):
+    """The s = 1 run, complete at its 5 steps, resumed with train.steps=6: its step 6 trains on
+    the batch its final checkpoint carries (sampled by version 4, as in a 6-step run, not by the
+    newest policy) and ends equal to a 6-step run never stopped, weights and metrics."""
+    import shutil
+
+    done = tmp_path / "extended"
+    shutil.copytree(runs[("colocated", 1)], done)
+    longer = tmp_path / "longer"
+    more = {"rollout.max_staleness": 1, "train.steps": tr.STEPS + 1}
+    procs = [
+        launch(1, tmp_path / "extended.log", tr.overrides(demo_init, done, **more), resume=True),
+        launch(1, tmp_path / "longer.log", tr.overrides(demo_init, longer, **more)),
+    ]
+    for proc, log in zip(procs, ("extended.log", "longer.log")):
+        tr.wait(proc, tmp_path / log)
+    assert rows(done)[-1]["rollout/policy_version"] == tr.STEPS - 1
+    assert learned(done) == learned(longer)
+    last = tr.STEPS + 1
+    assert_same_tensors(final_tensors(done, last), final_tensors(longer, last), "extended")

@@ -34,7 +34,14 @@ from gspo_megatron.testing.hf_reference import read_hf_tensors
         ({"placement": "separate", "num_ranks": 3, "engine_tp": 2}, 4, "must divide rollout."),
         ({"num_ranks": 2}, 4, "rollout.num_ranks=2 with rollout.placement=colocated"),
         ({"placement": "apart"}, 4, "rollout.placement='apart': allowed: colocated, separate"),
-        ({"max_staleness": -1}, 4, "rollout.max_staleness=-1 must be >= 0"),
+        ({"max_staleness": -1}, 4, "rollout.max_staleness=-1: must be >= 0 (0 = every batch"),
+        ({"num_ranks": -1}, 4, "rollout.num_ranks=-1: must be >= 0 (0 with placement=colocated)"),
+        (
+            {"placement": "separate", "num_ranks": 1},
+            1,
+            "rollout.placement=separate needs a launch of at least 2 ranks (some train, "
+            "rollout.num_ranks=1 sample), not 1: start gspo-train with torchrun",
+        ),
         ({"partial": True}, 4, "rollout.partial=true with rollout.max_staleness=0: no transfer"),
         ({"partial_tokens": 8, "max_new_tokens": 8}, 4, "rollout.partial_tokens=8: must be in"),
         ({"max_token_age": -2}, 4, "rollout.max_token_age=-2: must be >= 0, or -1 (off)"),

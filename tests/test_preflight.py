@@ -366,6 +366,19 @@ def test_data_the_rewards_or_the_reader_cannot_use(good, monkeypatch, capsys, tm
     )
     err = _main(good + [f"data.path={data}"], monkeypatch, capsys)
     assert f"{data}:2: not UTF-8 text (byte 0xff at column 16)" in err
+    # A Parquet answer column of lists: its text would never equal a response.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "d.parquet"
+    rows = [{"prompt": "w3 w0", "answer": ["w3"]}, {"prompt": "w4 w0", "answer": ["w4", "4"]}]
+    pq.write_table(pa.Table.from_pylist(rows), table)
+    exact = "rewards.functions=[{name: exact_match, weight: 1}]"
+    err = _main(good + [f"data.path={table}", exact], monkeypatch, capsys)
+    assert (
+        f"{table}:1: field 'answer' is a list (['w3']), and the exact_match reward compares "
+        f"the response with one answer: give each row a string or a number (data.answer_field)"
+    ) in err
 
 
 def test_hf_directory_as_model_checkpoint(good, demo_init, monkeypatch, capsys):
@@ -466,3 +479,15 @@ def test_held_out_prompts_are_checked_like_the_training_rows(good, monkeypatch, 
 def test_validation_without_held_out_prompts(good, monkeypatch, capsys):
     err = _main(good + ["data.eval_path=''", "train.eval_every=5"], monkeypatch, capsys)
     assert "train.eval_every=5 needs held-out prompts: set data.eval_path" in err
+
+
+def test_a_staleness_bound_past_the_run_is_said(good, monkeypatch, capsys):
+    """rollout.max_staleness=5 on a 5-step run: every batch would come from the starting
+    policy. Said once, before any model; below the run's length, nothing is said."""
+    _plan_of(good + ["train.steps=5", "rollout.max_staleness=5"], monkeypatch)
+    assert capsys.readouterr().err.count(
+        "note: rollout.max_staleness=5 reaches past the 5 step(s) this run takes: every batch "
+        "of it is sampled by the policy it starts from (batch j by version max(j - 5, 0))"
+    ) == 1
+    _plan_of(good + ["train.steps=5", "rollout.max_staleness=4"], monkeypatch)
+    assert "max_staleness" not in capsys.readouterr().err

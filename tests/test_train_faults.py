@@ -324,3 +324,65 @@ def test_checkpoint_writers_die_with_a_killed_trainer(tmp_path):
     if left["plain"]:
         writers["plain"].kill()
     assert left == {"guarded": False, "plain": True}
+
+
+@pytest.mark.parametrize(
+    "sig, code, what",
+    [
+        (signal.SIGTERM, 143, "SIGTERM"),
+        (signal.SIGHUP, 129, "SIGHUP (the terminal or session closed)"),
+    ],
+    ids=["SIGTERM", "SIGHUP"],
+)
+def test_a_signal_to_the_launch_is_one_line_and_its_exit_status(
+    demo_init, tmp_path, sig, code, what
+):
+    """SIGTERM (a scheduler) or SIGHUP (a closed terminal) to launch/train.sh mid-run: the
+    workers' one line, the signal's exit status, no torchrun traceback or shutdown log."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    argv = tr.overrides(demo_init, out, **{"train.steps": 200, "train.save_every": 0})
+    proc = subprocess.Popen(
+        ["bash", "launch/train.sh", "launch/configs/tiny_cpu.yaml", *argv],
+        cwd=REPO,
+        env=dict(tr.env(), NPROC_PER_NODE="2", PYTHON=sys.executable),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_first_step(out, proc, log)
+        os.kill(proc.pid, sig)
+        assert proc.wait(timeout=60) == code, log.read_text()[-3000:]
+    finally:
+        tr.kill_tree(proc)
+    text = log.read_text()
+    lines = [x for x in text.splitlines() if "terminated:" in x]
+    assert lines == [f"terminated: {what}; no partial output was left looking complete"], text
+    assert "Traceback" not in text and "closing signal" not in text, text[-3000:]
+
+
+def test_a_failed_checkpoint_write_names_the_os_error(demo_init, tmp_path):
+    """The file-size limit (ulimit -f 2 MiB) makes the first checkpoint's write fail inside
+    torch.save's C++ writer, which loses the OS error: the run stops in one line that names it
+    (errno, text and file), the partial checkpoint removed."""
+    import resource
+
+    out = tmp_path / "run"
+    argv = tr.overrides(demo_init, out, **{"train.steps": 1})
+    cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", "launch/configs/tiny_cpu.yaml"]
+    proc = subprocess.run(
+        cmd + argv,
+        cwd=REPO,
+        env=tr.env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20)),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    step = out / "checkpoints" / "step_000001"
+    assert (
+        f"\nstopped: writing checkpoint {step} failed ([Errno 27] File too large: "
+        f"'{step}.partial/__0_0.distcp'); no complete checkpoint was written yet\n"
+    ) in proc.stderr
+    assert not (out / "checkpoints" / "step_000001.partial").exists() and not step.exists()

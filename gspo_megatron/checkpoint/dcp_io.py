@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem, _write_files_fro
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.futures import Future
 
-from gspo_megatron.errors import GspoError, Terminated
+from gspo_megatron.errors import GspoError, HungUp, Terminated
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -212,7 +212,7 @@ def _first_cause(errors: list) -> BaseException:
 
 @contextlib.contextmanager
 def _noting_signals(noted: list):
-    """Record SIGINT / SIGTERM in ``noted`` before their handlers (which raise) run. A signal
+    """Record SIGINT / SIGTERM / SIGHUP in ``noted`` before their handlers (which raise) run. A signal
     that lands inside torch.save's C++ writer raises in the Python write callback it calls,
     where the C++ side swallows the exception and either reports 'unexpected pos' (seen in a
     CI run: exit 1 and a traceback instead of 130 and one line) or writes on to the end (exit
@@ -220,7 +220,9 @@ def _noting_signals(noted: list):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
 
     def note(signum, frame):
         noted.append(signum)
@@ -241,7 +243,9 @@ def _noting_signals(noted: list):
 
 def _interrupt(noted: list) -> BaseException:
     """The exception a noted signal's handler raised (which the writer may have swallowed)."""
-    return KeyboardInterrupt() if noted[0] == signal.SIGINT else Terminated()
+    if noted[0] == signal.SIGINT:
+        return KeyboardInterrupt()
+    return HungUp() if noted[0] == signal.SIGHUP else Terminated()
 
 
 @contextlib.contextmanager

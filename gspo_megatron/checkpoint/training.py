@@ -232,14 +232,50 @@ def _complete(
 
 
 def _failed(err: BaseException, root: Path, final: Path, partial: Path) -> None:
-    """A save that broke: the partial directory goes; write errors become one line."""
+    """A save that broke: the partial directory goes; write errors become one line, naming the
+    OS error (errno, text, file) where there is one."""
+    written = (
+        isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "CheckpointException"
+    )
+    cause = _os_error(err, partial) if written else None
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-    if isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "CheckpointException":
+    if written:
         raise TrainingStopped(
-            f"writing checkpoint {final} failed ({_first_line(err)}); {last_complete_note(root)}"
+            f"writing checkpoint {final} failed ({cause or _first_line(err)}); "
+            f"{last_complete_note(root)}"
         ) from None
     raise err
+
+
+def _os_error(err: BaseException, partial: Path) -> Optional[str]:
+    """The OS error behind a failed write: found in the exception (DCP wraps each rank's), or,
+    where torch.save's C++ writer swallowed it ('unexpected pos', seen for a full disk and for
+    the file-size limit, ulimit -f), asked of the OS again by extending the largest file this
+    rank wrote. None if neither names one."""
+    from gspo_megatron.checkpoint.dcp_io import root_cause
+
+    seen, todo = set(), [err, root_cause(err)]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return str(e)
+        todo += [e.__cause__, e.__context__]
+    files = [f for f in partial.rglob("*") if f.is_file()] if partial.is_dir() else []
+    if not files:
+        return None
+    largest = max(files, key=lambda f: f.stat().st_size)
+    try:
+        with open(largest, "ab") as f:
+            f.write(b"\0" * (64 << 10))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe:
+        return f"[Errno {probe.errno}] {probe.strerror}: '{largest}'"
+    return None
 
 
 def _forked_results_queue() -> None:

@@ -98,6 +98,12 @@ class RolloutConfig:
                 f"engines run in every training rank; use placement=separate or num_ranks=0"
             )
         engine_ranks = self.num_ranks if self.placement == "separate" else world_size
+        if self.placement == "separate" and world_size < 2:
+            raise GspoError(
+                f"rollout.placement=separate needs a launch of at least 2 ranks (some train, "
+                f"rollout.num_ranks={self.num_ranks} sample), not {world_size}: start gspo-train "
+                f"with torchrun --nproc-per-node >= 2, or use rollout.placement=colocated"
+            )
         if self.placement == "separate" and not 1 <= self.num_ranks < world_size:
             raise GspoError(
                 f"rollout.num_ranks={self.num_ranks}: placement=separate needs between 1 and "
@@ -142,11 +148,10 @@ class RolloutConfig:
             raise bad("placement", "allowed: colocated, separate")
         if not self.start_timeout_s > 0:
             raise bad("start_timeout_s", "must be > 0")
-        if self.num_ranks < 0 or self.max_staleness < 0:
-            raise GspoError(
-                f"rollout.num_ranks={self.num_ranks} and rollout.max_staleness="
-                f"{self.max_staleness} must be >= 0"
-            )
+        if self.num_ranks < 0:
+            raise bad("num_ranks", "must be >= 0 (0 with placement=colocated)")
+        if self.max_staleness < 0:
+            raise bad("max_staleness", "must be >= 0 (0 = every batch from the newest policy)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
         if not self.kv_cache_gib > 0:

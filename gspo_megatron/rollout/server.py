@@ -89,7 +89,9 @@ class RolloutServer:
                     j = made.index + 1
                 if self.role.rank == 0:
                     send_object(self.groups.cpu, made, ROOT, "sending a batch to the trainer")
-            if j >= schedule.steps and not pending:
+            # Done when the last batch is made and none is in flight, or in flight only for a
+            # version this run never has (the trainer's last checkpoint carries it).
+            if j >= schedule.horizon and (not pending or self.version >= schedule.steps - 1):
                 return
             header = self._receive()
             wait += header["waited"]

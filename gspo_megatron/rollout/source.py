@@ -131,6 +131,14 @@ class Schedule:
     start: int
     partial: bool = False
 
+    @property
+    def horizon(self) -> int:
+        """Batches sampled: the run's, and the ``staleness`` ones after them that a longer run
+        samples by its last step. The final checkpoint carries those (``queue``), so a
+        completed run resumed with more train.steps trains on what an uninterrupted longer run
+        would have, sampled by the same versions."""
+        return self.steps + self.staleness
+
     def finisher(self, index: int, version: int) -> int:
         """The version that finishes batch ``index`` started by ``version``: with partial
         rollouts the next one, if it exists by the batch's step."""
@@ -140,12 +148,14 @@ class Schedule:
         """(batch, whole) for the batches ``version`` starts from ``next_index`` on; whole: it
         also finishes them (no later version comes before their step)."""
         out, j = [], next_index
-        while j < self.steps and version_of(j, self.staleness, self.start) <= version:
+        while j < self.horizon and version_of(j, self.staleness, self.start) <= version:
             out.append((j, self.finisher(j, version) == version))
             j += 1
         return out
 
     def has_work(self, version: int, next_index: int, inflight: List[InFlight]) -> bool:
+        if version >= self.steps:  # no such version in this run
+            return False
         return bool(inflight) or bool(self.heads(version, next_index))
 
 
