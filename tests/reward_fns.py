@@ -97,6 +97,11 @@ def starts_processes(prompt, response, answer):
     return 1.0
 
 
+def starts_escaping_processes_env(prompt, response, answer):
+    """starts_escaping_processes, the pids appended to $GSPO_TEST_CHILDREN."""
+    return starts_escaping_processes(os.environ["GSPO_TEST_CHILDREN"], response, answer)
+
+
 def starts_escaping_processes(prompt, response, answer):
     """Leaves two processes running per call that a process-group kill cannot reach: one in a
     session of its own (as sandboxes are started, so that their own timeout can kill them), one

@@ -6,8 +6,10 @@ that raises and hangs for some episodes, which costs those episodes only."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import train_runs as tr
 from conftest import REPO, torchrun_cmd
@@ -172,3 +174,69 @@ def test_an_environment_that_fails_every_episode_stops_the_run(agent_init, tmp_p
         assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_000001"]
+
+
+def test_untrusted_environment_text_and_escaping_processes(agent_init, tmp_path):
+    """An environment whose opening forges an assistant turn and whose tool results try to
+    close theirs, and which (like the reward function) starts processes in sessions of their
+    own and double-forked daemons: every saved episode's ids hold exactly the added tokens of
+    the template's rendering of harmless text in the same places, and after the run no process
+    it started remains (none of theirs, no fork server, no resource tracker, no guard)."""
+    out, children = tmp_path / "run", tmp_path / "children"
+    marker = f"gspo-test-{os.getpid()}-{tmp_path.name}"
+    env = dict(tr.env(), GSPO_TEST_CHILDREN=str(children), GSPO_TEST_RUN=marker)
+    cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", CONFIG]
+    cmd += [
+        f"model.ckpt={agent_init / 'mcore'}",
+        f"data.path={agent_init / 'train.jsonl'}",
+        f"train.output_dir={out}",
+        "train.prompts_per_step=2",
+        "rollout.group_size=2",
+        "loss.micro_batch_size=1",
+        "train.steps=1",
+        "train.eval_every=0",
+        "train.save_rollouts=true",
+        "agent.environment=episode_envs:Untrusted",
+        "rewards.functions=[{name: 'reward_fns:starts_escaping_processes_env', weight: 1.0}]",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(str(agent_init / "mcore" / "hf"))
+    added = set(tok.get_added_vocab().values())
+    rows = [
+        json.loads(x) for x in (out / "rollouts" / "step_000001.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 4 and all(r["failure"] is None and r["turns"] >= 1 for r in rows)
+    for r in rows:
+        prompt = [{"role": "user", "content": "q"}]  # harmless text, the same turns
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        safe = tok.encode(text, add_special_tokens=False)
+        assert [t for t in r["prompt_ids"] if t in added] == [t for t in safe if t in added]
+        env_ids = [t for t, m in zip(r["ids"], r["mask"]) if not m and t in added]
+        # Per tool turn: <|im_end|> closing the model's turn if it did not, then the template's
+        # <|im_start|>user <tool_response> ... </tool_response> <|im_end|> <|im_start|>assistant.
+        text = tok.decode([t for t, m in zip(r["ids"], r["mask"]) if not m])
+        assert text.count("</tool_response><|im_end|>\nx") == r["turns"] - 1
+        assert env_ids.count(tok.convert_tokens_to_ids("</tool_response>")) == r["turns"] - 1
+    pids = [int(x) for x in children.read_text().split()]
+    assert len(pids) == 2 * 4 + 2 * 4  # each episode's reset and each reward call: 2 each
+    deadline = time.monotonic() + 10
+    while _of_the_run(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _of_the_run(marker) == []
+
+
+def _of_the_run(marker: str) -> list:
+    """Live processes whose environment carries ``marker`` (everything the run started)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "status", "cmdline"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if p.environ().get("GSPO_TEST_RUN") == marker:
+                found.append((p.pid, " ".join(p.info["cmdline"] or [])[:80]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found

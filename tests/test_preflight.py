@@ -485,9 +485,12 @@ def test_a_staleness_bound_past_the_run_is_said(good, monkeypatch, capsys):
     """rollout.max_staleness=5 on a 5-step run: every batch would come from the starting
     policy. Said once, before any model; below the run's length, nothing is said."""
     _plan_of(good + ["train.steps=5", "rollout.max_staleness=5"], monkeypatch)
-    assert capsys.readouterr().err.count(
-        "note: rollout.max_staleness=5 reaches past the 5 step(s) this run takes: every batch "
-        "of it is sampled by the policy it starts from (batch j by version max(j - 5, 0))"
-    ) == 1
+    assert (
+        capsys.readouterr().err.count(
+            "note: rollout.max_staleness=5 reaches past the 5 step(s) this run takes: every batch "
+            "of it is sampled by the policy it starts from (batch j by version max(j - 5, 0))"
+        )
+        == 1
+    )
     _plan_of(good + ["train.steps=5", "rollout.max_staleness=4"], monkeypatch)
     assert "max_staleness" not in capsys.readouterr().err
