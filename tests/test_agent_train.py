@@ -135,11 +135,8 @@ def test_another_environment_by_override_that_fails_for_some_episodes(agent_init
     assert m["train/update_successful"] == 1.0
 
 
-def test_an_environment_that_fails_every_episode_stops_the_run(agent_init, tmp_path):
-    """reset returns None for every episode: the first failure is shown once, a step of
-    nothing but failures is a warning, and agent.max_failed_steps=2 of them in a row stop the
-    run in one line (exit 1) before step 2's checkpoint; nothing is trained on them."""
-    out = tmp_path / "run"
+def _small_run(agent_init, out, env, *extra) -> subprocess.CompletedProcess:
+    """gspo-train of the agent config in one process: 2 prompts x 2 episodes a step."""
     cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", CONFIG]
     cmd += [
         f"model.ckpt={agent_init / 'mcore'}",
@@ -148,13 +145,26 @@ def test_an_environment_that_fails_every_episode_stops_the_run(agent_init, tmp_p
         "train.prompts_per_step=2",
         "rollout.group_size=2",
         "loss.micro_batch_size=1",
+        "train.eval_every=0",
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_an_environment_that_fails_every_episode_stops_the_run(agent_init, tmp_path):
+    """reset returns None for every episode: the first failure is shown once, a step of
+    nothing but failures is a warning, and agent.max_failed_steps=2 of them in a row stop the
+    run in one line (exit 1) before step 2's checkpoint; nothing is trained on them."""
+    out = tmp_path / "run"
+    proc = _small_run(
+        agent_init,
+        out,
+        tr.env(),
         "train.steps=4",
         "train.save_every=1",
-        "train.eval_every=0",
         "agent.environment=episode_envs:ResetsNone",
         "agent.max_failed_steps=2",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=tr.env(), capture_output=True, text=True, timeout=600)
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     why = "invalid: reset returned messages None (NoneType); expected a list"
     first = (
@@ -185,21 +195,15 @@ def test_untrusted_environment_text_and_escaping_processes(agent_init, tmp_path)
     out, children = tmp_path / "run", tmp_path / "children"
     marker = f"gspo-test-{os.getpid()}-{tmp_path.name}"
     env = dict(tr.env(), GSPO_TEST_CHILDREN=str(children), GSPO_TEST_RUN=marker)
-    cmd = [sys.executable, "-m", "gspo_megatron.train", "--config", CONFIG]
-    cmd += [
-        f"model.ckpt={agent_init / 'mcore'}",
-        f"data.path={agent_init / 'train.jsonl'}",
-        f"train.output_dir={out}",
-        "train.prompts_per_step=2",
-        "rollout.group_size=2",
-        "loss.micro_batch_size=1",
+    proc = _small_run(
+        agent_init,
+        out,
+        env,
         "train.steps=1",
-        "train.eval_every=0",
         "train.save_rollouts=true",
         "agent.environment=episode_envs:Untrusted",
         "rewards.functions=[{name: 'reward_fns:starts_escaping_processes_env', weight: 1.0}]",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(str(agent_init / "mcore" / "hf"))
     added = set(tok.get_added_vocab().values())
