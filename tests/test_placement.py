@@ -125,22 +125,33 @@ def _work(schedule: Schedule, versions) -> list:
 
 
 def test_the_schedule_of_partial_rollouts():
-    # s = 1: batch k started by k - 1 and finished by k; batch 0 by version 0 alone.
+    # s = 1: batch k started by k - 1 and finished by k; batch 0 by version 0 alone. The last
+    # version (3 of a 4-step run) starts batch 4 as a longer run would: the final checkpoint
+    # carries it.
     assert _work(Schedule(1, 4, 0, partial=True), range(4)) == [
         [("whole", 0), ("head", 1)],
         [("tail", 1), ("head", 2)],
         [("tail", 2), ("head", 3)],
-        [("tail", 3)],
+        [("tail", 3), ("head", 4)],
     ]
-    # s = 2: the tails are made while the batch before trains (full overlap).
-    assert _work(Schedule(2, 5, 0, partial=True), range(4)) == [
+    # s = 2: the tails are made while the batch before trains (full overlap); batches 5 and 6
+    # of a longer run are started by versions 3 and 4 of this 5-step one.
+    assert _work(Schedule(2, 5, 0, partial=True), range(5)) == [
         [("whole", 0), ("head", 1), ("head", 2)],
         [("tail", 1), ("tail", 2), ("head", 3)],
         [("tail", 3), ("head", 4)],
-        [("tail", 4)],
+        [("tail", 4), ("head", 5)],
+        [("tail", 5), ("head", 6)],
     ]
-    # Without partial rollouts each version makes its batches whole (the bounded staleness).
-    assert _work(Schedule(1, 3, 0), range(3)) == [[("whole", 0), ("whole", 1)], [("whole", 2)], []]
+    # Without partial rollouts each version makes its batches whole (the bounded staleness),
+    # the last one that of the step after the run's end.
+    assert _work(Schedule(1, 3, 0), range(3)) == [
+        [("whole", 0), ("whole", 1)],
+        [("whole", 2)],
+        [("whole", 3)],
+    ]
+    # No version past the run's last has work: the trainer sends none.
+    assert not Schedule(1, 3, 0).has_work(3, 4, ["batch 4 in flight"])
     # Resumed at step 2 (s = 1): batch 2 in flight comes back with the first transfer.
     resumed = Schedule(1, 4, 2, partial=True)
     assert resumed.heads(2, 3) == [(3, False)] and resumed.has_work(3, 4, ["batch 3"])
