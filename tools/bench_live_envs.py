@@ -67,7 +67,7 @@ def watch(cmd, env) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--init", type=Path, default=Path("outputs/agent_demo/init"))
+    ap.add_argument("--init", type=Path, default=Path("outputs/bench_live_envs/init"))
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--baseline-n", type=int, default=8)
