@@ -9,6 +9,7 @@ through ``routing_replay``, the routers' choices with the engine's (``rollout/ro
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -27,26 +28,30 @@ def compute_old_logprobs(
     """pi_old = the current weights: fill ``mb.old_logprobs`` (last stage only needs them).
 
     Where a micro-batch already carries the rollout engine's log-probs, they are compared with
-    the trainer's first; returns this rank's [sum |diff|, max |diff|, tokens] (zeros on ranks
-    that do not own log-probs). ``keep_rollout`` keeps the engine's values as pi_old (the
-    comparison is then all this pass is for)."""
+    the trainer's first; returns this rank's ``DIFF`` entries (zeros on ranks that do not own
+    log-probs). ``keep_rollout`` keeps the engine's values as pi_old (the comparison is then all
+    this pass is for)."""
     unwrapped = unwrap(model)
     was_training = unwrapped.training
     unwrapped.eval()
     lps = forward_logprobs(model, microbatches, vocab_size, seq_len)
     if was_training:
         unwrapped.train()
-    diff = torch.zeros(3, dtype=torch.float64)
+    diff = empty_diff()
     if lps is None:
         return diff
     owner = ps.get_tensor_model_parallel_rank() == 0  # TP ranks hold identical log-probs
     for mb, lp in zip(microbatches, lps):
         if mb.old_logprobs is not None and owner:
-            d = (lp - mb.old_logprobs).abs()[mb.loss_mask].double()
-            if d.numel():
+            log_rho = (lp - mb.old_logprobs)[mb.loss_mask].double()  # log pi_old - log mu
+            if log_rho.numel():
+                d = log_rho.abs()
                 diff[0] += d.sum()
                 diff[1] = torch.maximum(diff[1], d.max())
                 diff[2] += d.numel()
+                diff[3] += (d > 0.1).sum()
+                diff[4] += (d > 1.0).sum()
+                diff[5] = torch.maximum(diff[5], log_rho.max())
         if not keep_rollout:
             mb.old_logprobs = lp
     return diff
@@ -126,19 +131,52 @@ def observe_route_agreement(model, minibatches, vocab_size: int, seq_len: int) -
         unwrapped.train()
 
 
+DIFF = (
+    "sum |log rho|",
+    "max |log rho|",
+    "tokens",
+    "|log rho| > 0.1",
+    "|log rho| > 1",
+    "max log rho",
+)
+"""What ``compute_old_logprobs`` counts per rank, log rho = log pi_old - log mu (the engine's) per
+sampled token: the token importance weight between the trainer and the engine that sampled."""
+_MAXED = (1, 5)  # reduced by max; the others add up
+
+
+def empty_diff() -> torch.Tensor:
+    diff = torch.zeros(len(DIFF), dtype=torch.float64)
+    diff[5] = -math.inf
+    return diff
+
+
 def reduce_logprob_diff(parts: Sequence[torch.Tensor]) -> Dict[str, float]:
-    """Per-rank [sum, max, tokens] -> the global mean and max |engine - trainer| per token."""
-    total = torch.stack(list(parts)).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
-    worst = (
-        torch.stack([p[1] for p in parts]).max() if parts else torch.zeros((), dtype=torch.float64)
-    )
-    sums = torch.stack([total[0], total[2]])
+    """Per-rank ``DIFF`` entries -> over every rank: the mean and max |engine - trainer| per
+    token, and the distribution of rho = pi_old / mu: the fractions of tokens with |log rho|
+    above 0.1 and 1, and the largest rho."""
+    stacked = torch.stack(list(parts)) if parts else empty_diff()[None]
+    summed, maxed = stacked.sum(0), stacked.max(0).values
+    sums = summed[[0, 2, 3, 4]].clone()
+    worst = maxed[list(_MAXED)].clone()
     if dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     tokens = float(sums[1])
+    if not tokens:
+        nan = float("nan")
+        return {
+            "rollout/logprob_abs_diff_mean": nan,
+            "rollout/logprob_abs_diff_max": nan,
+            "rollout/logprob_diff_tokens": 0.0,
+            "rollout/token_log_rho_above_0.1": nan,
+            "rollout/token_log_rho_above_1": nan,
+            "rollout/token_rho_max": nan,
+        }
     return {
-        "rollout/logprob_abs_diff_mean": float(sums[0]) / tokens if tokens else float("nan"),
-        "rollout/logprob_abs_diff_max": float(worst) if tokens else float("nan"),
+        "rollout/logprob_abs_diff_mean": float(sums[0]) / tokens,
+        "rollout/logprob_abs_diff_max": float(worst[0]),
         "rollout/logprob_diff_tokens": tokens,
+        "rollout/token_log_rho_above_0.1": float(sums[2]) / tokens,
+        "rollout/token_log_rho_above_1": float(sums[3]) / tokens,
+        "rollout/token_rho_max": math.exp(min(float(worst[1]), 700.0)),
     }

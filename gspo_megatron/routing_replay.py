@@ -99,6 +99,7 @@ class _LayerReplay:
                 same = (engine.sort(-1).values == indices.sort(-1).values).all(-1)
                 owner.agreement[0] += float((same & counted).sum())
                 owner.agreement[1] += float(counted.sum())
+                owner.note_differs(~same & counted, counted)
             else:
                 indices = torch.where(engine >= 0, engine, indices)
                 values = scores.gather(1, indices)
@@ -136,6 +137,11 @@ class RoutingReplay:
         self.phase: Optional[str] = None
         self.current: Optional[MicroBatch] = None
         self.agreement = torch.zeros(2, dtype=torch.float64)  # [same top-k sets, counted]
+        self.forwards = 0  # micro-batch forwards so far: which one the routers are in
+        self.differs: list = []
+        """Per micro-batch of the pass, this rank's router rows: [whether any of this stage's
+        MoE layers chose otherwise than the engine, counted] (``take_agreement`` combines the
+        pipeline stages)."""
         unwrapped.routing_replay = self
 
     def _global_moe_layers(self) -> list:
@@ -176,21 +182,58 @@ class RoutingReplay:
             if mb.routes is None or len(mb.routes) != self.num_layers:
                 raise RuntimeError("routing replay: the micro-batch carries no recorded routes")
         self.current = mb
+        self.forwards += 1
         try:
             yield
         finally:
             self.current = None
 
+    def note_differs(self, differs: torch.Tensor, counted: torch.Tensor) -> None:
+        """One MoE layer's verdict on the running micro-batch's rows: the layers of one forward
+        run one after another, so its entry is the last one while they do."""
+        if self.differs and self.differs[-1][0] == self.forwards:
+            self.differs[-1][1] |= differs.cpu()
+        else:
+            self.differs.append([self.forwards, differs.cpu(), counted.cpu()])
+
     def take_agreement(self) -> dict:
-        """``rollout/route_agreement`` over all ranks and layers since the last call (empty when
-        no sample carried engine routes), then reset. Collective."""
-        total = self.agreement.clone()
+        """Since the last call, over all ranks: ``rollout/route_agreement`` (the fraction of
+        (token, MoE layer) top-k sets the trainer's router chose as the engine did) and
+        ``rollout/route_differs_tokens`` (the fraction of tokens routed otherwise in at least one
+        MoE layer); empty when no sample carried engine routes. Then reset. Collective."""
+        total = torch.cat([self.agreement, self._tokens_differing()])
         if dist.is_initialized():
             dist.all_reduce(total)
         self.agreement.zero_()
         if total[1] == 0:
             return {}
-        return {"rollout/route_agreement": float(total[0] / total[1])}
+        return {
+            "rollout/route_agreement": float(total[0] / total[1]),
+            "rollout/route_differs_tokens": float(total[2] / max(float(total[3]), 1.0)),
+        }
+
+    def _tokens_differing(self) -> torch.Tensor:
+        """[tokens routed otherwise in some layer, tokens] of this rank's rows, the pipeline
+        stages' layers combined (each stage routes only its own layers); counted on one stage
+        of each pipeline, so that the sum over all ranks counts each token once."""
+        mine = [(d, c) for _, d, c in self.differs]
+        self.differs = []
+        stages, me = [mine], 0
+        if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+            stages = [None] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+            me = ps.get_pipeline_model_parallel_rank()
+        routed = [k for k, stage in enumerate(stages) if stage]  # (a stage without MoE layers)
+        out = torch.zeros(2, dtype=torch.float64)
+        if not routed or routed[0] != me:
+            return out
+        for k, (_, counted) in enumerate(stages[me]):
+            differs = torch.zeros_like(counted)
+            for stage in routed:
+                differs |= stages[stage][k][0]
+            out[0] += float((differs & counted).sum())
+            out[1] += float(counted.sum())
+        return out
 
 
 def of(model) -> Optional[RoutingReplay]:

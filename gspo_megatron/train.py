@@ -126,10 +126,19 @@ class SkipGuard:
                 )
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def _dtype(cfg: Config):
+    """The trainer's parameters: model.dtype (auto: bf16 on GPU, fp32 on CPU)."""
     if cfg.model.dtype == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
+    return DTYPES[cfg.model.dtype]
+
+
+def engine_dtype(cfg: Config):
+    """The rollout engines' precision: rollout.dtype (auto: the trainer's)."""
+    return _dtype(cfg) if cfg.rollout.dtype == "auto" else DTYPES[cfg.rollout.dtype]
 
 
 class Trainer:
@@ -187,7 +196,7 @@ class Trainer:
             self.engine = RolloutEngine(
                 self.hf_dir,
                 cfg.rollout,
-                dtype,
+                engine_dtype(cfg),
                 dummy_weights=True,
                 capture_routes=plan.capture_routes,
             )
@@ -214,8 +223,9 @@ class Trainer:
         self.route_meter = RouteChangeMeter(self.model) if plan.spec.is_moe else None
         if plan.spec.is_moe:  # route agreement with the engine, and replay when asked for
             RoutingReplay(self.model, cfg.loss.routing_replay)
+        # What the engines hold: every sync and transfer casts to their precision.
         self.gatherer = WeightGatherer(
-            self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, dtype
+            self.model, plan.spec, cfg.rollout.sync_bucket_mb << 20, engine_dtype(cfg)
         )
         self.rewards = self.source = None
         self.first_transfer: Dict[str, float] = {}  # separate: the start's, logged with step 1
@@ -640,7 +650,7 @@ def serve_rollouts(plan: Plan, role) -> None:
 
     cfg = plan.cfg
     try:
-        serve(plan, role, enter_role(role, cfg.train.collective_timeout_s), _dtype(cfg))
+        serve(plan, role, enter_role(role, cfg.train.collective_timeout_s), engine_dtype(cfg))
     except LinkStartError as err:
         raise TrainingStopped(f"rollout rank {role.launch_rank}: {err}") from None
     except LinkError as err:

@@ -595,19 +595,23 @@ def test_route_agreement_equals_a_direct_count(runs, tiny_moe, samples_dir, name
     the trainer's own router (pi_old, no replay) chooses what the engine did, against the same
     count made from transformers' router outputs."""
     rows, pairs = _routed_rows(samples_dir)
-    same = counted = 0
+    same = counted = differing = tokens = 0
     for (prompt, response), row in zip(pairs, rows):
         fed = list(prompt) + list(response[:-1])
         ref = hf_routes(tiny_moe.model, [fed])[0].sort(-1).values
         engine = torch.tensor(row["routes"]).sort(-1).values
-        agree = (ref == engine).all(-1)[len(prompt) :]  # response tokens only
+        agree = (ref == engine).all(-1)[len(prompt) :]  # response tokens only, x layers
         same, counted = same + int(agree.sum()), counted + agree.numel()
+        # rollout/route_differs_tokens: tokens routed otherwise in at least one layer.
+        differing, tokens = differing + int((~agree).any(-1).sum()), tokens + agree.shape[0]
     want = same / counted
     assert 0.05 < want < 0.5  # random routes: far from 1, the count is not trivial
+    assert 0 < differing < tokens or differing == tokens > 0
     for mode in ("none", "r3"):  # r3 replaces the routes after comparing them
-        got = runs[f"{name}-{mode}-logprobs"]["agreement"]["rollout/route_agreement"]
+        got = runs[f"{name}-{mode}-logprobs"]["agreement"]
         # The same integer counts on both sides: only the float division's rounding is allowed.
-        assert got == pytest.approx(want, abs=1e-12)
+        assert got["rollout/route_agreement"] == pytest.approx(want, abs=1e-12)
+        assert got["rollout/route_differs_tokens"] == pytest.approx(differing / tokens, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["single"] + [case[0] for case in REPLAY_LAYOUTS])

@@ -46,6 +46,7 @@ from gspo_megatron.testing.hf_reference import read_hf_tensors
         ({"partial_tokens": 8, "max_new_tokens": 8}, 4, "rollout.partial_tokens=8: must be in"),
         ({"max_token_age": -2}, 4, "rollout.max_token_age=-2: must be >= 0, or -1 (off)"),
         ({"partial_turns": -1}, 4, "rollout.partial_turns=-1: must be >= 0"),
+        ({"dtype": "fp16"}, 4, "rollout.dtype='fp16': allowed: auto, bf16, fp32"),
     ],
 )
 def test_bad_placement_is_one_line(settings, world, message):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from gspo_megatron.errors import GspoError
 
+ENGINE_DTYPES = ("auto", "bf16", "fp32")
+
 
 @dataclass(frozen=True)
 class RolloutConfig:
@@ -28,6 +30,12 @@ class RolloutConfig:
     """Response budget; generation also stops at the tokenizer's EOS."""
     engine_tp: int = 1
     """Tensor-parallel size of each vLLM engine; the world size must be a multiple of it."""
+    dtype: str = "auto"
+    """The engine's own precision: auto (the trainer's, model.dtype), bf16 or fp32. Every weight
+    sync and transfer casts to it. A bf16 engine beside an fp32 trainer is how GPU clusters run
+    (vLLM in bf16): its log-probs and MoE routes then differ from the trainer's, the mismatch
+    GSPO's sequence ratio is built for (rollout/logprob_abs_diff_*, rollout/token_log_rho_*,
+    rollout/route_agreement)."""
     gpu_memory_utilization: float = 0.5
     """GPU only: fraction of GPU memory vLLM may hold (weights + KV cache) while awake."""
     kv_cache_gib: float = 1.0
@@ -144,6 +152,8 @@ class RolloutConfig:
                 raise bad(name, "must be >= 1")
         if self.engine_tp < 1:
             raise bad("engine_tp", "must be >= 1")
+        if self.dtype not in ENGINE_DTYPES:
+            raise bad("dtype", f"allowed: {', '.join(ENGINE_DTYPES)}")
         if self.placement not in ("colocated", "separate"):
             raise bad("placement", "allowed: colocated, separate")
         if not self.start_timeout_s > 0:

