@@ -144,3 +144,53 @@ def test_a_bf16_trainer_with_fp32_master_weights_trains_the_demo(demo_init, tmp_
         assert torch.equal(value, final[main + name].to(torch.bfloat16)), name
     first = tr.checkpoint_tensors(demo_init / "mcore")["embedding.word_embeddings.weight"]
     assert not torch.equal(params["embedding.word_embeddings.weight"], first.to(torch.bfloat16))
+
+
+def test_under_a_bf16_engine_r3_replays_the_engine_and_r2_the_trainer(bf16_runs, vllm_moe):
+    """The routes the pi_old pass records for the updates: under r3 the engine's captured
+    routes, under r2 pi_old's own (transformers' fp32 routers choose them too); the two differ
+    exactly on the (position, layer) pairs where the engine and the trainer disagree, and there
+    are such pairs."""
+    _, synced, _ = bf16_runs
+    disagree = 0
+    for (p, ids, _, routes), r2, r3 in zip(synced["samples"], synced["r2"], synced["r3"]):
+        engine = torch.tensor(routes).sort(-1).values
+        r2, r3 = torch.tensor(r2).sort(-1).values, torch.tensor(r3).sort(-1).values
+        ref = hf_routes(vllm_moe.model, [list(p) + list(ids[:-1])])[0].sort(-1).values
+        assert torch.equal(r3, engine) and torch.equal(r2, ref)
+        differ = (r2 != r3).any(-1)
+        assert torch.equal(differ, (ref != engine).any(-1))
+        disagree += int(differ.sum())
+    assert disagree > 0
+
+
+def test_under_a_bf16_engine_the_corrections_weigh_and_meet_their_fp64_references(bf16_runs):
+    """TIS, MIS and IcePop on the real gap (bands narrow enough for it: at the defaults this
+    small model's rho never leaves them): their weights are no longer all 1, and each step's
+    correction metrics equal an fp64 computation from the same pi_old and engine log-probs.
+    The trainer sums float32 weights over ~270 tokens: at most 270 x 6e-8 ~ 2e-5 relative;
+    bound 1e-4. A rho within float32 rounding (1e-6) of a band's edge may count either way."""
+    _, synced, _ = bf16_runs
+    old = [torch.tensor(x, dtype=torch.float64) for x in synced["pi_old"]]
+    mu = [torch.tensor(lps, dtype=torch.float64) for _, _, lps, _ in synced["samples"]]
+    token = torch.exp(torch.cat([o - m for o, m in zip(old, mu)]))
+    seq = torch.exp(torch.stack([(o - m).mean() for o, m in zip(old, mu)]))
+
+    def check(name, rho, weight, changed, edges):
+        got = synced["corrections"][name]
+        assert got["rollout/correction_weight_mean"] == pytest.approx(
+            float(weight.mean()), abs=1e-4
+        )
+        masked = float(changed.double().mean())
+        near = sum(int(((rho - e).abs() <= 1e-6 * e).sum()) for e in edges) / rho.numel()
+        # (the count's ratio is taken in float32: 6e-8 relative)
+        assert abs(got["rollout/correction_masked_fraction"] - masked) <= near + 1e-7
+        assert got["rollout/rho_min"] == pytest.approx(float(rho.min()), rel=1e-5)
+        assert got["rollout/rho_max"] == pytest.approx(float(rho.max()), rel=1e-5)
+        assert 0 < masked < 1  # some weights are not 1
+
+    check("grpo_tis", token, token.clamp(max=1.01), token > 1.01, [1.01])
+    keep = (seq >= 0.999) & (seq <= 1.001)
+    check("gspo_mis", seq, keep.double(), ~keep, [0.999, 1.001])
+    keep = (token >= 0.98) & (token <= 1.02)
+    check("grpo_icepop", token, keep.double(), ~keep, [0.98, 1.02])

@@ -51,7 +51,10 @@ def main() -> None:
         for c in group
     ]
     if args.mode == "sync":
-        report["metrics"] = mismatch(report.pop("trainer"), report["samples"])
+        trainer = report.pop("trainer")
+        report["metrics"] = mismatch(trainer, report["samples"])
+        report.update(replays(trainer, report["samples"]))
+        report["corrections"] = corrections(trainer, report["samples"])
     (out / f"{args.mode}.json").write_text(json.dumps(report))
     engine.close()
     shutdown()
@@ -92,6 +95,83 @@ def sync(args, cfg, out: Path, prompts):
         "block_bytes": block_bytes(spec, 2, cfg.engine_tp, cache.block_size),
     }
     return engine, {"kv": kv, "trainer": (ddp, spec, RoutingReplay(ddp))}
+
+
+def _rows(samples, advantage: float = 0.0):
+    from gspo_megatron.batch import Sample
+
+    return [
+        Sample(p, ids, advantage, lps, routes=torch.tensor(routes))
+        for p, ids, lps, routes in samples
+    ]
+
+
+def replays(trainer, samples) -> dict:
+    """The routes the pi_old pass records for the updates under r2 (the trainer's own) and r3
+    (the engine's), per sample: [fed positions, MoE layers, top-k]; and the trainer's pi_old
+    log-prob of every response token."""
+    from gspo_megatron.old_logprobs import compute_old_logprobs
+    from gspo_megatron.routing_replay import RoutingReplay
+    from gspo_megatron.update import agreed_seq_len, make_microbatches
+
+    ddp, spec, _ = trainer
+    rows = _rows(samples)
+    seq_len = agreed_seq_len(rows)
+    out = {}
+    for mode in ("r2", "r3"):
+        replay = RoutingReplay(ddp, mode)
+        mbs = make_microbatches(rows, 4, seq_len)
+        with replay.old_pass():
+            compute_old_logprobs(ddp, mbs, spec.vocab_size, seq_len)
+        replay.take_agreement()
+        per, old = [], []
+        for mb in mbs:
+            b = mb.tokens.shape[0]
+            layers = torch.stack([mb.routes[i] for i in range(len(mb.routes))], 1)
+            per += list(layers.reshape(seq_len, b, *layers.shape[1:]).transpose(0, 1))
+            old += list(mb.old_logprobs)
+        out[mode] = [
+            per[i][: len(r.prompt_ids) + len(r.response_ids) - 1].tolist()
+            for i, r in enumerate(rows)
+        ]
+        if mode == "r2":  # the trainer's own routes: pi_old as the updates compare with it
+            # Response token j is predicted at position len(prompt) + j - 1.
+            out["pi_old"] = [
+                old[i][len(r.prompt_ids) - 1 : len(r.prompt_ids) - 1 + len(r.response_ids)].tolist()
+                for i, r in enumerate(rows)
+            ]
+    RoutingReplay(ddp, "none")  # the corrections' updates route as the trainer does
+    return out
+
+
+CORRECTIONS = {
+    "grpo_tis": dict(variant="grpo", rollout_correction="tis", correction_cap=1.01),
+    "gspo_mis": dict(
+        variant="gspo", rollout_correction="mis", correction_low=0.999, correction_high=1.001
+    ),
+    "grpo_icepop": dict(
+        variant="grpo", rollout_correction="icepop", correction_low=0.98, correction_high=1.02
+    ),
+}
+"""Bands narrow enough for this model's bf16 mismatch (|log rho| > 0.1 for well under 1% of
+tokens): at the defaults (cap 2, [0.5, 2]) nothing here leaves them."""
+
+
+def corrections(trainer, samples) -> dict:
+    """One update per rollout correction (learning rate ~0: the weights stay the pi_old the
+    correction compares with): its first minibatch step's metrics."""
+    from gspo_megatron.loss import PolicyLossConfig
+    from gspo_megatron.optim import OptimConfig, build_optimizer
+    from gspo_megatron.update import policy_update
+
+    ddp, spec, _ = trainer
+    optimizer = build_optimizer(ddp, OptimConfig(lr=1e-30))
+    out = {}
+    for name, settings in CORRECTIONS.items():
+        cfg = PolicyLossConfig(num_minibatches=1, micro_batch_size=4, **settings)
+        result = policy_update(ddp, optimizer, _rows(samples, 1.0), cfg, spec.vocab_size)
+        out[name] = result.steps[0]
+    return out
 
 
 def mismatch(trainer, samples) -> dict:
