@@ -16,7 +16,6 @@ prompt so long in characters that no tokenization could bring it within the limi
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,12 +172,11 @@ def max_token_chars(tokenizer) -> Optional[int]:
     characters than the longest entry has. None for other tokenizers: one that drops
     whitespace or maps an unknown word of any length to one <unk> has no such bound."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    if backend is None or type(backend.model).__name__ != "BPE":
         return None
-    spec = json.loads(backend.to_str())
-    if spec["model"].get("type") != "BPE" or '"ByteLevel"' not in json.dumps(
-        spec.get("pre_tokenizer")
-    ):
+    # The pre-tokenizer's own JSON (a Sequence lists its parts), not the whole tokenizer's.
+    pre = backend.pre_tokenizer
+    if pre is None or b'"ByteLevel"' not in pre.__getstate__():
         return None
     return max(len(t) for t in tokenizer.get_vocab())
 

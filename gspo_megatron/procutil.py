@@ -27,12 +27,7 @@ def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent dies (Linux; a no-op elsewhere). The kernel sends it
     when the parent *thread* that started this process exits, so start children from the main
     thread. Exits at once if the parent is already gone (``parent_pid`` is the pid it had)."""
-    if not sys.platform.startswith("linux"):
-        return
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+    if not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
         return
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(1)
@@ -153,7 +148,7 @@ class Strays:
     SIGKILLs every other process of the guard's tree but this one."""
 
     def __init__(self):
-        self.guard, self.me = os.getppid(), os.getpid()
+        self.guard = os.getppid()
         self.spare = set(descendants(self.guard))
 
     def end(self) -> None:
@@ -211,13 +206,15 @@ def _pidfd(pid: int) -> Optional[int]:
         return None
 
 
-def _prctl(option: int, value: int) -> None:
+def _prctl(option: int, value: int) -> bool:
+    """Linux ``prctl(option, value)``; whether it could be asked (not elsewhere)."""
     if not sys.platform.startswith("linux"):
-        return
+        return False
     try:
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
     except (OSError, AttributeError):
-        pass
+        return False
+    return True
 
 
 def kill_group(proc) -> None:

@@ -41,7 +41,7 @@ from gspo_megatron.errors import GspoError
 from gspo_megatron.procutil import Strays, kill_group, split_off_guard
 from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
-from gspo_megatron.rollout.machine import limit_memory
+from gspo_megatron.rollout.machine import limit_memory, memory_note
 
 STARTUP_TIMEOUT_S = 120.0
 """How long a fresh worker may take to start and import the functions (not part of any call)."""
@@ -74,9 +74,7 @@ def _serve(conn, names: Sequence[str], parent_pid: int, memory_gib: float = 0.0)
         conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
         return
     strays = Strays()  # what the functions' modules started at import lives on
-    global _MEMORY_NOTE
-    if limit_memory(memory_gib) is not None:
-        _MEMORY_NOTE = f"rewards.memory_gib={memory_gib:g} GiB beyond what the worker held at start"
+    limit_memory(memory_gib, "rewards.memory_gib", "worker")
     conn.send(None)
     try:
         while True:
@@ -135,7 +133,7 @@ def _run_one(
             raw = fn(prompt, response, answer)
         value = _finite_real(raw)
     except MemoryError:
-        return 0.0, f"ran out of memory ({_MEMORY_NOTE})"
+        return 0.0, f"ran out of memory ({memory_note()})"
     except BaseException as exc:
         return 0.0, f"raised {describe(exc)}"
     if value is None:
@@ -180,9 +178,6 @@ def _import_lazy_dependencies(names: Sequence[str]) -> None:
 
 
 _NO_ANSWER = object()
-
-_MEMORY_NOTE = "no limit set: the machine's own"
-"""What a MemoryError in a call ran into (the worker's limit once it is set)."""
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ from gspo_megatron.rewards.worker import (
     _show,
     _take_output,
 )
-from gspo_megatron.rollout.machine import limit_memory
+from gspo_megatron.rollout.machine import limit_memory, memory_note
 
 WHERE = "agent.environment"
 """The config key that names the environment class (in every error about it)."""
@@ -251,11 +251,7 @@ def _serve(
     except BaseException as exc:  # SystemExit at import is a failed start too
         conn.send(str(exc) if isinstance(exc, GspoError) else describe(exc))
         return
-    global _MEMORY_NOTE
-    if limit_memory(limits.memory_gib) is not None:
-        _MEMORY_NOTE = (
-            f"agent.env_memory_gib={limits.memory_gib:g} GiB beyond what the process held at start"
-        )
+    limit_memory(limits.memory_gib, "agent.env_memory_gib", "process")
     host = _Host(cls, limits)
     conn.send(os.getpid())  # ready; the pid is where a hung call's output can be read
     try:
@@ -369,17 +365,13 @@ class _Host:
         return _plain(raw, "metadata returned a dict")
 
 
-_MEMORY_NOTE = "no limit set: the machine's own"
-"""What a MemoryError in a call ran into (the process's limit once it is set)."""
-
-
 def _guarded(what: str, fn, *args):
     """fn(*args); whatever it raises becomes the call's failure: sys.exit() "exit", anything
     else (KeyboardInterrupt included) "error"."""
     try:
         return fn(*args)
     except MemoryError:
-        raise _Failed("error", f"{what} ran out of memory ({_MEMORY_NOTE})") from None
+        raise _Failed("error", f"{what} ran out of memory ({memory_note()})") from None
     except SystemExit as exc:
         raise _Failed("exit", f"{what} called sys.exit({_show(exc.code)})") from None
     except BaseException as exc:

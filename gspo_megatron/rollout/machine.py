@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Optional
 
 import psutil
 
@@ -104,17 +103,27 @@ def envs_per_engine(agent, rollout) -> int:
     return max(1, machine_envs(agent) // engines_on_node(rollout))
 
 
-def limit_memory(gib: float) -> Optional[int]:
-    """Cap this process's data memory at what it holds now plus ``gib`` GiB (0: no cap);
-    returns the cap in bytes (None if none was set)."""
+_MEMORY_NOTE = "no limit set: the machine's own"
+
+
+def limit_memory(gib: float, setting: str, holder: str) -> None:
+    """Cap this process's data memory at what it holds now plus ``gib`` GiB (0: no cap), the
+    value of config key ``setting``; ``memory_note`` then names it (``holder``: what the
+    process is called in that line)."""
+    global _MEMORY_NOTE
     if not gib:
-        return None
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     cap = _data_bytes() + int(gib * (1 << 30))
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
-    return cap
+    _MEMORY_NOTE = f"{setting}={gib:g} GiB beyond what the {holder} held at start"
+
+
+def memory_note() -> str:
+    """What a MemoryError in this process ran into: its ``limit_memory``, or none."""
+    return _MEMORY_NOTE
 
 
 def _data_bytes() -> int:
