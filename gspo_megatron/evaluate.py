@@ -58,6 +58,8 @@ class EvalPlan:
     out: Path
     agent: object = None
     """--config's agent section when it runs multi-turn episodes (AgentConfig), else None."""
+    dtype: str = "auto"
+    """The engine's precision: bf16, fp32, or auto (bf16 on GPU, fp32 on CPU)."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -89,6 +91,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=None, help="per reward call (default 10)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU only: KV cache size")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="the engine's precision (auto: --config's rollout engine precision, else bf16 on "
+        "GPU and fp32 on CPU)",
+    )
     p.add_argument("--out", default="outputs/eval")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/summary.json")
     return p.parse_args(argv)
@@ -149,9 +158,12 @@ def plan(args: argparse.Namespace) -> EvalPlan:
         )
 
     max_prompt = args.max_prompt_tokens
+    dtype = args.dtype
     if args.config is not None:
         cfg = load_config(Path(args.config))
         data, rewards = cfg.data, cfg.rewards
+        if dtype == "auto":  # the engine the training run samples (and validates) with
+            dtype = cfg.model.dtype if cfg.rollout.dtype == "auto" else cfg.rollout.dtype
         agent = cfg.agent if cfg.agent.enabled else None
         if max_prompt is None:
             max_prompt = cfg.rollout.max_prompt_tokens
@@ -216,6 +228,7 @@ def plan(args: argparse.Namespace) -> EvalPlan:
         kv_cache_gib=args.kv_cache_gib,
         out=out,
         agent=agent,
+        dtype=dtype,
     )
 
 
@@ -253,8 +266,8 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
         enable_prefix_caching=False,
         seed=p.seed,
     )
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    engine = RolloutEngine(hf_dir, rollout, dtype)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(p.dtype)
+    engine = RolloutEngine(hf_dir, rollout, dtype or (torch.bfloat16 if on_gpu else torch.float32))
     rank = dist.get_rank()  # (the engine's teardown ends the process group)
     runner = RewardRunner(p.rewards)
     episodes = None
@@ -289,6 +302,7 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
         "max_new_tokens": p.max_new_tokens,
         "pass_threshold": p.pass_threshold,
         "seed": p.seed,
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "rewards": [f.name for f in p.rewards.functions],
     }
     p.out.mkdir(parents=True, exist_ok=True)

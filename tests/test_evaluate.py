@@ -54,6 +54,7 @@ def test_hf_model_and_its_checkpoint_on_one_and_two_engines_sample_the_same(
     hf = _eval(demo_init / "mcore" / ".." / "hf", held_out, tmp_path / "a", "--k", "4")
     mc = _eval(demo_init / "mcore", held_out, tmp_path / "b", "--k", "4", nproc=2)
     _same(hf, mc)
+    assert hf["summary"]["dtype"] == "fp32"  # auto on CPU without --config
     samples = [s for r in hf["rows"] for s in r["samples"]]
     assert len(samples) == 24 * 4 and len({s["response"] for s in samples}) > 24  # sampled
     rewards = [[s["reward"] for s in r["samples"]] for r in hf["rows"]]
@@ -82,6 +83,30 @@ def test_greedy_samples_equal_transformers_greedy_decoding(demo_init, held_out, 
         want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         [sample] = row["samples"]
         assert sample["response"] == want, row["prompt"]
+
+
+def test_the_engine_precision_follows_the_training_config_unless_given(demo_init, tmp_path):
+    """A run's own validation samples with its rollout engine's precision (rollout.dtype, auto:
+    model.dtype); gspo-eval --config samples with the same one, so both give the same rows."""
+    from gspo_megatron import evaluate
+
+    config = (REPO / "launch" / "configs" / "tiny_cpu.yaml").read_text()
+    data = demo_init / "train.jsonl"
+    base = ["--model", str(demo_init / "hf"), "--data", str(data), "--out", str(tmp_path / "o")]
+    base += SMALL
+
+    def dtype(text: str, *extra: str) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        return evaluate.plan(evaluate.parse_args(base + ["--config", str(path), *extra])).dtype
+
+    assert dtype(config) == "fp32"  # model.dtype fp32, rollout.dtype auto
+    bf16_engine = config.replace("rollout:\n", "rollout:\n  dtype: bf16\n")
+    assert dtype(bf16_engine) == "bf16"
+    assert dtype(bf16_engine, "--dtype", "fp32") == "fp32"
+    assert dtype(config.replace("dtype: fp32", "dtype: bf16")) == "bf16"  # model.dtype
+    no_config = evaluate.parse_args(base + ["--rewards", REWARD[1]])
+    assert evaluate.plan(no_config).dtype == "auto"  # bf16 on GPU, fp32 on CPU at start-up
 
 
 def _bad(argv, capsys) -> str:
