@@ -141,6 +141,15 @@ def packed_minibatches(
 ) -> Tuple[List[List[MicroBatch]], int]:
     """This rank's samples of each minibatch -> packed, un-split micro-batches, and the row
     length every rank uses. Collective over all ranks (one all-reduce)."""
+    packed, seq_len, _ = packed_with_bins(minibatches, budget, multiple)
+    return packed, seq_len
+
+
+def packed_with_bins(
+    minibatches: Sequence[Sequence[Sample]], budget: int, multiple: int
+) -> Tuple[List[List[MicroBatch]], int, List[List[List[int]]]]:
+    """``packed_minibatches``, and per minibatch its bins: the indices of the samples in each
+    packed micro-batch, in the order they lie in its row (the fillers after them have none)."""
     bins = [pack_bins([length_of(s) for s in mb], budget) for mb in minibatches]
     fullest = max(
         (sum(length_of(mb[i]) for i in b) for mb, bs in zip(minibatches, bins) for b in bs),
@@ -155,7 +164,7 @@ def packed_minibatches(
         packed = [build_packed_microbatch([mb[i] for i in b], seq_len) for b in bs]
         packed += [build_packed_microbatch([], seq_len) for _ in range(max(n, 1) - len(bs))]
         out.append(packed)
-    return out, seq_len
+    return out, seq_len, bins
 
 
 def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:

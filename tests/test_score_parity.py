@@ -1,6 +1,7 @@
 """Megatron log-probs equal HF transformers' for tiny fp32 models under every parallel layout.
 
-One converted checkpoint per model is scored in each layout under torchrun/gloo by the scoring
+One converted checkpoint per model is scored in each layout, padded and packed (several rows end
+to end in one, `--max-tokens-per-microbatch`, as training packs), under torchrun/gloo by the scoring
 tool's own function (`gspo_megatron.score.score_rows`, through `tests/workers/score_worker.py`:
 the layouts of one world size share a launch); the command line itself
 (`python -m gspo_megatron.score`) runs under torchrun with two data-parallel ranks, where row
@@ -20,6 +21,7 @@ from conftest import REPO, BatchedRuns, score_cli
 from gspo_megatron.testing.hf_reference import max_abs_diff, read_logprobs
 
 TOL = 1e-4
+PACK = 40
 WORKER = str(REPO / "tests" / "workers" / "score_worker.py")
 
 MOE_LAYOUTS = [
@@ -32,6 +34,13 @@ MOE_LAYOUTS = [
     ("EP2xPP2-split1,3", 4, {"ep": 2, "pp": 2, "pp_layers": [1, 3]}),
     ("TP2xEP2", 4, {"tp": 2, "ep": 2}),
     ("DP2xEP2", 4, {"ep": 2}),
+    ("CP2", 2, {"cp": 2}),
+    # Packed: rows of 3-26 tokens, 2-4 of them in a row of at most 40 tokens.
+    ("packed", 1, {"max_tokens": PACK}),
+    ("CP2-packed", 2, {"cp": 2, "max_tokens": PACK}),
+    ("TP2xPP2-packed", 4, {"tp": 2, "pp": 2, "max_tokens": PACK}),
+    ("DP2xEP2-packed", 4, {"ep": 2, "max_tokens": PACK}),
+    ("CP2xEP2-packed", 4, {"cp": 2, "ep": 2, "max_tokens": PACK}),
 ]
 
 DENSE_LAYOUTS = [
@@ -39,6 +48,7 @@ DENSE_LAYOUTS = [
     ("TP2", 2, {"tp": 2}),
     ("PP2", 2, {"pp": 2}),
     ("TP2xPP2-split3,1", 4, {"tp": 2, "pp": 2, "pp_layers": [3, 1]}),
+    ("CP2-packed", 2, {"cp": 2, "max_tokens": PACK}),
 ]
 
 
@@ -80,6 +90,25 @@ def test_score_cli_output_rows_in_input_order(tiny_moe, tmp_path):
     got = read_logprobs(out)
     assert [len(x) for x in got] == [len(r) for _, r in tiny_moe.rows]
     assert max_abs_diff(got, tiny_moe.reference) <= TOL
+
+
+def test_score_cli_packed_rows_under_context_parallelism(tiny_moe, tmp_path):
+    """The command line with --cp 2 and packed rows: each row split over two ranks, several
+    sequences per row, put back together in input order and equal to HF's."""
+    out = tmp_path / "out.jsonl"
+    extra = ["--cp", "2", "--max-tokens-per-microbatch", str(PACK)]
+    score_cli(tiny_moe.ckpt, tiny_moe.input, out, *extra, nproc=2)
+    got = read_logprobs(out)
+    assert [len(x) for x in got] == [len(r) for _, r in tiny_moe.rows]
+    assert max_abs_diff(got, tiny_moe.reference) <= TOL
+    longest = max(len(p) + len(r) for p, r in tiny_moe.rows)
+    small = ["--max-tokens-per-microbatch", str(longest - 1)]
+    proc = score_cli(tiny_moe.ckpt, tiny_moe.input, tmp_path / "o.jsonl", *small, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --max-tokens-per-microbatch={longest - 1}: the longest row has {longest} "
+        f"tokens (prompt + response); give at least that, or 0 for padded rows"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """torchrun worker: score rows in several layouts in one launch (the scoring tool's own code).
 
 ``--cases`` is a JSON list of ``{"name", "ckpt", "input", "layout": {"tp", "pp", "ep", "etp",
-"pp_layers"}}``; each case rebuilds megatron's parallel state for its layout and runs
+"cp", "pp_layers", "max_tokens"}}`` (``max_tokens``: packed rows of at most that many tokens,
+``--max-tokens-per-microbatch``); each case rebuilds megatron's parallel state for its layout and runs
 ``gspo_megatron.score.score_rows``, the function behind ``python -m gspo_megatron.score``
 (micro-batches of 2, 2 x pp micro-batches per step, fp32, as the CLI's defaults with
 ``--micro-batch-size 2``). Rank 0 writes ``{name: per-row log-prob lists}``.
@@ -30,7 +31,8 @@ def main() -> None:
     for case in json.loads(args.cases.read_text()):
         ckpt = Path(case["ckpt"])
         spec = checkpoint_spec(ckpt)
-        layout = case.get("layout", {})
+        layout = dict(case.get("layout", {}))
+        max_tokens = layout.pop("max_tokens", 0)
         if layout.get("pp_layers"):
             layout["pp_layers"] = tuple(layout["pp_layers"])
         layout = ParallelLayout(**layout)
@@ -38,7 +40,7 @@ def main() -> None:
         check_layout(layout, spec, dist.get_world_size())
         rows = read_rows(Path(case["input"]), spec.vocab_size, spec.max_position_embeddings)
         results[case["name"]] = score_rows(
-            spec, layout, ckpt, rows, 2, 2 * layout.pp, torch.float32
+            spec, layout, ckpt, rows, 2, 2 * layout.pp, torch.float32, max_tokens
         )
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
