@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, child_env
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.rewards.worker import OUTPUT_PER_CALL
+from gspo_megatron.guarded import OUTPUT_PER_CALL
 from gspo_megatron.rollout import env_pool
 from gspo_megatron.rollout.env_pool import EnvLimits, EnvPool, check_environment
 

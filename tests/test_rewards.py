@@ -538,8 +538,8 @@ def test_printed_output_is_shown_capped(capfd):
     """A function printing 100 KB per call (print, stderr, a C-level write): the trainer's
     stderr shows its lines prefixed with the function's name, at most OUTPUT_BUDGET bytes of
     them in all and then one line saying the rest is not shown; the rewards are unaffected."""
+    from gspo_megatron.guarded import OUTPUT_PER_CALL
     from gspo_megatron.rewards.runner import OUTPUT_BUDGET
-    from gspo_megatron.rewards.worker import OUTPUT_PER_CALL
 
     cfg = RewardConfig(functions=[RewardFn("reward_fns:prints_a_lot")], timeout_s=30)
     runner = RewardRunner(cfg)

@@ -16,28 +16,29 @@ whole tree and group, and the guard kills the tree when the trainer dies, howeve
 (``procutil.split_off_guard``). What a
 function prints (its own prints, C code, its child processes: file descriptors 1 and 2) goes to
 a scratch file, emptied after each call, and reaches the trainer with the reply: at most
-``OUTPUT_PER_CALL`` bytes of it (``RewardRunner`` shows it, up to a budget per run).
+``guarded.OUTPUT_PER_CALL`` bytes of it (``RewardRunner`` shows it, up to a budget per run).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib
 import inspect
-import math
-import numbers
 import os
-import reprlib
 import signal
-import sys
-import tempfile
-import types
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Optional, Sequence, Tuple
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.guarded import (
+    Output,
+    capture_output,
+    exit_reason,
+    finite_real,
+    main_module_hidden,
+    show,
+    take_output,
+)
 from gspo_megatron.procutil import Strays, kill_group, split_off_guard
 from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
@@ -46,15 +47,11 @@ from gspo_megatron.rollout.machine import limit_memory, memory_note
 STARTUP_TIMEOUT_S = 120.0
 """How long a fresh worker may take to start and import the functions (not part of any call)."""
 
-OUTPUT_PER_CALL = 16 << 10
-"""Bytes of a call's printed output sent back with its reply (the rest is counted, not sent)."""
-
 Job = Tuple[int, str, str, Optional[str], Optional[dict]]
 """(function index, prompt, response, answer, episode): ``episode`` is a multi-turn episode's
 record (messages, metadata, turns, tool calls; None for a single response), passed to a
 function that has a parameter named ``episode``."""
 Reply = Tuple[float, Optional[str]]  # (value, None) or (0.0, what went wrong)
-Output = Tuple[bytes, int]  # (the first OUTPUT_PER_CALL bytes printed, how many bytes in all)
 
 
 def _serve(conn, names: Sequence[str], parent_pid: int, memory_gib: float = 0.0) -> None:
@@ -66,7 +63,7 @@ def _serve(conn, names: Sequence[str], parent_pid: int, memory_gib: float = 0.0)
     # Ctrl-C reaches the whole process group; the trainer decides what it means and stops this
     # worker, which must not report it as a fault of whatever function it was running.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    capture = _capture_output()
+    capture = capture_output()
     try:
         fns = [resolve(n, f"rewards.functions[{k}].name") for k, n in enumerate(names)]
         _import_lazy_dependencies(names)
@@ -83,42 +80,9 @@ def _serve(conn, names: Sequence[str], parent_pid: int, memory_gib: float = 0.0)
             for k, prompt, response, answer, episode in conn.recv():
                 reply = _run_one(fns[k], prompt, response, answer, episode)
                 strays.end()  # nothing a call started outlives it
-                conn.send((reply, _take_output(capture)))
+                conn.send((reply, take_output(capture)))
     except (EOFError, OSError):  # the trainer is gone: nobody to answer
         return
-
-
-def _capture_output() -> int:
-    """Point fds 1 and 2 (sys.stdout / sys.stderr, C code, child processes) at an unlinked
-    scratch file in append mode, and return its fd: a function that prints megabytes per call
-    must not flood the trainer's terminal and logs, which get a bounded part of it instead."""
-    fd, name = tempfile.mkstemp(prefix="gspo-reward-output-")
-    os.unlink(name)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-    _flush_std()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    return fd
-
-
-def _take_output(fd: int) -> Optional[Output]:
-    """What was printed since the last call (None if nothing): its first OUTPUT_PER_CALL bytes
-    and its size; the file is emptied (writes append, so they start again at 0)."""
-    _flush_std()
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return None
-    head = os.pread(fd, min(size, OUTPUT_PER_CALL), 0)
-    os.ftruncate(fd, 0)
-    return head, size
-
-
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # closed or replaced by the function: nothing of ours to flush
-            pass
 
 
 def _run_one(
@@ -131,7 +95,7 @@ def _run_one(
             raw = fn(prompt, response, answer, episode=episode)
         else:
             raw = fn(prompt, response, answer)
-        value = _finite_real(raw)
+        value = finite_real(raw)
     except MemoryError:
         return 0.0, f"ran out of memory ({memory_note()})"
     except BaseException as exc:
@@ -139,7 +103,7 @@ def _run_one(
     if value is None:
         return (
             0.0,
-            f"returned {_show(raw)} ({type(raw).__name__}); a reward must be a finite number",
+            f"returned {show(raw)} ({type(raw).__name__}); a reward must be a finite number",
         )
     return value, None
 
@@ -150,25 +114,6 @@ def takes_episode(fn: Callable) -> bool:
         return "episode" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
-
-
-def _finite_real(raw: object) -> Optional[float]:
-    """raw as a float if it is a finite real number (bool as 1/0: `return got == answer` is
-    common), including numpy scalars and 0-d numpy arrays / torch tensors; else None."""
-    real = isinstance(raw, numbers.Real)  # int, float, bool, numpy integer / floating scalars
-    # A numpy or torch value means its module is imported already: nothing to import here.
-    np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
-    if np is not None and isinstance(raw, (np.bool_, np.ndarray)):
-        real = raw.ndim == 0 and raw.dtype.kind in "biuf"
-    if torch is not None and isinstance(raw, torch.Tensor):
-        real = raw.ndim == 0 and not raw.is_complex()
-    if not real:
-        return None
-    try:
-        value = float(raw)
-    except (OverflowError, ValueError):  # an int past float's range
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _import_lazy_dependencies(names: Sequence[str]) -> None:
@@ -185,24 +130,6 @@ class _Died:
     reason: str
 
 
-@contextlib.contextmanager
-def _main_module_hidden(names: Sequence[str]):
-    """A spawned child imports the parent's main module first (multiprocessing does it so that
-    functions defined there can be unpickled). The trainer's main module is gspo-train's, and
-    importing it (torch and all) cost every fresh worker 3.4 s on the demo before it could
-    import the reward functions: a first step waiting on it, and each worker restart after a
-    timeout again. The worker needs none of it, unless a reward function lives in __main__."""
-    if any(str(n).startswith("__main__:") for n in names):
-        yield
-        return
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
 class Worker:
     """One worker process and its pipe. Spawned at once; `wait_ready` waits for its imports."""
 
@@ -214,7 +141,7 @@ class Worker:
         self.failed: Optional[str] = None
         """Why this worker cannot score (it is gone then)."""
         try:
-            with _main_module_hidden(names):
+            with main_module_hidden(names):
                 self.proc.start()
         except OSError as err:  # no process to be had (EAGAIN, ENOMEM): errors, not a crash
             self.failed = f"reward worker could not be spawned: {describe(err)}"
@@ -274,7 +201,7 @@ class Worker:
         self.proc.join(timeout=5)  # its pipes close a moment before it can be reaped
         code = self.proc.exitcode
         self.kill()
-        return _Died(_exit_reason(code))
+        return _Died(f"worker {exit_reason(code)}")
 
     def kill(self) -> None:
         """SIGKILL the worker's process group: the worker, its guard and whatever a function
@@ -283,25 +210,3 @@ class Worker:
         if self.proc.pid is not None:  # it was spawned
             kill_group(self.proc)
         self.conn.close()
-
-
-def _exit_reason(code: Optional[int]) -> str:
-    if code is None:
-        return "worker closed its pipe and did not exit"
-    if code < 0:
-        try:
-            return f"worker killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"worker killed by signal {-code}"
-    return f"worker exited with status {code}"
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-
-
-def _show(raw: object) -> str:
-    try:
-        return _REPR.repr(raw)
-    except Exception:  # a broken __repr__ is the function's problem, not the runner's
-        return f"<unprintable {type(raw).__name__}>"

@@ -60,18 +60,18 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.procutil import Strays, kill_group, split_off_guard
-from gspo_megatron.rewards.registry import describe, resolve
-from gspo_megatron.rewards.worker import (
+from gspo_megatron.guarded import (
     OUTPUT_PER_CALL,
     Output,
-    _capture_output,
-    _exit_reason,
-    _finite_real,
-    _main_module_hidden,
-    _show,
-    _take_output,
+    capture_output,
+    exit_reason,
+    finite_real,
+    main_module_hidden,
+    show,
+    take_output,
 )
+from gspo_megatron.procutil import Strays, kill_group, split_off_guard
+from gspo_megatron.rewards.registry import describe, resolve
 from gspo_megatron.rollout.machine import limit_memory, memory_note
 
 WHERE = "agent.environment"
@@ -244,7 +244,7 @@ def _serve(
     os.setpgid(0, 0)  # before any child exists: all of them join this group
     split_off_guard(trainer_pid, conn)  # from here on the worker, its guard above it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to decide on
-    capture = _capture_output()
+    capture = capture_output()
     try:
         _forget_other_preload(env_path, module_file)
         cls = load_environment(env_path)
@@ -257,7 +257,7 @@ def _serve(
     try:
         while True:
             failure, detail, value = host.run(conn.recv())
-            conn.send((failure, detail, value, _take_output(capture)))
+            conn.send((failure, detail, value, take_output(capture)))
     except (EOFError, OSError):  # the trainer is gone: nobody to answer
         return
 
@@ -313,7 +313,7 @@ class _Host:
         if callable(getattr(env, "tool_specs", None)):
             tools = _guarded("tool_specs", env.tool_specs)
             if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-                raise _Failed("invalid", f"tool_specs returned {_show(tools)}, not a list of dicts")
+                raise _Failed("invalid", f"tool_specs returned {show(tools)}, not a list of dicts")
             tools = [_plain(t, "tool_specs returned a dict") for t in tools]
         self._check_size("reset", messages, tools)
         self.env = env
@@ -326,7 +326,7 @@ class _Host:
         if not isinstance(raw, tuple) or len(raw) != 3:
             raise _Failed(
                 "invalid",
-                f"step returned {_show(raw)} ({type(raw).__name__}); expected a tuple "
+                f"step returned {show(raw)} ({type(raw).__name__}); expected a tuple "
                 f"(messages, done, reward)",
             )
         messages, done, reward = (
@@ -336,7 +336,7 @@ class _Host:
         )
         if not isinstance(done, bool):
             raise _Failed(
-                "invalid", f"step returned done={_show(done)} ({type(done).__name__}), not a bool"
+                "invalid", f"step returned done={show(done)} ({type(done).__name__}), not a bool"
             )
         if not messages and not done:
             raise _Failed("invalid", "step returned no messages with done=False")
@@ -373,7 +373,7 @@ def _guarded(what: str, fn, *args):
     except MemoryError:
         raise _Failed("error", f"{what} ran out of memory ({memory_note()})") from None
     except SystemExit as exc:
-        raise _Failed("exit", f"{what} called sys.exit({_show(exc.code)})") from None
+        raise _Failed("exit", f"{what} called sys.exit({show(exc.code)})") from None
     except BaseException as exc:
         raise _Failed("error", f"{what} raised {describe(exc)}") from None
 
@@ -395,20 +395,18 @@ def _messages(raw: object, what: str, max_chars: Optional[int] = None) -> List[d
     if not isinstance(raw, list):
         raise _Failed(
             "invalid",
-            f"{what} returned messages {_show(raw)} ({type(raw).__name__}); expected a list",
+            f"{what} returned messages {show(raw)} ({type(raw).__name__}); expected a list",
         )
     out = []
     for i, message in enumerate(raw):
         where = f"{what} returned messages[{i}]"
         if not isinstance(message, dict):
-            raise _Failed("invalid", f"{where} = {_show(message)} ({type(message).__name__})")
+            raise _Failed("invalid", f"{where} = {show(message)} ({type(message).__name__})")
         role = message.get("role")
         if not isinstance(role, str):
             raise _Failed("invalid", f"{where} without a str 'role'")
         if role not in ROLES:
-            raise _Failed(
-                "invalid", f"{where} with role {_show(role)}; allowed: {', '.join(ROLES)}"
-            )
+            raise _Failed("invalid", f"{where} with role {show(role)}; allowed: {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise _Failed("invalid", f"{where} without a str 'content'")
         if max_chars is not None and len(message["content"]) > max_chars:
@@ -427,7 +425,7 @@ def message_problem(message: dict) -> Optional[str]:
     they expect (``_plain`` checks that every text is valid Unicode)."""
     for key in ("name", "tool_call_id", "reasoning_content"):
         if key in message and not isinstance(message[key], str):
-            return f"'{key}' is {_show(message[key])} ({type(message[key]).__name__}), not a str"
+            return f"'{key}' is {show(message[key])} ({type(message[key]).__name__}), not a str"
     if "tool_calls" in message:
         if message["role"] != "assistant":
             return (
@@ -448,15 +446,15 @@ def _tool_calls_problem(calls: object) -> Optional[str]:
         '{"type": "function", "function": {...}}'
     )
     if not isinstance(calls, list):
-        return f"'tool_calls' is {_show(calls)} ({type(calls).__name__}); {form}"
+        return f"'tool_calls' is {show(calls)} ({type(calls).__name__}); {form}"
     for k, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(fn, dict):
-            return f"'tool_calls'[{k}] is {_show(call)}; {form}"
+            return f"'tool_calls'[{k}] is {show(call)}; {form}"
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             return f"'tool_calls'[{k}] has no 'name' str; {form}"
         if not isinstance(fn.get("arguments", {}), (dict, str)):
-            return f"'tool_calls'[{k}]'s 'arguments' is {_show(fn['arguments'])}; {form}"
+            return f"'tool_calls'[{k}]'s 'arguments' is {show(fn['arguments'])}; {form}"
     return None
 
 
@@ -528,11 +526,11 @@ def _reward(raw: object) -> Optional[float]:
     boolean = (
         isinstance(raw, bool) or getattr(dtype, "kind", None) == "b" or str(dtype) == "torch.bool"
     )
-    value = None if boolean else _finite_real(raw)
+    value = None if boolean else finite_real(raw)
     if value is None:
         raise _Failed(
             "invalid",
-            f"step returned reward={_show(raw)} ({type(raw).__name__}); expected None or a "
+            f"step returned reward={show(raw)} ({type(raw).__name__}); expected None or a "
             f"finite number",
         )
     return value
@@ -560,7 +558,7 @@ class _EnvProcess:
         self.exitcode: Optional[int] = None  # once killed
         self._killed = False
         try:
-            with _main_module_hidden([env_path]):
+            with main_module_hidden([env_path]):
                 self.proc.start()
         except BaseException:
             self.conn.close()
@@ -589,7 +587,7 @@ class _EnvProcess:
         # the worker left and exits as the worker did, a moment later.
         self.proc.join(timeout=5)
         self.kill()
-        return _Died(_exit_reason(self.exitcode).replace("worker ", "", 1))
+        return _Died(exit_reason(self.exitcode))
 
     def salvage_output(self) -> Optional[Output]:
         """What a hung call printed so far (its scratch file, through /proc), None if none."""
