@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from gspo_megatron.batch import Sample
 from gspo_megatron.checkpoint.atomic import atomic_write_text
 from gspo_megatron.checkpoint.mcore_to_hf import convert_mcore_to_hf
 from gspo_megatron.checkpoint.model import HF_SUBDIR, load_model_checkpoint
@@ -47,12 +46,7 @@ from gspo_megatron.checkpoint.run_dir import (
 from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 from gspo_megatron.config import Config, load_config
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
-from gspo_megatron.loss.advantages import (
-    equal_reward_groups,
-    group_advantages,
-    reward_mean_std,
-    silent_groups,
-)
+from gspo_megatron.loss.advantages import equal_reward_groups, reward_mean_std
 from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
 from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
@@ -72,6 +66,7 @@ from gspo_megatron.rollout.source import (
     load_queue,
 )
 from gspo_megatron.run_lock import RunLock
+from gspo_megatron.step_samples import sampled_ages, staleness_metrics, step_samples, token_ages
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -296,11 +291,8 @@ class Trainer:
                 f"reward/timeouts; only the first failure is shown): {rollout.first_error}"
             )
         g_size = cfg.rollout.group_size
-        # float64, scaled per group: any finite reward gives finite advantages.
-        kept = torch.tensor([x for r in rollout.rewards for x in r], dtype=torch.float64)
-        adv_t = group_advantages(kept, g_size) if kept.numel() else torch.zeros(0)
-        adv = adv_t.tolist()
-        silent = silent_groups(kept, adv_t, g_size) if kept.numel() else 0
+        made = step_samples(rollout, ages, g_size, cfg.rollout.max_token_age)
+        samples, pairs, adv, silent = made.samples, made.pairs, made.advantages, made.silent_groups
         if silent and not self.silent_groups_shown:
             self.silent_groups_shown = True  # once per run; reward/zero_advantage_groups counts
             self._say(
@@ -309,21 +301,8 @@ class Trainer:
                 f"(1e-6), so nothing is learned from them; scale the rewards up (counted in "
                 f"reward/zero_advantage_groups)"
             )
-        # (prompt, completion) in group order: rewards, advantages and samples all follow it.
-        pairs = [(p, c) for p, g in zip(rollout.prompts, rollout.groups) for c in g]
-        samples = [
-            Sample(
-                p.ids if c.prompt_ids is None else c.prompt_ids,
-                c.token_ids,
-                a,
-                c.logprobs,
-                routes=c.routes,
-                response_mask=age_mask(c.loss_mask, age, cfg.rollout.max_token_age),
-            )
-            for (p, c), a, age in zip(pairs, adv, ages)
-        ]
         if cfg.train.save_rollouts and self.rank == 0:
-            self._save_rollouts(step, pairs, kept.tolist(), adv)
+            self._save_rollouts(step, pairs, made.rewards, adv)
         # Every data-parallel rank must get the same number of samples, splitting into the
         # minibatches; a prompt the engine skipped, or dynamic sampling ending short of
         # train.prompts_per_step, can break that: the remainder is dropped and counted.
@@ -576,49 +555,6 @@ def partial_row(p, c) -> dict:
         "logprobs": c.logprobs,
         "versions": c.versions,
     }
-
-
-def token_ages(rollout, step: int) -> List[List[int]]:
-    """Per response of ``rollout`` (group order), per token: how many versions behind the
-    policy of ``step`` the policy that sampled it is."""
-    ages = []
-    for g in rollout.groups:
-        for c in g:
-            versions = c.versions or [rollout.version] * len(c.token_ids)
-            ages.append([step - v for v in versions])
-    return ages
-
-
-def sampled_ages(rollout, ages: List[List[int]]) -> List[List[int]]:
-    """``ages`` of the tokens the policy sampled: a multi-turn episode's environment tokens
-    (loss mask 0) are left out of the staleness metrics."""
-    comps = [c for g in rollout.groups for c in g]
-    return [
-        age if c.loss_mask is None else [a for a, m in zip(age, c.loss_mask) if m]
-        for age, c in zip(ages, comps)
-    ]
-
-
-def age_mask(mask: Optional[List[int]], ages: List[int], max_age: int) -> Optional[List[int]]:
-    """The response's loss mask with the tokens older than ``max_age`` (>= 0) masked out."""
-    if max_age < 0:
-        return mask
-    mask = mask or [1] * len(ages)
-    return [m if a <= max_age else 0 for m, a in zip(mask, ages)]
-
-
-def staleness_metrics(ages: List[List[int]], rc) -> Dict[str, float]:
-    """rollout/staleness_* over the batch's response tokens, and how many responses span
-    several versions (rollout/partial_fraction) and how many tokens max_token_age masks."""
-    flat = [a for row in ages for a in row] or [0]
-    out = {
-        "rollout/staleness_mean": sum(flat) / len(flat),
-        "rollout/staleness_max": float(max(flat)),
-        "rollout/partial_fraction": sum(len(set(r)) > 1 for r in ages) / max(len(ages), 1),
-    }
-    if rc.max_token_age >= 0:
-        out["rollout/masked_old_tokens"] = sum(a > rc.max_token_age for a in flat) / len(flat)
-    return out
 
 
 def episode_row(c) -> dict:

@@ -163,7 +163,7 @@ def test_token_ages_the_mask_and_the_staleness_metrics():
     from gspo_megatron.rollout.config import RolloutConfig as R
     from gspo_megatron.rollout.engine import Completion
     from gspo_megatron.rollout.sampling import StepRollout
-    from gspo_megatron.train import age_mask, sampled_ages, staleness_metrics, token_ages
+    from gspo_megatron.step_samples import age_mask, sampled_ages, staleness_metrics, token_ages
 
     spans = Completion([1, 2, 3, 4], [0.0] * 4, "stop", versions=[2, 2, 3, 3])
     short = Completion([5], [0.0], "stop", versions=[2])
@@ -188,6 +188,38 @@ def test_token_ages_the_mask_and_the_staleness_metrics():
     both = StepRollout(groups=[[episode, short]], version=2)
     ages = token_ages(both, 4)
     assert ages == [[2, 1, 1], [2]] and sampled_ages(both, ages) == [[2, 1], [2]]
+
+
+def test_step_samples_follow_the_groups_with_their_advantages():
+    """A step's rollouts -> samples: one per response in group order, each with its group's
+    normalised advantage ((r - mean) / (sample std + 1e-6), computed here in fp64), the
+    episode's opening as its prompt, the engine's log-probs, and the age-masked loss mask."""
+    from gspo_megatron.data import Prompt
+    from gspo_megatron.rollout.engine import Completion
+    from gspo_megatron.rollout.sampling import StepRollout
+    from gspo_megatron.step_samples import step_samples, token_ages
+
+    prompts = [Prompt("a", [7, 8], None, 0), Prompt("b", [9], None, 1)]
+    groups = [
+        [Completion([1, 2], [-0.5, -0.25], "stop"), Completion([3], [-1.0], "stop")],
+        [
+            Completion([4, 5, 6], [-0.1] * 3, "stop", prompt_ids=[9, 10], versions=[1, 2, 2]),
+            Completion([6], [-0.2], "length", versions=[2]),
+        ],
+    ]
+    rewards = [[1.0, 0.0], [0.5, 0.5]]  # the second group: equal rewards, advantage 0
+    rollout = StepRollout(prompts=prompts, groups=groups, rewards=rewards, version=2)
+    made = step_samples(rollout, token_ages(rollout, 3), 2, max_token_age=1)
+    sd = (0.5**2 * 2 / 1) ** 0.5  # sample std of (1, 0)
+    want = [0.5 / (sd + 1e-6), -0.5 / (sd + 1e-6), 0.0, 0.0]
+    assert made.advantages == pytest.approx(want, rel=1e-6)  # stored as fp32
+    assert made.rewards == [1.0, 0.0, 0.5, 0.5] and made.silent_groups == 0
+    assert [s.prompt_ids for s in made.samples] == [[7, 8], [7, 8], [9, 10], [9]]
+    assert [s.response_ids for s in made.samples] == [[1, 2], [3], [4, 5, 6], [6]]
+    assert made.samples[0].old_logprobs == [-0.5, -0.25]  # the engine's
+    # max_token_age 1 at step 3: the token sampled by version 1 (age 2) is masked out.
+    assert [s.response_mask for s in made.samples] == [[1, 1], [1], [0, 1, 1], [1]]
+    assert [c for _, c in made.pairs] == [c for g in groups for c in g]
 
 
 def _groups(n: int, timeout_s: float = 30.0):
