@@ -13,10 +13,10 @@ from transformers import AutoTokenizer
 from gspo_megatron.agent_demo import value_reward
 from gspo_megatron.data import Prompt
 from gspo_megatron.rollout.agent_config import AgentConfig, end_of_turn_id
-from gspo_megatron.rollout.engine import Completion
 from gspo_megatron.rollout.env_pool import EnvLimits, EnvPool
 from gspo_megatron.rollout.episodes import EpisodeRunner, SharedEnvs, agent_rollout
 from gspo_megatron.rollout.sampling import episode_rewards
+from gspo_megatron.rollout.types import Completion
 from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
 
 

@@ -161,8 +161,8 @@ def test_the_schedule_of_partial_rollouts():
 
 def test_token_ages_the_mask_and_the_staleness_metrics():
     from gspo_megatron.rollout.config import RolloutConfig as R
-    from gspo_megatron.rollout.engine import Completion
     from gspo_megatron.rollout.sampling import StepRollout
+    from gspo_megatron.rollout.types import Completion
     from gspo_megatron.step_samples import age_mask, sampled_ages, staleness_metrics, token_ages
 
     spans = Completion([1, 2, 3, 4], [0.0] * 4, "stop", versions=[2, 2, 3, 3])
@@ -195,8 +195,8 @@ def test_step_samples_follow_the_groups_with_their_advantages():
     normalised advantage ((r - mean) / (sample std + 1e-6), computed here in fp64), the
     episode's opening as its prompt, the engine's log-probs, and the age-masked loss mask."""
     from gspo_megatron.data import Prompt
-    from gspo_megatron.rollout.engine import Completion
     from gspo_megatron.rollout.sampling import StepRollout
+    from gspo_megatron.rollout.types import Completion
     from gspo_megatron.step_samples import step_samples, token_ages
 
     prompts = [Prompt("a", [7, 8], None, 0), Prompt("b", [9], None, 1)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from gspo_megatron.data import Prompt, PromptSet
-from gspo_megatron.rollout.engine import Completion, RolloutBatch
 from gspo_megatron.rollout.sampling import draw_more, merge_reward_stats, sample_step
+from gspo_megatron.rollout.types import Completion, RolloutBatch
 
 G = 4
 
@@ -113,3 +113,26 @@ def test_round_reward_metrics_merge_weighted_by_responses():
     assert merged["reward/errors"] == 3.0 and merged["perf/reward_seconds"] == 3.0
     # A weighted mean of float means (rel 1e-6, pytest.approx's default).
     assert merged["reward/fn"] == pytest.approx((0.5 * 30 + 0.1 * 10) / 40)
+
+
+def test_rollout_types_import_no_engine_and_keep_their_old_names():
+    """Reading rollouts (sampling, episodes, the link) imports no torch, numpy or vLLM; and
+    checkpoints that pickled queued rollouts under the engine module's name still load."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gspo_megatron.rollout.types; "
+        "print(sorted(m for m in ('torch', 'numpy', 'vllm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from gspo_megatron.rollout import engine
+
+    c = Completion([1, 2], [-0.5, -0.25], "stop")
+    old = pickle.dumps(c, protocol=0).replace(
+        b"gspo_megatron.rollout.types", b"gspo_megatron.rollout.engine"
+    )
+    assert b"gspo_megatron.rollout.engine" in old and pickle.loads(old) == c
+    assert engine.RolloutBatch is RolloutBatch

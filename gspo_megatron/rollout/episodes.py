@@ -533,7 +533,7 @@ def _seed_key(group_size: int, stream: str, step: int, round_: int) -> Callable:
 
 
 def _batch(runner: EpisodeRunner, transcripts, records, group_size: int, versions: bool):
-    from gspo_megatron.rollout.engine import Completion, RolloutBatch
+    from gspo_megatron.rollout.types import Completion, RolloutBatch
 
     comps = [
         Completion(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 from gspo_megatron.data import Prompt, PromptSet
 
 if TYPE_CHECKING:  # the engine module imports vLLM and megatron: not at gspo-train's start-up
-    from gspo_megatron.rollout.engine import Completion, RolloutBatch
+    from gspo_megatron.rollout.types import Completion, RolloutBatch
 
 Scorer = Callable[[List[Tuple[str, str, Optional[str]]]], Tuple[List[float], Dict, Optional[str]]]
 """texts (prompt, response, answer) -> (rewards, reward metrics, first reward error or None):
@@ -88,7 +88,7 @@ def sample_step(
     ``score``. Every rank gets the same result. Multi-turn episodes are scored on their last
     assistant turn, plus their environment's per-turn rewards; an episode whose environment
     failed scores 0 (``episode_rewards``)."""
-    from gspo_megatron.rollout.engine import RolloutBatch
+    from gspo_megatron.rollout.types import RolloutBatch
 
     out = StepRollout()
     prompts = prompt_set.batch(step, prompts_per_step, data_seed, shuffle)
