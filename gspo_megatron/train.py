@@ -582,7 +582,7 @@ def serve_rollouts(plan: Plan, role) -> None:
     batch is sent; a trainer that ends first (or dies) ends this rank too, in one line."""
     from gspo_megatron.rollout.link import LinkError
     from gspo_megatron.rollout.placement import LinkStartError
-    from gspo_megatron.rollout.server import serve
+    from gspo_megatron.rollout.rollout_rank import serve
 
     cfg = plan.cfg
     try:

@@ -21,7 +21,7 @@ tails of the batches v - 1 started (``InFlight``), then the heads of the batches
   policy after k steps) and version k's work is done, then the engine sleeps while the trainer
   trains. No overlap: the reference a separate run must equal.
 - ``SeparateSource``: the trainer's end of the link (``rollout.link``); the rollout ranks run
-  ``rollout.server.serve``. Before sending version k + 1 (with the batches in flight it is to
+  ``rollout.rollout_rank.serve``. Before sending version k + 1 (with the batches in flight it is to
   finish) the trainer takes every message of version k's work: both sides then go through the
   same sequence of messages, and each waits only for what it needs.
 """
