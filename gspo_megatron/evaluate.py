@@ -109,7 +109,7 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     from gspo_megatron.checkpoint.model import checkpoint_spec
     from gspo_megatron.config import load_config
     from gspo_megatron.data import DataConfig
-    from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+    from gspo_megatron.models import spec_from_hf_dir
     from gspo_megatron.rewards.registry import resolve
     from gspo_megatron.rewards.runner import RewardConfig, RewardFn
     from gspo_megatron.rollout.config import max_samples_per_prompt
@@ -406,7 +406,7 @@ def one_line(summary: dict, out: Path) -> str:
 @exit_on_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+    from gspo_megatron.models import spec_from_hf_dir
     from gspo_megatron.preflight import load_tokenizer
 
     p = plan(parse_args(argv))

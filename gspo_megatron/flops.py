@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from gspo_megatron.models.qwen3.spec import Qwen3Spec
+from gspo_megatron.models import ModelSpec
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, without sparsity), matched against
 # torch.cuda.get_device_name() in order: the first name contained in it wins.
@@ -37,7 +37,7 @@ PEAK_BF16_TFLOPS = (
 )
 
 
-def forward_flops(spec: Qwen3Spec, lengths: Sequence[int]) -> int:
+def forward_flops(spec: ModelSpec, lengths: Sequence[int]) -> int:
     """Matrix-multiply FLOPs of one forward pass over sequences of these lengths."""
     h = spec.hidden_size
     q = spec.num_attention_heads * spec.head_dim
@@ -53,7 +53,7 @@ def forward_flops(spec: Qwen3Spec, lengths: Sequence[int]) -> int:
     return tokens * per_token + attention
 
 
-def train_flops(spec: Qwen3Spec, lengths: Sequence[int]) -> int:
+def train_flops(spec: ModelSpec, lengths: Sequence[int]) -> int:
     """Forward and backward: three forwards' worth."""
     return 3 * forward_flops(spec, lengths)
 

@@ -14,12 +14,14 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3.spec import Qwen3Spec
+
+if TYPE_CHECKING:  # the models build on this module's layouts, not the other way round
+    from gspo_megatron.models import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def _divides(what: str, total: int, by: int, dim: str) -> None:
         )
 
 
-def check_layout(layout: ParallelLayout, spec: Qwen3Spec, world_size: int) -> None:
+def check_layout(layout: ParallelLayout, spec: ModelSpec, world_size: int) -> None:
     """Reject a layout that cannot run this model on this many ranks, naming the reason."""
     for name in ("tp", "pp", "ep", "etp", "cp"):
         value = layout.expert_tp if name == "etp" else getattr(layout, name)

@@ -29,7 +29,7 @@ from gspo_megatron.checkpoint.run_dir import (
 from gspo_megatron.config import Config
 from gspo_megatron.data import PromptSet, load_prompts
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes
+from gspo_megatron.models import ModelSpec, check_same_shapes
 from gspo_megatron.parallel import check_layout
 from gspo_megatron.resume import Change, resume_changes
 from gspo_megatron.rewards.builtin import NEEDS_ANSWER
@@ -47,7 +47,7 @@ class Plan:
     """What the pre-flight established, for the Trainer."""
 
     cfg: Config
-    spec: Qwen3Spec
+    spec: ModelSpec
     """The model, from model.ckpt's hf/config.json."""
     prompts: PromptSet
     """Every prompt row, tokenised and checked."""

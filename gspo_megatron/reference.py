@@ -23,13 +23,12 @@ import torch
 from gspo_megatron.batch import MicroBatch
 from gspo_megatron.checkpoint.model import load_model_checkpoint
 from gspo_megatron.forward import forward_logprobs
-from gspo_megatron.models.qwen3.model import build_model
-from gspo_megatron.models.qwen3.spec import Qwen3Spec
+from gspo_megatron.models import ModelSpec, build_model
 from gspo_megatron.parallel import ParallelLayout
 
 
 def build_reference(
-    spec: Qwen3Spec, layout: ParallelLayout, dtype: torch.dtype, ckpt: Path
+    spec: ModelSpec, layout: ParallelLayout, dtype: torch.dtype, ckpt: Path
 ) -> torch.nn.Module:
     """This rank's part of the reference policy, loaded from ``ckpt``, frozen, in eval mode.
     Collective (every rank must call it, after the process groups exist)."""

@@ -226,7 +226,7 @@ def score_rows(spec, layout, ckpt, rows, mbs, nmb, dtype, max_tokens: int = 0):
     from megatron.core import parallel_state as ps
 
     from gspo_megatron.forward import forward_logprobs
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
 
     model = build_model(spec, layout, params_dtype=dtype)
     load_model_checkpoint(model, ckpt, spec)

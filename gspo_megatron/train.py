@@ -148,7 +148,7 @@ class Trainer:
 
         from gspo_megatron.checkpoint.async_save import AsyncSaver
         from gspo_megatron.metrics import MetricsLogger
-        from gspo_megatron.models.qwen3.model import build_model
+        from gspo_megatron.models import build_model
         from gspo_megatron.reference import build_reference
         from gspo_megatron.rollout.engine import RolloutEngine
         from gspo_megatron.rollout.weight_sync import WeightGatherer

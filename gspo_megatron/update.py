@@ -40,7 +40,7 @@ from gspo_megatron.batch import (
 from gspo_megatron.errors import GspoError
 from gspo_megatron.forward import label_logprobs, model_forward, run_schedule
 from gspo_megatron.loss import PolicyLossConfig, policy_loss
-from gspo_megatron.models.qwen3.model import have_transformer_engine
+from gspo_megatron.models import have_transformer_engine
 from gspo_megatron.old_logprobs import (
     compute_old_logprobs,
     compute_old_logprobs_stacked,

@@ -189,10 +189,11 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_moe, tmp_path):
 def test_failure_mid_write_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
     """A conversion that dies after some tensors were written leaves no output that looks valid."""
     from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
-    from gspo_megatron.models.qwen3 import hf_mapping
+    from gspo_megatron.models import hf_mapping, spec_from_hf_dir
 
+    mapping = hf_mapping(spec_from_hf_dir(tiny_moe.hf_dir))
     calls = {"n": 0}
-    real = hf_mapping.to_mcore
+    real = mapping.to_mcore
 
     def failing(*args):
         calls["n"] += 1
@@ -200,7 +201,7 @@ def test_failure_mid_write_leaves_nothing(tiny_moe, tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         return real(*args)
 
-    monkeypatch.setattr(hf_mapping, "to_mcore", failing)
+    monkeypatch.setattr(mapping, "to_mcore", failing)
     with pytest.raises(OSError, match="disk full"):
         convert_hf_to_mcore(tiny_moe.hf_dir, tmp_path / "o", show_progress=False)
     assert calls["n"] == 10

@@ -115,7 +115,7 @@ def _one_process_update(ckpt, distributed: bool, steps: int = 2):
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import (
         OptimConfig,
         build_optimizer,

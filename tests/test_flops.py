@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from gspo_megatron.flops import forward_flops, peak_bf16_tflops, train_flops
-from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.models import spec_from_hf_config
 from gspo_megatron.testing.tiny_model import tiny_dense_config, tiny_moe_config
 
 

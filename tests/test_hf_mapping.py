@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo_megatron.models.qwen3 import hf_mapping
-from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.models import family_of_config, spec_from_hf_config
 from gspo_megatron.testing.tiny_model import make_hf_model, tiny_dense_config, tiny_moe_config
+
+# The Qwen3 family's mapping module (tensor_mappings, to_mcore, to_hf, QKV), through the face.
+hf_mapping = family_of_config({"model_type": "qwen3_moe"}).mapping
 
 
 def _spec(config):
@@ -23,7 +25,7 @@ def _megatron_checkpoint_keys(spec):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from gspo_megatron.checkpoint.model import model_sharded_state_dict
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())

@@ -13,8 +13,8 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 def _build(ckpt):
     """The tiny model built for one process, and its first MoE layer's experts."""
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.models import build_model
     from gspo_megatron.models.qwen3.experts import LeanSequentialMLP
-    from gspo_megatron.models.qwen3.model import build_model
     from gspo_megatron.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())

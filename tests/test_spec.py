@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3.spec import SUPPORTED_ARCHITECTURES, spec_from_hf_config
+from gspo_megatron.models import SUPPORTED_ARCHITECTURES, spec_from_hf_config
 from gspo_megatron.testing.tiny_model import tiny_dense_config, tiny_moe_config
 
 

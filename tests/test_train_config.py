@@ -25,7 +25,7 @@ QWEN3_235B_A22B.update(intermediate_size=12288, moe_intermediate_size=1536)
 
 
 def _spec(shape: dict):
-    from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+    from gspo_megatron.models import spec_from_hf_config
 
     arch = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
     return spec_from_hf_config(dict(RELEASED, **arch, **shape), "test")

@@ -32,8 +32,7 @@ from gspo_megatron.checkpoint.safetensors_io import (
     shard_file_names,
     tensor_nbytes,
 )
-from gspo_megatron.models.qwen3 import hf_mapping
-from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.models import hf_mapping, spec_from_hf_config
 
 MiB = 1024**2
 
@@ -66,7 +65,7 @@ def write_synthetic(hf_dir: Path, cfg: dict) -> tuple:
     dtype = spec.dtype
     entries = [
         (n, s, dtype)
-        for m in hf_mapping.tensor_mappings(spec)
+        for m in hf_mapping(spec).tensor_mappings(spec)
         for n, s in zip(m.hf_names, m.hf_shapes)
     ]
     shards = plan_shards(entries, 512 * MiB)

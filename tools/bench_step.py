@@ -70,7 +70,7 @@ def long_tail_samples(n: int, seed: int, vocab: int):
 def _model(tmp: Path):
     from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 

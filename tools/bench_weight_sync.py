@@ -89,8 +89,7 @@ def best_seconds(fn, repeats: int) -> float:
 def main() -> None:
     args = parse_args()
     from gspo_megatron.batch import Sample
-    from gspo_megatron.models.qwen3.model import build_model
-    from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+    from gspo_megatron.models import build_model, spec_from_hf_dir
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
     from gspo_megatron.rollout.config import RolloutConfig
     from gspo_megatron.rollout.engine import RolloutEngine

@@ -44,53 +44,57 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gspo_megatron.flops import peak_bf16_tflops, train_flops  # noqa: E402
-from gspo_megatron.models.qwen3.spec import Qwen3Spec  # noqa: E402
+from gspo_megatron.models import ModelSpec, spec_from_hf_config  # noqa: E402
 
 
-def qwen3_30b_a3b_slice(layers: int, seq: int) -> Qwen3Spec:
+def qwen3_30b_a3b_slice(layers: int, seq: int) -> ModelSpec:
     """Qwen3-30B-A3B's shapes (its config.json) with fewer layers."""
-    return Qwen3Spec(
-        architecture="Qwen3MoeForCausalLM",
-        vocab_size=151936,
-        hidden_size=2048,
-        num_layers=layers,
-        num_attention_heads=32,
-        num_query_groups=4,
-        head_dim=128,
-        ffn_hidden_size=6144,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        tie_word_embeddings=False,
-        max_position_embeddings=max(seq, 4096),
-        num_experts=128,
-        moe_ffn_hidden_size=768,
-        moe_top_k=8,
-        norm_topk_prob=True,
-        moe_layers=(True,) * layers,
-        torch_dtype="bfloat16",
+    return spec_from_hf_config(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "intermediate_size": 6144,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": max(seq, 4096),
+            "num_experts": 128,
+            "moe_intermediate_size": 768,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": True,
+            "torch_dtype": "bfloat16",
+        },
+        "the Qwen3-30B-A3B slice",
     )
 
 
-def tiny_slice(seq: int) -> Qwen3Spec:
+def tiny_slice(seq: int) -> ModelSpec:
     """The demo's model shape (gspo_megatron.demo), for a run on CPU."""
-    return Qwen3Spec(
-        architecture="Qwen3MoeForCausalLM",
-        vocab_size=256,
-        hidden_size=128,
-        num_layers=2,
-        num_attention_heads=4,
-        num_query_groups=2,
-        head_dim=64,
-        ffn_hidden_size=256,
-        rms_norm_eps=1e-6,
-        rope_theta=1e4,
-        tie_word_embeddings=False,
-        max_position_embeddings=max(seq, 128),
-        num_experts=4,
-        moe_ffn_hidden_size=128,
-        moe_top_k=2,
-        norm_topk_prob=True,
-        moe_layers=(True, True),
+    return spec_from_hf_config(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "vocab_size": 256,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "intermediate_size": 256,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e4,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": max(seq, 128),
+            "num_experts": 4,
+            "moe_intermediate_size": 128,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+        },
+        "the tiny slice",
     )
 
 
@@ -103,7 +107,7 @@ def step_check(args) -> dict:
     """One policy update of a model built from a spec, timed."""
     from gspo_megatron.batch import Sample
     from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.update import build_minibatches, train_step
@@ -158,7 +162,7 @@ def step_check(args) -> dict:
 
 def te_check() -> dict:
     """Transformer Engine's presence and the layer spec the model builder takes."""
-    from gspo_megatron.models.qwen3.model import have_transformer_engine
+    from gspo_megatron.models import have_transformer_engine
 
     try:
         import transformer_engine

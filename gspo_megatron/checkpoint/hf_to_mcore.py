@@ -21,8 +21,7 @@ from gspo_megatron.checkpoint.safetensors_io import (
     tensor_nbytes,
 )
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3 import hf_mapping
-from gspo_megatron.models.qwen3.spec import spec_from_hf_dir
+from gspo_megatron.models import hf_mapping, spec_from_hf_dir
 from gspo_megatron.progress import progress_bar
 
 
@@ -43,7 +42,7 @@ def convert_hf_to_mcore(
     check_not_in_a_run(out)
     check_output_dir(out, overwrite)
     reader = HFCheckpointReader(hf_dir)
-    mappings = hf_mapping.tensor_mappings(spec)
+    mappings = hf_mapping(spec).tensor_mappings(spec)
     expected = [(n, s) for m in mappings for n, s in zip(m.hf_names, m.hf_shapes)]
     reader.check_tensors(expected)
     # Every source tensor must go somewhere: a config.json that describes fewer layers (or
@@ -82,8 +81,10 @@ def convert_hf_to_mcore(
 
 def _producer(spec, mapping, reader):
     def produce():
-        return hf_mapping.to_mcore(
-            spec, mapping, [reader.get(n) for n in mapping.hf_names]
-        ).contiguous()
+        return (
+            hf_mapping(spec)
+            .to_mcore(spec, mapping, [reader.get(n) for n in mapping.hf_names])
+            .contiguous()
+        )
 
     return produce

@@ -26,7 +26,7 @@ from gspo_megatron.checkpoint.safetensors_io import (
     tensor_nbytes,
 )
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3 import hf_mapping
+from gspo_megatron.models import hf_mapping
 from gspo_megatron.progress import progress_bar
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -45,7 +45,7 @@ def convert_mcore_to_hf(
     check_not_in_a_run(out)
     check_output_dir(out, overwrite)
     reader = DcpTensorReader(ckpt)
-    mappings = hf_mapping.tensor_mappings(spec)
+    mappings = hf_mapping(spec).tensor_mappings(spec)
     # The model's tensors only (a training checkpoint also holds the optimizer's), each one
     # used: weights config.json does not describe would otherwise be dropped without a word.
     model_keys = {k for k in reader.tensors if not k.startswith("optimizer.")}
@@ -91,7 +91,7 @@ def convert_mcore_to_hf(
                     if name not in pending:
                         m = source[name]
                         t = reader.load([m.mcore_key])[m.mcore_key]
-                        pending.update(hf_mapping.to_hf(spec, m, t))
+                        pending.update(hf_mapping(spec).to_hf(spec, m, t))
                     writer.write(name, pending.pop(name))
                     bar.update(tensor_nbytes(shape, dtype))
         if len(shards) > 1:

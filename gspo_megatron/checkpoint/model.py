@@ -15,8 +15,13 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemReader
 
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3 import hf_mapping
-from gspo_megatron.models.qwen3.spec import Qwen3Spec, check_same_shapes, spec_from_hf_dir
+from gspo_megatron.models import (
+    ModelSpec,
+    check_same_shapes,
+    hf_mapping,
+    spec_from_hf_dir,
+    spec_of_model,
+)
 
 HF_SUBDIR = "hf"
 
@@ -24,7 +29,7 @@ HF_SUBDIR = "hf"
 # checkpoints through this module and must not load megatron (seconds of imports).
 
 
-def checkpoint_spec(ckpt_dir: Path) -> Qwen3Spec:
+def checkpoint_spec(ckpt_dir: Path) -> ModelSpec:
     """The model spec recorded in a checkpoint (its hf/config.json)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -86,18 +91,19 @@ def model_sharded_state_dict(model) -> dict:
     """The model's sharded state dict in the checkpoint's key space (no TE extra state)."""
     # A copy: megatron stores the current data-parallel group into the dict it is given, and a
     # shared one would carry a stale group into a later layout of the same process.
-    sharded = model.sharded_state_dict(metadata=dict(hf_mapping.SHARDED_METADATA))
+    mapping = hf_mapping(spec_of_model(model))
+    sharded = model.sharded_state_dict(metadata=dict(mapping.SHARDED_METADATA))
     out = {}
     for name, value in sharded.items():
         if name.endswith("_extra_state"):
             continue  # TE fp8 metadata / None for local modules: not model weights
         if hasattr(value, "key"):
-            value.key = hf_mapping.canonical_key(value.key)
+            value.key = mapping.canonical_key(value.key)
         out[name] = value
     return out
 
 
-def load_model_checkpoint(model, ckpt_dir: Path, expected: Qwen3Spec) -> None:
+def load_model_checkpoint(model, ckpt_dir: Path, expected: ModelSpec) -> None:
     """Fill ``model`` (this rank's part) from ``ckpt_dir``; every rank must call this."""
     from megatron.core import dist_checkpointing
 

@@ -34,7 +34,7 @@ from typing import List, Optional
 from gspo_megatron.checkpoint.atomic import TMP_MARK, atomic_write_text, tree_bytes
 from gspo_megatron.checkpoint.model import checkpoint_spec
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models.qwen3 import hf_mapping
+from gspo_megatron.models import hf_mapping
 
 CHECKPOINTS = "checkpoints"
 """Subdirectory of train.output_dir holding the checkpoints."""
@@ -256,7 +256,7 @@ def estimate_checkpoint_bytes(spec, dtype: str, hf_dir: Path) -> int:
     fp32 master weights and two Adam moments (12 bytes per parameter), the copy of ``hf_dir``
     (config, tokenizer) and 1 MiB of metadata. (The tiny demo model: 10.8 MB written, 11.6 MB
     estimated.)"""
-    numel = sum(math.prod(m.mcore_shape) for m in hf_mapping.tensor_mappings(spec))
+    numel = sum(math.prod(m.mcore_shape) for m in hf_mapping(spec).tensor_mappings(spec))
     param_bytes = 2 if dtype == "bf16" else 4  # "auto" is bf16 on GPU: 4 is the safe side
     return numel * (param_bytes + 12) + tree_bytes(hf_dir) + (1 << 20)
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.exchange import all_gather_objects
-from gspo_megatron.models.qwen3.spec import spec_from_hf_config
+from gspo_megatron.models import spec_from_hf_config
 from gspo_megatron.rollout.config import RolloutConfig
 from gspo_megatron.rollout.cpu_reload import keeping_linear_weights, reload_in_place
 from gspo_megatron.rollout.kv_cache import block_bytes, waves_note

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from gspo_megatron.models.qwen3.spec import Qwen3Spec
+from gspo_megatron.models import ModelSpec
 
 
-def block_bytes(spec: Qwen3Spec, dtype_bytes: int, engine_tp: int, block_size: int) -> int:
+def block_bytes(spec: ModelSpec, dtype_bytes: int, engine_tp: int, block_size: int) -> int:
     """Bytes of one KV cache block (keys and values of ``block_size`` tokens in every layer) on
     one rank of an ``engine_tp``-way engine. vLLM splits the KV heads over the TP ranks and
     replicates them when there are fewer heads than ranks."""

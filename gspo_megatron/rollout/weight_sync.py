@@ -28,8 +28,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from gspo_megatron.checkpoint.model import model_sharded_state_dict
 from gspo_megatron.exchange import all_gather_objects
-from gspo_megatron.models.qwen3 import hf_mapping
-from gspo_megatron.models.qwen3.spec import Qwen3Spec
+from gspo_megatron.models import ModelSpec, hf_mapping
 from gspo_megatron.optim import unwrap
 
 Shape = Tuple[int, ...]
@@ -117,7 +116,7 @@ def local_shards(model) -> Dict[str, LocalShard]:
     return out
 
 
-def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -> SyncPlan:
+def build_plan(shards, spec: ModelSpec, bucket_bytes: int, dtype: torch.dtype) -> SyncPlan:
     """From every rank's ``local_shards``. Collective: every rank must call it."""
     meta = {
         k: ShardMeta(sh.shape, sh.offset, tuple(sh.data.shape), sh.primary)
@@ -127,7 +126,7 @@ def build_plan(shards, spec: Qwen3Spec, bucket_bytes: int, dtype: torch.dtype) -
     world = len(everyone)
     elsize = torch.empty((), dtype=dtype).element_size()
     keys: List[KeyPlan] = []
-    for mapping in hf_mapping.tensor_mappings(spec):
+    for mapping in hf_mapping(spec).tensor_mappings(spec):
         key = mapping.mcore_key
         holders = [(r, m[key]) for r, m in enumerate(everyone) if key in m]
         if not holders:
@@ -175,7 +174,7 @@ class WeightGatherer:
     def __init__(
         self,
         model,
-        spec: Qwen3Spec,
+        spec: ModelSpec,
         bucket_bytes: int = 256 << 20,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -183,7 +182,7 @@ class WeightGatherer:
             raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
         self.model, self.spec, self.bucket_bytes = model, spec, bucket_bytes
         self.dtype = dtype or next(unwrap(model).parameters()).dtype
-        self.mappings = {m.mcore_key: m for m in hf_mapping.tensor_mappings(spec)}
+        self.mappings = {m.mcore_key: m for m in hf_mapping(spec).tensor_mappings(spec)}
         self._plan: Optional[SyncPlan] = None
         self.stats = SyncStats()
 
@@ -214,7 +213,7 @@ class WeightGatherer:
                         gathered = self._gather_bucket(plan, plan.buckets[b], shards)
                         current = b
                     full = gathered.pop(i)
-                for name, t in hf_mapping.to_hf(self.spec, self.mappings[kp.key], full):
+                for name, t in hf_mapping(self.spec).to_hf(self.spec, self.mappings[kp.key], full):
                     t = t.to(self.dtype)
                     self.stats.bytes += t.numel() * t.element_size()
                     self.stats.tensors += 1

@@ -25,7 +25,7 @@ def main() -> None:
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.data import Prompt
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed, shutdown
     from gspo_megatron.rollout.agent_config import AgentConfig

@@ -37,7 +37,7 @@ def main() -> None:
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.forward import model_forward
     from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.old_logprobs import compute_old_logprobs
     from gspo_megatron.optim import wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed

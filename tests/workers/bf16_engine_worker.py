@@ -65,7 +65,7 @@ def sync(args, cfg, out: Path, prompts):
     from safetensors.torch import save_file
 
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import wrap_for_training
     from gspo_megatron.parallel import ParallelLayout
     from gspo_megatron.rollout.engine import RolloutEngine

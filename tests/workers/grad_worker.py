@@ -32,7 +32,7 @@ from megatron.core import parallel_state as ps
 from gspo_megatron.batch import Sample, zigzag_indices
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
 from gspo_megatron.loss import PolicyLossConfig
-from gspo_megatron.models.qwen3.model import build_model
+from gspo_megatron.models import build_model
 from gspo_megatron.old_logprobs import compute_old_logprobs, observe_route_agreement
 from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
 from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed

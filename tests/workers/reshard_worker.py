@@ -28,7 +28,7 @@ from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec, load_mode
 from gspo_megatron.checkpoint.run_dir import TrainState
 from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 from gspo_megatron.loss import PolicyLossConfig
-from gspo_megatron.models.qwen3.model import build_model
+from gspo_megatron.models import build_model
 from gspo_megatron.optim import (
     OptimConfig,
     build_optimizer,

@@ -57,7 +57,7 @@ def run_layout(args, name, cfg, engine):
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.loss import PolicyLossConfig, group_advantages
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
     from gspo_megatron.rollout.cpu_reload import reload_generic

@@ -18,7 +18,7 @@ def main() -> None:
 
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.route_change import RouteChangeMeter

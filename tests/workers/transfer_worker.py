@@ -71,7 +71,7 @@ def train(cfg, args, role, groups, prompts, link) -> None:
 
     from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-    from gspo_megatron.models.qwen3.model import build_model
+    from gspo_megatron.models import build_model
     from gspo_megatron.optim import unwrap, wrap_for_training
     from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.rollout.weight_sync import WeightGatherer

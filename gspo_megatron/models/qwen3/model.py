@@ -28,6 +28,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from gspo_megatron.models import have_transformer_engine
 from gspo_megatron.models.qwen3 import rope
 from gspo_megatron.models.qwen3.cp_attention import AllGatherCPAttention
 from gspo_megatron.models.qwen3.experts import LeanSequentialMLP
@@ -35,14 +36,6 @@ from gspo_megatron.models.qwen3.norm import Qwen3RMSNorm
 from gspo_megatron.models.qwen3.packed_attention import SegmentedDotProductAttention
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 from gspo_megatron.parallel import ParallelLayout
-
-
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a broken install that fails at import
-        return False
-    return torch.cuda.is_available()
 
 
 def transformer_config(

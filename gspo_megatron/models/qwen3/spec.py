@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,33 +242,3 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
         torch_dtype=dtype,
         **moe_kwargs,
     )
-
-
-def load_hf_config(path: Path) -> dict:
-    """Read a config.json, with a one-line error for a missing or unreadable file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise GspoError(f"{path}: no such file (a HF model directory must contain config.json)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise GspoError(f"{path}: not valid JSON ({err})") from None
-
-
-def spec_from_hf_dir(path: Path) -> Qwen3Spec:
-    path = Path(path)
-    cfg_path = path / "config.json" if path.is_dir() else path
-    return spec_from_hf_config(load_hf_config(cfg_path), where=str(cfg_path))
-
-
-def check_same_shapes(expected: Qwen3Spec, found: Qwen3Spec, where: str) -> None:
-    """Raise a one-line error naming the first field where two model shapes differ."""
-    a, b = expected.shape_summary(), found.shape_summary()
-    for key in a:
-        if a[key] != b[key]:
-            raise GspoError(
-                f"{where}: checkpoint is of another model shape: {key}={b[key]} "
-                f"but the model expects {key}={a[key]}"
-            )
