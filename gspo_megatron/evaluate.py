@@ -302,7 +302,7 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
         "max_new_tokens": p.max_new_tokens,
         "pass_threshold": p.pass_threshold,
         "seed": p.seed,
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": "bf16" if engine.dtype == torch.bfloat16 else "fp32",
         "rewards": [f.name for f in p.rewards.functions],
     }
     p.out.mkdir(parents=True, exist_ok=True)
