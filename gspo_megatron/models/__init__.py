@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Dict, Protocol, Tuple
+from typing import Dict, Protocol, Tuple
 
 from gspo_megatron.errors import GspoError
 
@@ -190,8 +190,3 @@ def have_transformer_engine() -> bool:
     except Exception:  # ImportError, or a broken install that fails at import
         return False
     return torch.cuda.is_available()
-
-
-def describe(spec: ModelSpec) -> Dict[str, Any]:
-    """The family and shape of a spec, for messages and run records."""
-    return {"family": family_of(spec).name, **spec.shape_summary()}
