@@ -11,8 +11,8 @@ packed rows unchanged. What changes:
 - ``segments`` [1, S]: which sequence of the micro-batch each position belongs to (-1: padding).
   Attention is confined to each sequence by a block-diagonal causal mask
   (``packed_attention_mask``); without context parallelism the attention runs on each
-  sequence's block alone (``models/qwen3/packed_attention.py``), sum_i n_i^2 work, not S^2. Rotary embeddings see the positions of the packed row; RoPE
-  scores depend only on the distance between two positions of the same sequence, so the values
+  sequence's block alone (``models/layers/packed_attention.py``), sum_i n_i^2 work, not S^2.
+  Rotary embeddings see the positions of the packed row; RoPE scores depend only on the distance between two positions of the same sequence, so the values
   equal the unpacked ones (up to fp32 rounding of the angles).
 - ``advantages`` [n_seq]: one per sequence, not per row. The loss unpacks the row into
   [n_seq, L] (``unpack``) before ``policy_loss``, which then sees one row per sequence as

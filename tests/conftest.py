@@ -16,6 +16,7 @@ from gspo_megatron.testing.tiny_model import (
     make_hf_model,
     random_rows,
     tiny_dense_config,
+    tiny_glm_config,
     tiny_moe_config,
     write_tokenizer,
 )
@@ -153,6 +154,13 @@ def tiny_moe(tmp_path_factory) -> TinyModel:
 @pytest.fixture(scope="session")
 def tiny_dense(tmp_path_factory) -> TinyModel:
     return TinyModel(tmp_path_factory.mktemp("dense"), tiny_dense_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_glm(tmp_path_factory) -> TinyModel:
+    """GLM-4.5-style MoE (sigmoid router with correction bias, grouped top-k, shared expert,
+    dense first layer, partial RoPE, q/k/v biases, an MTP layer in the checkpoint)."""
+    return TinyModel(tmp_path_factory.mktemp("glm"), tiny_glm_config())
 
 
 # -- gspo-train runs shared by several test modules -------------------------------------------

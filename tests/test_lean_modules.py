@@ -1,5 +1,5 @@
 """The project's lean CPU modules compute what the megatron modules they stand in for compute:
-the experts run from their own weights (``models/qwen3/experts.py``)."""
+the experts run from their own weights (``models/layers/experts.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _build(ckpt):
     """The tiny model built for one process, and its first MoE layer's experts."""
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.models import build_model
-    from gspo_megatron.models.qwen3.experts import LeanSequentialMLP
+    from gspo_megatron.models.layers.experts import LeanSequentialMLP
     from gspo_megatron.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
@@ -158,7 +158,7 @@ def test_frozen_lean_experts_compute_no_weight_gradient(experts):
     ids=lambda c: next(iter(c)),
 )
 def test_anything_the_lean_path_does_not_compute_goes_to_megatron(experts, change):
-    from gspo_megatron.models.qwen3.experts import _plain
+    from gspo_megatron.models.layers.experts import _plain
 
     config = experts.config
     assert _plain(config, tp_size=1)
@@ -196,7 +196,7 @@ def test_lean_rope_equals_megatrons_unfused_rope_bit_for_bit(experts):
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer import attention
 
-    from gspo_megatron.models.qwen3 import rope
+    from gspo_megatron.models.layers import rope
 
     assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb  # installed by the build
     t0 = torch.randn(11, 3, 4, 64, generator=torch.Generator().manual_seed(0))
@@ -213,7 +213,7 @@ def test_rope_cases_the_lean_path_does_not_compute_go_to_megatron(experts, case)
     """(``experts``: megatron's parallel state, which its packed RoPE reads, initialised.)"""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from gspo_megatron.models.qwen3 import rope
+    from gspo_megatron.models.layers import rope
 
     class Config(_RopeConfig):
         rotary_interleaved = case == "interleaved"

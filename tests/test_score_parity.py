@@ -1,4 +1,5 @@
-"""Megatron log-probs equal HF transformers' for tiny fp32 models under every parallel layout.
+"""Megatron log-probs equal HF transformers' for tiny fp32 models of every family (Qwen3-MoE,
+dense Qwen3, GLM-4.5-style MoE) under every parallel layout.
 
 One converted checkpoint per model is scored in each layout, padded and packed (several rows end
 to end in one, `--max-tokens-per-microbatch`, as training packs), under torchrun/gloo by the scoring
@@ -52,12 +53,28 @@ DENSE_LAYOUTS = [
 ]
 
 
+# GLM-4.5-style MoE (8 experts, grouped top-2, a shared expert, dense layer 0).
+GLM_LAYOUTS = [
+    ("single", 1, {}),
+    ("TP2", 2, {"tp": 2}),
+    ("PP2-split1,3", 2, {"pp": 2, "pp_layers": [1, 3]}),
+    ("EP2", 2, {"ep": 2}),
+    ("TP2xEP2", 4, {"tp": 2, "ep": 2}),
+    ("TP2xPP2", 4, {"tp": 2, "pp": 2}),
+    ("EP2xETP2", 4, {"ep": 2, "etp": 2}),
+    ("CP2", 2, {"cp": 2}),
+    ("packed", 1, {"max_tokens": PACK}),
+    ("CP2xEP2-packed", 4, {"cp": 2, "ep": 2, "max_tokens": PACK}),
+]
+
+
 @pytest.fixture(scope="module")
-def scored(tiny_moe, tiny_dense, tmp_path_factory):
+def scored(tiny_moe, tiny_dense, tiny_glm, tmp_path_factory):
     cases = {}
     for kind, model, layouts in (
         ("moe", tiny_moe, MOE_LAYOUTS),
         ("dense", tiny_dense, DENSE_LAYOUTS),
+        ("glm", tiny_glm, GLM_LAYOUTS),
     ):
         for name, nproc, layout in layouts:
             cases[f"{kind}-{name}"] = (
@@ -80,6 +97,11 @@ def test_moe_logprobs_match_hf(tiny_moe, scored, name):
 @pytest.mark.parametrize("name", [case[0] for case in DENSE_LAYOUTS])
 def test_dense_logprobs_match_hf(tiny_dense, scored, name):
     assert max_abs_diff(scored[f"dense-{name}"], tiny_dense.reference) <= TOL
+
+
+@pytest.mark.parametrize("name", [case[0] for case in GLM_LAYOUTS])
+def test_glm_logprobs_match_hf(tiny_glm, scored, name):
+    assert max_abs_diff(scored[f"glm-{name}"], tiny_glm.reference) <= TOL
 
 
 def test_score_cli_output_rows_in_input_order(tiny_moe, tmp_path):

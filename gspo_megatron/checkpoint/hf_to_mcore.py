@@ -2,7 +2,9 @@
 
 The output loads under any TP/PP/EP/ETP layout (megatron reshards on load); the HF
 ``config.json`` and tokenizer files travel inside it under ``hf/`` so the reverse conversion and
-the trainer know the model without a second input.
+the trainer know the model without a second input, and so do, in ``hf/UNTRAINED_FILE``, the HF
+tensors the family carries untrained (``models.untrained``: GLM's multi-token-prediction
+layers), byte for byte.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from pathlib import Path
 
 from gspo_megatron.checkpoint.atomic import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.checkpoint.dcp_io import write_dcp
-from gspo_megatron.checkpoint.model import HF_SUBDIR
+from gspo_megatron.checkpoint.model import HF_SUBDIR, UNTRAINED_FILE
 from gspo_megatron.checkpoint.run_dir import check_not_in_a_run
 from gspo_megatron.checkpoint.safetensors_io import (
     AUX_FILES,
     HFCheckpointReader,
+    StreamingSafetensorsWriter,
     estimated_output_bytes,
     tensor_nbytes,
 )
 from gspo_megatron.errors import GspoError
-from gspo_megatron.models import hf_mapping, spec_from_hf_dir
+from gspo_megatron.models import hf_mapping, spec_from_hf_dir, untrained
 from gspo_megatron.progress import progress_bar
 
 
@@ -47,7 +50,8 @@ def convert_hf_to_mcore(
     reader.check_tensors(expected)
     # Every source tensor must go somewhere: a config.json that describes fewer layers (or
     # experts) than the weights hold would otherwise convert into a truncated model.
-    unused = sorted(set(reader.names) - {n for n, _ in expected})
+    carried = sorted(n for n in reader.names if untrained(spec, n))
+    unused = sorted(set(reader.names) - {n for n, _ in expected} - set(carried))
     if unused:
         raise GspoError(
             f"{hf_dir}: tensor '{unused[0]}' (and {len(unused) - 1} more) is not part of the "
@@ -61,6 +65,7 @@ def convert_hf_to_mcore(
         producers[m.mcore_key] = _producer(spec, m, reader)
 
     total_bytes = sum(tensor_nbytes(s, d) for s, d in shapes.values())
+    total_bytes += sum(tensor_nbytes(reader.shape(n), reader.dtype(n)) for n in carried)
     needed = estimated_output_bytes(total_bytes, len(shapes), hf_dir)
     with atomic_dir(out, overwrite, needed_bytes=needed, what="conversion") as tmp:
         with progress_bar(
@@ -74,6 +79,11 @@ def convert_hf_to_mcore(
                 io_threads=io_threads,
             )
         (tmp / HF_SUBDIR).mkdir()
+        if carried:
+            entries = [(n, reader.shape(n), reader.dtype(n)) for n in carried]
+            with StreamingSafetensorsWriter(tmp / HF_SUBDIR / UNTRAINED_FILE, entries) as writer:
+                for name in carried:
+                    writer.write(name, reader.get(name))
         for name in AUX_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / HF_SUBDIR / name)

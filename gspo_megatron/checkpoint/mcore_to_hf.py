@@ -1,7 +1,9 @@
 """megatron-core torch_dist checkpoint -> HF sharded safetensors, streamed tensor by tensor.
 
 Writes ``config.json`` (the source's, byte for byte), the tokenizer files when the checkpoint
-carries them, the safetensors shards and, for more than one shard, the index. Shapes and dtypes
+carries them, the safetensors shards and, for more than one shard, the index. The HF tensors the
+checkpoint carries untrained (``hf/UNTRAINED_FILE``: GLM's multi-token-prediction layers) go
+into the shards after the model's, as they came. Shapes and dtypes
 come from the checkpoint metadata, so every shard's header is written before its tensors and
 each tensor is read, converted and written on its own.
 """
@@ -14,11 +16,12 @@ from pathlib import Path
 
 from gspo_megatron.checkpoint.atomic import atomic_dir, check_not_replacing_input, check_output_dir
 from gspo_megatron.checkpoint.dcp_io import DcpTensorReader
-from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec
+from gspo_megatron.checkpoint.model import HF_SUBDIR, UNTRAINED_FILE, checkpoint_spec
 from gspo_megatron.checkpoint.run_dir import check_not_in_a_run
 from gspo_megatron.checkpoint.safetensors_io import (
     AUX_FILES,
     INDEX_NAME,
+    HFCheckpointReader,
     StreamingSafetensorsWriter,
     estimated_output_bytes,
     plan_shards,
@@ -75,6 +78,12 @@ def convert_mcore_to_hf(
         for name, shape in zip(m.hf_names, m.hf_shapes):
             entries.append((name, shape, dtype))
             source[name] = m
+    carried = None
+    if (ckpt / HF_SUBDIR / UNTRAINED_FILE).is_file():
+        carried = HFCheckpointReader(ckpt / HF_SUBDIR, files=[UNTRAINED_FILE])
+        for name in sorted(carried.names):
+            entries.append((name, carried.shape(name), carried.dtype(name)))
+            source[name] = None
     shards = plan_shards(entries, max_shard_bytes)
     names = shard_file_names(len(shards))
     total = sum(tensor_nbytes(s, d) for _, s, d in entries)
@@ -88,7 +97,9 @@ def convert_mcore_to_hf(
         for shard, fname in zip(shards, names):
             with StreamingSafetensorsWriter(tmp / fname, shard) as writer:
                 for name, shape, dtype in shard:
-                    if name not in pending:
+                    if source[name] is None:
+                        pending[name] = carried.get(name)
+                    elif name not in pending:
                         m = source[name]
                         t = reader.load([m.mcore_key])[m.mcore_key]
                         pending.update(hf_mapping(spec).to_hf(spec, m, t))

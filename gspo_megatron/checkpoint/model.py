@@ -24,6 +24,10 @@ from gspo_megatron.models import (
 )
 
 HF_SUBDIR = "hf"
+# In HF_SUBDIR: the HF tensors the megatron model does not hold (models.untrained: GLM's
+# multi-token-prediction layers), as they came, for every HF export. Not named *.safetensors, so
+# that nothing loading HF_SUBDIR as a model directory takes it for a weight shard.
+UNTRAINED_FILE = "untrained.safetensors.carried"
 
 # megatron is imported inside the functions that load tensors: the pre-flight checks
 # checkpoints through this module and must not load megatron (seconds of imports).

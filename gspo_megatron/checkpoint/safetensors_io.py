@@ -16,7 +16,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,10 +61,13 @@ class HFCheckpointReader:
     whole model.
     """
 
-    def __init__(self, hf_dir: Path) -> None:
+    def __init__(self, hf_dir: Path, files: Optional[Sequence[str]] = None) -> None:
+        """``files``: read these files of ``hf_dir`` only (no index), instead of its shards."""
         self.hf_dir = Path(hf_dir)
         index = self.hf_dir / INDEX_NAME
-        if index.is_file():
+        if files is not None:
+            files, weight_map = list(files), None
+        elif index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:

@@ -12,7 +12,8 @@ A family is a package ``models/<name>/`` with (at least):
   ``ModelSpec`` below, ``shape_summary()``), one-line errors naming the config key;
 - ``model.py``: ``build_model(spec, layout, params_dtype, moe_aux_loss_coeff)``;
 - ``hf_mapping.py``: ``tensor_mappings(spec)``, ``to_mcore``, ``to_hf``, ``canonical_key``,
-  ``SHARDED_METADATA``;
+  ``SHARDED_METADATA`` (the shared ones are in ``models/layers/tensor_map.py``), and optionally
+  ``untrained(spec, hf_name)``: HF tensors carried through conversion and export untouched;
 
 and one ``Family`` entry in ``FAMILIES`` (docs/design.md, "Adding a model family").
 """
@@ -93,8 +94,18 @@ FAMILIES: Tuple[Family, ...] = (
         "gspo_megatron.models.qwen3",
         {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"},
     ),
+    Family("glm4_moe", "gspo_megatron.models.glm4_moe", {"glm4_moe": "Glm4MoeForCausalLM"}),
 )
 """Every supported family (adding one: a package under models/ and an entry here)."""
+
+
+def family_named(name: str) -> Family:
+    """The family registered as ``name``."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(name)
+
 
 SUPPORTED_ARCHITECTURES = tuple(a for f in FAMILIES for a in f.architectures)
 
@@ -179,6 +190,13 @@ def hf_mapping(spec: ModelSpec) -> ModuleType:
     """The family's HF <-> megatron tensor mapping module (``tensor_mappings(spec)``,
     ``to_mcore``, ``to_hf``, ``canonical_key``, ``SHARDED_METADATA``)."""
     return family_of(spec).mapping
+
+
+def untrained(spec: ModelSpec, hf_name: str) -> bool:
+    """Whether a tensor of the family's HF checkpoints is carried through conversion and export
+    without being part of the megatron model (GLM-4.5's multi-token-prediction layers)."""
+    carried = getattr(family_of(spec).mapping, "untrained", None)
+    return bool(carried and carried(spec, hf_name))
 
 
 def have_transformer_engine() -> bool:

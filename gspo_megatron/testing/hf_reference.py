@@ -47,9 +47,24 @@ def hf_routes(model, sequences: Sequence[Sequence[int]]) -> List[torch.Tensor]:
     return out
 
 
+def _weights(router, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The routing weights HF's router gives the experts ``chosen``: Qwen3-MoE's softmax over
+    all experts; GLM-4.5's sigmoid scores (its correction bias only chooses), each renormalised
+    over the chosen when the model says so, GLM's then scaled."""
+    if hasattr(router, "e_score_correction_bias"):
+        probs = logits.float().sigmoid().gather(1, chosen)
+        if router.norm_topk_prob:
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        return probs * router.routed_scaling_factor
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, chosen)
+    if router.norm_topk_prob:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
 def _routers(model) -> list:
-    """HF's MoE routers in layer order (Qwen3-MoE: ``mlp.gate`` returning (logits, weights,
-    indices))."""
+    """HF's MoE routers in layer order (Qwen3-MoE and GLM-4.5: ``mlp.gate`` returning (logits,
+    weights, indices))."""
     return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
 
@@ -70,10 +85,7 @@ def _routing(model, forced=None, seen: Optional[list] = None) -> Iterator[None]:
             chosen = indices.clone()
             keep = want[:rows] < 0
             chosen[:rows] = torch.where(keep, indices[:rows], want[:rows])
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, chosen)
-            if module.norm_topk_prob:
-                probs = probs / probs.sum(dim=-1, keepdim=True)
-            return logits, probs.to(logits.dtype), chosen
+            return logits, _weights(module, logits, chosen).to(logits.dtype), chosen
 
         hooks.append(gate.register_forward_hook(hook))
     try:

@@ -1,4 +1,4 @@
-"""Tiny random Qwen3 / Qwen3-MoE models and a tokenizer, made locally (nothing is downloaded).
+"""Tiny random models of every family and a tokenizer, made locally (nothing is downloaded).
 
 The quickstart, the demo and the tests use these. ``make_hf_model`` draws weights with a wider
 spread than transformers' default init so that router choices and attention patterns are far
@@ -11,8 +11,17 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Glm4MoeConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
+
+from gspo_megatron.models import FAMILIES
 
 TINY_VOCAB = 250  # deliberately not a multiple of 128: exercises vocabulary padding
 
@@ -42,12 +51,31 @@ def tiny_dense_config(**overrides):
     return Qwen3Config(**kw)
 
 
+def tiny_glm_config(**overrides):
+    """GLM-4.5-style MoE: 8 experts in 2 groups (top-2 from the best group), one shared expert,
+    layer 0 dense, sigmoid routing weights scaled by 2.5, q/k/v biases, q/k norms, RoPE on half
+    of each head, one MTP layer in the checkpoint (``make_hf_model`` writes it)."""
+    kw = dict(_TINY_SHAPE, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2)
+    kw.update(n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1)
+    kw.update(routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True)
+    kw.update(use_qk_norm=True, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    kw.update(num_nextn_predict_layers=1)
+    rope = {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5}
+    kw.update(rope_parameters=rope)
+    kw.update(overrides)
+    return Glm4MoeConfig(**kw)
+
+
+def _architecture(model_type: str) -> str:
+    return next(f.model_types[model_type] for f in FAMILIES if model_type in f.model_types)
+
+
 def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Create, randomise and save_pretrained a model; returns it (fp32 or ``dtype``)."""
+    """Create, randomise and save_pretrained a model; returns it (fp32 or ``dtype``). A GLM
+    config's MTP layers (which transformers does not build) are written as random tensors
+    after the decoder layers, as released checkpoints hold them."""
     torch.manual_seed(seed)
-    config.architectures = [
-        {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]
-    ]
+    config.architectures = [_architecture(config.model_type)]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,9 +83,35 @@ def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.f
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # Large enough to change which experts the sigmoid scores alone would pick.
+                b.normal_(0.0, 0.1)
     model = model.to(dtype)
     model.save_pretrained(out)
+    mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
+    if mtp:
+        _add_mtp_layers(Path(out), config, mtp, dtype)
     return model
+
+
+def _add_mtp_layers(out: Path, config, count: int, dtype: torch.dtype) -> None:
+    """Some tensors of each multi-token-prediction layer, named as in GLM-4.5's releases."""
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    H = config.hidden_size
+    for i in range(config.num_hidden_layers, config.num_hidden_layers + count):
+        p = f"model.layers.{i}."
+        for name, shape in (
+            ("eh_proj.weight", (H, 2 * H)),
+            ("enorm.weight", (H,)),
+            ("hnorm.weight", (H,)),
+            ("shared_head.norm.weight", (H,)),
+            ("input_layernorm.weight", (H,)),
+            ("self_attn.o_proj.weight", (H, H)),
+        ):
+            tensors[p + name] = torch.randn(shape).to(dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def write_tokenizer(out: Path, vocab_size: int = TINY_VOCAB) -> None:

@@ -1,167 +1,33 @@
-"""The one place that knows HF <-> Megatron names and tensor layouts for Qwen3 / Qwen3-MoE.
-
-Megatron side: the keys of a megatron-core distributed checkpoint written with
-``singleton_local_shards`` (``SHARDED_METADATA``): one key per layer and per expert, each a full
-(unsharded) tensor, and SwiGLU's fused ``linear_fc1`` stored as its two halves ``_w`` (gate) and
-``_v`` (up). Tensor parallelism only slices these tensors, so both the checkpoint converters and
-the live weight sync to vLLM (which gathers the slices back) go through ``tensor_mappings``.
-
-HF side: the released on-disk names (``model.layers.N.mlp.experts.E.gate_proj.weight``, ...),
-which transformers and vLLM both load.
-
-Layout changes:
-- q/k/v -> ``linear_qkv``: megatron interleaves per query group: for each of the G groups,
-  its (heads/G) query heads, then its key head, then its value head.
-- embedding / output rows are padded with zeros to ``spec.padded_vocab_size``.
-Everything else is a copy.
-"""
+"""HF <-> megatron names and tensor layouts for Qwen3 / Qwen3-MoE (the shared vocabulary and the
+layout changes are ``models/layers/tensor_map.py``): per layer, attention with q/k norms and no
+biases, then a routed MoE (router + experts) or a dense SwiGLU MLP."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List
 
-import torch
-
+from gspo_megatron.models.layers import tensor_map as tm
+from gspo_megatron.models.layers.tensor_map import (  # noqa: F401  (the family's mapping face)
+    COPY,
+    QKV,
+    SHARDED_METADATA,
+    VOCAB,
+    TensorMapping,
+    canonical_key,
+    to_hf,
+    to_mcore,
+)
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 
-# Passed to model.sharded_state_dict(): one checkpoint key per layer / expert (no stacked layer
-# or expert axis), so each key corresponds to whole HF tensors and converts in a stream.
-SHARDED_METADATA = {"singleton_local_shards": True}
 
-COPY, QKV, VOCAB = "copy", "qkv", "vocab"
-
-
-@dataclass(frozen=True)
-class TensorMapping:
-    """One megatron checkpoint tensor and the HF tensors it is made of."""
-
-    mcore_key: str
-    hf_names: Tuple[str, ...]
-    mcore_shape: Tuple[int, ...]
-    hf_shapes: Tuple[Tuple[int, ...], ...]
-    kind: str = COPY
-
-
-def _layer_mappings(spec: Qwen3Spec, layer: int) -> Iterator[TensorMapping]:
-    H, D = spec.hidden_size, spec.head_dim
-    nq, ng = spec.num_attention_heads, spec.num_query_groups
-    m = f"decoder.layers.{layer}."
-    h = f"model.layers.{layer}."
-    yield TensorMapping(
-        m + "self_attention.linear_qkv.layer_norm_weight",
-        (h + "input_layernorm.weight",),
-        (H,),
-        ((H,),),
-    )
-    yield TensorMapping(
-        m + "self_attention.linear_qkv.weight",
-        (
-            h + "self_attn.q_proj.weight",
-            h + "self_attn.k_proj.weight",
-            h + "self_attn.v_proj.weight",
-        ),
-        ((nq + 2 * ng) * D, H),
-        ((nq * D, H), (ng * D, H), (ng * D, H)),
-        QKV,
-    )
-    yield TensorMapping(
-        m + "self_attention.q_layernorm.weight", (h + "self_attn.q_norm.weight",), (D,), ((D,),)
-    )
-    yield TensorMapping(
-        m + "self_attention.k_layernorm.weight", (h + "self_attn.k_norm.weight",), (D,), ((D,),)
-    )
-    yield TensorMapping(
-        m + "self_attention.linear_proj.weight",
-        (h + "self_attn.o_proj.weight",),
-        (H, nq * D),
-        ((H, nq * D),),
-    )
-    yield TensorMapping(
-        m + "mlp.linear_fc1.layer_norm_weight",
-        (h + "post_attention_layernorm.weight",),
-        (H,),
-        ((H,),),
-    )
+def _layer(spec: Qwen3Spec, layer: int, m: str, h: str) -> Iterator[TensorMapping]:
+    yield from tm.attention(spec, m, h, qk_norm=True, qkv_bias=False)
     if spec.moe_layers[layer]:
-        E, F = spec.num_experts, spec.moe_ffn_hidden_size
-        yield TensorMapping(m + "mlp.router.weight", (h + "mlp.gate.weight",), (E, H), ((E, H),))
-        for e in range(E):
-            me, he = f"{m}mlp.experts.experts.{e}.", f"{h}mlp.experts.{e}."
-            yield from _swiglu(me, he, F, H)
+        yield from tm.routed_experts(spec, m, h)
     else:
-        yield from _swiglu(m + "mlp.", h + "mlp.", spec.ffn_hidden_size, H)
-
-
-def _swiglu(m: str, h: str, F: int, H: int) -> Iterator[TensorMapping]:
-    yield TensorMapping(m + "linear_fc1.weight_w", (h + "gate_proj.weight",), (F, H), ((F, H),))
-    yield TensorMapping(m + "linear_fc1.weight_v", (h + "up_proj.weight",), (F, H), ((F, H),))
-    yield TensorMapping(m + "linear_fc2.weight", (h + "down_proj.weight",), (H, F), ((H, F),))
+        yield from tm.swiglu(m + "mlp.", h + "mlp.", spec.ffn_hidden_size, spec.hidden_size)
 
 
 def tensor_mappings(spec: Qwen3Spec) -> List[TensorMapping]:
     """Every tensor of the model, in HF order (embedding, layers, final norm, lm_head)."""
-    Vp, V, H = spec.padded_vocab_size, spec.vocab_size, spec.hidden_size
-    out = [
-        TensorMapping(
-            "embedding.word_embeddings.weight",
-            ("model.embed_tokens.weight",),
-            (Vp, H),
-            ((V, H),),
-            VOCAB,
-        )
-    ]
-    for layer in range(spec.num_layers):
-        out.extend(_layer_mappings(spec, layer))
-    out.append(
-        TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), (H,), ((H,),))
-    )
-    if not spec.tie_word_embeddings:
-        out.append(
-            TensorMapping("output_layer.weight", ("lm_head.weight",), (Vp, H), ((V, H),), VOCAB)
-        )
-    return out
-
-
-def to_mcore(spec: Qwen3Spec, mapping: TensorMapping, hf: Sequence[torch.Tensor]) -> torch.Tensor:
-    """HF tensors (in ``mapping.hf_names`` order) -> the megatron checkpoint tensor."""
-    if mapping.kind == COPY:
-        return hf[0]
-    if mapping.kind == VOCAB:
-        (w,) = hf
-        pad = spec.padded_vocab_size - w.shape[0]
-        return w if pad == 0 else torch.cat([w, w.new_zeros(pad, w.shape[1])], dim=0)
-    if mapping.kind == QKV:
-        q, k, v = hf
-        ng, D, H = spec.num_query_groups, spec.head_dim, spec.hidden_size
-        per_group = spec.num_attention_heads // ng
-        return torch.cat(
-            [q.reshape(ng, per_group * D, H), k.reshape(ng, D, H), v.reshape(ng, D, H)], dim=1
-        ).reshape(-1, H)
-    raise ValueError(f"unknown mapping kind {mapping.kind}")
-
-
-def to_hf(
-    spec: Qwen3Spec, mapping: TensorMapping, t: torch.Tensor
-) -> List[Tuple[str, torch.Tensor]]:
-    """The megatron checkpoint tensor -> (HF name, tensor) pairs."""
-    if mapping.kind == COPY:
-        return [(mapping.hf_names[0], t)]
-    if mapping.kind == VOCAB:
-        return [(mapping.hf_names[0], t[: spec.vocab_size])]
-    if mapping.kind == QKV:
-        ng, D, H = spec.num_query_groups, spec.head_dim, spec.hidden_size
-        per_group = spec.num_attention_heads // ng
-        q, k, v = t.reshape(ng, (per_group + 2) * D, H).split([per_group * D, D, D], dim=1)
-        return [(n, x.reshape(-1, H)) for n, x in zip(mapping.hf_names, (q, k, v))]
-    raise ValueError(f"unknown mapping kind {mapping.kind}")
-
-
-def canonical_key(key: str) -> str:
-    """Checkpoint key spelled as by megatron's local layer spec.
-
-    The local spec stores the MoE layers' pre-MLP norm under the name TE's fused
-    LayerNormLinear uses (``mlp.linear_fc1.layer_norm_weight``); TE's own MoE layers keep
-    ``pre_mlp_layernorm.weight``. One spelling keeps checkpoints interchangeable.
-    """
-    return key.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
+    return tm.model_mappings(spec, lambda layer, m, h: _layer(spec, layer, m, h))

@@ -9,24 +9,26 @@ reproduce exactly.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from gspo_megatron.errors import GspoError
+from gspo_megatron.models import family_named
+from gspo_megatron.models.layers.hf_config import (
+    DEFAULT_VOCAB_PAD_MULTIPLE,
+    DTYPES,
+    architecture,
+    check_silu,
+    check_types,
+    padded,
+    require,
+    rope,
+    torch_dtype,
+)
 
-SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
-_MODEL_TYPES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-# Vocabulary rows are padded to a multiple of this, independent of the parallel layout, so a
-# checkpoint never depends on the tensor-parallel size it was written for (Qwen3's 151,936 is
-# already a multiple of 128).
-DEFAULT_VOCAB_PAD_MULTIPLE = 128
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODEL_TYPES = family_named("qwen3").model_types
+SUPPORTED_ARCHITECTURES = tuple(_MODEL_TYPES.values())
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,11 @@ class Qwen3Spec:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = self.vocab_pad_multiple
-        return int(math.ceil(self.vocab_size / m) * m)
+        return padded(self.vocab_size, self.vocab_pad_multiple)
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.torch_dtype]
+        return DTYPES[self.torch_dtype]
 
     def shape_summary(self) -> dict:
         """The fields that decide tensor shapes: two checkpoints are interchangeable iff equal."""
@@ -94,17 +95,7 @@ class Qwen3Spec:
         }
 
 
-def _require(cfg: dict, key: str, where: str) -> Any:
-    if key not in cfg:
-        raise GspoError(f"{where}: missing required key '{key}'")
-    return cfg[key]
-
-
-# config.json's fields by the JSON type they must have. int() and float() would read "128" or
-# true as numbers: a config that a careless edit left with a string converts, and then fails
-# much later in another tool (transformers' tokenizer loading) with a message that names
-# neither the file nor the field.
-_INT_FIELDS = (
+_INTS = (
     "hidden_size",
     "num_attention_heads",
     "num_hidden_layers",
@@ -119,84 +110,26 @@ _INT_FIELDS = (
     "vocab_size",
     "max_position_embeddings",
 )
-_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
-_BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "use_sliding_window")
-
-
-def _check_types(cfg: dict, where: str) -> None:
-    """Every field the model is built from has its JSON type, else one line naming it."""
-
-    def bad(key: str, want: str) -> GspoError:
-        return GspoError(f"{where}: {key}={json.dumps(cfg[key])} must be {want}")
-
-    for key in _INT_FIELDS:
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise bad(key, "an integer")
-        if isinstance(value, int) and value < 0:
-            raise bad(key, "a non-negative integer")
-    for key in _FLOAT_FIELDS:
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise bad(key, "a number")
-    for key in _BOOL_FIELDS:
-        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
-            raise bad(key, "true or false")
-    layers = cfg.get("mlp_only_layers")
-    if layers is not None and (
-        not isinstance(layers, list)
-        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
-    ):
-        raise bad("mlp_only_layers", "a list of layer indices")
-
-
-def _rope_theta(cfg: dict, where: str) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", scaling.get("rope_type", "default")))
-    if rope_type not in ("default", None):
-        raise GspoError(f"{where}: rope type '{rope_type}' is not supported (supported: default)")
-    if "rope_theta" in params:
-        theta = params["rope_theta"]
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-            raise GspoError(
-                f"{where}: rope_parameters.rope_theta={json.dumps(theta)} must be a number"
-            )
-        return float(theta)
-    if "rope_theta" in cfg:
-        return float(cfg["rope_theta"])
-    return 10000.0
+_FLOATS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "norm_topk_prob", "attention_bias", "use_sliding_window")
 
 
 def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
     """Validate a HF config dict and turn it into a Qwen3Spec. Raises GspoError naming the key."""
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else _MODEL_TYPES.get(cfg.get("model_type", ""))
-    if arch not in SUPPORTED_ARCHITECTURES:
-        found = arch or cfg.get("model_type") or "none"
-        raise GspoError(
-            f"{where}: unsupported architecture '{found}' "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    _check_types(cfg, where)
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise GspoError(
-            f"{where}: hidden_act '{cfg['hidden_act']}' is not supported (supported: silu)"
-        )
+    arch = architecture(cfg, _MODEL_TYPES, where)
+    check_types(cfg, where, _INTS, _FLOATS, _BOOLS, int_lists=("mlp_only_layers",))
+    check_silu(cfg, where)
     if cfg.get("attention_bias", False):
         raise GspoError(f"{where}: attention_bias=true is not supported (Qwen3 uses false)")
     if cfg.get("use_sliding_window", False):
         raise GspoError(f"{where}: use_sliding_window=true is not supported (supported: false)")
 
-    hidden = int(_require(cfg, "hidden_size", where))
-    heads = int(_require(cfg, "num_attention_heads", where))
-    num_layers = int(_require(cfg, "num_hidden_layers", where))
+    hidden = int(require(cfg, "hidden_size", where))
+    heads = int(require(cfg, "num_attention_heads", where))
+    num_layers = int(require(cfg, "num_hidden_layers", where))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-    if dtype not in _DTYPES:
-        raise GspoError(
-            f"{where}: dtype '{dtype}' is not supported (supported: {', '.join(_DTYPES)})"
-        )
+    dtype = torch_dtype(cfg, where)
+    theta, _ = rope(cfg, where)
 
     moe_kwargs: dict = {}
     if arch == "Qwen3MoeForCausalLM":
@@ -213,8 +146,8 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
         )
         moe_kwargs = dict(
             num_experts=num_experts,
-            moe_ffn_hidden_size=int(_require(cfg, "moe_intermediate_size", where)),
-            moe_top_k=int(_require(cfg, "num_experts_per_tok", where)),
+            moe_ffn_hidden_size=int(require(cfg, "moe_intermediate_size", where)),
+            moe_top_k=int(require(cfg, "num_experts_per_tok", where)),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
             moe_layers=moe_layers,
         )
@@ -228,15 +161,15 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> Qwen3Spec:
 
     return Qwen3Spec(
         architecture=arch,
-        vocab_size=int(_require(cfg, "vocab_size", where)),
+        vocab_size=int(require(cfg, "vocab_size", where)),
         hidden_size=hidden,
         num_layers=num_layers,
         num_attention_heads=heads,
         num_query_groups=int(cfg.get("num_key_value_heads") or heads),
         head_dim=head_dim,
-        ffn_hidden_size=int(_require(cfg, "intermediate_size", where)),
+        ffn_hidden_size=int(require(cfg, "intermediate_size", where)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(cfg, where),
+        rope_theta=theta,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         torch_dtype=dtype,

@@ -1,4 +1,5 @@
-"""RMSNorm that computes exactly what HF Qwen3RMSNorm computes and works with sequence parallel.
+"""RMSNorm that computes exactly what HF's Qwen3 and GLM-4.5 RMSNorms compute, with sequence
+parallelism.
 
 megatron-core's local fallback (WrappedTorchNorm) refuses ``sequence_parallel=True``, which
 megatron requires for MoE with tensor parallelism. This norm is elementwise over the hidden
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-class Qwen3RMSNorm(torch.nn.Module):
+class RMSNorm(torch.nn.Module):
     """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32 as in HF, output in x's dtype."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **kwargs) -> None:

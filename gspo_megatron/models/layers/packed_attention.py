@@ -13,7 +13,7 @@ block-diagonal causal mask. Attending over the whole row would do S^2 work where
 need sum_i n_i^2, so the row is split at the sequence boundaries, read from the mask itself
 (position q starts a sequence when it may not attend to q - 1), and each sequence attends
 causally to itself. A mask that is not causal within those blocks goes to megatron's own
-attention unchanged, as does attention dropout (never used here: Qwen3 trains without it).
+attention unchanged, as does attention dropout (never used here: the families train without it).
 """
 
 from __future__ import annotations
