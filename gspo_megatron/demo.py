@@ -1,11 +1,12 @@
-"""The built-in demo task: a tiny Qwen3-MoE learns to copy a list of words, rewarded by a checker.
+"""The built-in demo task: a tiny MoE learns to copy a list of words, rewarded by a checker.
 
     python -m gspo_megatron.demo --out outputs/quickstart/init [--warm-start-steps 15]
+        [--family qwen3|glm4_moe]
 
 Writes, under ``--out``: ``held_out.jsonl`` (64 problems that are not in the training rows,
 for validation), ``train.jsonl`` (prompts like ``w5 w2 w7 w3 w0``, answer ``w5 w2 w7 w3``:
-repeat the words before the separator ``w0``), ``hf/`` (a random tiny Qwen3-MoE and its
-word-level tokenizer, after a short supervised warm start) and ``mcore/`` (the same model as a
+repeat the words before the separator ``w0``), ``hf/`` (a random tiny Qwen3-MoE, or with
+``--family glm4_moe`` a GLM-4.5-style MoE, and its word-level tokenizer, after a short supervised warm start) and ``mcore/`` (the same model as a
 megatron-core checkpoint, the trainer's ``model.ckpt``).
 
 The warm start (next-token cross-entropy on a few batches of solved examples, in plain HF
@@ -35,6 +36,8 @@ SEPARATOR = "w0"
 # 0.30 -> 0.94; with 16 words it took 120 steps to climb from 0.09 to 0.85).
 HELD_OUT = 64
 """Held-out problems written beside the training rows (held_out.jsonl)."""
+FAMILIES = {"qwen3": ("Qwen3-MoE", dict(mlp_only_layers=[])), "glm4_moe": ("GLM-4.5", {})}
+"""The demo model of each family (--family): what it is, its config fields beyond the shared."""
 DEFAULTS = dict(rows=2048, alphabet=8, length=4, warm_start_steps=15, warm_start_lr=3e-3, seed=0)
 
 
@@ -93,8 +96,10 @@ def save_warm_started(tmp: Path, model, losses: List[float]) -> None:
     """A demo's warm-started HF model into ``tmp/hf`` (over the random one there), its losses
     into ``tmp/warm_start.json``, and its megatron checkpoint into ``tmp/mcore``."""
     from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
+    from gspo_megatron.testing.tiny_model import add_mtp_layers
 
     model.save_pretrained(tmp / "hf")
+    add_mtp_layers(tmp / "hf", model.config)  # GLM's MTP layers, as released checkpoints have
     (tmp / "warm_start.json").write_text(json.dumps({"steps": len(losses), "loss": losses}))
     convert_hf_to_mcore(tmp / "hf", tmp / "mcore", show_progress=False)
 
@@ -113,14 +118,24 @@ def prepare(
     warm_start_lr: float,
     seed: int,
     model_shape: Optional[dict] = None,
+    family: str = "qwen3",
 ) -> None:
     """Write data, the warm-started HF model and its megatron checkpoint (atomically).
-    ``model_shape``: transformers config fields that replace the demo model's."""
+    ``model_shape``: transformers config fields that replace the demo model's; ``family``:
+    qwen3 (Qwen3-MoE) or glm4_moe (GLM-4.5-style MoE)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gspo_megatron.checkpoint.atomic import atomic_dir
-    from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
+    from gspo_megatron.testing.tiny_model import (
+        make_hf_model,
+        tiny_glm_config,
+        tiny_moe_config,
+        write_tokenizer,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"family '{family}' (allowed: {', '.join(FAMILIES)})")
 
     with atomic_dir(out, overwrite=True) as tmp:
         data = make_rows(rows, seed, alphabet, length)
@@ -133,17 +148,24 @@ def prepare(
             if r["prompt"] not in seen
         ]
         (tmp / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held[:HELD_OUT]))
-        # 2 MoE layers, hidden 128; head_dim 64: a size vLLM's CPU attention runs.
+        # Hidden 128, head_dim 64 (a size vLLM's CPU attention runs); Qwen3: 2 MoE layers;
+        # GLM: a dense layer, then a MoE layer of 8 experts in 2 groups and a shared expert.
         attention = dict(head_dim=64, num_attention_heads=4, num_key_value_heads=2)
-        mlp = dict(intermediate_size=256, moe_intermediate_size=128, mlp_only_layers=[])
+        mlp = dict(intermediate_size=256, moe_intermediate_size=128)
+        mlp.update(FAMILIES[family][1])
         shape = dict(hidden_size=128, num_hidden_layers=2, max_position_embeddings=128)
-        config = tiny_moe_config(**{**shape, **attention, **mlp, **(model_shape or {})})
+        make_config = {"qwen3": tiny_moe_config, "glm4_moe": tiny_glm_config}[family]
+        config = make_config(**{**shape, **attention, **mlp, **(model_shape or {})})
         model = make_hf_model(config, tmp / "hf", seed=seed)
         write_tokenizer(tmp / "hf")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "hf"))
         # A fresh, default-initialised model learns faster than the wide-spread test init.
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        with torch.no_grad():  # GLM: a correction bias that changes choices (default: zeros)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.normal_(0.0, 0.05)
         losses = warm_start(model, tokenizer, data, warm_start_steps, warm_start_lr, 32, seed)
         save_warm_started(tmp, model, losses)
     say_warm_start(losses)
@@ -161,8 +183,20 @@ def main(argv=None) -> None:
     ap.add_argument("--warm-start-steps", type=int, default=d["warm_start_steps"])
     ap.add_argument("--warm-start-lr", type=float, default=d["warm_start_lr"])
     ap.add_argument("--seed", type=int, default=d["seed"])
+    ap.add_argument(
+        "--family", choices=sorted(FAMILIES), default="qwen3", help="the demo model's family"
+    )
     a = ap.parse_args(argv)
-    prepare(a.out, a.rows, a.alphabet, a.length, a.warm_start_steps, a.warm_start_lr, a.seed)
+    prepare(
+        a.out,
+        a.rows,
+        a.alphabet,
+        a.length,
+        a.warm_start_steps,
+        a.warm_start_lr,
+        a.seed,
+        family=a.family,
+    )
 
 
 if __name__ == "__main__":

@@ -177,6 +177,14 @@ def vllm_moe(tmp_path_factory) -> TinyModel:
 
 
 @pytest.fixture(scope="session")
+def vllm_glm(tmp_path_factory) -> TinyModel:
+    """A tiny GLM-4.5-style MoE vLLM's CPU backend runs (head_dim 64)."""
+    return TinyModel(
+        tmp_path_factory.mktemp("vllm_glm"), tiny_glm_config(head_dim=64, hidden_size=128)
+    )
+
+
+@pytest.fixture(scope="session")
 def demo_init(tmp_path_factory) -> Path:
     from gspo_megatron.demo import prepare
 

@@ -174,8 +174,9 @@ class RolloutEngine:
         )
         config = json.loads((hf_dir / "config.json").read_text())
         self.hf_config, self.dtype = config, dtype
-        num_experts = config.get("num_experts") or config.get("num_local_experts") or 0
-        capture_routes = capture_routes and num_experts > 0
+        # The family's spec names the routed experts (Qwen3: num_experts; GLM: n_routed_experts).
+        spec = spec_from_hf_config(config, str(hf_dir / "config.json"))
+        capture_routes = capture_routes and spec.is_moe
         if capture_routes:
             kwargs.update(enable_prefix_caching=False, enforce_eager=True)
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
@@ -209,7 +210,7 @@ class RolloutEngine:
         self.start_seconds = time.perf_counter() - t0
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self.routes = (
-            RouteCapture(self._model_runner(), num_experts, config["num_experts_per_tok"])
+            RouteCapture(self._model_runner(), spec.num_experts, spec.moe_top_k)
             if capture_routes
             else None
         )

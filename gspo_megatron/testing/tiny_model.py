@@ -91,12 +91,15 @@ def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.f
     model.save_pretrained(out)
     mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
     if mtp:
-        _add_mtp_layers(Path(out), config, mtp, dtype)
+        add_mtp_layers(Path(out), config, dtype)
     return model
 
 
-def _add_mtp_layers(out: Path, config, count: int, dtype: torch.dtype) -> None:
-    """Some tensors of each multi-token-prediction layer, named as in GLM-4.5's releases."""
+def add_mtp_layers(out: Path, config, dtype: torch.dtype = torch.float32) -> None:
+    """Some random tensors of each of the config's multi-token-prediction layers, named as in
+    GLM-4.5's releases, into ``out/model.safetensors`` (transformers neither builds nor saves
+    them)."""
+    count = getattr(config, "num_nextn_predict_layers", 0) or 0
     path = out / "model.safetensors"
     tensors = load_file(str(path))
     H = config.hidden_size
