@@ -96,10 +96,10 @@ def save_warm_started(tmp: Path, model, losses: List[float]) -> None:
     """A demo's warm-started HF model into ``tmp/hf`` (over the random one there), its losses
     into ``tmp/warm_start.json``, and its megatron checkpoint into ``tmp/mcore``."""
     from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
-    from gspo_megatron.testing.tiny_model import add_mtp_layers
+    from gspo_megatron.testing.tiny_model import complete_checkpoint
 
     model.save_pretrained(tmp / "hf")
-    add_mtp_layers(tmp / "hf", model.config)  # GLM's MTP layers, as released checkpoints have
+    complete_checkpoint(tmp / "hf", model.config)  # GLM: its MTP layers, as released
     (tmp / "warm_start.json").write_text(json.dumps({"steps": len(losses), "loss": losses}))
     convert_hf_to_mcore(tmp / "hf", tmp / "mcore", show_progress=False)
 

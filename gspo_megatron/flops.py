@@ -1,12 +1,13 @@
-"""Model FLOPs of a Qwen3 / Qwen3-MoE forward pass, and GPU peaks to put them against (MFU).
+"""Model FLOPs of a forward pass, and GPU peaks to put them against (MFU).
 
-Counted: the matrix multiplies, 2 FLOPs per multiply-add, as PyTorch's FlopCounterMode counts
-them in HF transformers' eager implementation (tests/test_flops.py holds the two to equality):
-per token and layer the q/k/v/o projections, the dense MLP or the router plus ``top_k``
-experts' SwiGLU (three matrices each); per sequence of n tokens and layer 4 n^2 (heads x
-head_dim) for the attention scores and their weighted sum, the full square as a plain attention
-computes it (a causal kernel skips half: MFU figures from this count are comparable with those
-that count the same way, the convention of megatron's own throughput formula); the LM head.
+Counted by each model family (``models/layers/sizes.py`` has the terms): the matrix multiplies,
+2 FLOPs per multiply-add, as PyTorch's FlopCounterMode counts them in HF transformers' eager
+implementation (tests/test_flops.py holds the two to equality): per token and layer the q/k/v/o
+projections, the dense MLP or the router plus ``top_k`` experts' SwiGLU (three matrices each,
+plus GLM's shared expert); per sequence of n tokens and layer 4 n^2 (heads x head_dim) for the
+attention scores and their weighted sum, the full square as a plain attention computes it (a
+causal kernel skips half: MFU figures from this count are comparable with those that count the
+same way, the convention of megatron's own throughput formula); the LM head.
 Norms, rotary embeddings, softmax and activations are not counted (a few per cent at most).
 A training step is 3x the forward (backward: the gradients of inputs and of weights).
 """
@@ -38,19 +39,10 @@ PEAK_BF16_TFLOPS = (
 
 
 def forward_flops(spec: ModelSpec, lengths: Sequence[int]) -> int:
-    """Matrix-multiply FLOPs of one forward pass over sequences of these lengths."""
-    h = spec.hidden_size
-    q = spec.num_attention_heads * spec.head_dim
-    kv = spec.num_query_groups * spec.head_dim
-    projections = 2 * h * (q + 2 * kv) + 2 * q * h
-    dense_mlp = 2 * 3 * h * spec.ffn_hidden_size
-    moe_mlp = 2 * h * spec.num_experts + 2 * 3 * h * spec.moe_ffn_hidden_size * spec.moe_top_k
-    moe_layers = spec.moe_layers if spec.is_moe else (False,) * spec.num_layers
-    per_token = sum(projections + (moe_mlp if moe else dense_mlp) for moe in moe_layers)
-    per_token += 2 * h * spec.vocab_size
-    tokens = sum(lengths)
-    attention = spec.num_layers * sum(4 * n * n * q for n in lengths)
-    return tokens * per_token + attention
+    """Matrix-multiply FLOPs of one forward pass over sequences of these lengths (the family's
+    count per token, and of its attention per sequence)."""
+    per_token = spec.matmul_flops_per_token()
+    return sum(lengths) * per_token + sum(spec.attention_flops(n) for n in lengths)
 
 
 def train_flops(spec: ModelSpec, lengths: Sequence[int]) -> int:

@@ -73,13 +73,10 @@ def check_layout(layout: ParallelLayout, spec: ModelSpec, world_size: int) -> No
             f"layout does not fit the world size: EP{layout.ep} x ETP{etp} x "
             f"PP{layout.pp} = {expert_ranks} ranks do not divide world size {world_size}"
         )
-    _divides("num_attention_heads", spec.num_attention_heads, layout.tp, "TP")
-    _divides("num_key_value_heads (query groups)", spec.num_query_groups, layout.tp, "TP")
-    _divides("padded vocabulary", spec.padded_vocab_size, layout.tp, "TP")
-    _divides("intermediate_size", spec.ffn_hidden_size, layout.tp, "TP")
+    # The model's family says which of its sizes each parallel dimension splits.
+    for what, total, by, dim in spec.layout_divisions(layout):
+        _divides(what, total, by, dim)
     if spec.is_moe:
-        _divides("num_experts", spec.num_experts, layout.ep, "EP")
-        _divides("moe_intermediate_size", spec.moe_ffn_hidden_size, etp, "ETP")
         if layout.ep == 1 and etp != layout.tp:
             # With EP=1 megatron treats expert weights as dense parameters and reduces their
             # gradients over data parallelism only; experts replicated over TP ranks that saw

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from gspo_megatron.flops import forward_flops, peak_bf16_tflops, train_flops
 from gspo_megatron.models import spec_from_hf_config
-from gspo_megatron.testing.tiny_model import tiny_dense_config, tiny_moe_config
+from gspo_megatron.testing.tiny_model import tiny_dense_config, tiny_glm_config, tiny_moe_config
 
 
 def _counted(config, lengths) -> int:
@@ -28,8 +28,10 @@ def _counted(config, lengths) -> int:
     return total
 
 
-@pytest.mark.parametrize("make_config", [tiny_dense_config, tiny_moe_config])
+@pytest.mark.parametrize("make_config", [tiny_dense_config, tiny_moe_config, tiny_glm_config])
 def test_forward_flops_equal_pytorchs_count(make_config):
+    """GLM's count holds its dense first layer, the router (in fp32), top-2 of 8 experts and the
+    shared expert."""
     config = make_config()
     spec = spec_from_hf_config(config.to_dict())
     lengths = [5, 17, 33]

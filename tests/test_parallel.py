@@ -43,6 +43,18 @@ def test_bad_layouts_are_named(layout, world, message):
     assert "\n" not in str(err.value)
 
 
+def test_glm_shared_expert_is_split_by_tensor_parallelism():
+    """GLM's shared expert is a dense MLP under TP: its size must divide (a family's own rule)."""
+    from gspo_megatron.testing.tiny_model import tiny_glm_config
+
+    cfg = tiny_glm_config(moe_intermediate_size=33).to_dict()
+    cfg["architectures"] = ["Glm4MoeForCausalLM"]
+    spec = spec_from_hf_config(cfg)
+    with pytest.raises(GspoError, match="shared expert size=33 is not divisible by TP=2"):
+        check_layout(ParallelLayout(tp=2, etp=1, ep=2), spec, 2)
+    check_layout(ParallelLayout(ep=2), spec, 2)
+
+
 def test_vocabulary_divisibility_is_checked():
     spec = _moe_spec(num_attention_heads=8, num_key_value_heads=8)
     spec = spec.__class__(**{**spec.__dict__, "vocab_pad_multiple": 4})  # 252 rows

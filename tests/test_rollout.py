@@ -118,6 +118,10 @@ def test_glm_step_sync_then_vllm_matches_trainer(vllm_glm, glm_sync_reports, lay
     assert len(r["reload_same"]) == 16 and all(t and lp for t, lp in r["reload_same"])
     assert r["greedy_engine"] == r["greedy_trainer"]
     assert r["pre_step"]["rollout/route_agreement"] == 1.0
+    if layout == "tp2":  # the family's KV bytes per block are vLLM's (see the Qwen3 test)
+        kv = r["kv"]
+        assert kv["block_bytes"] * kv["num_blocks"] <= 0.05 * 2**30
+        assert kv["block_bytes"] * (kv["num_blocks"] + 1) > 0.05 * 2**30
     sequences = [(p, resp, torch.tensor(routes)) for p, resp, routes in r["first_routes"]]
     assert len(sequences) == 16
     for prompt, response, routes in sequences:

@@ -11,6 +11,8 @@ A family is a package ``models/<name>/`` with (at least):
 - ``spec.py``: ``spec_from_hf_config(cfg, where)``, the frozen spec dataclass (the fields of
   ``ModelSpec`` below, ``shape_summary()``), one-line errors naming the config key;
 - ``model.py``: ``build_model(spec, layout, params_dtype, moe_aux_loss_coeff)``;
+- ``tiny.py``: ``tiny_config(model_type, **fields)``, ``complete_checkpoint(out, config,
+  dtype)``: tiny random models for tests and demos;
 - ``hf_mapping.py``: ``tensor_mappings(spec)``, ``to_mcore``, ``to_hf``, ``canonical_key``,
   ``SHARDED_METADATA`` (the shared ones are in ``models/layers/tensor_map.py``), and optionally
   ``untrained(spec, hf_name)``: HF tensors carried through conversion and export untouched;
@@ -31,7 +33,9 @@ from gspo_megatron.errors import GspoError
 
 
 class ModelSpec(Protocol):
-    """What code outside ``models/`` may read of any family's spec."""
+    """What code outside ``models/`` may read of any family's spec: its shape, and what the
+    shape implies: the sizes a parallel layout must divide, FLOPs, KV-cache bytes (each family
+    computes these from its own layers)."""
 
     architecture: str
     vocab_size: int
@@ -56,6 +60,14 @@ class ModelSpec(Protocol):
     def padded_vocab_size(self) -> int: ...
 
     def shape_summary(self) -> dict: ...
+
+    def layout_divisions(self, layout) -> list: ...
+
+    def matmul_flops_per_token(self) -> int: ...
+
+    def attention_flops(self, n: int) -> int: ...
+
+    def kv_bytes_per_token(self, dtype_bytes: int, engine_tp: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,13 @@ class Family:
     @property
     def mapping(self) -> ModuleType:
         return self.module("hf_mapping")
+
+    @property
+    def tiny(self) -> ModuleType:
+        """Tiny random models for tests and demos: ``tiny_config(model_type, **fields)`` (a
+        transformers config), ``complete_checkpoint(out, config, dtype)`` (what save_pretrained
+        leaves out)."""
+        return self.module("tiny")
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -124,6 +143,15 @@ def family_of_config(cfg: dict, where: str = "config.json") -> Family:
         f"{where}: unsupported architecture '{found}' "
         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
     )
+
+
+def family_of_model_type(model_type: str) -> Family:
+    """The family that reads config.json's ``model_type``."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise GspoError(f"unsupported model_type '{model_type}' (supported: {known})")
 
 
 def family_of(spec: ModelSpec) -> Family:

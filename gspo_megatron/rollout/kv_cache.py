@@ -17,11 +17,10 @@ from gspo_megatron.models import ModelSpec
 
 
 def block_bytes(spec: ModelSpec, dtype_bytes: int, engine_tp: int, block_size: int) -> int:
-    """Bytes of one KV cache block (keys and values of ``block_size`` tokens in every layer) on
-    one rank of an ``engine_tp``-way engine. vLLM splits the KV heads over the TP ranks and
-    replicates them when there are fewer heads than ranks."""
-    heads_per_rank = max(spec.num_query_groups // engine_tp, 1)
-    return 2 * spec.num_layers * heads_per_rank * spec.head_dim * block_size * dtype_bytes
+    """Bytes of one KV cache block (``block_size`` tokens) on one rank of an ``engine_tp``-way
+    engine, as the model's family counts them (full attention: keys and values of every layer,
+    the KV heads split over the TP ranks, replicated when there are fewer heads than ranks)."""
+    return spec.kv_bytes_per_token(dtype_bytes, engine_tp) * block_size
 
 
 def holding_gib(sequences: int, max_model_len: int, block_size: int, block_nbytes: int) -> float:

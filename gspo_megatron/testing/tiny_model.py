@@ -11,17 +11,10 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    Glm4MoeConfig,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3MoeConfig,
-)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from gspo_megatron.models import FAMILIES
+from gspo_megatron.models import family_of_model_type
 
 TINY_VOCAB = 250  # deliberately not a multiple of 128: exercises vocabulary padding
 
@@ -33,41 +26,27 @@ _TINY_SHAPE.update(max_position_embeddings=256)
 
 
 def tiny_moe_config(**overrides):
-    """4 experts (2 per token, renormalised), layer 2 dense, untied embeddings."""
-    kw = dict(_TINY_SHAPE, moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
-    kw.update(norm_topk_prob=True, mlp_only_layers=[2], rms_norm_eps=1e-6)
-    kw.update(
-        tie_word_embeddings=False, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}
-    )
-    kw.update(overrides)
-    return Qwen3MoeConfig(**kw)
+    """Qwen3-MoE: 4 experts (2 per token, renormalised), layer 2 dense, untied embeddings."""
+    return tiny_config("qwen3_moe", **overrides)
 
 
 def tiny_dense_config(**overrides):
     """Dense Qwen3 with tied embeddings."""
-    rope = {"rope_theta": 1000000.0, "rope_type": "default"}
-    kw = dict(_TINY_SHAPE, tie_word_embeddings=True, rope_parameters=rope)
-    kw.update(overrides)
-    return Qwen3Config(**kw)
+    return tiny_config("qwen3", **overrides)
 
 
 def tiny_glm_config(**overrides):
     """GLM-4.5-style MoE: 8 experts in 2 groups (top-2 from the best group), one shared expert,
     layer 0 dense, sigmoid routing weights scaled by 2.5, q/k/v biases, q/k norms, RoPE on half
     of each head, one MTP layer in the checkpoint (``make_hf_model`` writes it)."""
-    kw = dict(_TINY_SHAPE, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2)
-    kw.update(n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1)
-    kw.update(routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True)
-    kw.update(use_qk_norm=True, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    kw.update(num_nextn_predict_layers=1)
-    rope = {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5}
-    kw.update(rope_parameters=rope)
-    kw.update(overrides)
-    return Glm4MoeConfig(**kw)
+    return tiny_config("glm4_moe", **overrides)
 
 
-def _architecture(model_type: str) -> str:
-    return next(f.model_types[model_type] for f in FAMILIES if model_type in f.model_types)
+def tiny_config(model_type: str, **overrides):
+    """A tiny model of the family that reads ``model_type``: its own fields over the shared
+    shape."""
+    family = family_of_model_type(model_type)
+    return family.tiny.tiny_config(model_type, **{**_TINY_SHAPE, **overrides})
 
 
 def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -75,7 +54,8 @@ def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.f
     config's MTP layers (which transformers does not build) are written as random tensors
     after the decoder layers, as released checkpoints hold them."""
     torch.manual_seed(seed)
-    config.architectures = [_architecture(config.model_type)]
+    family = family_of_model_type(config.model_type)
+    config.architectures = [family.model_types[config.model_type]]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -89,32 +69,14 @@ def make_hf_model(config, out: Path, seed: int = 0, dtype: torch.dtype = torch.f
                 b.normal_(0.0, 0.1)
     model = model.to(dtype)
     model.save_pretrained(out)
-    mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
-    if mtp:
-        add_mtp_layers(Path(out), config, dtype)
+    family.tiny.complete_checkpoint(Path(out), config, dtype)
     return model
 
 
-def add_mtp_layers(out: Path, config, dtype: torch.dtype = torch.float32) -> None:
-    """Some random tensors of each of the config's multi-token-prediction layers, named as in
-    GLM-4.5's releases, into ``out/model.safetensors`` (transformers neither builds nor saves
-    them)."""
-    count = getattr(config, "num_nextn_predict_layers", 0) or 0
-    path = out / "model.safetensors"
-    tensors = load_file(str(path))
-    H = config.hidden_size
-    for i in range(config.num_hidden_layers, config.num_hidden_layers + count):
-        p = f"model.layers.{i}."
-        for name, shape in (
-            ("eh_proj.weight", (H, 2 * H)),
-            ("enorm.weight", (H,)),
-            ("hnorm.weight", (H,)),
-            ("shared_head.norm.weight", (H,)),
-            ("input_layernorm.weight", (H,)),
-            ("self_attn.o_proj.weight", (H, H)),
-        ):
-            tensors[p + name] = torch.randn(shape).to(dtype)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+def complete_checkpoint(out: Path, config) -> None:
+    """What save_pretrained leaves out of a tiny fp32 checkpoint of this family (GLM: its MTP
+    layers), written into ``out``."""
+    family_of_model_type(config.model_type).tiny.complete_checkpoint(Path(out), config)
 
 
 def write_tokenizer(out: Path, vocab_size: int = TINY_VOCAB) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models import family_named
+from gspo_megatron.models.layers import sizes
 from gspo_megatron.models.layers.hf_config import (
     DEFAULT_VOCAB_PAD_MULTIPLE,
     DTYPES,
@@ -93,6 +94,29 @@ class Qwen3Spec:
             "moe_layers": list(self.moe_layers),
             "tie_word_embeddings": self.tie_word_embeddings,
         }
+
+    # -- what the shape implies (the family's own rules; models/layers/sizes.py) --------------
+
+    def layout_divisions(self, layout) -> list:
+        """The sizes ``layout`` must divide: (what, size, parallel size, dimension)."""
+        out = sizes.tensor_parallel_divisions(self, layout)
+        return out + (sizes.expert_divisions(self, layout) if self.is_moe else [])
+
+    def matmul_flops_per_token(self) -> int:
+        """Forward matrix-multiply FLOPs per token, attention scores aside."""
+        dense = sizes.swiglu_flops(self.hidden_size, self.ffn_hidden_size)
+        routed = sizes.routed_flops(self) if self.is_moe else 0
+        per_layer = sizes.attention_projection_flops(self)
+        mlps = sum(routed if moe else dense for moe in self.moe_layers)
+        return self.num_layers * per_layer + mlps + sizes.lm_head_flops(self)
+
+    def attention_flops(self, n: int) -> int:
+        """Attention-score FLOPs of one sequence of n tokens (every layer)."""
+        return sizes.full_attention_flops(self, self.num_layers, n)
+
+    def kv_bytes_per_token(self, dtype_bytes: int, engine_tp: int) -> int:
+        """vLLM's KV cache per token on one engine rank (every layer attends)."""
+        return sizes.full_attention_kv_bytes(self, self.num_layers, dtype_bytes, engine_tp)
 
 
 _INTS = (
