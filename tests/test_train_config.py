@@ -24,20 +24,41 @@ QWEN3_235B_A22B = dict(hidden_size=4096, num_hidden_layers=94, num_attention_hea
 QWEN3_235B_A22B.update(intermediate_size=12288, moe_intermediate_size=1536)
 
 
-def _spec(shape: dict):
+QWEN3 = dict(RELEASED, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+# GLM-4.5-Air: 46 layers (the first dense), 96 heads, 8 KV heads of 128, 128 routed experts
+# (8 per token, one group) and a shared one, partial RoPE, q/k/v biases, one MTP layer.
+GLM_4_5_AIR = dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe")
+GLM_4_5_AIR.update(hidden_size=4096, num_hidden_layers=46, num_attention_heads=96)
+GLM_4_5_AIR.update(num_key_value_heads=8, head_dim=128, intermediate_size=10944)
+GLM_4_5_AIR.update(moe_intermediate_size=1408, n_routed_experts=128, n_shared_experts=1)
+GLM_4_5_AIR.update(num_experts_per_tok=8, n_group=1, topk_group=1, first_k_dense_replace=1)
+GLM_4_5_AIR.update(routed_scaling_factor=1.0, norm_topk_prob=True, partial_rotary_factor=0.5)
+GLM_4_5_AIR.update(rope_theta=1000000.0, vocab_size=151552, attention_bias=True)
+GLM_4_5_AIR.update(use_qk_norm=False, num_nextn_predict_layers=1, rms_norm_eps=1e-5)
+GLM_4_5_AIR.update(max_position_embeddings=131072, torch_dtype="bfloat16")
+
+
+def _spec(config: dict):
     from gspo_megatron.models import spec_from_hf_config
 
-    arch = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
-    return spec_from_hf_config(dict(RELEASED, **arch, **shape), "test")
+    return spec_from_hf_config(config, "test")
 
 
 @pytest.mark.parametrize(
-    "name,shape,world",
-    [("qwen3_30b_a3b", QWEN3_30B_A3B, 8), ("qwen3_235b_a22b", QWEN3_235B_A22B, 128)],
+    "name,config,world",
+    [
+        ("qwen3_30b_a3b", dict(QWEN3, **QWEN3_30B_A3B), 8),
+        ("qwen3_235b_a22b", dict(QWEN3, **QWEN3_235B_A22B), 128),
+        ("glm4_5_air", GLM_4_5_AIR, 32),
+    ],
 )
-def test_large_configs_fit_their_model_and_cluster(name, shape, world):
+def test_large_configs_fit_their_model_and_cluster(name, config, world):
     cfg = load_config(REPO / "launch/configs" / f"{name}.yaml")
-    spec = _spec(shape)
+    spec = _spec(config)
+    # The world the SLURM script asks for.
+    sbatch = (REPO / "launch/slurm" / f"{name}.sbatch").read_text()
+    nodes = int(sbatch.split("#SBATCH --nodes=")[1].split()[0])
+    assert nodes * int(sbatch.split("#SBATCH --gpus-per-node=")[1].split()[0]) == world
     check_layout(cfg.parallel, spec, world)
     cfg.rollout.validate(world)
     cfg.loss.validate()
@@ -51,6 +72,27 @@ def test_large_configs_fit_their_model_and_cluster(name, shape, world):
         dp * cfg.loss.num_minibatches
     ) == 0
     assert cfg.rollout.max_model_len <= spec.max_position_embeddings
+
+
+@pytest.mark.parametrize(
+    "config,active,with_vocab",
+    [
+        (dict(QWEN3, **QWEN3_30B_A3B), 3.3e9, True),
+        (dict(QWEN3, **QWEN3_235B_A22B), 22e9, True),
+        (GLM_4_5_AIR, 12e9, False),
+    ],
+)
+def test_each_family_counts_the_published_active_parameters(config, active, with_vocab):
+    """Every matrix a token meets (the family's FLOPs per token / 2: attention projections, the
+    dense or routed + shared MLPs, the LM head) plus its embedding row is the published active
+    parameter count (Qwen's figures count the embedding and LM head, GLM's do not). The figures
+    are rounded (3.3B, 22B, 12B): 5% covers that, while a family counting one matrix per expert
+    too few or too many is off by a sixth or more, and one forgetting GLM's shared expert by
+    6.5%."""
+    spec = _spec(config)
+    vocab = spec.hidden_size * spec.vocab_size
+    counted = spec.matmul_flops_per_token() / 2 + (vocab if with_vocab else -vocab)
+    assert counted == pytest.approx(active, rel=0.05)
 
 
 def test_tiny_config_parses():
