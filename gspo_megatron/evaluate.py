@@ -170,7 +170,7 @@ def plan(args: argparse.Namespace) -> EvalPlan:
     else:
         data, rewards, agent = DataConfig(), None, None
     if agent is not None:
-        from gspo_megatron.rollout.env_pool import check_environment
+        from gspo_megatron.rollout.episodes.env_pool import check_environment
         from gspo_megatron.rollout.machine import machine_envs
 
         check_environment(agent.environment, timeout_s=agent.env_start_timeout_s)
@@ -248,11 +248,11 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
     import torch.distributed as dist
 
     from gspo_megatron.checkpoint.atomic import atomic_write_text
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
     from gspo_megatron.progress import progress_bar
     from gspo_megatron.rewards.runner import RewardRunner
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
 
     init_distributed(ParallelLayout())
     on_gpu = torch.cuda.is_available()
@@ -272,7 +272,7 @@ def run(p: EvalPlan, hf_dir: Path, tokenizer, prompts) -> Optional[dict]:
     runner = RewardRunner(p.rewards)
     episodes = None
     if p.agent is not None:  # multi-turn episodes, as the training config runs them
-        from gspo_megatron.rollout.episodes import make_runner
+        from gspo_megatron.rollout.episodes.loop import make_runner
 
         episodes = make_runner(p.agent, rollout, tokenizer, engine)
     try:
@@ -316,7 +316,7 @@ def groups_of(engine, episodes=None) -> Callable:
     engine's single responses, or multi-turn episodes (an ``EpisodeRunner``) on it."""
     if episodes is None:
         return lambda prompts, **kw: engine.generate([q.ids for q in prompts], **kw)
-    from gspo_megatron.rollout.episodes import agent_rollout
+    from gspo_megatron.rollout.episodes.loop import agent_rollout
 
     def run(prompts, step, n, greedy, stream):
         return agent_rollout(episodes, prompts, n, step, stream=stream, greedy=greedy)

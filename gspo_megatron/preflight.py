@@ -27,15 +27,15 @@ from gspo_megatron.checkpoint.run_dir import (
     resume_point,
 )
 from gspo_megatron.config import Config
+from gspo_megatron.config.resume import Change, resume_changes
 from gspo_megatron.data import PromptSet, load_prompts
+from gspo_megatron.distributed.parallel import check_layout
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models import ModelSpec, check_same_shapes
-from gspo_megatron.parallel import check_layout
-from gspo_megatron.resume import Change, resume_changes
 from gspo_megatron.rewards.builtin import NEEDS_ANSWER
 from gspo_megatron.rewards.runner import RewardConfig
+from gspo_megatron.rollout.engines.routes import capture_unavailable
 from gspo_megatron.rollout.machine import check_kv_caches, machine_envs
-from gspo_megatron.rollout.routes import capture_unavailable
 from gspo_megatron.run_lock import check_run_lock
 
 if TYPE_CHECKING:  # transformers stays out of the import until the tokenizer is loaded
@@ -64,7 +64,7 @@ class Plan:
     eval_prompts: Optional[PromptSet] = None
     """data.eval_path's prompts, in file order, when validation is on (train.eval_every)."""
     resume_changes: List[Change] = field(default_factory=list)
-    """The config keys a resume changes (``gspo_megatron.resume``), applied from its next step."""
+    """The config keys a resume changes (``gspo_megatron.config.resume``), applied from its next step."""
     steps_done: int = 0
     """Steps the checkpoint resumed from has done (train.steps of them: the run is complete)."""
 
@@ -201,10 +201,10 @@ def check_agent(cfg: Config, tokenizer, hf_dir: Path, first_row: Optional[dict] 
     """Multi-turn episodes: the environment class imports, has the contract's methods and is
     made from the first data row (tried in a child process); the tokenizer has a prefix-stable
     chat template, the end-of-turn token and the tool-call tags."""
-    from gspo_megatron.rollout.agent_config import end_of_turn_id
-    from gspo_megatron.rollout.env_pool import check_environment
-    from gspo_megatron.rollout.tool_calls import CLOSE, OPEN
-    from gspo_megatron.rollout.transcript import ChatRenderer
+    from gspo_megatron.rollout.episodes.agent_config import end_of_turn_id
+    from gspo_megatron.rollout.episodes.env_pool import check_environment
+    from gspo_megatron.rollout.episodes.tool_calls import CLOSE, OPEN
+    from gspo_megatron.rollout.episodes.transcript import ChatRenderer
 
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if _first_rank() else None
     check_environment(cfg.agent.environment, first_row, cfg.agent.env_start_timeout_s, say)

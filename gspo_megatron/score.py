@@ -27,30 +27,30 @@ from typing import List, Tuple
 
 import torch
 
-from gspo_megatron.batch import (
-    Sample,
-    build_microbatch,
-    cp_shard,
-    pad_to_multiple,
-    sequence_multiple,
-    zigzag_indices,
-)
 from gspo_megatron.checkpoint.atomic import (
     atomic_write_text,
     check_not_replacing_input,
     check_writable_dir,
 )
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-from gspo_megatron.errors import GspoError, exit_on_error
-from gspo_megatron.exchange import all_gather_objects
-from gspo_megatron.jsonl import iter_objects
-from gspo_megatron.parallel import (
+from gspo_megatron.distributed.context_parallel import zigzag_indices
+from gspo_megatron.distributed.exchange import all_gather_objects
+from gspo_megatron.distributed.parallel import (
     ParallelLayout,
     check_layout,
     init_distributed,
     parse_pp_layers,
     shutdown,
     world_size_from_env,
+)
+from gspo_megatron.errors import GspoError, exit_on_error
+from gspo_megatron.jsonl import iter_objects
+from gspo_megatron.learner.batch import (
+    Sample,
+    build_microbatch,
+    cp_shard,
+    pad_to_multiple,
+    sequence_multiple,
 )
 from gspo_megatron.progress import progress_bar
 
@@ -204,7 +204,7 @@ def _step_microbatches(samples, mbs: int, seq_len: int, max_tokens: int, multipl
             mbatches.append(build_microbatch(samples[k : k + mbs], seq_len))
             places.append([(j, 0, k + j) for j in range(mbs) if samples[k + j] is not None])
         return mbatches, places, seq_len
-    from gspo_megatron.packing import length_of, packed_with_bins
+    from gspo_megatron.learner.packing import length_of, packed_with_bins
 
     real = [s for s in samples if s is not None]
     (mbatches,), seq_len, (bins,) = packed_with_bins([real], max_tokens, multiple)
@@ -225,7 +225,7 @@ def score_rows(spec, layout, ckpt, rows, mbs, nmb, dtype, max_tokens: int = 0):
     # input before seconds of imports.
     from megatron.core import parallel_state as ps
 
-    from gspo_megatron.forward import forward_logprobs
+    from gspo_megatron.learner.forward import forward_logprobs
     from gspo_megatron.models import build_model
 
     model = build_model(spec, layout, params_dtype=dtype)

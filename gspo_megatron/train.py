@@ -45,17 +45,24 @@ from gspo_megatron.checkpoint.run_dir import (
 )
 from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 from gspo_megatron.config import Config, load_config
+from gspo_megatron.config.resume import config_text, record_config
+from gspo_megatron.distributed.ddp import wrap_for_training
+from gspo_megatron.distributed.parallel import init_distributed, world_size_from_env
 from gspo_megatron.errors import GspoError, TrainingStopped, exit_on_error
+from gspo_megatron.learner.optim import build_optimizer, build_scheduler
+from gspo_megatron.learner.step_samples import (
+    sampled_ages,
+    staleness_metrics,
+    step_samples,
+    token_ages,
+)
 from gspo_megatron.loss.advantages import equal_reward_groups, reward_mean_std
-from gspo_megatron.optim import build_optimizer, build_scheduler, wrap_for_training
-from gspo_megatron.parallel import init_distributed, world_size_from_env
 from gspo_megatron.preflight import Plan, preflight
 from gspo_megatron.procutil import exit_without_teardown
 from gspo_megatron.progress import progress_bar
-from gspo_megatron.resume import config_text, record_config
 from gspo_megatron.rewards.runner import RewardRunner
-from gspo_megatron.rollout.episodes import FailureWatch
-from gspo_megatron.rollout.placement import enter_role, role_of
+from gspo_megatron.rollout.episodes.loop import FailureWatch
+from gspo_megatron.rollout.separate.placement import enter_role, role_of
 from gspo_megatron.rollout.source import (
     QUEUE_FILE,
     ColocatedSource,
@@ -66,7 +73,6 @@ from gspo_megatron.rollout.source import (
     load_queue,
 )
 from gspo_megatron.run_lock import RunLock
-from gspo_megatron.step_samples import sampled_ages, staleness_metrics, step_samples, token_ages
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -147,13 +153,13 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         from gspo_megatron.checkpoint.async_save import AsyncSaver
+        from gspo_megatron.learner.reference import build_reference
+        from gspo_megatron.learner.route_change import RouteChangeMeter
+        from gspo_megatron.learner.routing_replay import RoutingReplay
         from gspo_megatron.metrics import MetricsLogger
         from gspo_megatron.models import build_model
-        from gspo_megatron.reference import build_reference
-        from gspo_megatron.rollout.engine import RolloutEngine
-        from gspo_megatron.rollout.weight_sync import WeightGatherer
-        from gspo_megatron.route_change import RouteChangeMeter
-        from gspo_megatron.routing_replay import RoutingReplay
+        from gspo_megatron.rollout.engines.engine import RolloutEngine
+        from gspo_megatron.rollout.engines.weight_sync import WeightGatherer
 
         cfg = self.cfg = plan.cfg
         self.plan, self.spec = plan, plan.spec
@@ -196,7 +202,7 @@ class Trainer:
                 capture_routes=plan.capture_routes,
             )
             if cfg.agent.enabled:
-                from gspo_megatron.rollout.episodes import make_runner
+                from gspo_megatron.rollout.episodes.loop import make_runner
 
                 self.agent = make_runner(cfg.agent, cfg.rollout, plan.tokenizer, self.engine)
             note = self.engine.waves_note(cfg.train.prompts_per_step)
@@ -269,7 +275,7 @@ class Trainer:
 
     def step(self, step: int) -> Tuple[Dict[str, float], List[bool]]:
         """One RL step; returns its metrics and, per optimizer step, whether it was skipped."""
-        from gspo_megatron.update import policy_update  # megatron: see __init__
+        from gspo_megatron.learner.update import policy_update  # megatron: see __init__
 
         cfg, t0 = self.cfg, time.perf_counter()
         # This step's batch (colocated: the weights synced into the engines, validation, the
@@ -580,9 +586,9 @@ def episode_row(c) -> dict:
 def serve_rollouts(plan: Plan, role) -> None:
     """A rollout rank of ``rollout.placement: separate``: vLLM engines only, until the run's last
     batch is sent; a trainer that ends first (or dies) ends this rank too, in one line."""
-    from gspo_megatron.rollout.link import LinkError
-    from gspo_megatron.rollout.placement import LinkStartError
-    from gspo_megatron.rollout.rollout_rank import serve
+    from gspo_megatron.rollout.separate.link import LinkError
+    from gspo_megatron.rollout.separate.placement import LinkStartError
+    from gspo_megatron.rollout.separate.rollout_rank import serve
 
     cfg = plan.cfg
     try:
@@ -600,8 +606,8 @@ def collective_failure(err: BaseException, timeout_s: float, role=None) -> Optio
     """One line for a collective that failed because of another rank (gloo and NCCL report
     these as RuntimeErrors carrying the transport's text), else None. ``role``: a training
     rank with separate rollout ranks, whose link failures name those ranks."""
-    from gspo_megatron.rollout.link import LinkError
-    from gspo_megatron.rollout.placement import LinkStartError
+    from gspo_megatron.rollout.separate.link import LinkError
+    from gspo_megatron.rollout.separate.placement import LinkStartError
 
     if isinstance(err, LinkStartError):
         return str(err)

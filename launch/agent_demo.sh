@@ -2,7 +2,7 @@
 # Set up the CPU environment and run the agent demo: a tiny Qwen3-MoE learns, with GSPO, to call
 # a lookup tool and answer with the value it returns (multi-turn episodes, the tool in a process
 # of its own per episode), on CPU, two processes (torchrun, gloo), vLLM rollouts in-process.
-#   1. gspo_megatron.agent_demo writes the task data, a BPE chat tokenizer with the tool-call
+#   1. gspo_megatron.tasks.agent_demo writes the task data, a BPE chat tokenizer with the tool-call
 #      tokens, a random tiny model after a short warm start (the two turns' shape) and its
 #      megatron checkpoint;
 #   2. gspo-train trains it with launch/configs/tiny_agent_cpu.yaml;
@@ -19,7 +19,7 @@ OUT=outputs/agent_demo
 PY=.venv/bin/python
 START=$(date +%s)
 if [ ! -f "$OUT/init/mcore/metadata.json" ]; then
-  $PY -m gspo_megatron.agent_demo --out "$OUT/init"
+  $PY -m gspo_megatron.tasks.agent_demo --out "$OUT/init"
 fi
 rm -rf "$OUT/run"
 NPROC_PER_NODE=2 bash launch/train.sh launch/configs/tiny_agent_cpu.yaml "$@"

@@ -28,6 +28,6 @@ echo "node $NODE_RANK/$NNODES: $NPROC_PER_NODE processes, rendezvous $MASTER_ADD
 # Every node checks its own view of the inputs (a file missing on one node shows up there) as
 # one line and exit status 2, before torchrun.
 WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) LOCAL_WORLD_SIZE=$NPROC_PER_NODE "$PYTHON" -m gspo_megatron.train --check --config "$CONFIG" "$@"
-exec "$PYTHON" -m gspo_megatron.torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" \
+exec "$PYTHON" -m gspo_megatron.distributed.torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m gspo_megatron.train --config "$CONFIG" "$@"

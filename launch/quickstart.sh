@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the CPU environment and run the demo: a tiny Qwen3-MoE learns a copy task with GSPO,
 # on CPU, two processes (torchrun, gloo), vLLM rollouts in-process, in a few minutes.
-#   1. gspo_megatron.demo writes the task data, a random tiny model after a short supervised
+#   1. gspo_megatron.tasks.demo writes the task data, a random tiny model after a short supervised
 #      warm start (answer shape only; see README) and its megatron checkpoint;
 #   2. gspo-train trains it with launch/configs/tiny_cpu.yaml;
 #   3. tools/plot_metrics.py draws the reward and clip-fraction curves.
@@ -19,7 +19,7 @@ PY=.venv/bin/python
 START=$(date +%s)
 # (held_out.jsonl: an init/ from before the demo had validation is made again)
 if [ ! -f "$OUT/init/mcore/metadata.json" ] || [ ! -f "$OUT/init/held_out.jsonl" ]; then
-  $PY -m gspo_megatron.demo --out "$OUT/init"
+  $PY -m gspo_megatron.tasks.demo --out "$OUT/init"
 fi
 # A fresh run each time (the demo is about watching it learn); use --resume by hand to continue.
 rm -rf "$OUT/run"

@@ -11,5 +11,5 @@ source launch/torchrun_env.sh
 # Bad input is one line and exit status 2 here, before torchrun (whose report of a failed worker
 # is a 40-line banner and exit status 1).
 WORLD_SIZE=$NPROC_PER_NODE LOCAL_WORLD_SIZE=$NPROC_PER_NODE "$PYTHON" -m gspo_megatron.train --check --config "$CONFIG" "$@"
-exec "$PYTHON" -m gspo_megatron.torchrun --standalone --nproc-per-node "$NPROC_PER_NODE" \
+exec "$PYTHON" -m gspo_megatron.distributed.torchrun --standalone --nproc-per-node "$NPROC_PER_NODE" \
   -m gspo_megatron.train --config "$CONFIG" "$@"

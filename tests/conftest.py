@@ -10,7 +10,7 @@ from typing import Optional
 
 import pytest
 
-from gspo_megatron.parallel import free_port
+from gspo_megatron.distributed.parallel import free_port
 from gspo_megatron.testing.hf_reference import hf_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import (
     make_hf_model,
@@ -186,7 +186,7 @@ def vllm_glm(tmp_path_factory) -> TinyModel:
 
 @pytest.fixture(scope="session")
 def demo_init(tmp_path_factory) -> Path:
-    from gspo_megatron.demo import prepare
+    from gspo_megatron.tasks.demo import prepare
 
     out = tmp_path_factory.mktemp("demo") / "init"
     prepare(out, rows=256, alphabet=16, length=4, warm_start_steps=10, warm_start_lr=3e-3, seed=0)
@@ -196,7 +196,7 @@ def demo_init(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def agent_init(tmp_path_factory) -> Path:
     """The agent demo's init/ (BPE chat tokenizer, warm-started tiny MoE), smaller."""
-    from gspo_megatron.agent_demo import prepare
+    from gspo_megatron.tasks.agent_demo import prepare
 
     out = tmp_path_factory.mktemp("agent_demo") / "init"
     prepare(out, rows=256, warm_start_steps=40, warm_start_lr=2e-3, seed=0)

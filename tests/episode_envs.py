@@ -59,7 +59,7 @@ class Chatty(Scripted):
         return [{"role": "user", "content": " ".join(f"v{i}" for i in range(300))}], False, None
 
 
-from gspo_megatron.agent_demo import LookupEnv  # noqa: E402
+from gspo_megatron.tasks.agent_demo import LookupEnv  # noqa: E402
 
 
 class LookupWithSchemas(LookupEnv):

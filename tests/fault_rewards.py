@@ -4,7 +4,7 @@ gspo-train fault tests (imported by path in the reward worker: PYTHONPATH includ
 import math
 import zlib
 
-from gspo_megatron.demo import copy_reward
+from gspo_megatron.tasks.demo import copy_reward
 
 # What a careless reward function returns instead of a number.
 _POISON = [float("nan"), math.inf, "nan", None, -math.inf]

@@ -73,7 +73,7 @@ def copy_or_flat(prompt, response, answer):
     one of FLAT_WORDS (about 6 prompts in 16) scores 0.5: those groups have all rewards equal, as
     a solved or hopeless prompt does, and carry no gradient. For gspo-train runs (the reward
     worker finds this module through PYTHONPATH=tests)."""
-    from gspo_megatron.demo import copy_reward
+    from gspo_megatron.tasks.demo import copy_reward
 
     if (answer or "").split()[:1] and answer.split()[0] in FLAT_WORDS:
         return 0.5
@@ -166,7 +166,7 @@ def huge_or_tiny(prompt, response, answer):
     sums and squares of such rewards overflow) and x 1e-300 for the others (their differences
     are far below the advantage's eps). Each call also prints 20 KB and leaves a child process
     running (its pid appended to $GSPO_TEST_CHILDREN): a noisy function with a sandbox."""
-    from gspo_megatron.demo import copy_reward
+    from gspo_megatron.tasks.demo import copy_reward
 
     print("r" * 20_000)
     _start_sleepers(Path(os.environ["GSPO_TEST_CHILDREN"]), n=1)

@@ -34,7 +34,7 @@ def agent_good(agent_init, tmp_path):
         ),
         ("agent.environment=episode_envs:NoSuchEnv", "has no 'NoSuchEnv'"),
         ("agent.environment=episode_envs", "expected an import path 'package.module:Class'"),
-        ("agent.environment=gspo_megatron.agent_demo:value_reward", "not a class"),
+        ("agent.environment=gspo_megatron.tasks.agent_demo:value_reward", "not a class"),
         ("agent.max_turns=0", "agent.max_turns=0 must be >= 1"),
         (
             "agent.max_episode_tokens=5000",
@@ -122,7 +122,7 @@ def test_a_slow_import_says_so_and_a_hung_one_is_refused(agent_good, monkeypatch
     """An environment module that takes 1.5 s to import: the pre-flight says what it waits
     for while it waits (here every 0.5 s), and with agent.env_start_timeout_s=1 refuses it."""
     from gspo_megatron import train
-    from gspo_megatron.rollout import env_pool
+    from gspo_megatron.rollout.episodes import env_pool
 
     monkeypatch.setattr(env_pool, "PROGRESS_EVERY_S", 0.5)
     monkeypatch.setenv("GSPO_TEST_IMPORT_S", "1.5")

@@ -15,7 +15,7 @@ import train_runs as tr
 from conftest import REPO, torchrun_cmd
 from transformers import AutoTokenizer
 
-from gspo_megatron.agent_demo import LOOKUP_REWARD, value_reward
+from gspo_megatron.tasks.agent_demo import LOOKUP_REWARD, value_reward
 
 CONFIG = "launch/configs/tiny_agent_cpu.yaml"
 
@@ -41,7 +41,7 @@ def _train(agent_init, out, *extra):
 
 
 TOOL_USE = (
-    "rewards.functions=[{name: 'gspo_megatron.agent_demo:value_reward', weight: 1.0}, "
+    "rewards.functions=[{name: 'gspo_megatron.tasks.agent_demo:value_reward', weight: 1.0}, "
     "{name: 'reward_fns:tool_use', weight: 0.0}]"
 )
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import pytest
 
-from gspo_megatron.config_io import build, load, parse_override
+from gspo_megatron.config.io import build, load, parse_override
 from gspo_megatron.errors import GspoError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo_megatron import cpu_compat
+from gspo_megatron.distributed import cpu_compat
 
 
 @pytest.fixture(scope="module", autouse=True)

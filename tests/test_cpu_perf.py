@@ -1,6 +1,6 @@
 """The CPU speed-ups compute what they replace: megatron's distributed optimizer on one rank
-(``gspo_megatron.cpu_perf``), torch's fused AdamW kernel (``optim.fuse_adam_on_cpu``), and
-object exchanges on a world of one (``gspo_megatron.exchange``)."""
+(``gspo_megatron.distributed.cpu_perf``), torch's fused AdamW kernel (``optim.fuse_adam_on_cpu``), and
+object exchanges on a world of one (``gspo_megatron.distributed.exchange``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gspo_megatron.optim import fuse_adam_on_cpu
+from gspo_megatron.learner.optim import fuse_adam_on_cpu
 
 
 def test_a_one_rank_collective_is_skipped_only_where_its_result_is_already_in_place():
-    from gspo_megatron.cpu_perf import _skip_on_one_rank
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.distributed.cpu_perf import _skip_on_one_rank
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
     calls = []
@@ -31,9 +31,9 @@ def test_a_one_rank_collective_is_skipped_only_where_its_result_is_already_in_pl
 def test_a_world_of_one_exchanges_objects_without_gloo(monkeypatch):
     """One rank: the object comes back as it is, and torch.distributed is not called (gloo
     would copy its pickle on gloo's own thread, which starts a second OpenMP pool and leaves
-    libgomp sleeping at every barrier for the rest of the run: gspo_megatron.exchange)."""
-    from gspo_megatron.exchange import all_gather_objects
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
+    libgomp sleeping at every barrier for the rest of the run: gspo_megatron.distributed.exchange)."""
+    from gspo_megatron.distributed.exchange import all_gather_objects
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
 
@@ -48,10 +48,10 @@ def test_a_world_of_one_exchanges_objects_without_gloo(monkeypatch):
 def test_one_rank_object_collectives_hand_back_copies_without_gloo(monkeypatch):
     """megatron's checkpoint save calls torch's all_gather_object and gather_object on a world
     of one too: they hand back a copy of the object (as the exchange would) and run no gloo
-    collective (gspo_megatron.cpu_perf)."""
+    collective (gspo_megatron.distributed.cpu_perf)."""
     import torch.distributed.distributed_c10d as c10d
 
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
 
@@ -77,7 +77,7 @@ def test_one_rank_object_collectives_hand_back_copies_without_gloo(monkeypatch):
 _THREADS_SCRIPT = """
 import os, sys
 import torch, torch.distributed as dist
-from gspo_megatron import cpu_perf
+from gspo_megatron.distributed import cpu_perf
 torch.set_num_threads(2)
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % int(sys.argv[1]), rank=0, world_size=1)
 cpu_perf.apply()
@@ -96,7 +96,7 @@ def test_one_rank_object_collectives_start_no_openmp_pool_on_gloos_thread(tmp_pa
     import subprocess
     import sys
 
-    from gspo_megatron.parallel import free_port
+    from gspo_megatron.distributed.parallel import free_port
 
     run = subprocess.run(
         [sys.executable, "-c", _THREADS_SCRIPT, str(free_port())],
@@ -112,18 +112,14 @@ def test_one_rank_object_collectives_start_no_openmp_pool_on_gloos_thread(tmp_pa
 
 
 def _one_process_update(ckpt, distributed: bool, steps: int = 2):
-    from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.optim import OptimConfig, build_optimizer, torch_optimizers
+    from gspo_megatron.learner.update import build_minibatches, train_step
     from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import (
-        OptimConfig,
-        build_optimizer,
-        torch_optimizers,
-        wrap_for_training,
-    )
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.update import build_minibatches, train_step
 
     init_distributed(ParallelLayout())
     spec = checkpoint_spec(ckpt)

@@ -22,8 +22,8 @@ from conftest import REPO, child_env
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.guarded import OUTPUT_PER_CALL
-from gspo_megatron.rollout import env_pool
-from gspo_megatron.rollout.env_pool import EnvLimits, EnvPool, check_environment
+from gspo_megatron.rollout.episodes import env_pool
+from gspo_megatron.rollout.episodes.env_pool import EnvLimits, EnvPool, check_environment
 
 TESTS = Path(__file__).resolve().parent
 
@@ -356,7 +356,7 @@ def test_what_an_episode_started_ends_with_it_wherever_it_went():
 TRAINER = """
 import json, sys, time
 sys.path.insert(0, {tests!r})
-from gspo_megatron.rollout.env_pool import EnvPool
+from gspo_megatron.rollout.episodes.env_pool import EnvPool
 pool = EnvPool({env!r}, step_timeout_s=10)
 replies = pool.reset({{k: {{}} for k in range(2)}})
 print(json.dumps([r.messages[0]["content"] for r in replies.values()]), flush=True)
@@ -400,7 +400,7 @@ def test_a_preload_from_another_file_is_not_used(tmp_path):
         import sys
         sys.path.insert(0, {str(tmp_path / "path")!r})
         import shadowed_env  # as the pre-flight does
-        from gspo_megatron.rollout.env_pool import EnvPool
+        from gspo_megatron.rollout.episodes.env_pool import EnvPool
         with EnvPool("shadowed_env:Env", 10) as pool:
             print(pool.reset({{0: {{}}}})[0].messages[0]["content"])
         """

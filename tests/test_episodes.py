@@ -10,13 +10,13 @@ import pytest
 from episode_envs import LookupWithSchemas
 from transformers import AutoTokenizer
 
-from gspo_megatron.agent_demo import value_reward
 from gspo_megatron.data import Prompt
-from gspo_megatron.rollout.agent_config import AgentConfig, end_of_turn_id
-from gspo_megatron.rollout.env_pool import EnvLimits, EnvPool
-from gspo_megatron.rollout.episodes import EpisodeRunner, SharedEnvs, agent_rollout
+from gspo_megatron.rollout.episodes.agent_config import AgentConfig, end_of_turn_id
+from gspo_megatron.rollout.episodes.env_pool import EnvLimits, EnvPool
+from gspo_megatron.rollout.episodes.loop import EpisodeRunner, SharedEnvs, agent_rollout
 from gspo_megatron.rollout.sampling import episode_rewards
 from gspo_megatron.rollout.types import Completion
+from gspo_megatron.tasks.agent_demo import value_reward
 from gspo_megatron.testing.chat_tokenizer import write_chat_tokenizer
 
 
@@ -49,7 +49,7 @@ class ScriptedSampler:
 
 def runner(tok, env, script, limits=None, per_engine=0, **cfg):
     cfg = AgentConfig(environment=env, **{"step_timeout_s": 5.0, **cfg})
-    from gspo_megatron.rollout.transcript import ChatRenderer
+    from gspo_megatron.rollout.episodes.transcript import ChatRenderer
 
     pool = EnvPool(env, cfg.step_timeout_s, limits=limits or EnvLimits())
     sampler = ScriptedSampler(tok, script)
@@ -119,7 +119,7 @@ def test_malformed_calls_become_error_observations_and_are_counted(tok):
     rows = [{"prompt": "What is stored under k1?", "key": "k1", "answer": "red"}]
     prompts = [Prompt(rows[0]["prompt"], [1], "red", 0, rows[0])]
     texts = ['<tool_call>{"name": "lookup", "arguments": [1]}</tool_call>', "red"]
-    r, _, pool = runner(tok, "gspo_megatron.agent_demo:LookupEnv", lambda i, t: texts[t])
+    r, _, pool = runner(tok, "gspo_megatron.tasks.agent_demo:LookupEnv", lambda i, t: texts[t])
     with pool:
         batch = agent_rollout(r, prompts, 1, step=0)
     rec = batch.groups[0][0].agent
@@ -174,7 +174,10 @@ def test_a_degenerate_tool_call_is_an_error_observation(tok):
     prompts = [Prompt(rows[0]["prompt"], [1], "red", 0, rows[0])]
     texts = ["<tool_call>" + "[" * 300 + "</tool_call>", "red"]
     r, _, pool = runner(
-        tok, "gspo_megatron.agent_demo:LookupEnv", lambda i, t: texts[t], max_tokens_per_turn=600
+        tok,
+        "gspo_megatron.tasks.agent_demo:LookupEnv",
+        lambda i, t: texts[t],
+        max_tokens_per_turn=600,
     )
     with pool:
         batch = agent_rollout(r, prompts, 1, step=0)
@@ -188,8 +191,8 @@ def test_a_flood_of_text_is_bounded_in_the_environments_process(tok, monkeypatch
     leaves the environment's process, so the trainer tokenizes no more than that bound (then
     cuts it to the token limit, marked); a reply of 200,000 messages fails its episode there."""
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.episodes import env_limits
-    from gspo_megatron.rollout.transcript import ChatRenderer
+    from gspo_megatron.rollout.episodes.loop import env_limits
+    from gspo_megatron.rollout.episodes.transcript import ChatRenderer
 
     rows = [{"prompt": "a", "flood": "one"}, {"prompt": "b", "flood": "many"}]
     prompts = [Prompt(r["prompt"], [1], None, i, r) for i, r in enumerate(rows)]
@@ -306,7 +309,7 @@ def test_an_episode_interrupted_between_turns_continues_as_if_never_interrupted(
     rendered). An episode over within the first turn is finished there, with its metadata."""
     import pickle
 
-    from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
+    from gspo_megatron.rollout.episodes.loop import finish_episodes, start_episodes
 
     rows = [
         {"prompt": f"What is stored under k{i}?", "key": f"k{i}", "answer": v}
@@ -354,7 +357,7 @@ def test_an_environment_that_answers_otherwise_on_replay_fails_its_episode(tok):
     """An environment whose opening is drawn from the OS (``episode_envs.Drifting``) cannot be
     rebuilt by replay: the interrupted episodes fail as ``replay`` (scored 0, counted) with
     what they sampled before kept and nothing sampled after."""
-    from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
+    from gspo_megatron.rollout.episodes.loop import finish_episodes, start_episodes
 
     rows = [{"prompt": "q", "turns": 3}]
     prompts = [Prompt("q", [1], None, 0, rows[0])]
@@ -375,7 +378,7 @@ def test_episodes_beyond_the_cap_wait_for_a_wave(tok):
     """agent.max_parallel_envs' share of 2 per engine: 6 episodes (3 prompts x 2) run in waves
     with never more than 2 environments live, and give exactly the episodes all 6 at once give;
     so do partial rollouts (start, then resume), whose replay runs in waves too."""
-    from gspo_megatron.rollout.episodes import finish_episodes, start_episodes
+    from gspo_megatron.rollout.episodes.loop import finish_episodes, start_episodes
 
     rows = [
         {"prompt": f"What is stored under k{i}?", "key": f"k{i}", "answer": v}

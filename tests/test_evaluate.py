@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import REPO, child_env, torchrun_cmd
 
-REWARD = ["--rewards", "gspo_megatron.demo:copy_reward"]
+REWARD = ["--rewards", "gspo_megatron.tasks.demo:copy_reward"]
 SMALL = ["--max-new-tokens", "8", "--kv-cache-gib", "0.05"]
 
 
 @pytest.fixture(scope="module")
 def held_out(demo_init, tmp_path_factory) -> Path:
     """24 copy problems the demo model was not trained on (another seed)."""
-    from gspo_megatron.demo import make_rows
+    from gspo_megatron.tasks.demo import make_rows
 
     path = tmp_path_factory.mktemp("eval") / "held_out.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(24, 99, 16, 4)))

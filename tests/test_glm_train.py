@@ -1,4 +1,4 @@
-"""gspo-train end to end on a GLM-4.5-style MoE (``python -m gspo_megatron.demo --family
+"""gspo-train end to end on a GLM-4.5-style MoE (``python -m gspo_megatron.tasks.demo --family
 glm4_moe``: a dense layer, then 8 experts in 2 groups with a shared expert, sigmoid routing with a
 correction bias, partial RoPE, q/k/v biases, an MTP layer in the checkpoint), under torchrun/gloo
 with real vLLM rollouts:
@@ -31,7 +31,7 @@ STEPS = 24
 
 @pytest.fixture(scope="module")
 def glm_init(tmp_path_factory) -> Path:
-    from gspo_megatron.demo import prepare
+    from gspo_megatron.tasks.demo import prepare
 
     out = tmp_path_factory.mktemp("glm_demo") / "init"
     prepare(

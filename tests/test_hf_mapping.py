@@ -25,8 +25,8 @@ def _megatron_checkpoint_keys(spec):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from gspo_megatron.checkpoint.model import model_sharded_state_dict
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
     from gspo_megatron.models import build_model
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
     model = build_model(spec, ParallelLayout())

@@ -4,7 +4,7 @@ arithmetic written out; tests/test_rollout.py checks the block bytes against vLL
 import math
 
 from gspo_megatron.models import spec_from_hf_config
-from gspo_megatron.rollout.kv_cache import block_bytes, holding_gib, waves_note
+from gspo_megatron.rollout.engines.kv_cache import block_bytes, holding_gib, waves_note
 
 QWEN3 = dict(
     architectures=["Qwen3ForCausalLM"],

@@ -13,9 +13,9 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 def _build(ckpt):
     """The tiny model built for one process, and its first MoE layer's experts."""
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
     from gspo_megatron.models import build_model
     from gspo_megatron.models.layers.experts import LeanSequentialMLP
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
     spec = checkpoint_spec(ckpt)
@@ -87,7 +87,7 @@ def test_lean_experts_accumulate_into_ddp_gradient_buffers(tiny_moe):
     (``main_grad``): after one micro-batch the buffers hold, bit for bit, what megatron's own
     experts put there through DDP's hook, and no weight is left holding a ``grad``; a second
     micro-batch adds to them."""
-    from gspo_megatron.optim import wrap_for_training
+    from gspo_megatron.distributed.ddp import wrap_for_training
 
     model, experts = _build(tiny_moe.ckpt)  # its own: DDP's hooks stay on the parameters
     ddp = wrap_for_training(model, use_distributed_optimizer=False)

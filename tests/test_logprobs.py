@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo_megatron.logprobs import vocab_parallel_logprobs
+from gspo_megatron.learner.logprobs import vocab_parallel_logprobs
 
 
 def reference(logits, targets, vocab_size):

@@ -1,4 +1,4 @@
-"""Packing sequences into padding-free micro-batches (``gspo_megatron.packing``): the bins, the
+"""Packing sequences into padding-free micro-batches (``gspo_megatron.learner.packing``): the bins, the
 packed row's layout and mask, and unpacking back to one row per sequence, against the padded
 micro-batch built for each sequence alone. (Values and gradients through the model, in every
 layout: tests/test_distributed_loss.py.)"""
@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
-from gspo_megatron.batch import Sample, build_microbatch
 from gspo_megatron.errors import GspoError
-from gspo_megatron.packing import (
+from gspo_megatron.learner.batch import Sample, build_microbatch
+from gspo_megatron.learner.packing import (
     build_packed_microbatch,
     pack_bins,
     packed_attention_mask,

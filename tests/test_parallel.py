@@ -7,9 +7,14 @@ import socket
 
 import pytest
 
+from gspo_megatron.distributed.parallel import (
+    ParallelLayout,
+    _ephemeral_low,
+    check_layout,
+    free_port,
+)
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models import spec_from_hf_config
-from gspo_megatron.parallel import ParallelLayout, _ephemeral_low, check_layout, free_port
 from gspo_megatron.testing.tiny_model import tiny_moe_config
 
 

@@ -19,9 +19,9 @@ from conftest import REPO, run_cli
 
 from gspo_megatron.config import load_config
 from gspo_megatron.errors import GspoError
-from gspo_megatron.rollout import link
 from gspo_megatron.rollout.config import RolloutConfig
-from gspo_megatron.rollout.placement import LinkGroups, role_of
+from gspo_megatron.rollout.separate import link
+from gspo_megatron.rollout.separate.placement import LinkGroups, role_of
 from gspo_megatron.rollout.source import Schedule, version_of
 from gspo_megatron.testing.hf_reference import read_hf_tensors
 
@@ -160,10 +160,15 @@ def test_the_schedule_of_partial_rollouts():
 
 
 def test_token_ages_the_mask_and_the_staleness_metrics():
+    from gspo_megatron.learner.step_samples import (
+        age_mask,
+        sampled_ages,
+        staleness_metrics,
+        token_ages,
+    )
     from gspo_megatron.rollout.config import RolloutConfig as R
     from gspo_megatron.rollout.sampling import StepRollout
     from gspo_megatron.rollout.types import Completion
-    from gspo_megatron.step_samples import age_mask, sampled_ages, staleness_metrics, token_ages
 
     spans = Completion([1, 2, 3, 4], [0.0] * 4, "stop", versions=[2, 2, 3, 3])
     short = Completion([5], [0.0], "stop", versions=[2])
@@ -195,9 +200,9 @@ def test_step_samples_follow_the_groups_with_their_advantages():
     normalised advantage ((r - mean) / (sample std + 1e-6), computed here in fp64), the
     episode's opening as its prompt, the engine's log-probs, and the age-masked loss mask."""
     from gspo_megatron.data import Prompt
+    from gspo_megatron.learner.step_samples import step_samples, token_ages
     from gspo_megatron.rollout.sampling import StepRollout
     from gspo_megatron.rollout.types import Completion
-    from gspo_megatron.step_samples import step_samples, token_ages
 
     prompts = [Prompt("a", [7, 8], None, 0), Prompt("b", [9], None, 1)]
     groups = [
@@ -349,7 +354,7 @@ def test_after_every_transfer_the_engine_holds_the_trainers_weights(vllm_moe, tm
 def test_the_start_up_hand_shake_says_why_a_side_could_not_start():
     """Each side waits for the other's start (engines, model) under rollout.start_timeout_s,
     not the collective timeout; a side that failed to start ends the other's wait at once."""
-    from gspo_megatron.rollout.placement import LinkStartError, Role
+    from gspo_megatron.rollout.separate.placement import LinkStartError, Role
 
     store = dist.HashStore()
     cfg = RolloutConfig(placement="separate", num_ranks=2)

@@ -1,4 +1,4 @@
-"""Resuming after a change: what a resume may change (gspo_megatron.resume), the configs a run
+"""Resuming after a change: what a resume may change (gspo_megatron.config.resume), the configs a run
 keeps, and training checkpoints resumed in another parallel layout.
 
 The layouts: ``tests/workers/reshard_worker.py`` trains a data-parallel run (2 ranks) for two
@@ -21,8 +21,8 @@ from conftest import REPO, BatchedRuns, run_cli
 
 from gspo_megatron.checkpoint.optimizer_state import DP_RESHARDABLE, RESHARDABLE
 from gspo_megatron.config import load_config
+from gspo_megatron.config.resume import config_text, record_config, resume_changes
 from gspo_megatron.errors import GspoError
-from gspo_megatron.resume import config_text, record_config, resume_changes
 
 WORKER = str(REPO / "tests" / "workers" / "reshard_worker.py")
 LAYOUTS = [("TP2", 2, {"tp": 2}), ("EP2", 2, {"ep": 2}), ("PP2", 2, {"pp": 2}), ("single", 1, {})]

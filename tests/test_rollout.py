@@ -151,7 +151,7 @@ def _agreement(model, sequences) -> float:
 
 
 def _check(args, **kw):
-    return run_cli(["-m", "gspo_megatron.rollout.check"] + args, check=False, **kw)
+    return run_cli(["-m", "gspo_megatron.rollout.engines.check"] + args, check=False, **kw)
 
 
 def test_check_tool_samples_and_skips_overlong(vllm_moe):
@@ -210,7 +210,7 @@ def test_engine_errors_are_one_line(vllm_moe, tiny_moe, tmp_path):
 
 
 def test_vocab_parallel_argmax_matches_torch_argmax():
-    from gspo_megatron.logprobs import vocab_parallel_argmax
+    from gspo_megatron.learner.logprobs import vocab_parallel_argmax
 
     logits = torch.randn(3, 5, 256)
     logits[0, 0, 7] = logits[0, 0, 9] = 50.0  # a tie: the lowest id wins, as torch.argmax

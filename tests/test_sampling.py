@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from gspo_megatron.data import Prompt, PromptSet
-from gspo_megatron.rollout.sampling import draw_more, merge_reward_stats, sample_step
+from gspo_megatron.rollout.sampling import StepRollout, draw_more, merge_reward_stats, sample_step
 from gspo_megatron.rollout.types import Completion, RolloutBatch
 
 G = 4
@@ -117,10 +117,13 @@ def test_round_reward_metrics_merge_weighted_by_responses():
 
 def test_rollout_types_import_no_engine_and_keep_their_old_names():
     """Reading rollouts (sampling, episodes, the link) imports no torch, numpy or vLLM; and
-    checkpoints that pickled queued rollouts under the engine module's name still load."""
+    checkpoints that pickled queued rollouts under a module's earlier name (the engine module's,
+    before rollout/types.py) still load."""
     import pickle
     import subprocess
     import sys
+
+    from gspo_megatron.rollout.source import load_queue
 
     code = (
         "import sys, gspo_megatron.rollout.types; "
@@ -128,11 +131,18 @@ def test_rollout_types_import_no_engine_and_keep_their_old_names():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    from gspo_megatron.rollout import engine
 
     c = Completion([1, 2], [-0.5, -0.25], "stop")
     old = pickle.dumps(c, protocol=0).replace(
-        b"gspo_megatron.rollout.types", b"gspo_megatron.rollout.engine"
+        b"gspo_megatron.rollout.types", b"gspo_megatron.rollout" + b".engine"
     )
-    assert b"gspo_megatron.rollout.engine" in old and pickle.loads(old) == c
-    assert engine.RolloutBatch is RolloutBatch
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(old)  # the module is gone ...
+    # A queue as dump_queue writes it, the class under its old module (protocol 0: text, so the
+    # name can be replaced in place).
+    data = pickle.dumps([StepRollout(groups=[[c]], index=3)], protocol=0).replace(
+        b"gspo_megatron.rollout.types", b"gspo_megatron.rollout" + b".engine"
+    )
+    loaded = load_queue(data)  # ... and a checkpoint's queue still loads
+    assert loaded[3].groups == [[c]] and isinstance(loaded[3].groups[0][0], Completion)
+    assert RolloutBatch.__module__ == "gspo_megatron.rollout.types"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gspo_megatron.rollout.tool_calls import parse_tool_calls
-from gspo_megatron.rollout.tool_env import ToolEnvironment, schema_of, tool
+from gspo_megatron.rollout.episodes.tool_calls import parse_tool_calls
+from gspo_megatron.rollout.episodes.tool_env import ToolEnvironment, schema_of, tool
 
 
 def test_well_formed_calls_in_order():

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from gspo_megatron.config import load_config
-from gspo_megatron.parallel import check_layout
+from gspo_megatron.distributed.parallel import check_layout
 
 # Shapes of the released models (their config.json), the facts the layouts are built on. Both
 # have 128 experts (8 per token), 4 KV heads of 128, the same vocabulary and context.
@@ -99,7 +99,7 @@ def test_tiny_config_parses():
     cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
     assert (
         cfg.model.dtype == "fp32"
-        and cfg.rewards.functions[0].name == "gspo_megatron.demo:copy_reward"
+        and cfg.rewards.functions[0].name == "gspo_megatron.tasks.demo:copy_reward"
     )
     assert (cfg.loss.clip_low, cfg.loss.clip_high, cfg.loss.num_minibatches) == (3e-4, 4e-4, 4)
 
@@ -107,7 +107,7 @@ def test_tiny_config_parses():
 def test_lr_schedule_warmup_then_cosine():
     import torch
 
-    from gspo_megatron.optim import OptimConfig, build_scheduler
+    from gspo_megatron.learner.optim import OptimConfig, build_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, decay_style="cosine")
@@ -127,12 +127,12 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_readme_config_reference_is_generated_from_the_code():
-    from gspo_megatron.config_doc import END, START, reference
+    from gspo_megatron.config.doc import END, START, reference
 
     text = (REPO / "README.md").read_text()
     block = text.split(START, 1)[1].split(END, 1)[0].strip()
     assert block == reference().strip(), (
-        "run: python -m gspo_megatron.config_doc --update README.md"
+        "run: python -m gspo_megatron.config.doc --update README.md"
     )
 
 

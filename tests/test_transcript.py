@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from gspo_megatron.batch import Sample, build_microbatch
 from gspo_megatron.errors import GspoError
-from gspo_megatron.rollout.agent_config import end_of_turn_id
-from gspo_megatron.rollout.tool_calls import parse_tool_calls
-from gspo_megatron.rollout.transcript import OBSERVATION_CUT, ChatRenderer, Transcript
+from gspo_megatron.learner.batch import Sample, build_microbatch
+from gspo_megatron.rollout.episodes.agent_config import end_of_turn_id
+from gspo_megatron.rollout.episodes.tool_calls import parse_tool_calls
+from gspo_megatron.rollout.episodes.transcript import OBSERVATION_CUT, ChatRenderer, Transcript
 from gspo_megatron.testing.chat_tokenizer import drifting_ids, write_chat_tokenizer
 
 TOOLS = [

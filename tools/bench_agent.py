@@ -34,13 +34,13 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from gspo_megatron.agent_demo import prepare
     from gspo_megatron.data import Prompt
-    from gspo_megatron.parallel import ParallelLayout, init_distributed, shutdown
-    from gspo_megatron.rollout.agent_config import AgentConfig
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed, shutdown
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.engine import RolloutEngine
-    from gspo_megatron.rollout.episodes import agent_rollout, make_runner
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
+    from gspo_megatron.rollout.episodes.agent_config import AgentConfig
+    from gspo_megatron.rollout.episodes.loop import agent_rollout, make_runner
+    from gspo_megatron.tasks.agent_demo import prepare
 
     if not (args.init / "hf" / "model.safetensors").is_file():
         prepare(args.init, rows=64, warm_start_steps=10, warm_start_lr=3e-3, seed=0)

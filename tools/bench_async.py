@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gspo_megatron.parallel import free_port  # noqa: E402  (after the path: run from a clone)
+from gspo_megatron.distributed.parallel import free_port  # noqa: E402  (after the path: run from a clone)
 
 
 def train(init: Path, out: Path, nproc: int, steps: int, sleep: float, extra) -> list:
@@ -108,7 +108,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if not (args.init / "hf" / "model.safetensors").is_file():
-        from gspo_megatron.agent_demo import prepare
+        from gspo_megatron.tasks.agent_demo import prepare
 
         prepare(args.init, rows=64, warm_start_steps=10, warm_start_lr=3e-3, seed=0)
     init = args.init.resolve()

@@ -75,9 +75,9 @@ def run_case(args) -> dict:
         torch.cpu._is_avx512_bf16_supported = lambda: probes[1]
     import torch.distributed as dist
 
-    from gspo_megatron.parallel import free_port
+    from gspo_megatron.distributed.parallel import free_port
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1

@@ -75,9 +75,9 @@ def main() -> None:
 
     import yaml
 
-    from gspo_megatron.agent_demo import prepare
-    from gspo_megatron.rollout.agent_config import AgentConfig
+    from gspo_megatron.rollout.episodes.agent_config import AgentConfig
     from gspo_megatron.rollout.machine import machine_envs
+    from gspo_megatron.tasks.agent_demo import prepare
 
     if not (args.init / "hf" / "model.safetensors").is_file():
         prepare(args.init, rows=256, warm_start_steps=40, warm_start_lr=2e-3, seed=0)

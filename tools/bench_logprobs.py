@@ -6,7 +6,7 @@ log_softmax most trainers use.
 
 naive:   logp_all = log_softmax(logits.float()); logp = logp_all.gather(targets);
          entropy = -(logp_all.exp() * logp_all).sum(-1)
-chunked: gspo_megatron.logprobs.vocab_parallel_logprobs (default chunking, gradient written
+chunked: gspo_megatron.learner.logprobs.vocab_parallel_logprobs (default chunking, gradient written
          into the logits' storage), as the trainer calls it.
 
 Each case runs in a fresh process. The logits ([tokens, vocab], --dtype) exist before the
@@ -63,7 +63,7 @@ class _RssSampler:
 
 
 def run_case(method: str, tokens: int, vocab: int, dtype: str, repeats: int) -> dict:
-    from gspo_megatron.logprobs import vocab_parallel_logprobs
+    from gspo_megatron.learner.logprobs import vocab_parallel_logprobs
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]

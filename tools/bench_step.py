@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def long_tail_samples(n: int, seed: int, vocab: int):
-    from gspo_megatron.batch import Sample
+    from gspo_megatron.learner.batch import Sample
 
     rng = random.Random(seed)
     out = []
@@ -70,8 +70,8 @@ def long_tail_samples(n: int, seed: int, vocab: int):
 def _model(tmp: Path):
     from gspo_megatron.checkpoint.hf_to_mcore import convert_hf_to_mcore
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
     from gspo_megatron.models import build_model
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
     from gspo_megatron.testing.tiny_model import make_hf_model, tiny_moe_config, write_tokenizer
 
     hf, mcore = tmp / "hf", tmp / "mcore"
@@ -87,9 +87,10 @@ def _model(tmp: Path):
 
 
 def long_tail(args) -> dict:
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.learner.optim import OptimConfig, build_optimizer
+    from gspo_megatron.learner.update import build_minibatches, train_step
     from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-    from gspo_megatron.update import build_minibatches, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         model, spec = _model(Path(tmp))
@@ -201,7 +202,7 @@ def kv_cache_gib(spec, cfg, shape: dict, sequences: int) -> float:
     """An engine's KV cache for ``sequences`` at once (at least the config's): the plain loop
     generates the step as one batch, and a cache too small for it makes vLLM generate in waves
     (gspo-train says so at start-up; at `m` the demo config's 0.05 GiB held 51 of 128)."""
-    from gspo_megatron.rollout.kv_cache import block_bytes, holding_gib
+    from gspo_megatron.rollout.engines.kv_cache import block_bytes, holding_gib
 
     tokens = cfg.rollout.max_prompt_tokens + (shape["max_new_tokens"] or cfg.rollout.max_new_tokens)
     block = 128  # vLLM's CPU block size
@@ -215,7 +216,7 @@ def gspo_train_steps(
     """gspo-train on the demo for ``steps`` steps; per-phase medians from its metrics."""
     import subprocess
 
-    from gspo_megatron.parallel import free_port
+    from gspo_megatron.distributed.parallel import free_port
 
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
@@ -248,8 +249,8 @@ def baseline_steps(
 
     from gspo_megatron.config import load_config
     from gspo_megatron.data import DataConfig, load_prompts
-    from gspo_megatron.demo import copy_reward
     from gspo_megatron.loss import group_advantages, policy_loss
+    from gspo_megatron.tasks.demo import copy_reward
 
     t_start = time.perf_counter()
     repo = Path(__file__).resolve().parents[1]
@@ -383,7 +384,7 @@ def step(args) -> dict:
         tmp = Path(tmp)
         init = args.init
         if init is None:
-            from gspo_megatron.demo import DEFAULTS, prepare
+            from gspo_megatron.tasks.demo import DEFAULTS, prepare
 
             init = tmp / "init"
             settings = dict(DEFAULTS)

@@ -88,13 +88,18 @@ def best_seconds(fn, repeats: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    from gspo_megatron.batch import Sample
+    from gspo_megatron.distributed.parallel import (
+        ParallelLayout,
+        check_layout,
+        init_distributed,
+        shutdown,
+    )
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.update import rollout_logprob_diff
     from gspo_megatron.models import build_model, spec_from_hf_dir
-    from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.engine import RolloutEngine
-    from gspo_megatron.rollout.weight_sync import WeightGatherer
-    from gspo_megatron.update import rollout_logprob_diff
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.weight_sync import WeightGatherer
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep)
     init_distributed(layout)
@@ -123,7 +128,7 @@ def main() -> None:
     load_s = best_seconds(lambda: engine.load_weights(iter(held)), args.repeats)
     generic_s = float("nan")
     if not torch.cuda.is_available():  # the baseline the CPU in-place load replaces
-        from gspo_megatron.rollout.cpu_reload import reload_generic
+        from gspo_megatron.rollout.engines.cpu_reload import reload_generic
 
         runner = engine._model_runner()
         generic_s = best_seconds(lambda: reload_generic(runner, held), args.repeats)

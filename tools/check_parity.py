@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gspo_megatron.distributed.parallel import free_port
 from gspo_megatron.models import spec_from_hf_dir
-from gspo_megatron.parallel import free_port
 from gspo_megatron.testing.hf_reference import hf_logprobs, max_abs_diff, read_logprobs, write_rows
 from gspo_megatron.testing.tiny_model import random_rows
 

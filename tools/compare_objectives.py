@@ -184,7 +184,7 @@ def prepare(out: Path, warm_start_steps: int, seed: int) -> Path:
     """One seed's task data and warm-started policy (once; later calls reuse them)."""
     init = out / f"init_seed{seed}"
     if not (init / "mcore" / "metadata.json").is_file():
-        from gspo_megatron.demo import prepare as prepare_demo
+        from gspo_megatron.tasks.demo import prepare as prepare_demo
 
         print(
             f"compare: warm-starting the seed {seed} model ({warm_start_steps} steps)", flush=True

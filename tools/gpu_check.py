@@ -74,7 +74,7 @@ def qwen3_30b_a3b_slice(layers: int, seq: int) -> ModelSpec:
 
 
 def tiny_slice(seq: int) -> ModelSpec:
-    """The demo's model shape (gspo_megatron.demo), for a run on CPU."""
+    """The demo's model shape (gspo_megatron.tasks.demo), for a run on CPU."""
     return spec_from_hf_config(
         {
             "architectures": ["Qwen3MoeForCausalLM"],
@@ -105,12 +105,13 @@ def _sync() -> None:
 
 def step_check(args) -> dict:
     """One policy update of a model built from a spec, timed."""
-    from gspo_megatron.batch import Sample
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.optim import OptimConfig, build_optimizer
+    from gspo_megatron.learner.update import build_minibatches, train_step
     from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.update import build_minibatches, train_step
 
     on_gpu = torch.cuda.is_available()
     spec = tiny_slice(args.seq) if args.tiny else qwen3_30b_a3b_slice(args.layers, args.seq)
@@ -178,7 +179,7 @@ def te_check() -> dict:
 
 
 def _score(ckpt: Path, rows: Path, out: Path, dtype: str) -> None:
-    from gspo_megatron.parallel import free_port
+    from gspo_megatron.distributed.parallel import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1"]
     cmd += ["--master-port", str(free_port()), "-m", "gspo_megatron.score", "--ckpt", str(ckpt)]

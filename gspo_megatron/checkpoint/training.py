@@ -51,8 +51,8 @@ from gspo_megatron.checkpoint.run_dir import (
     remove_leftovers,
     step_dir_name,
 )
+from gspo_megatron.distributed.ddp import unwrap
 from gspo_megatron.errors import GspoError, TrainingStopped
-from gspo_megatron.optim import unwrap
 
 # megatron is imported inside the functions that save and load: gspo-train imports this module
 # before its pre-flight, which must answer without megatron's import time.

@@ -9,7 +9,7 @@ from gspo_megatron.loss.correction import CORRECTIONS
 from gspo_megatron.loss.objectives import OBJECTIVES
 
 ROUTING_REPLAY = ("none", "r2", "r3")
-"""``loss.routing_replay``: how the updates route MoE tokens (``gspo_megatron.routing_replay``)."""
+"""``loss.routing_replay``: how the updates route MoE tokens (``gspo_megatron.learner.routing_replay``)."""
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
+from gspo_megatron.distributed.exchange import all_gather_objects
 from gspo_megatron.errors import GspoError
-from gspo_megatron.exchange import all_gather_objects
 from gspo_megatron.rewards.registry import resolve
 from gspo_megatron.rewards.worker import Job, Reply, Worker
 

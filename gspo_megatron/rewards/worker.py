@@ -35,14 +35,15 @@ from gspo_megatron.guarded import (
     capture_output,
     exit_reason,
     finite_real,
+    limit_memory,
     main_module_hidden,
+    memory_note,
     show,
     take_output,
 )
 from gspo_megatron.procutil import Strays, kill_group, split_off_guard
 from gspo_megatron.rewards.builtin import WORKER_IMPORTS
 from gspo_megatron.rewards.registry import describe, resolve
-from gspo_megatron.rollout.machine import limit_memory, memory_note
 
 STARTUP_TIMEOUT_S = 120.0
 """How long a fresh worker may take to start and import the functions (not part of any call)."""

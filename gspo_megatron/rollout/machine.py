@@ -103,38 +103,6 @@ def envs_per_engine(agent, rollout) -> int:
     return max(1, machine_envs(agent) // engines_on_node(rollout))
 
 
-_MEMORY_NOTE = "no limit set: the machine's own"
-
-
-def limit_memory(gib: float, setting: str, holder: str) -> None:
-    """Cap this process's data memory at what it holds now plus ``gib`` GiB (0: no cap), the
-    value of config key ``setting``; ``memory_note`` then names it (``holder``: what the
-    process is called in that line)."""
-    global _MEMORY_NOTE
-    if not gib:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    cap = _data_bytes() + int(gib * (1 << 30))
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
-    _MEMORY_NOTE = f"{setting}={gib:g} GiB beyond what the {holder} held at start"
-
-
-def memory_note() -> str:
-    """What a MemoryError in this process ran into: its ``limit_memory``, or none."""
-    return _MEMORY_NOTE
-
-
-def _data_bytes() -> int:
-    """This process's data memory as the kernel counts it against RLIMIT_DATA (VmData)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _user_processes() -> int:
     uid = os.getuid()
     count = 0

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch.distributed as dist
 
+from gspo_megatron import moved
 from gspo_megatron.rollout.partial import InFlight, finish_batch, start_batch
 from gspo_megatron.rollout.sampling import StepRollout, sample_step
 
@@ -56,7 +57,7 @@ class Producer:
     def generate(self, prompts, step: int, round_: int):
         """A group per prompt: single responses from the engines, or multi-turn episodes."""
         if self.agent is not None:
-            from gspo_megatron.rollout.episodes import agent_rollout
+            from gspo_megatron.rollout.episodes.loop import agent_rollout
 
             return agent_rollout(self.agent, prompts, self.cfg.rollout.group_size, step, round_)
         return self.engine.generate([p.ids for p in prompts], step=step, round_=round_)
@@ -73,7 +74,7 @@ class Producer:
             index, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle
         )
         if self.agent is not None:
-            from gspo_megatron.rollout.episodes import start_episodes
+            from gspo_megatron.rollout.episodes.loop import start_episodes
 
             turns = cfg.rollout.head_turns(cfg.agent.max_turns)
             state = start_episodes(
@@ -86,7 +87,7 @@ class Producer:
         """Batch ``item`` finished by the engines' policy ``version``, then scored."""
         rc = self.cfg.rollout
         if self.agent is not None:
-            from gspo_megatron.rollout.episodes import finish_episodes
+            from gspo_megatron.rollout.episodes.loop import finish_episodes
 
             batch = finish_episodes(self.agent, item.batch, rc.group_size, item.index, version)
         else:
@@ -250,7 +251,7 @@ class SeparateSource:
         return {}
 
     def _send(self, version: int, next_index: int) -> Dict[str, float]:
-        from gspo_megatron.rollout.link import send_weights
+        from gspo_megatron.rollout.separate.link import send_weights
 
         inflight = in_flight(self.queue)
         schedule = self.schedule
@@ -269,7 +270,7 @@ class SeparateSource:
         return stats.metrics
 
     def _receive(self) -> None:
-        from gspo_megatron.rollout.link import FIRST_ROLLOUT, recv_object
+        from gspo_megatron.rollout.separate.link import FIRST_ROLLOUT, recv_object
 
         box: List[Optional[Queued]] = [None]
         if self.role.link_rank is not None:
@@ -290,4 +291,5 @@ def dump_queue(queue: Dict[int, Queued]) -> bytes:
 
 
 def load_queue(data: bytes) -> Dict[int, Queued]:
-    return {b.index: b for b in pickle.loads(data)}
+    # Queues saved before the package re-organisation name some classes by their old module.
+    return {b.index: b for b in moved.loads(data)}

@@ -14,7 +14,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from gspo_megatron.rollout.weight_sync import local_shards
+from gspo_megatron.rollout.engines.weight_sync import local_shards
 
 
 @contextlib.contextmanager

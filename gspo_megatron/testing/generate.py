@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from gspo_megatron.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
+from gspo_megatron.distributed.ddp import unwrap
 from gspo_megatron.errors import GspoError
-from gspo_megatron.forward import device, model_forward, run_schedule
-from gspo_megatron.logprobs import tp_group, vocab_parallel_argmax
-from gspo_megatron.optim import unwrap
+from gspo_megatron.learner.batch import Sample, build_microbatch, pad_to_multiple, sequence_multiple
+from gspo_megatron.learner.forward import device, model_forward, run_schedule
+from gspo_megatron.learner.logprobs import tp_group, vocab_parallel_argmax
 
 
 def _next_tokens(model, sequences: List[List[int]], vocab_size: int) -> List[int]:

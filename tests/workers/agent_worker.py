@@ -22,17 +22,17 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
     from gspo_megatron.data import Prompt
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed, shutdown
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.update import rollout_logprob_diff
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, init_distributed, shutdown
-    from gspo_megatron.rollout.agent_config import AgentConfig
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.engine import RolloutEngine
-    from gspo_megatron.rollout.episodes import agent_rollout, make_runner
-    from gspo_megatron.update import rollout_logprob_diff
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
+    from gspo_megatron.rollout.episodes.agent_config import AgentConfig
+    from gspo_megatron.rollout.episodes.loop import agent_rollout, make_runner
 
     ckpt = Path(args.ckpt)
     spec = checkpoint_spec(ckpt)

@@ -35,18 +35,18 @@ def main() -> None:
     from samples import random_samples
 
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-    from gspo_megatron.forward import model_forward
-    from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.models import build_model
-    from gspo_megatron.old_logprobs import compute_old_logprobs
-    from gspo_megatron.optim import wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.update import (
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.learner.forward import model_forward
+    from gspo_megatron.learner.old_logprobs import compute_old_logprobs
+    from gspo_megatron.learner.update import (
         agreed_seq_len,
         make_microbatches,
         scale_moe_aux_loss,
         train_step,
     )
+    from gspo_megatron.loss import PolicyLossConfig
+    from gspo_megatron.models import build_model
 
     coeff = 0.01
     spec = checkpoint_spec(ckpt)

@@ -29,9 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
 
-    from gspo_megatron.parallel import ParallelLayout, init_distributed, shutdown
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed, shutdown
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
 
     cfg = RolloutConfig(
         group_size=4, max_prompt_tokens=16, max_new_tokens=12, kv_cache_gib=0.05, dtype="bf16"
@@ -65,13 +65,13 @@ def sync(args, cfg, out: Path, prompts):
     from safetensors.torch import save_file
 
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout
+    from gspo_megatron.learner.routing_replay import RoutingReplay
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout
-    from gspo_megatron.rollout.engine import RolloutEngine
-    from gspo_megatron.rollout.kv_cache import block_bytes
-    from gspo_megatron.rollout.weight_sync import WeightGatherer
-    from gspo_megatron.routing_replay import RoutingReplay
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.kv_cache import block_bytes
+    from gspo_megatron.rollout.engines.weight_sync import WeightGatherer
 
     spec = checkpoint_spec(Path(args.ckpt))
     model = build_model(spec, ParallelLayout())
@@ -98,7 +98,7 @@ def sync(args, cfg, out: Path, prompts):
 
 
 def _rows(samples, advantage: float = 0.0):
-    from gspo_megatron.batch import Sample
+    from gspo_megatron.learner.batch import Sample
 
     return [
         Sample(p, ids, advantage, lps, routes=torch.tensor(routes))
@@ -110,9 +110,9 @@ def replays(trainer, samples) -> dict:
     """The routes the pi_old pass records for the updates under r2 (the trainer's own) and r3
     (the engine's), per sample: [fed positions, MoE layers, top-k]; and the trainer's pi_old
     log-prob of every response token."""
-    from gspo_megatron.old_logprobs import compute_old_logprobs
-    from gspo_megatron.routing_replay import RoutingReplay
-    from gspo_megatron.update import agreed_seq_len, make_microbatches
+    from gspo_megatron.learner.old_logprobs import compute_old_logprobs
+    from gspo_megatron.learner.routing_replay import RoutingReplay
+    from gspo_megatron.learner.update import agreed_seq_len, make_microbatches
 
     ddp, spec, _ = trainer
     rows = _rows(samples)
@@ -160,9 +160,9 @@ tokens): at the defaults (cap 2, [0.5, 2]) nothing here leaves them."""
 def corrections(trainer, samples) -> dict:
     """One update per rollout correction (learning rate ~0: the weights stay the pi_old the
     correction compares with): its first minibatch step's metrics."""
+    from gspo_megatron.learner.optim import OptimConfig, build_optimizer
+    from gspo_megatron.learner.update import policy_update
     from gspo_megatron.loss import PolicyLossConfig
-    from gspo_megatron.optim import OptimConfig, build_optimizer
-    from gspo_megatron.update import policy_update
 
     ddp, spec, _ = trainer
     optimizer = build_optimizer(ddp, OptimConfig(lr=1e-30))
@@ -176,8 +176,8 @@ def corrections(trainer, samples) -> dict:
 
 def mismatch(trainer, samples) -> dict:
     """The pi_old pass's measurements of the fp32 trainer against the bf16 engine's samples."""
-    from gspo_megatron.batch import Sample
-    from gspo_megatron.update import rollout_logprob_diff
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.update import rollout_logprob_diff
 
     ddp, spec, replay = trainer
     rows = [

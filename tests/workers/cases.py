@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from gspo_megatron.parallel import shutdown
+from gspo_megatron.distributed.parallel import shutdown
 
 
 def run_cases(run_case: Callable[[dict, Path], object]) -> None:

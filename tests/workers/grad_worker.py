@@ -13,7 +13,7 @@ single process. A case ``{"name", "samples", "layout": {"tp", "pp", "ep", "cp"},
 "correction_cap", "max_tokens_per_microbatch", "overlap", "bucket_elements"}``: with a ``rollout_correction`` the grads mode takes the samples' log-probs as
 the engine's and pi_old from a trainer forward first; with ``kl_coef`` the
 grads mode takes the reference log-probs from the samples and the update mode builds the
-reference policy from the checkpoint (``gspo_megatron.reference``) and also reports its log-probs
+reference policy from the checkpoint (``gspo_megatron.learner.reference``) and also reports its log-probs
 per sample; ``route_meter`` reports ``train/moe_route_change`` of the update.
 """
 
@@ -29,24 +29,26 @@ import torch.distributed as dist
 from cases import run_cases
 from megatron.core import parallel_state as ps
 
-from gspo_megatron.batch import Sample, zigzag_indices
 from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
-from gspo_megatron.loss import PolicyLossConfig
-from gspo_megatron.models import build_model
-from gspo_megatron.old_logprobs import compute_old_logprobs, observe_route_agreement
-from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
-from gspo_megatron.reference import build_reference, fill_ref_logprobs
-from gspo_megatron.route_change import RouteChangeMeter
-from gspo_megatron.routing_replay import RoutingReplay
-from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
-from gspo_megatron.update import (
+from gspo_megatron.distributed.context_parallel import zigzag_indices
+from gspo_megatron.distributed.ddp import wrap_for_training
+from gspo_megatron.distributed.parallel import ParallelLayout, check_layout, init_distributed
+from gspo_megatron.learner.batch import Sample
+from gspo_megatron.learner.old_logprobs import compute_old_logprobs, observe_route_agreement
+from gspo_megatron.learner.optim import OptimConfig, build_optimizer
+from gspo_megatron.learner.reference import build_reference, fill_ref_logprobs
+from gspo_megatron.learner.route_change import RouteChangeMeter
+from gspo_megatron.learner.routing_replay import RoutingReplay
+from gspo_megatron.learner.update import (
     agreed_seq_len,
     build_minibatches,
     make_microbatches,
     policy_update,
     train_step,
 )
+from gspo_megatron.loss import PolicyLossConfig
+from gspo_megatron.models import build_model
+from gspo_megatron.testing.gather import gather_full_tensors, grads_as_data
 
 
 def my_samples(case: dict) -> list:

@@ -27,17 +27,13 @@ from samples import random_samples
 from gspo_megatron.checkpoint.model import HF_SUBDIR, checkpoint_spec, load_model_checkpoint
 from gspo_megatron.checkpoint.run_dir import TrainState
 from gspo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
+from gspo_megatron.distributed.ddp import wrap_for_training
+from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
+from gspo_megatron.learner.optim import OptimConfig, build_optimizer, build_scheduler
+from gspo_megatron.learner.update import policy_update
 from gspo_megatron.loss import PolicyLossConfig
 from gspo_megatron.models import build_model
-from gspo_megatron.optim import (
-    OptimConfig,
-    build_optimizer,
-    build_scheduler,
-    wrap_for_training,
-)
-from gspo_megatron.parallel import ParallelLayout, init_distributed
 from gspo_megatron.testing.gather import gather_full_tensors
-from gspo_megatron.update import policy_update
 
 SAMPLES = random_samples(16, seed=11)
 LOSS = PolicyLossConfig(

@@ -44,7 +44,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(reports, indent=1))
     engine.close()
-    from gspo_megatron.parallel import shutdown
+    from gspo_megatron.distributed.parallel import shutdown
 
     shutdown()
 
@@ -54,20 +54,21 @@ def run_layout(args, name, cfg, engine):
     freshly loaded checkpoint weights into it, which it already holds)."""
     from megatron.core import parallel_state as ps
 
-    from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, check_layout, init_distributed
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.optim import OptimConfig, build_optimizer
+    from gspo_megatron.learner.routing_replay import RoutingReplay
+    from gspo_megatron.learner.update import policy_update, rollout_logprob_diff
     from gspo_megatron.loss import PolicyLossConfig, group_advantages
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed
-    from gspo_megatron.rollout.cpu_reload import reload_generic
-    from gspo_megatron.rollout.engine import RolloutEngine
-    from gspo_megatron.rollout.kv_cache import block_bytes
-    from gspo_megatron.rollout.weight_sync import WeightGatherer
-    from gspo_megatron.routing_replay import RoutingReplay
+    from gspo_megatron.rollout.engines.cpu_reload import reload_generic
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.kv_cache import block_bytes
+    from gspo_megatron.rollout.engines.weight_sync import WeightGatherer
     from gspo_megatron.testing.generate import greedy_continuation
     from gspo_megatron.testing.hf_reference import read_hf_tensors
-    from gspo_megatron.update import policy_update, rollout_logprob_diff
 
     spec = checkpoint_spec(Path(args.ckpt))
     layout = ParallelLayout(**LAYOUTS[name])

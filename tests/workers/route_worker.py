@@ -17,12 +17,13 @@ def main() -> None:
     from samples import random_samples
 
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.ddp import wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.learner.optim import OptimConfig, build_optimizer
+    from gspo_megatron.learner.route_change import RouteChangeMeter
+    from gspo_megatron.learner.update import policy_update
     from gspo_megatron.loss import PolicyLossConfig
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import OptimConfig, build_optimizer, wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.route_change import RouteChangeMeter
-    from gspo_megatron.update import policy_update
 
     spec = checkpoint_spec(ckpt)
     layout = ParallelLayout(tp=tp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import List, Optional
 
-from gspo_megatron.batch import Sample
+from gspo_megatron.learner.batch import Sample
 
 
 def random_samples(n: int, seed: int = 0, advantage: Optional[float] = None) -> List[Sample]:

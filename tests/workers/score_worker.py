@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 
 from gspo_megatron.checkpoint.model import checkpoint_spec
-from gspo_megatron.parallel import ParallelLayout, check_layout, init_distributed, shutdown
+from gspo_megatron.distributed.parallel import (
+    ParallelLayout,
+    check_layout,
+    init_distributed,
+    shutdown,
+)
 from gspo_megatron.score import read_rows, score_rows
 
 

@@ -26,9 +26,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from gspo_megatron.rollout import link
     from gspo_megatron.rollout.config import RolloutConfig
-    from gspo_megatron.rollout.placement import enter_role, role_of
+    from gspo_megatron.rollout.separate import link
+    from gspo_megatron.rollout.separate.placement import enter_role, role_of
 
     cfg = RolloutConfig(
         placement="separate",
@@ -50,7 +50,7 @@ def main() -> None:
 
 
 def serve(cfg, args, groups, prompts, link) -> None:
-    from gspo_megatron.rollout.engine import RolloutEngine
+    from gspo_megatron.rollout.engines.engine import RolloutEngine
 
     engine = RolloutEngine(Path(args.hf_dir), cfg, torch.float32, dummy_weights=True)
     me = 1
@@ -69,13 +69,13 @@ def serve(cfg, args, groups, prompts, link) -> None:
 def train(cfg, args, role, groups, prompts, link) -> None:
     from megatron.core import parallel_state as ps
 
-    from gspo_megatron.batch import Sample
     from gspo_megatron.checkpoint.model import checkpoint_spec, load_model_checkpoint
+    from gspo_megatron.distributed.ddp import unwrap, wrap_for_training
+    from gspo_megatron.distributed.parallel import ParallelLayout, init_distributed
+    from gspo_megatron.learner.batch import Sample
+    from gspo_megatron.learner.update import rollout_logprob_diff
     from gspo_megatron.models import build_model
-    from gspo_megatron.optim import unwrap, wrap_for_training
-    from gspo_megatron.parallel import ParallelLayout, init_distributed
-    from gspo_megatron.rollout.weight_sync import WeightGatherer
-    from gspo_megatron.update import rollout_logprob_diff
+    from gspo_megatron.rollout.engines.weight_sync import WeightGatherer
 
     spec = checkpoint_spec(Path(args.ckpt))
     report = {}

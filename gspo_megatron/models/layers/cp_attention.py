@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from gspo_megatron.batch import zigzag_indices
+from gspo_megatron.distributed.context_parallel import zigzag_indices
 
 
 class AllGatherCPAttention(MegatronModule):

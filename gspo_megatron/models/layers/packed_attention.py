@@ -8,7 +8,7 @@ separate op whose result autograd keeps for the backward pass. PyTorch's fused C
 kept as running sums) computes the same function without the score matrix, and with GQA read
 in place.
 
-A packed row (``gspo_megatron.packing``) holds several sequences end to end, with a
+A packed row (``gspo_megatron.learner.packing``) holds several sequences end to end, with a
 block-diagonal causal mask. Attending over the whole row would do S^2 work where the sequences
 need sum_i n_i^2, so the row is split at the sequence boundaries, read from the mask itself
 (position q starts a sequence when it may not attend to q - 1), and each sequence attends

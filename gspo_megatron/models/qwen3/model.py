@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from gspo_megatron.distributed.parallel import ParallelLayout
 from gspo_megatron.models import have_transformer_engine
 from gspo_megatron.models.layers import gpt
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
-from gspo_megatron.parallel import ParallelLayout
 
 
 def transformer_config(

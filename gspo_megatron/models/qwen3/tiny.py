@@ -19,5 +19,5 @@ def tiny_config(model_type: str, **fields):
     return Qwen3Config(**{"tie_word_embeddings": True, "rope_parameters": rope, **fields})
 
 
-def complete_checkpoint(out, config, dtype) -> None:
+def complete_checkpoint(out, config, dtype=None) -> None:
     """Nothing beyond what save_pretrained writes."""
