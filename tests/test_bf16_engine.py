@@ -16,17 +16,22 @@ from conftest import REPO, run_cli
 from gspo_megatron.testing.hf_reference import hf_logprobs, hf_routes, read_hf_tensors
 
 
-@pytest.fixture(scope="module")
-def bf16_runs(vllm_moe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bf16_engine")
+def _engine_runs(model, out):
+    """The worker's two engines on ``model``: synced from the fp32 trainer, and fresh from the
+    bf16 weights on disk."""
     worker = str(REPO / "tests/workers/bf16_engine_worker.py")
-    base = [worker, "--ckpt", str(vllm_moe.ckpt), "--hf-dir", str(vllm_moe.hf_dir)]
+    base = [worker, "--ckpt", str(model.ckpt), "--hf-dir", str(model.hf_dir)]
     base += ["--out", str(out)]
     run_cli(base + ["--mode", "sync"], nproc=1)
     run_cli(base + ["--mode", "fresh"], nproc=1)
     synced = json.loads((out / "sync.json").read_text())
     fresh = json.loads((out / "fresh.json").read_text())
     return out, synced, fresh
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(vllm_moe, tmp_path_factory):
+    return _engine_runs(vllm_moe, tmp_path_factory.mktemp("bf16_engine"))
 
 
 def _mean_abs(a, b) -> float:
@@ -71,15 +76,7 @@ def test_the_engine_in_bf16_scores_as_transformers_in_bf16(bf16_runs, vllm_moe):
 
 @pytest.fixture(scope="module")
 def glm_bf16_runs(vllm_glm, tmp_path_factory):
-    out = tmp_path_factory.mktemp("glm_bf16_engine")
-    worker = str(REPO / "tests/workers/bf16_engine_worker.py")
-    base = [worker, "--ckpt", str(vllm_glm.ckpt), "--hf-dir", str(vllm_glm.hf_dir)]
-    base += ["--out", str(out)]
-    run_cli(base + ["--mode", "sync"], nproc=1)
-    run_cli(base + ["--mode", "fresh"], nproc=1)
-    synced = json.loads((out / "sync.json").read_text())
-    fresh = json.loads((out / "fresh.json").read_text())
-    return out, synced, fresh
+    return _engine_runs(vllm_glm, tmp_path_factory.mktemp("glm_bf16_engine"))
 
 
 def test_glm_bf16_engine_after_a_sync_is_a_fresh_one_and_scores_as_transformers(

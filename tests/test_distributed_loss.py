@@ -213,17 +213,9 @@ def samples_dir(tiny_moe, tmp_path_factory):
     # last token) and MoE layer: top-k distinct experts each.
     config = tiny_moe.model.config
     moe_layers = sum(i not in config.mlp_only_layers for i in range(config.num_hidden_layers))
-    routed = []
-    for row in main:
-        fed = len(row["prompt_ids"]) + len(row["response_ids"]) - 1
-        picks = [
-            [
-                rng.sample(range(config.num_experts), config.num_experts_per_tok)
-                for _ in range(moe_layers)
-            ]
-            for _ in range(fed)
-        ]
-        routed.append({**row, "routes": picks})
+    routed = with_random_routes(
+        main, config.num_experts, config.num_experts_per_tok, moe_layers, rng
+    )
     (root / "routed.json").write_text(json.dumps(routed))
     # multiturn: main's rows as episodes: each response's middle third (at least one token) is
     # the environment's (mask 0), its engine and reference log-probs garbage; in
@@ -244,8 +236,22 @@ def samples_dir(tiny_moe, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_moe, samples_dir, tmp_path_factory):
+def with_random_routes(rows, num_experts: int, top_k: int, moe_layers: int, rng) -> list:
+    """``rows`` with random "engine" routes for every fed token (prompt, then response but its
+    last token) and MoE layer: top-k distinct experts each."""
+    routed = []
+    for row in rows:
+        fed = len(row["prompt_ids"]) + len(row["response_ids"]) - 1
+        picks = [
+            [rng.sample(range(num_experts), top_k) for _ in range(moe_layers)] for _ in range(fed)
+        ]
+        routed.append({**row, "routes": picks})
+    return routed
+
+
+def grad_runs(model, samples_dir, cases: dict, tmp):
+    """``cases`` (name -> (processes, case)) of the gradient worker on ``model``'s checkpoint,
+    each case's samples read from ``samples_dir/<case's samples, else main>.json``."""
     cases = {
         name: (
             nproc,
@@ -255,15 +261,14 @@ def runs(tiny_moe, samples_dir, tmp_path_factory):
                 "samples": str(samples_dir / f"{case.get('samples', 'main')}.json"),
             },
         )
-        for name, (nproc, case) in CASES.items()
+        for name, (nproc, case) in cases.items()
     }
-    return BatchedRuns(
-        WORKER,
-        cases,
-        tmp_path_factory.mktemp("grad_runs"),
-        torch.load,
-        ["--ckpt", str(tiny_moe.ckpt)],
-    )
+    return BatchedRuns(WORKER, cases, tmp, torch.load, ["--ckpt", str(model.ckpt)])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_moe, samples_dir, tmp_path_factory):
+    return grad_runs(tiny_moe, samples_dir, CASES, tmp_path_factory.mktemp("grad_runs"))
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, BatchedRuns
-from test_distributed_loss import _assert_same
+from conftest import REPO
+from test_distributed_loss import _assert_same, grad_runs, with_random_routes
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models import spec_from_hf_config
@@ -84,41 +84,15 @@ def samples_dir(tiny_glm, tmp_path_factory):
     (root / "main.json").write_text(json.dumps(main))
     config = tiny_glm.model.config
     moe_layers = config.num_hidden_layers - config.first_k_dense_replace
-    routed = []
-    for row in main:
-        fed = len(row["prompt_ids"]) + len(row["response_ids"]) - 1
-        picks = [
-            [
-                rng.sample(range(config.n_routed_experts), config.num_experts_per_tok)
-                for _ in range(moe_layers)
-            ]
-            for _ in range(fed)
-        ]
-        routed.append({**row, "routes": picks})
+    top_k = config.num_experts_per_tok
+    routed = with_random_routes(main, config.n_routed_experts, top_k, moe_layers, rng)
     (root / "routed.json").write_text(json.dumps(routed))
     return root
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_glm, samples_dir, tmp_path_factory):
-    cases = {
-        name: (
-            nproc,
-            {
-                **case,
-                "mode": case.get("mode", "grads"),
-                "samples": str(samples_dir / f"{case.get('samples', 'main')}.json"),
-            },
-        )
-        for name, (nproc, case) in _cases().items()
-    }
-    return BatchedRuns(
-        WORKER,
-        cases,
-        tmp_path_factory.mktemp("glm_grad_runs"),
-        torch.load,
-        ["--ckpt", str(tiny_glm.ckpt)],
-    )
+    return grad_runs(tiny_glm, samples_dir, _cases(), tmp_path_factory.mktemp("glm_grad_runs"))
 
 
 @pytest.mark.parametrize("name", [case[0] for case in LAYOUTS])

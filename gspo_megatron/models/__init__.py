@@ -13,9 +13,9 @@ A family is a package ``models/<name>/`` with (at least):
 - ``model.py``: ``build_model(spec, layout, params_dtype, moe_aux_loss_coeff)``;
 - ``tiny.py``: ``tiny_config(model_type, **fields)``, ``complete_checkpoint(out, config,
   dtype)``: tiny random models for tests and demos;
-- ``hf_mapping.py``: ``tensor_mappings(spec)``, ``to_mcore``, ``to_hf``, ``canonical_key``,
-  ``SHARDED_METADATA`` (the shared ones are in ``models/layers/tensor_map.py``), and optionally
-  ``untrained(spec, hf_name)``: HF tensors carried through conversion and export untouched;
+- ``hf_mapping.py``: ``tensor_mappings(spec)``; optionally ``untrained(spec, hf_name)`` (HF
+  tensors carried through conversion and export untouched) or its own ``to_mcore`` / ``to_hf``
+  / ``canonical_key`` where the shared ones of ``models/layers/tensor_map.py`` do not fit;
 
 and one ``Family`` entry in ``FAMILIES`` (docs/design.md, "Adding a model family").
 """
@@ -26,7 +26,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Dict, Protocol, Tuple
 
 from gspo_megatron.errors import GspoError
@@ -96,8 +96,23 @@ class Family:
         return build(spec, layout, params_dtype or torch.float32, moe_aux_loss_coeff)
 
     @property
-    def mapping(self) -> ModuleType:
-        return self.module("hf_mapping")
+    def mapping(self) -> SimpleNamespace:
+        """The family's HF <-> megatron mapping: its ``hf_mapping`` module's ``tensor_mappings``
+        (and whatever else it defines) over the shared vocabulary of ``layers.tensor_map``. One
+        object per family, so that every caller sees the same functions."""
+        found = _MAPPINGS.get(self.name)
+        if found is None:
+            from gspo_megatron.models.layers import tensor_map
+
+            own = self.module("hf_mapping")
+            found = SimpleNamespace(
+                **{
+                    name: getattr(own if hasattr(own, name) else tensor_map, name)
+                    for name in _MAPPING
+                }
+            )
+            _MAPPINGS[self.name] = found
+        return found
 
     @property
     def tiny(self) -> ModuleType:
@@ -106,6 +121,22 @@ class Family:
         leaves out)."""
         return self.module("tiny")
 
+
+_MAPPING = (
+    "tensor_mappings",
+    "to_mcore",
+    "to_hf",
+    "canonical_key",
+    "untrained",
+    "SHARDED_METADATA",
+    "TensorMapping",
+    "COPY",
+    "QKV",
+    "VOCAB",
+)
+"""What a family's mapping offers (``tensor_mappings`` is the family's own; the rest default to
+``layers.tensor_map``'s)."""
+_MAPPINGS: Dict[str, SimpleNamespace] = {}
 
 FAMILIES: Tuple[Family, ...] = (
     Family(
@@ -214,17 +245,16 @@ def spec_of_model(model) -> ModelSpec:
     return spec
 
 
-def hf_mapping(spec: ModelSpec) -> ModuleType:
-    """The family's HF <-> megatron tensor mapping module (``tensor_mappings(spec)``,
-    ``to_mcore``, ``to_hf``, ``canonical_key``, ``SHARDED_METADATA``)."""
+def hf_mapping(spec: ModelSpec) -> SimpleNamespace:
+    """The family's HF <-> megatron tensor mapping (``tensor_mappings(spec)``, ``to_mcore``,
+    ``to_hf``, ``canonical_key``, ``untrained``, ``SHARDED_METADATA``)."""
     return family_of(spec).mapping
 
 
 def untrained(spec: ModelSpec, hf_name: str) -> bool:
     """Whether a tensor of the family's HF checkpoints is carried through conversion and export
     without being part of the megatron model (GLM-4.5's multi-token-prediction layers)."""
-    carried = getattr(family_of(spec).mapping, "untrained", None)
-    return bool(carried and carried(spec, hf_name))
+    return family_of(spec).mapping.untrained(spec, hf_name)
 
 
 def have_transformer_engine() -> bool:

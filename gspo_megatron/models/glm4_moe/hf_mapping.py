@@ -15,16 +15,7 @@ from typing import Iterator, List
 
 from gspo_megatron.models.glm4_moe.spec import Glm4MoeSpec
 from gspo_megatron.models.layers import tensor_map as tm
-from gspo_megatron.models.layers.tensor_map import (  # noqa: F401  (the family's mapping face)
-    COPY,
-    QKV,
-    SHARDED_METADATA,
-    VOCAB,
-    TensorMapping,
-    canonical_key,
-    to_hf,
-    to_mcore,
-)
+from gspo_megatron.models.layers.tensor_map import TensorMapping
 
 
 def _layer(spec: Glm4MoeSpec, layer: int, m: str, h: str) -> Iterator[TensorMapping]:

@@ -164,3 +164,8 @@ def canonical_key(key: str) -> str:
     ``pre_mlp_layernorm.weight``. One spelling keeps checkpoints interchangeable.
     """
     return key.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")
+
+
+def untrained(spec, hf_name: str) -> bool:
+    """No HF tensor is carried untrained unless the family says so."""
+    return False

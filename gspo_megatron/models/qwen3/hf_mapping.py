@@ -7,16 +7,7 @@ from __future__ import annotations
 from typing import Iterator, List
 
 from gspo_megatron.models.layers import tensor_map as tm
-from gspo_megatron.models.layers.tensor_map import (  # noqa: F401  (the family's mapping face)
-    COPY,
-    QKV,
-    SHARDED_METADATA,
-    VOCAB,
-    TensorMapping,
-    canonical_key,
-    to_hf,
-    to_mcore,
-)
+from gspo_megatron.models.layers.tensor_map import TensorMapping
 from gspo_megatron.models.qwen3.spec import Qwen3Spec
 
 

@@ -11,29 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models import family_named
 from gspo_megatron.models.layers import sizes
 from gspo_megatron.models.layers.hf_config import (
     DEFAULT_VOCAB_PAD_MULTIPLE,
-    DTYPES,
     architecture,
     check_silu,
     check_types,
-    padded,
     require,
     rope,
     torch_dtype,
 )
+from gspo_megatron.models.layers.spec_base import DecoderSpec
 
 _MODEL_TYPES = family_named("qwen3").model_types
 SUPPORTED_ARCHITECTURES = tuple(_MODEL_TYPES.values())
 
 
 @dataclass(frozen=True)
-class Qwen3Spec:
+class Qwen3Spec(DecoderSpec):
     """Architecture hyper-parameters of a Qwen3 (dense) or Qwen3-MoE model."""
 
     architecture: str
@@ -69,31 +66,9 @@ class Qwen3Spec:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    @property
-    def padded_vocab_size(self) -> int:
-        return padded(self.vocab_size, self.vocab_pad_multiple)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.torch_dtype]
-
     def shape_summary(self) -> dict:
         """The fields that decide tensor shapes: two checkpoints are interchangeable iff equal."""
-        return {
-            "architecture": self.architecture,
-            "vocab_size": self.vocab_size,
-            "padded_vocab_size": self.padded_vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_query_groups": self.num_query_groups,
-            "head_dim": self.head_dim,
-            "ffn_hidden_size": self.ffn_hidden_size,
-            "num_experts": self.num_experts,
-            "moe_ffn_hidden_size": self.moe_ffn_hidden_size,
-            "moe_layers": list(self.moe_layers),
-            "tie_word_embeddings": self.tie_word_embeddings,
-        }
+        return self.decoder_shape()
 
     # -- what the shape implies (the family's own rules; models/layers/sizes.py) --------------
 
@@ -109,14 +84,6 @@ class Qwen3Spec:
         per_layer = sizes.attention_projection_flops(self)
         mlps = sum(routed if moe else dense for moe in self.moe_layers)
         return self.num_layers * per_layer + mlps + sizes.lm_head_flops(self)
-
-    def attention_flops(self, n: int) -> int:
-        """Attention-score FLOPs of one sequence of n tokens (every layer)."""
-        return sizes.full_attention_flops(self, self.num_layers, n)
-
-    def kv_bytes_per_token(self, dtype_bytes: int, engine_tp: int) -> int:
-        """vLLM's KV cache per token on one engine rank (every layer attends)."""
-        return sizes.full_attention_kv_bytes(self, self.num_layers, dtype_bytes, engine_tp)
 
 
 _INTS = (
