@@ -69,3 +69,20 @@ def test_refuses_to_run_on_a_cuda_machine(monkeypatch):
     with pytest.raises(RuntimeError, match="must never run on a GPU machine"):
         cpu_compat.apply()
     assert cpu_compat.apply_if_needed() is False
+
+
+def test_expert_bias_counting_runs_eagerly():
+    """Routers with an expert bias (GLM-4.5's) count tokens per expert in a function megatron
+    compiles with torch.compile; on CPU it runs eagerly (no C++ compiled at run time) and counts
+    what the routing map says."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    fn = TopKRouter._apply_expert_bias
+    assert not hasattr(fn, "_torchdynamo_orig_callable")
+    router = SimpleNamespace(enable_expert_bias=True, local_tokens_per_expert=torch.zeros(4))
+    routing_map = torch.tensor([[True, False, True, False], [True, True, False, False]])
+    with torch.enable_grad():
+        fn(router, routing_map)
+    assert router.local_tokens_per_expert.tolist() == [2.0, 1.0, 1.0, 0.0]

@@ -23,6 +23,7 @@ import megatron.core.optimizer.distrib_optimizer as distrib
 import megatron.core.optimizer.optimizer as mcore_optimizer
 import megatron.core.tensor_parallel.random as mrandom
 import megatron.core.transformer.moe.moe_utils as moe_utils
+import megatron.core.transformer.moe.router as mrouter
 import torch
 
 _APPLIED = False
@@ -277,6 +278,16 @@ def _patch_missing_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_compiled_expert_bias() -> None:
+    # TopKRouter._apply_expert_bias (routers with an expert bias: GLM-4.5's) is wrapped in
+    # torch.compile (megatron's jit_fuser). On CPU inductor compiles C++ for it at the first
+    # call: that needs a compiler, costs seconds, and fails under ATEN_CPU_CAPABILITY=default
+    # (measured with torch 2.13: the generated code names at::vec, which it does not declare
+    # there). Eager, it is one sum over the routing map.
+    fn = mrouter.TopKRouter._apply_expert_bias
+    mrouter.TopKRouter._apply_expert_bias = getattr(fn, "_torchdynamo_orig_callable", fn)
+
+
 def apply() -> None:
     """Make megatron-core run on CPU. Refuses on a machine with CUDA: there it must not run."""
     global _APPLIED
@@ -297,6 +308,7 @@ def apply() -> None:
     _patch_rng_helpers(rng)
     _patch_missing_te_gemm()
     _patch_optimizer_type_checks()
+    _patch_compiled_expert_bias()
     _patch_cuda_methods()
     _APPLIED = True
 
