@@ -48,6 +48,9 @@ _ROUTED = {"samples": "routed", "engine_routes": True, "trainer_old_logprobs": T
 # GRPO with a step large enough that routes move between pi_old and the second minibatch.
 _R3 = {**_ROUTED, "mode": "update", "num_minibatches": 2, "variant": "grpo", "lr": 3e-2}
 _R3.update(clip_low=0.2, clip_high=0.27, route_meter=True, routing_replay="r3")
+# The same update with R2: pi_old's own routes replayed (no engine routes).
+_R2 = {k: v for k, v in _R3.items() if k not in _ROUTED}
+_R2.update(routing_replay="r2", trainer_old_logprobs=True)
 
 
 def _cases() -> dict:
@@ -58,6 +61,8 @@ def _cases() -> dict:
         cases[f"{name}-packed"] = (nproc, {**_PACKED, "layout": layout})
     for name, nproc, layout in REPLAY_LAYOUTS:
         cases[f"{name}-r3"] = (nproc, {**_R3, "layout": layout})
+        cases[f"{name}-r2"] = (nproc, {**_R2, "layout": layout})
+        cases[f"{name}-moving"] = (nproc, {**_R2, "routing_replay": "none", "layout": layout})
         for mode in ("none", "r3"):
             logprobs = {**_ROUTED, "mode": "logprobs", "routing_replay": mode, "layout": layout}
             cases[f"{name}-{mode}-logprobs"] = (nproc, logprobs)
@@ -136,6 +141,18 @@ def test_glm_r3_routes_every_token_as_the_engine_did(runs, tiny_glm, samples_dir
     update = runs[f"{name}-r3"]
     assert update["routes"]["train/moe_route_change"] == 0.0
     first = update["metrics"][0]
+    assert first["gspo/abs_log_ratio"] == 0.0 and first["gspo/approx_kl"] == 0.0
+
+
+@pytest.mark.parametrize("name", [case[0] for case in REPLAY_LAYOUTS])
+def test_glm_r2_pins_the_updates_to_pi_old_routes(runs, name):
+    """loss.routing_replay=r2 through the sigmoid router: without replay the second minibatch
+    routes some tokens otherwise than pi_old did; with it, none (route change exactly 0), and
+    the first minibatch sees pi_old's own log-probs exactly."""
+    assert runs[f"{name}-moving"]["routes"]["train/moe_route_change"] > 0.0
+    got = runs[f"{name}-r2"]
+    assert got["routes"]["train/moe_route_change"] == 0.0
+    first = got["metrics"][0]
     assert first["gspo/abs_log_ratio"] == 0.0 and first["gspo/approx_kl"] == 0.0
 
 
