@@ -99,15 +99,10 @@ class Glm4MoeSpec(DecoderSpec):
         out = sizes.tensor_parallel_divisions(self, layout) + [shared]
         return out + sizes.expert_divisions(self, layout)
 
-    def matmul_flops_per_token(self) -> int:
-        """Forward matrix-multiply FLOPs per token, attention scores aside."""
-        dense = sizes.swiglu_flops(self.hidden_size, self.ffn_hidden_size)
-        routed = sizes.routed_flops(self) + sizes.swiglu_flops(
-            self.hidden_size, self.shared_ffn_hidden_size
-        )
-        per_layer = sizes.attention_projection_flops(self)
-        mlps = sum(routed if moe else dense for moe in self.moe_layers)
-        return self.num_layers * per_layer + mlps + sizes.lm_head_flops(self)
+    def moe_mlp_flops(self) -> int:
+        """Per token: the router, top-k experts and the shared experts."""
+        shared = sizes.swiglu_flops(self.hidden_size, self.shared_ffn_hidden_size)
+        return sizes.routed_flops(self) + shared
 
 
 _INTS = (

@@ -1,7 +1,8 @@
 """What every family's spec computes the same way from its fields (a base of the families' frozen
 spec dataclasses): the padded vocabulary, the weights' dtype, the shape fields all families
-share, and the attention terms of a model whose every layer attends (a family with other
-layers overrides those)."""
+share, the layout divisions and FLOPs of a decoder of attention + dense or MoE MLP layers, and
+the attention terms of a model whose every layer attends (a family whose layers differ
+overrides those)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ class DecoderSpec:
             "moe_layers": list(self.moe_layers),
             "tie_word_embeddings": self.tie_word_embeddings,
         }
+
+    def layout_divisions(self, layout) -> list:
+        """The sizes ``layout`` must divide: (what, size, parallel size, dimension)."""
+        out = sizes.tensor_parallel_divisions(self, layout)
+        return out + (sizes.expert_divisions(self, layout) if self.is_moe else [])
+
+    def moe_mlp_flops(self) -> int:
+        """Per token: a MoE layer's MLP (the router and top-k experts; a family with shared
+        experts adds them)."""
+        return sizes.routed_flops(self)
+
+    def matmul_flops_per_token(self) -> int:
+        """Forward matrix-multiply FLOPs per token, attention scores aside."""
+        dense = sizes.swiglu_flops(self.hidden_size, self.ffn_hidden_size)
+        routed = self.moe_mlp_flops() if self.is_moe else 0
+        per_layer = sizes.attention_projection_flops(self)
+        mlps = sum(routed if moe else dense for moe in self.moe_layers)
+        return self.num_layers * per_layer + mlps + sizes.lm_head_flops(self)
 
     def attention_flops(self, n: int) -> int:
         """Attention-score FLOPs of one sequence of n tokens (every layer attends)."""

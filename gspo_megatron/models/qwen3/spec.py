@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from gspo_megatron.errors import GspoError
 from gspo_megatron.models import family_named
-from gspo_megatron.models.layers import sizes
 from gspo_megatron.models.layers.hf_config import (
     DEFAULT_VOCAB_PAD_MULTIPLE,
     architecture,
@@ -69,21 +68,6 @@ class Qwen3Spec(DecoderSpec):
     def shape_summary(self) -> dict:
         """The fields that decide tensor shapes: two checkpoints are interchangeable iff equal."""
         return self.decoder_shape()
-
-    # -- what the shape implies (the family's own rules; models/layers/sizes.py) --------------
-
-    def layout_divisions(self, layout) -> list:
-        """The sizes ``layout`` must divide: (what, size, parallel size, dimension)."""
-        out = sizes.tensor_parallel_divisions(self, layout)
-        return out + (sizes.expert_divisions(self, layout) if self.is_moe else [])
-
-    def matmul_flops_per_token(self) -> int:
-        """Forward matrix-multiply FLOPs per token, attention scores aside."""
-        dense = sizes.swiglu_flops(self.hidden_size, self.ffn_hidden_size)
-        routed = sizes.routed_flops(self) if self.is_moe else 0
-        per_layer = sizes.attention_projection_flops(self)
-        mlps = sum(routed if moe else dense for moe in self.moe_layers)
-        return self.num_layers * per_layer + mlps + sizes.lm_head_flops(self)
 
 
 _INTS = (
